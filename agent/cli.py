@@ -1,0 +1,239 @@
+"""`pdm-edge`: the command line. Each command is a small function; exit codes: 0 ok, 1 problems found, 2 unusable
+input or usage."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import json
+import shlex
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from agent import __version__
+
+SCORE_BATCH = 256
+
+
+def _model_info(args: argparse.Namespace) -> int:
+    from model.manifest import Manifest
+
+    manifest = Manifest.load(args.package)
+    if args.json:
+        print(manifest.model_dump_json(indent=2))
+        return 0
+    test = manifest.metrics.get("test", {})
+    failure = test.get("failure", {})
+    print(f"{manifest.name} {manifest.version}  sha256 {manifest.onnx.sha256}")
+    print(manifest.description)
+    print(f"\n{'input':<22}{'unit':<6}{'physical range':>22}{'training range':>22}")
+    for i in manifest.inputs:
+        print(f"{i.name:<22}{i.unit:<6}{i.physical_range.min:>10g} .. {i.physical_range.max:<8g}"
+              f"{i.training_range.min:>12g} .. {i.training_range.max:<8g}")
+    print(f"{manifest.machine_type.name:<22}one of {', '.join(manifest.machine_type.values)}")
+    t = manifest.thresholds
+    print(f"\nstates: ok below p_failure {t.warning:.4f}, warning from {t.warning:.4f}, alarm from {t.alarm:.4f}")
+    if failure:
+        alarm = failure["alarm"]
+        print(f"test split ({test['rows']} readings, {test['failures']} failures): ROC-AUC {failure['roc_auc']}, "
+              f"PR-AUC {failure['pr_auc']}, recall at 1% false positives {failure['recall_at_1pct_fpr']}, "
+              f"at the alarm threshold precision {alarm['precision']} recall {alarm['recall']} F1 {alarm['f1']}")
+        print("per mode F1: " + ", ".join(f"{m} {v['at_threshold']['f1']}" for m, v in test["modes"].items()))
+    print(f"trained with: {manifest.training.command}")
+    return 0
+
+
+def _model_verify(args: argparse.Namespace) -> int:
+    from model.package import load
+
+    model = load(args.package)
+    print(f"ok: {model.name} {model.version}, sha256 {model.sha256}, {len(model.manifest.inputs)} inputs")
+    return 0
+
+
+def _model_evaluate(args: argparse.Namespace) -> int:
+    from model import data, evaluate
+    from model.package import load
+
+    model = load(args.package)
+    dataset = data.load(args.data)
+    if dataset.sha256 != model.manifest.dataset.sha256:
+        print(f"note: {args.data} is not the file the model was evaluated on "
+              f"(sha256 {dataset.sha256}, manifest {model.manifest.dataset.sha256})", file=sys.stderr)
+    _, test_idx = data.split(dataset, model.manifest.training.seed)
+    metrics = evaluate.evaluate(model, dataset, test_idx)
+    print(json.dumps(metrics, indent=2))
+    if metrics != model.manifest.metrics.get("test"):
+        print("these metrics differ from the manifest's", file=sys.stderr)
+        return 1
+    print("these are the manifest's metrics", file=sys.stderr)
+    return 0
+
+
+class MalformedLine:
+    """A line of input that could not be parsed: reported as a rejection, not fatal."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+class UnusableStream(Exception):
+    """The input as a whole cannot be scored (a CSV without the model's columns)."""
+
+
+def _readings(stream: io.TextIOBase, fmt: str, column_map: dict[str, str]) -> Iterator[object]:
+    """Raw readings from JSON lines or CSV; a line that cannot be parsed becomes a MalformedLine."""
+    lines = iter(stream)
+    first = next(lines, "")
+    while first and not first.strip():
+        first = next(lines, "")
+    if not first:
+        return
+    if fmt == "jsonl" or (fmt == "auto" and first.lstrip().startswith("{")):
+        for line in itertools.chain([first], lines):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except ValueError as exc:
+                    yield MalformedLine(f"not JSON: {exc}")
+        return
+    header = next(csv.reader([first]))
+    missing = sorted(set(column_map) - set(header))
+    if missing:
+        raise UnusableStream(f"the CSV header lacks the columns {', '.join(missing)}")
+    for row in csv.DictReader(lines, fieldnames=header):
+        yield {column_map.get(k, k): _cell(v) for k, v in row.items() if k is not None}
+
+
+def _cell(text: str | None) -> object:
+    if text is None or not text.strip():
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _model_score(args: argparse.Namespace) -> int:
+    from model.package import load
+    from model.score import Scorer
+    from model.validate import Reason, Rejection
+
+    scorer = Scorer(load(args.package))
+    manifest = scorer.model.manifest
+    column_map = {i.source_column: i.name for i in manifest.inputs}
+    column_map[manifest.machine_type.source_column] = manifest.machine_type.name
+    model_id = f"{manifest.name} {manifest.version}"
+    stream = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
+    out = sys.stdout
+    batch: list[object] = []
+    line = 0
+
+    def flush() -> None:
+        nonlocal line
+        parsed = [None if isinstance(r, MalformedLine) else r for r in batch]
+        for raw, result in zip(batch, scorer.score(parsed)):
+            line += 1
+            if isinstance(raw, MalformedLine):
+                result = Rejection(Reason.MALFORMED, raw.message)
+            out.write(json.dumps(_result_json(line, raw, result, model_id)) + "\n")
+        batch.clear()
+
+    try:
+        for reading in _readings(stream, args.format, column_map):
+            batch.append(reading)
+            if len(batch) >= SCORE_BATCH:
+                flush()
+        flush()
+    except UnusableStream as exc:
+        print(f"pdm-edge model score: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _result_json(line: int, raw: object, result, model_id: str) -> dict:
+    from model.validate import Rejection
+
+    echo = {k: raw[k] for k in ("machine_id", "ts") if isinstance(raw, dict) and k in raw}
+    if isinstance(result, Rejection):
+        return {"line": line, **echo, "rejected": {"reason": result.reason.value, "message": result.message,
+                                                   "input": result.input}}
+    return {
+        "line": line, **echo,
+        "state": result.state.value,
+        "health": result.health,
+        "p_failure": round(result.p_failure, 6),
+        "risk": {m: round(p, 6) for m, p in result.risk.items()},
+        "dominant_mode": result.dominant_mode,
+        "ood": list(result.ood),
+        "model": model_id,
+    }
+
+
+def _train(args: argparse.Namespace) -> int:
+    try:
+        from model import train
+    except ImportError as exc:
+        print(f"pdm-edge train needs the training extra ({exc.name} is missing): pip install 'pdm-edge[train]'",
+              file=sys.stderr)
+        return 2
+    command = "pdm-edge " + shlex.join(sys.argv[1:])
+    manifest = train.train(args.data, args.out, command, log=lambda m: print(m, file=sys.stderr))
+    failure = manifest.metrics["test"]["failure"]
+    print(f"wrote {args.out}/model.onnx and manifest.json: test ROC-AUC {failure['roc_auc']}, "
+          f"PR-AUC {failure['pr_auc']}, F1 at alarm {failure['alarm']['f1']}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    from model import data
+    from model.package import SHIPPED
+
+    root = argparse.ArgumentParser(prog="pdm-edge", description=__doc__.split("\n")[0])
+    root.add_argument("--version", action="version", version=f"pdm-edge {__version__}")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    model = commands.add_parser("model", help="the model package: info, verify, score, evaluate")
+    model_commands = model.add_subparsers(dest="model_command", required=True)
+    info = model_commands.add_parser("info", help="show the manifest")
+    info.add_argument("--json", action="store_true", help="the whole manifest as JSON")
+    verify = model_commands.add_parser("verify", help="check the ONNX file's hash and graph against the manifest")
+    score = model_commands.add_parser(
+        "score", help="score readings from stdin (JSON lines, or CSV with the AI4I column names): one JSON line each"
+    )
+    score.add_argument("--format", choices=("auto", "jsonl", "csv"), default="auto")
+    evaluate = model_commands.add_parser("evaluate", help="recompute the test metrics from the ONNX file and the CSV")
+    evaluate.add_argument("--data", type=Path, default=data.default_path(),
+                          help=f"the AI4I 2020 CSV (default ${data.DATA_ENV} or %(default)s)")
+    for sub, handler in ((info, _model_info), (verify, _model_verify), (score, _model_score),
+                         (evaluate, _model_evaluate)):
+        sub.add_argument("package", nargs="?", type=Path, default=SHIPPED,
+                         help="a model package folder (default: the shipped one)")
+        sub.set_defaults(handler=handler)
+
+    train = commands.add_parser("train", help="train and export a model package (extra `train`)")
+    train.add_argument("--data", type=Path, default=data.default_path(), help="the AI4I 2020 CSV")
+    train.add_argument("--out", type=Path, required=True, help="the package folder to write")
+    train.set_defaults(handler=_train)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    from model.manifest import PackageError
+
+    args = parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except PackageError as exc:
+        print(f"pdm-edge: {exc}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as exc:
+        print(f"pdm-edge: {exc.filename}: no such file", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

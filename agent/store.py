@@ -1,0 +1,335 @@
+"""The agent's durable buffer: scored readings, rejected readings and counters in one SQLite file (SPEC §8).
+
+Who calls it: the ingest pipeline opens one `Store` per data directory and writes each batch with `write()`
+(group commit); the status API, the retention job and the sync client read and prune through the same `Store`.
+Every method holds an internal lock for at most one transaction, so one `Store` may be shared by threads.
+There is one writer: do not open the same file with a second `Store`.
+
+Guarantees
+- A reading is accepted once `write()` has returned: its transaction committed together with the quarantined
+  readings and the counters of the same batch. A write that fails stores nothing of its batch.
+- A reading redelivered with the same (machine_id, ts) is stored once and counted as a duplicate.
+- The quarantine keeps the newest `quarantine_cap` rejected readings. The write that goes beyond the cap deletes
+  the oldest in its own transaction and adds them to the `quarantine_evicted` counter.
+- Durability in WAL mode, chosen with `synchronous`:
+  - "NORMAL" (default): every committed transaction survives a crash of the process (kill -9, OOM killer),
+    because it is already in the WAL file in the OS page cache. On power loss or a kernel crash the transactions
+    committed since the WAL was last fsynced (at each checkpoint) may be lost, but the database stays consistent
+    and opens cleanly. About 50k commits/s on the reference disk.
+  - "FULL": the WAL is fsynced at every commit, so committed transactions also survive power loss. About 8k
+    commits/s on the reference disk, and far fewer on gateway flash.
+
+Counters (durable, in the same transactions as the data they count): readings_accepted, readings_duplicate,
+rejected_<reason> per rejection reason, quarantine_evicted.
+
+Schema: `PRAGMA user_version` is the number of `MIGRATIONS` applied. `open()` applies the missing ones in order,
+one transaction each, so a database of any older version is upgraded in place; a newer one is refused.
+Never edit a migration that has shipped: append a new one.
+
+Errors: every `sqlite3.Error` is raised as `StoreError` saying what failed, on which file, chained to the cause.
+Invalid arguments to `open()` raise `ValueError`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+SYNCHRONOUS_LEVELS = ("NORMAL", "FULL")
+DEFAULT_QUARANTINE_CAP = 10_000
+PAYLOAD_LIMIT_BYTES = 4096
+RETENTION_CHUNK_ROWS = 5_000
+BUSY_TIMEOUT_MS = 5_000
+
+# One tuple of statements per schema version. Statements rather than one script for executescript(), which
+# commits any open transaction first and so could not apply a migration atomically.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE readings (
+            id INTEGER PRIMARY KEY,
+            machine_id TEXT NOT NULL,
+            ts REAL NOT NULL,
+            "values" TEXT NOT NULL,
+            machine_type TEXT NOT NULL,
+            p_failure REAL NOT NULL,
+            risk TEXT NOT NULL,
+            health REAL NOT NULL,
+            state TEXT NOT NULL,
+            ood TEXT NOT NULL,
+            model_version TEXT NOT NULL,
+            received_at REAL NOT NULL,
+            UNIQUE (machine_id, ts)
+        )""",
+        """CREATE TABLE quarantine (
+            id INTEGER PRIMARY KEY,
+            received_at REAL NOT NULL,
+            source TEXT NOT NULL,
+            machine_id TEXT,
+            reason TEXT NOT NULL,
+            message TEXT NOT NULL,
+            payload TEXT NOT NULL
+        )""",
+        "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    ),
+    ("CREATE INDEX readings_by_ts ON readings (ts)",),  # retention deletes by ts across machines
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_READING_COLUMNS = (
+    'machine_id, ts, "values", machine_type, p_failure, risk, health, state, ood, model_version, received_at'
+)
+_INSERT_READING = f"INSERT INTO readings ({_READING_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING"
+_QUARANTINE_COLUMNS = "received_at, source, machine_id, reason, message, payload"
+_INSERT_QUARANTINE = f"INSERT INTO quarantine ({_QUARANTINE_COLUMNS}) VALUES (?,?,?,?,?,?)"
+_EVICT_QUARANTINE = "DELETE FROM quarantine WHERE id <= (SELECT id FROM quarantine ORDER BY id DESC LIMIT 1 OFFSET ?)"
+_ADD_TO_COUNTER = (
+    "INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = value + excluded.value"
+)
+
+
+class StoreError(Exception):
+    """The buffer could not be opened, read or written; the message names the operation and the file."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredReading:
+    machine_id: str
+    ts: float  # epoch seconds, UTC, as measured
+    values: dict[str, float]  # the model inputs
+    machine_type: str
+    p_failure: float
+    risk: dict[str, float]  # per failure mode
+    health: float
+    state: str
+    ood: tuple[str, ...]  # inputs outside the training range
+    model_version: str
+    received_at: float  # epoch seconds, UTC
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantinedReading:
+    received_at: float
+    source: str  # where it came from, e.g. "mqtt:pdm/m1/telemetry" or "modbus:m1"
+    machine_id: str | None  # None when the payload did not say
+    reason: str  # the stable rejection reason code
+    message: str
+    payload: str  # stored truncated to PAYLOAD_LIMIT_BYTES of UTF-8
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    new: int
+    duplicates: int
+    quarantined: int
+
+
+class Store:
+    """The SQLite buffer. Create with `Store.open()`; close with `close()` or a `with` block."""
+
+    def __init__(self, path: Path, connection: sqlite3.Connection, quarantine_cap: int) -> None:
+        self.path = path
+        self.quarantine_cap = quarantine_cap
+        self._connection: sqlite3.Connection | None = connection
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(
+        cls, path: Path, *, synchronous: str = "NORMAL", quarantine_cap: int = DEFAULT_QUARANTINE_CAP
+    ) -> Store:
+        """Open or create the buffer at `path` and migrate its schema to SCHEMA_VERSION."""
+        level = str(synchronous).upper()
+        if level not in SYNCHRONOUS_LEVELS:
+            raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_LEVELS)}, not {synchronous!r}")
+        if quarantine_cap < 1:
+            raise ValueError(f"quarantine_cap must be at least 1, not {quarantine_cap}")
+        path = Path(path)
+        try:
+            connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{exc} opening {path}") from exc
+        store = cls(path, connection, quarantine_cap)
+        try:
+            with store._guard("opening"):
+                _configure(connection, level)
+            store._migrate()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def close(self) -> None:
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def write(self, scored: Sequence[StoredReading], rejected: Sequence[QuarantinedReading]) -> WriteResult:
+        """Store a batch in one transaction; its readings are accepted once this returns."""
+        if not scored and not rejected:
+            return WriteResult(0, 0, 0)
+        with self._transaction("writing") as connection:
+            new = connection.executemany(_INSERT_READING, map(_reading_row, scored)).rowcount
+            evicted = self._quarantine(connection, rejected) if rejected else 0
+            counts = Counter({"readings_accepted": new, "readings_duplicate": len(scored) - new})
+            counts.update(f"rejected_{reading.reason}" for reading in rejected)
+            counts["quarantine_evicted"] += evicted
+            connection.executemany(_ADD_TO_COUNTER, [item for item in counts.items() if item[1]])
+        return WriteResult(new, len(scored) - new, len(rejected))
+
+    def latest_by_machine(self) -> dict[str, StoredReading]:
+        """The newest reading (by ts) of every machine."""
+        sql = (
+            f"SELECT {_READING_COLUMNS} FROM readings"
+            " JOIN (SELECT machine_id, max(ts) AS ts FROM readings GROUP BY machine_id) USING (machine_id, ts)"
+        )
+        with self._guard("reading latest readings from") as connection:
+            rows = connection.execute(sql).fetchall()
+        return {row[0]: _stored_reading(row) for row in rows}
+
+    def history(self, machine_id: str, since_ts: float, limit: int) -> list[StoredReading]:
+        """The newest `limit` readings of a machine with ts >= since_ts, oldest first."""
+        sql = (
+            f"SELECT * FROM (SELECT {_READING_COLUMNS} FROM readings WHERE machine_id = ? AND ts >= ?"
+            " ORDER BY ts DESC LIMIT ?) ORDER BY ts"
+        )
+        with self._guard("reading history from") as connection:
+            rows = connection.execute(sql, (machine_id, since_ts, limit)).fetchall()
+        return [_stored_reading(row) for row in rows]
+
+    def counters(self) -> dict[str, int]:
+        with self._guard("reading counters from") as connection:
+            return dict(connection.execute("SELECT name, value FROM counters ORDER BY name"))
+
+    def quarantine(self, limit: int) -> list[QuarantinedReading]:
+        """The newest `limit` rejected readings, newest first."""
+        sql = f"SELECT {_QUARANTINE_COLUMNS} FROM quarantine ORDER BY id DESC LIMIT ?"
+        with self._guard("reading quarantine from") as connection:
+            return [QuarantinedReading(*row) for row in connection.execute(sql, (limit,))]
+
+    def size_bytes(self) -> int:
+        """Size of the main database file: page_count * page_size.
+
+        Includes free pages (space of deleted rows, reused by later writes but not given back to the file system)
+        and excludes the -wal file, which checkpoints keep near its autocheckpoint size (about 4 MB).
+        """
+        with self._guard("measuring") as connection:
+            page_count = connection.execute("PRAGMA page_count").fetchone()[0]
+            page_size = connection.execute("PRAGMA page_size").fetchone()[0]
+        return page_count * page_size
+
+    def integrity_ok(self) -> bool:
+        with self._guard("checking integrity of") as connection:
+            return connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+    def delete_readings_before(self, ts: float) -> int:
+        """Delete readings with ts < `ts`, RETENTION_CHUNK_ROWS per transaction so writes can interleave."""
+        sql = "DELETE FROM readings WHERE id IN (SELECT id FROM readings WHERE ts < ? LIMIT ?)"
+        deleted = 0
+        while True:
+            with self._transaction("deleting old readings from") as connection:
+                chunk = connection.execute(sql, (ts, RETENTION_CHUNK_ROWS)).rowcount
+            deleted += chunk
+            if chunk < RETENTION_CHUNK_ROWS:
+                return deleted
+
+    def _quarantine(self, connection: sqlite3.Connection, rejected: Sequence[QuarantinedReading]) -> int:
+        """Insert rejected readings, then evict the oldest beyond the cap; returns how many were evicted."""
+        connection.executemany(_INSERT_QUARANTINE, map(_quarantine_row, rejected))
+        return connection.execute(_EVICT_QUARANTINE, (self.quarantine_cap,)).rowcount
+
+    def _migrate(self) -> None:
+        while True:
+            with self._transaction("migrating") as connection:
+                version = connection.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"{self.path} has schema version {version}, newer than this agent's {SCHEMA_VERSION}:"
+                        " upgrade the agent or move the file aside"
+                    )
+                if version == SCHEMA_VERSION:
+                    return
+                for statement in MIGRATIONS[version]:
+                    connection.execute(statement)
+                connection.execute(f"PRAGMA user_version = {version + 1}")
+
+    @contextmanager
+    def _guard(self, action: str) -> Iterator[sqlite3.Connection]:
+        """Hold the lock and map SQLite errors to StoreError, e.g. 'database or disk is full writing <path>'."""
+        with self._lock:
+            if self._connection is None:
+                raise StoreError(f"{action} {self.path}: the store is closed")
+            try:
+                yield self._connection
+            except sqlite3.Error as exc:
+                raise StoreError(f"{exc} {action} {self.path}") from exc
+
+    @contextmanager
+    def _transaction(self, action: str) -> Iterator[sqlite3.Connection]:
+        with self._guard(action) as connection:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield connection
+                connection.execute("COMMIT")
+            finally:
+                if connection.in_transaction:
+                    connection.rollback()
+
+
+def _configure(connection: sqlite3.Connection, synchronous: str) -> None:
+    mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if mode != "wal":
+        raise sqlite3.OperationalError(f"cannot switch to WAL mode (journal_mode is {mode})")
+    connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    connection.execute("PRAGMA foreign_keys = ON")
+    connection.execute(f"PRAGMA synchronous = {synchronous}")
+
+
+def _reading_row(reading: StoredReading) -> tuple:
+    return (
+        reading.machine_id,
+        reading.ts,
+        json.dumps(reading.values),
+        reading.machine_type,
+        reading.p_failure,
+        json.dumps(reading.risk),
+        reading.health,
+        reading.state,
+        json.dumps(reading.ood),
+        reading.model_version,
+        reading.received_at,
+    )
+
+
+def _stored_reading(row: tuple) -> StoredReading:
+    machine_id, ts, values, machine_type, p_failure, risk, health, state, ood, model_version, received_at = row
+    return StoredReading(
+        machine_id,
+        ts,
+        json.loads(values),
+        machine_type,
+        p_failure,
+        json.loads(risk),
+        health,
+        state,
+        tuple(json.loads(ood)),
+        model_version,
+        received_at,
+    )
+
+
+def _quarantine_row(reading: QuarantinedReading) -> tuple:
+    # Cut on a byte boundary and drop a character split by the cut; undecodable text is kept as escapes.
+    payload = reading.payload.encode("utf-8", "backslashreplace")[:PAYLOAD_LIMIT_BYTES].decode("utf-8", "ignore")
+    return (reading.received_at, reading.source, reading.machine_id, reading.reason, reading.message, payload)

@@ -1,0 +1,112 @@
+"""Model benchmark: ONNX latency and throughput, validate-and-score throughput, RSS after loading.
+
+Run: python -m bench.bench_model [--repeats N]   (writes the `model` section of BENCHMARKS.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from bench.report import median_spread, write_section
+
+RSS_SCRIPT = """
+from model.package import load
+from model.score import Scorer
+scorer = Scorer(load())
+scorer.score([{"machine_type": "L", "air_temperature": 300.0, "process_temperature": 310.0,
+               "rotational_speed": 1500, "torque": 40.0, "tool_wear": 10}])
+print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")))
+"""
+
+
+def synthetic_readings(n: int, seed: int = 1) -> list[dict]:
+    """Readings spread over the training ranges (not rows of the data set)."""
+    rng = np.random.default_rng(seed)
+    air = rng.normal(300, 2, n).round(1)
+    return [
+        {"machine_id": f"m{i % 50}", "machine_type": "LMH"[i % 3], "air_temperature": float(air[i]),
+         "process_temperature": float(round(air[i] + rng.normal(10, 1), 1)),
+         "rotational_speed": int(rng.normal(1540, 180)), "torque": float(round(rng.normal(40, 10), 1)),
+         "tool_wear": int(rng.integers(0, 250))}
+        for i in range(n)
+    ]
+
+
+def bench_latency(model, valid, rounds: int = 2000) -> tuple[float, float]:
+    values, types = valid.values[:1], valid.machine_types[:1]
+    for _ in range(200):
+        model.predict(values, types)
+    times = []
+    for i in range(rounds):
+        row = i % len(valid.values)
+        values, types = valid.values[row:row + 1], valid.machine_types[row:row + 1]
+        start = time.perf_counter_ns()
+        model.predict(values, types)
+        times.append(time.perf_counter_ns() - start)
+    return float(np.percentile(times, 50)) / 1000, float(np.percentile(times, 99)) / 1000
+
+
+def rate(function, items: int, seconds: float = 1.0) -> float:
+    function()
+    done, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        function()
+        done += items
+    return done / elapsed
+
+
+def rss_after_load_mb() -> float:
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip()) / 1024
+
+
+def main() -> None:
+    from model.package import load
+    from model.score import Scorer
+
+    args = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    args.add_argument("--repeats", type=int, default=5)
+    repeats = args.parse_args().repeats
+
+    scorer = Scorer(load(threads=1))
+    model = scorer.model
+    readings = synthetic_readings(1024 * 8)
+    valid, rejected = scorer.validator.validate(readings)
+    assert not rejected and len(valid.index) == len(readings)
+
+    p50, p99, onnx_rate, score_rate, rss = [], [], [], [], []
+    for _ in range(repeats):
+        a, b = bench_latency(model, valid)
+        p50.append(a)
+        p99.append(b)
+        values, types = valid.values[:1024], valid.machine_types[:1024]
+        onnx_rate.append(rate(lambda: model.predict(values, types), 1024))
+        batch = readings[:256]
+        score_rate.append(rate(lambda: scorer.score(batch), 256))
+        rss.append(rss_after_load_mb())
+
+    rows = [
+        ("ONNX scoring latency, batch 1, p50", median_spread(p50, "{:.1f}") + " µs", ""),
+        ("ONNX scoring latency, batch 1, p99", median_spread(p99, "{:.1f}") + " µs", ""),
+        ("ONNX throughput, batch 1,024, one thread", median_spread(onnx_rate) + " rows/s", "≥ 300,000"),
+        ("validate + score dict readings, batch 256", median_spread(score_rate) + " readings/s", "≥ 100,000"),
+        ("RSS after loading the model and scoring once", median_spread(rss, "{:.1f}") + " MB", "≤ 80"),
+    ]
+    body = "| figure | median (min–max) | goal |\n|---|---|---|\n" + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
+    onnx = model.package / model.manifest.onnx.file
+    estimators = model.manifest.training.estimators
+    body += (f"\n\n{repeats} runs. Model: {model.name} {model.version}, {onnx.stat().st_size / 1024:.0f} kB of ONNX: "
+             f"machine failure by {estimators['failure']}; each mode by {estimators['HDF']}; in one graph. "
+             "Readings are synthetic, spread over the training ranges. onnxruntime with intra_op_num_threads=1.")
+    write_section("model", "python -m bench.bench_model", body,
+                  ("onnxruntime", "numpy", "pydantic"))
+    print(body)
+
+
+if __name__ == "__main__":
+    main()

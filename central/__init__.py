@@ -1,0 +1,1 @@
+"""The central ingest and fleet API (FastAPI on PostgreSQL)."""

@@ -1,0 +1,1 @@
+"""Where readings come from: Modbus (TCP, RTU), MQTT, and the plant simulator."""

@@ -1,0 +1,1 @@
+"""The failure model: inputs and derived features, the package (ONNX + manifest), validation and scoring."""

@@ -1,0 +1,264 @@
+"""Train the failure model on AI4I 2020 and export a model package (extra `train`).
+
+One calibrated classifier per target: machine failure (random forest) and each failure mode TWF, HDF, PWF, OSF
+(gradient boosting), all on the derived features of model.features, exported as one ONNX graph that takes raw
+readings. Every threshold is chosen on out-of-fold predictions of the training part; the test part is touched
+only to report the metrics.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+from model import data, evaluate, features
+from model.features import FAILURE_MODES, FEATURE_NAMES, FEATURES, INPUTS, MACHINE_TYPE_INPUT, OPSET, READINGS
+from model.manifest import (
+    Dataset,
+    GraphInputs,
+    Health,
+    Input,
+    MachineType,
+    Manifest,
+    OnnxFile,
+    Outputs,
+    Range,
+    Thresholds,
+    Training,
+)
+from model.package import load, sha256_of
+
+NAME = "ai4i-failure"
+VERSION = "1.0.0"
+SEED = 42
+FOLDS = 5
+ALARM_MIN_PRECISION = 0.90  # on out-of-fold predictions: at most one false alarm in ten
+MODE_MIN_PRECISION = 0.50  # a mode's risk flag: at least one flagged reading in two really fails that way
+MODE_BETA = 2.0  # a missed failure mode costs more than an inspection: weigh recall higher for mode flags
+WARNING_MAX_HEALTHY = 0.02  # share of healthy out-of-fold readings allowed at or above the warning threshold
+HEALTH_AT_WARNING = 70.0
+HEALTH_AT_ALARM = 40.0
+P_FAILURE, P_MODE = "p_failure", "p_mode"
+ESTIMATORS = {
+    "failure": "RandomForestClassifier(n_estimators=60, max_depth=12), sigmoid-calibrated",
+    **{m: "GradientBoostingClassifier(n_estimators=60, max_depth=4, learning_rate=0.15, min_samples_leaf=20), sigmoid-calibrated" for m in FAILURE_MODES},
+}
+
+
+def estimator(target: str):
+    from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
+
+    if target == "failure":
+        # Sizes chosen on out-of-fold ROC-AUC and scoring speed (BENCHMARKS.md), never on the test part.
+        return RandomForestClassifier(n_estimators=60, max_depth=12, random_state=SEED, n_jobs=-1)
+    # Leaves of at least 20 readings: the HDF labels of readings exactly at the rule's 8.6 K boundary are float
+    # rounding noise of the data's generator, which a small leaf would learn (MODEL_NOTES).
+    return GradientBoostingClassifier(n_estimators=60, max_depth=4, learning_rate=0.15, min_samples_leaf=20,
+                                      random_state=SEED)
+
+
+def compute_features(readings: np.ndarray, machine_types: np.ndarray) -> np.ndarray:
+    """The feature matrix, computed by the very graph that ships (see model.features)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(features.feature_model().SerializeToString(), providers=["CPUExecutionProvider"])
+    (x,) = session.run([FEATURES], {READINGS: readings, MACHINE_TYPE_INPUT: machine_types})
+    return x
+
+
+def fit_calibrated(base, x: np.ndarray, y: np.ndarray):
+    """(base fitted on all of x and sigmoid-calibrated on out-of-fold scores, those out-of-fold probabilities)."""
+    from sklearn.base import clone
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    folds = StratifiedKFold(FOLDS, shuffle=True, random_state=SEED)
+    model = CalibratedClassifierCV(base, method="sigmoid", cv=folds, ensemble=False).fit(x, y)
+    # The same folds and seed as the calibration's own cross-validation, so these are the scores it was fitted on.
+    method = "decision_function" if hasattr(base, "decision_function") else "predict_proba"
+    raw = cross_val_predict(clone(base), x, y, cv=folds, method=method)
+    raw = raw[:, 1] if raw.ndim == 2 else raw
+    return model, model.calibrated_classifiers_[0].calibrators[0].predict(raw)
+
+
+def best_threshold(y: np.ndarray, p: np.ndarray, min_precision: float, beta: float = 1.0) -> float:
+    """The threshold of best F-beta among those with precision >= min_precision (if none has, of best F-beta)."""
+    from sklearn.metrics import precision_recall_curve
+
+    precision, recall, thresholds = precision_recall_curve(y, p)
+    precision, recall = precision[:-1], recall[:-1]
+    b2 = beta * beta
+    f = (1 + b2) * precision * recall / np.maximum(b2 * precision + recall, 1e-12)
+    allowed = precision >= min_precision
+    return float(thresholds[np.argmax(np.where(allowed, f, -1.0) if allowed.any() else f)])
+
+
+def warning_threshold(y: np.ndarray, p: np.ndarray, max_healthy: float = WARNING_MAX_HEALTHY) -> float:
+    """The lowest threshold that puts at most max_healthy of the healthy readings at or above it."""
+    healthy = np.sort(p[y == 0])
+    allowed = int(np.floor(max_healthy * len(healthy)))
+    return float(np.nextafter(healthy[len(healthy) - allowed - 1], 1.0))
+
+
+def export(models: dict) -> bytes:
+    """One ONNX graph: raw readings -> features -> each calibrated classifier -> p_failure, p_mode."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    nodes, constants, inputs = features.feature_graph()
+    constants += [numpy_helper.from_array(np.array(1, dtype=np.int64), "positive"),
+                  numpy_helper.from_array(np.array([1], dtype=np.int64), "positive_column")]
+    opsets = dict(OPSET)
+    for target, model in models.items():
+        converted = convert_sklearn(
+            model,
+            initial_types=[(FEATURES, FloatTensorType([None, len(FEATURE_NAMES)]))],
+            options={id(model): {"zipmap": False}},
+            target_opset=OPSET,
+        )
+        converted = onnx.compose.add_prefix(converted, f"{target}_")
+        for node in converted.graph.node:
+            node.input[:] = [FEATURES if name == f"{target}_{FEATURES}" else name for name in node.input]
+        nodes += converted.graph.node
+        constants += converted.graph.initializer
+        for opset in converted.opset_import:
+            opsets[opset.domain] = max(opsets.get(opset.domain, 0), opset.version)
+        probabilities = f"{target}_probabilities"
+        if target == "failure":
+            nodes.append(helper.make_node("Gather", [probabilities, "positive"], [P_FAILURE], axis=1))
+        else:
+            nodes.append(helper.make_node("Gather", [probabilities, "positive_column"], [f"{target}_risk"], axis=1))
+    nodes.append(helper.make_node("Concat", [f"{m}_risk" for m in FAILURE_MODES], [P_MODE], axis=1))
+    outputs = [
+        helper.make_tensor_value_info(P_FAILURE, TensorProto.FLOAT, [None]),
+        helper.make_tensor_value_info(P_MODE, TensorProto.FLOAT, [None, len(FAILURE_MODES)]),
+    ]
+    graph = helper.make_graph(nodes, NAME, inputs, outputs, constants)
+    graph.doc_string = f"p_failure and the risk of {', '.join(FAILURE_MODES)} from raw AI4I-style readings"
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in sorted(opsets.items())],
+                              producer_name="pdm-edge", model_version=1)
+    helper.set_model_props(model, {"name": NAME, "version": VERSION})
+    onnx.checker.check_model(model, full_check=True)
+    return model.SerializeToString()
+
+
+@dataclass(frozen=True)
+class Fitted:
+    dataset: data.Dataset
+    features: np.ndarray  # of every row of the data set
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+    models: dict  # target -> calibrated classifier
+    out_of_fold: dict  # target -> calibrated out-of-fold probabilities on the training part
+    thresholds: Thresholds
+
+
+def fit(dataset: data.Dataset, log=print) -> Fitted:
+    """Fit one calibrated classifier per target on the training part and choose the thresholds."""
+    x = compute_features(dataset.readings, dataset.machine_types)
+    train_idx, test_idx = data.split(dataset, SEED)
+    models, out_of_fold = {}, {}
+    for target in data.TARGETS:
+        y = dataset.labels[target][train_idx]
+        models[target], out_of_fold[target] = fit_calibrated(estimator(target), x[train_idx], y)
+        log(f"trained {target}: {int(y.sum())} positives in {len(y)} training rows")
+    y_failure = dataset.labels["failure"][train_idx]
+    thresholds = Thresholds(
+        warning=warning_threshold(y_failure, out_of_fold["failure"]),
+        alarm=best_threshold(y_failure, out_of_fold["failure"], ALARM_MIN_PRECISION),
+        modes={m: best_threshold(dataset.labels[m][train_idx], out_of_fold[m], MODE_MIN_PRECISION, MODE_BETA)
+               for m in FAILURE_MODES},
+        method=(
+            f"On out-of-fold ({FOLDS}-fold) calibrated probabilities of the training part only. alarm: best F1 "
+            f"among thresholds with precision >= {ALARM_MIN_PRECISION}; warning: the lowest threshold with at most "
+            f"{WARNING_MAX_HEALTHY:.0%} of healthy readings at or above it; each mode: best F{MODE_BETA:g} among "
+            f"thresholds with precision >= {MODE_MIN_PRECISION} (TWF reaches none: best F{MODE_BETA:g})."
+        ),
+    )
+    return Fitted(dataset, x, train_idx, test_idx, models, out_of_fold, thresholds)
+
+
+def train(data_path: Path, out_dir: Path, command: str, log=print) -> Manifest:
+    """Train, export and evaluate; writes out_dir/model.onnx and out_dir/manifest.json."""
+    fitted = fit(data.load(data_path), log)
+    write_package(fitted, Path(out_dir), command)
+    return Manifest.load(out_dir)
+
+
+def write_package(fitted: Fitted, out_dir: Path, command: str) -> None:
+    """Export the ONNX graph, evaluate it on the test part, write both files (the folder never holds a mix)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".train-", dir=out_dir.parent))
+    try:
+        (stage / "model.onnx").write_bytes(export(fitted.models))
+        manifest = _manifest(fitted, command, sha256_of(stage / "model.onnx"))
+        manifest.write(stage)
+        y_failure = fitted.dataset.labels["failure"][fitted.train_idx]
+        metrics = {
+            "split": {"train_rows": len(fitted.train_idx), "test_rows": len(fitted.test_idx)},
+            "out_of_fold": evaluate.out_of_fold_summary(y_failure, fitted.out_of_fold["failure"], fitted.thresholds),
+            "test": evaluate.evaluate(load(stage), fitted.dataset, fitted.test_idx),
+        }
+        manifest.model_copy(update={"metrics": metrics}).write(stage)
+        for name in ("model.onnx", "manifest.json"):
+            (stage / name).replace(out_dir / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _manifest(fitted: Fitted, command: str, onnx_sha256: str) -> Manifest:
+    columns = {name: i for i, name in enumerate(FEATURE_NAMES)}
+    x_train, thresholds, dataset = fitted.features[fitted.train_idx], fitted.thresholds, fitted.dataset
+    return Manifest(
+        name=NAME,
+        version=VERSION,
+        description=(
+            "Probability of machine failure within the AI4I 2020 failure modes, and the risk of each mode "
+            "(TWF tool wear, HDF heat dissipation, PWF power, OSF overstrain), from one reading of a milling machine."
+        ),
+        onnx=OnnxFile(file="model.onnx", sha256=onnx_sha256,
+                      inputs=GraphInputs(readings=READINGS, machine_type=MACHINE_TYPE_INPUT), opset=OPSET),
+        inputs=tuple(
+            Input(
+                name=i.name, unit=i.unit, source_column=i.source_column, resolution=i.resolution,
+                physical_range=Range(min=i.physical_range[0], max=i.physical_range[1]),
+                training_range=Range(min=float(x_train[:, columns[i.name]].min()),
+                                     max=float(x_train[:, columns[i.name]].max())),
+                description=i.description,
+            )
+            for i in INPUTS
+        ),
+        machine_type=MachineType(name=MACHINE_TYPE_INPUT, values=features.MACHINE_TYPES,
+                                 source_column=data.TYPE_COLUMN),
+        outputs=Outputs(p_failure=P_FAILURE, p_mode=P_MODE, modes=FAILURE_MODES),
+        thresholds=thresholds,
+        health=Health(
+            points=((0.0, 100.0), (thresholds.warning, HEALTH_AT_WARNING), (thresholds.alarm, HEALTH_AT_ALARM),
+                    (1.0, 0.0)),
+            description=(
+                f"Linear between the points: 100 at p_failure 0, {HEALTH_AT_WARNING:.0f} at the warning threshold, "
+                f"{HEALTH_AT_ALARM:.0f} at the alarm threshold, 0 at 1; so health below {HEALTH_AT_WARNING:.0f} "
+                f"always means warning and below {HEALTH_AT_ALARM:.0f} always means alarm."
+            ),
+        ),
+        metrics={},
+        dataset=Dataset(name=data.NAME, sha256=dataset.sha256, rows=len(dataset), license=data.LICENSE,
+                        source=data.SOURCE),
+        training=Training(
+            command=command,
+            seed=SEED,
+            split="stratified on machine failure, 80/20, random_state=42",
+            estimators=ESTIMATORS,
+            derived_features={name: text for name, _, text in features.DERIVED_FEATURES},
+            versions={"python": platform.python_version(),
+                      **{p: version(p) for p in ("scikit-learn", "skl2onnx", "onnx", "onnxruntime", "numpy")}},
+        ),
+    )

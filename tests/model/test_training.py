@@ -1,0 +1,76 @@
+"""Training and export, on the real data set: figures, reproducibility, and ONNX against the training pipeline.
+
+Retrains from scratch once per session (about a minute on two cores).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model import evaluate, train
+from model.features import FEATURE_NAMES
+from model.manifest import Manifest
+from model.package import SHIPPED, load
+
+
+@pytest.fixture(scope="session")
+def fitted(ai4i):
+    return train.fit(ai4i, log=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def retrained(fitted, tmp_path_factory):
+    out = tmp_path_factory.mktemp("retrained")
+    train.write_package(fitted, out, "pdm-edge train --data ai4i2020.csv --out retrained")
+    return out
+
+
+def test_retraining_from_scratch_reproduces_the_shipped_package(retrained):
+    shipped, again = Manifest.load(SHIPPED), Manifest.load(retrained)
+    assert again.metrics == shipped.metrics
+    assert again.thresholds == shipped.thresholds
+    assert again.inputs == shipped.inputs
+    assert again.onnx.sha256 == shipped.onnx.sha256
+
+
+def test_onnx_matches_the_training_pipeline_on_every_row(fitted, retrained):
+    model = load(retrained)
+    dataset = fitted.dataset
+    p_failure, p_mode = model.predict(dataset.readings, dataset.machine_types)
+    onnx = {"failure": p_failure, **{m: p_mode[:, i] for i, m in enumerate(model.manifest.outputs.modes)}}
+    for target, classifier in fitted.models.items():
+        sklearn = classifier.predict_proba(fitted.features)[:, 1]
+        assert len(sklearn) == 10_000
+        assert np.abs(sklearn - onnx[target]).max() <= 1e-5, target
+
+
+def test_derived_features_are_computed_at_sensor_resolution():
+    readings = np.array([[300.0, 308.6, 1500, 40.3, 200], [302.3, 310.9, 1500, 40.3, 200]], dtype=np.float32)
+    types = np.array([["L"], ["H"]], dtype=object)
+    x = train.compute_features(readings, types)
+    column = {name: i for i, name in enumerate(FEATURE_NAMES)}
+    assert (x[:, column["temperature_difference"]] == np.float32(8.6)).all()  # exactly the rule's boundary
+    assert (x[:, column["strain"]] == np.float32(8060.0)).all()
+    assert x[:, column["strain_margin"]].tolist() == [8060.0 - 11_000, 8060.0 - 13_000]
+    assert x[0, column["power"]] == np.float32(round(40.3 * 1500 * 2 * np.pi / 60))
+
+
+def test_the_shipped_figures_are_recomputed_from_the_onnx_file(shipped_model, ai4i):
+    from model import data
+
+    _, test_idx = data.split(ai4i)
+    assert evaluate.evaluate(shipped_model, ai4i, test_idx) == shipped_model.manifest.metrics["test"]
+
+
+def test_the_shipped_model_meets_its_acceptance_figures(shipped_model):
+    metrics = shipped_model.manifest.metrics
+    failure = metrics["test"]["failure"]
+    assert failure["roc_auc"] >= 0.98
+    assert failure["pr_auc"] >= 0.88
+    assert failure["recall_at_1pct_fpr"] >= 0.82
+    assert failure["alarm"]["f1"] >= 0.86
+    for mode in ("HDF", "PWF", "OSF"):
+        assert metrics["test"]["modes"][mode]["at_threshold"]["f1"] >= 0.93, mode
+    assert metrics["out_of_fold"]["alarm"]["precision"] >= 0.90
+    assert metrics["out_of_fold"]["healthy_in_warning_or_alarm"] <= 0.02

@@ -1,0 +1,74 @@
+"""`pdm-edge` as a user runs it: a real subprocess, real stdin and stdout."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from model.package import SHIPPED
+
+HEALTHY = ('{"machine_id": "press-1", "ts": 1700000000, "machine_type": "M", "air_temperature": 300.0, '
+           '"process_temperature": 310.0, "rotational_speed": 1500, "torque": 40.0, "tool_wear": 100}')
+
+
+def pdm_edge(*args, stdin=""):
+    return subprocess.run([sys.executable, "-m", "agent.cli", *args], input=stdin, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_model_info_shows_inputs_thresholds_and_figures():
+    run = pdm_edge("model", "info")
+    assert run.returncode == 0, run.stderr
+    for text in ("ai4i-failure", "air_temperature", "physical range", "alarm from", "ROC-AUC", "trained with"):
+        assert text in run.stdout
+
+
+def test_model_verify_accepts_the_shipped_package_and_refuses_a_changed_one(tmp_path):
+    assert pdm_edge("model", "verify").returncode == 0
+    package = tmp_path / "pkg"
+    shutil.copytree(SHIPPED, package)
+    with open(package / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    run = pdm_edge("model", "verify", str(package))
+    assert run.returncode == 1
+    assert "but the manifest says" in run.stderr
+
+
+def test_model_score_reports_each_line_and_goes_on_after_bad_ones():
+    lines = [HEALTHY, "{not json", "[1, 2]", HEALTHY.replace("40.0", "NaN"), "", HEALTHY.replace("100}", '"x"}')]
+    run = pdm_edge("model", "score", stdin="\n".join(lines) + "\n")
+    assert run.returncode == 0, run.stderr
+    out = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [o.get("rejected", {}).get("reason") for o in out] == [
+        None, "malformed", "not_an_object", "not_finite", "not_a_number"]
+    first = out[0]
+    assert (first["machine_id"], first["ts"], first["state"]) == ("press-1", 1700000000, "ok")
+    assert set(first["risk"]) == {"TWF", "HDF", "PWF", "OSF"} and first["model"].startswith("ai4i-failure")
+
+
+def test_model_score_reads_csv_with_the_ai4i_column_names():
+    header = "UDI,Type,Air temperature [K],Process temperature [K],Rotational speed [rpm],Torque [Nm],Tool wear [min]"
+    rows = ["1,L,300.0,310.0,1500,40.0,10", "2,L,300.0,310.0,1500,,10", "3,L,300.0,310.0,2800,10.0,10"]
+    run = pdm_edge("model", "score", stdin="\n".join([header, *rows]) + "\n")
+    assert run.returncode == 0, run.stderr
+    out = [json.loads(line) for line in run.stdout.splitlines()]
+    assert out[0]["state"] == "ok"
+    assert out[1]["rejected"]["reason"] == "missing_input" and out[1]["rejected"]["input"] == "torque"
+    assert out[2]["state"] == "alarm" and out[2]["dominant_mode"] == "PWF"
+
+
+def test_model_score_exits_2_when_the_csv_lacks_model_columns():
+    run = pdm_edge("model", "score", stdin="a,b\n1,2\n")
+    assert run.returncode == 2
+    assert "lacks the columns" in run.stderr and "Torque [Nm]" in run.stderr
+
+
+@pytest.mark.usefixtures("ai4i")
+def test_model_evaluate_recomputes_the_manifest_figures(ai4i_path):
+    run = pdm_edge("model", "evaluate", "--data", str(ai4i_path))
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["failure"]["roc_auc"] >= 0.98
