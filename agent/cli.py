@@ -18,6 +18,36 @@ from agent import __version__
 SCORE_BATCH = 256
 
 
+def _check_config(args: argparse.Namespace) -> int:
+    """Everything `run` validates before it starts, without touching the network."""
+    from agent.config import ConfigError, check_inputs, load_config, redacted
+    from model.manifest import PackageError
+    from model.package import SHIPPED, load
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return _problems(exc.problems)
+    package = config.model.path or SHIPPED
+    try:
+        manifest = load(package).manifest
+    except PackageError as exc:
+        return _problems([f"model.path ({package}): {exc}"])
+    problems = check_inputs(config, manifest.input_names, manifest.machine_type.name)
+    if problems:
+        return _problems(problems)
+    print(json.dumps(redacted(config), indent=2))
+    print(f"ok: configuration valid; model {manifest.name} {manifest.version}", file=sys.stderr)
+    return 0
+
+
+def _problems(problems: list[str]) -> int:
+    print(f"pdm-edge: {len(problems)} configuration problem{'s' if len(problems) > 1 else ''}:", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+    return 1
+
+
 def _model_info(args: argparse.Namespace) -> int:
     from model.manifest import Manifest
 
@@ -195,6 +225,10 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="pdm-edge", description=__doc__.split("\n")[0])
     root.add_argument("--version", action="version", version=f"pdm-edge {__version__}")
     commands = root.add_subparsers(dest="command", required=True)
+
+    check = commands.add_parser("check-config", help="validate the configuration, secrets and model; print it redacted")
+    check.add_argument("--config", type=Path, help="the TOML file (default $PDM_CONFIG or /etc/pdm-edge/agent.toml)")
+    check.set_defaults(handler=_check_config)
 
     model = commands.add_parser("model", help="the model package: info, verify, score, evaluate")
     model_commands = model.add_subparsers(dest="model_command", required=True)

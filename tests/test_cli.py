@@ -72,3 +72,54 @@ def test_model_evaluate_recomputes_the_manifest_figures(ai4i_path):
     run = pdm_edge("model", "evaluate", "--data", str(ai4i_path))
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["failure"]["roc_auc"] >= 0.98
+
+
+def write_config(tmp_path, text):
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    return path
+
+
+MQTT_CONFIG = 'gateway_id = "gw-1"\n[mqtt]\nurl = "mqtt://127.0.0.1:1883"\n'
+
+
+def test_check_config_prints_the_effective_config_with_secrets_redacted(tmp_path, monkeypatch):
+    token = "s3cret-token-0123456789"
+    path = write_config(tmp_path, MQTT_CONFIG + '[central]\nurl = "https://central.example"\n')
+    monkeypatch.setenv("PDM_CENTRAL__TOKEN", token)
+    monkeypatch.chdir(tmp_path)
+    run = pdm_edge("check-config", "--config", str(path))
+    assert run.returncode == 0, run.stderr
+    effective = json.loads(run.stdout)
+    assert effective["gateway_id"] == "gw-1" and effective["central"]["token"] == "***"
+    assert token not in run.stdout + run.stderr
+
+
+def test_check_config_lists_every_problem_and_exits_1(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_config(tmp_path, '[mqtt]\nurl = "ftp://x"\nqos = 2\n[surprise]\n')
+    run = pdm_edge("check-config", "--config", str(path))
+    assert run.returncode == 1
+    for key in ("gateway_id", "mqtt.url", "mqtt.qos", "surprise"):
+        assert key in run.stderr
+
+
+def test_check_config_refuses_a_model_package_with_a_wrong_hash(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    package = tmp_path / "pkg"
+    shutil.copytree(SHIPPED, package)
+    (package / "model.onnx").write_bytes(b"not the model")
+    path = write_config(tmp_path, MQTT_CONFIG + f'[model]\npath = "{package}"\n')
+    run = pdm_edge("check-config", "--config", str(path))
+    assert run.returncode == 1
+    assert "model.path" in run.stderr and "but the manifest says" in run.stderr
+
+
+def test_check_config_refuses_a_device_that_lacks_a_model_input(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    registers = "".join(f'[modbus.registers.{name}]\naddress = {i}\n' for i, name in enumerate(
+        ("air_temperature", "process_temperature", "rotational_speed", "torque")))
+    device = '[[modbus]]\nmachine_id = "press-1"\nmachine_type = "M"\ntransport = "tcp"\nhost = "127.0.0.1"\n'
+    run = pdm_edge("check-config", "--config", str(write_config(tmp_path, 'gateway_id = "gw-1"\n' + device + registers)))
+    assert run.returncode == 1
+    assert "modbus[0].registers: no register for model input tool_wear" in run.stderr
