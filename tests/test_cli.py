@@ -51,7 +51,10 @@ def test_model_score_reports_each_line_and_goes_on_after_bad_ones():
 
 
 def test_model_score_reads_csv_with_the_ai4i_column_names():
-    header = "UDI,Type,Air temperature [K],Process temperature [K],Rotational speed [rpm],Torque [Nm],Tool wear [min]"
+    from model.manifest import Manifest
+
+    manifest = Manifest.load(SHIPPED)
+    header = ",".join(["UDI", manifest.machine_type.source_column, *(i.source_column for i in manifest.inputs)])
     rows = ["1,L,300.0,310.0,1500,40.0,10", "2,L,300.0,310.0,1500,,10", "3,L,300.0,310.0,2800,10.0,10"]
     run = pdm_edge("model", "score", stdin="\n".join([header, *rows]) + "\n")
     assert run.returncode == 0, run.stderr
