@@ -18,6 +18,18 @@ from agent import __version__
 SCORE_BATCH = 256
 
 
+def _run(args: argparse.Namespace) -> int:
+    from agent import logs, service
+    from agent.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return _problems(exc.problems)
+    logs.setup(config.log_level, config.log_format)
+    return service.run(config)
+
+
 def _check_config(args: argparse.Namespace) -> int:
     """Everything `run` validates before it starts, without touching the network."""
     from agent.config import ConfigError, check_inputs, load_config, redacted
@@ -225,6 +237,10 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="pdm-edge", description=__doc__.split("\n")[0])
     root.add_argument("--version", action="version", version=f"pdm-edge {__version__}")
     commands = root.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the agent in the foreground (what systemd starts)")
+    run.add_argument("--config", type=Path, help="the TOML file (default $PDM_CONFIG or /etc/pdm-edge/agent.toml)")
+    run.set_defaults(handler=_run)
 
     check = commands.add_parser("check-config", help="validate the configuration, secrets and model; print it redacted")
     check.add_argument("--config", type=Path, help="the TOML file (default $PDM_CONFIG or /etc/pdm-edge/agent.toml)")

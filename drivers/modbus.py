@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-MachineId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
-MachineType = Literal["L", "M", "H"]
+from drivers.base import MachineId, MachineType
+
 RegisterType = Literal["int16", "uint16", "int32", "uint32", "float32", "float64"]
 
 REGISTER_WORDS: dict[str, int] = {

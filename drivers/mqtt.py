@@ -1,4 +1,4 @@
-"""MQTT telemetry subscription: its configuration, the `[mqtt]` table.
+"""MQTT telemetry: the `[mqtt]` table, the payload decoder and the driver.
 
 The default payload is `{"ts": <ISO-8601 or epoch seconds>, "<input name>": <number>, ...}` published on
 `pdm/<machine_id>/telemetry`.
@@ -6,7 +6,21 @@ The default payload is `{"ts": <ISO-8601 or epoch seconds>, "<input name>": <num
 
 from __future__ import annotations
 
-from typing import Annotated
+import functools
+import json
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from pydantic import (
     AnyUrl,
@@ -20,7 +34,10 @@ from pydantic import (
     field_validator,
 )
 
-from drivers.modbus import MachineId, MachineType
+from drivers.base import Availability, MachineId, MachineType, RawReading, Sink
+from model.validate import Reason, Rejection
+
+log = logging.getLogger(__name__)
 
 MqttUrl = Annotated[AnyUrl, UrlConstraints(allowed_schemes=["mqtt", "mqtts"])]
 
@@ -41,6 +58,11 @@ class MqttConfig(BaseModel):
     machines: dict[MachineId, MachineType] = {}
     default_machine_type: MachineType | None = None  # for machines not listed in `machines`
     max_payload_bytes: int = Field(65536, gt=0)
+    protocol: Literal["3.1.1", "5"] = "5"
+    keepalive_s: int = Field(30, ge=5)
+    # How long the broker keeps the agent's session (subscriptions and queued QoS 1 messages) while it is away:
+    # readings published during a restart or an upgrade arrive afterwards. MQTT 5 only; 3.1.1 sessions never expire.
+    session_expiry_s: int = Field(7 * 24 * 3600, ge=0)
 
     @field_validator("url")
     @classmethod
@@ -101,3 +123,188 @@ def is_topic_filter(topic: str) -> bool:
     levels = topic.split("/")
     wildcards_whole = all(level in ("+", "#") or not {"+", "#"} & set(level) for level in levels)
     return bool(topic) and wildcards_whole and "#" not in levels[:-1]
+
+
+# --- the driver ---------------------------------------------------------------------------------------------------
+
+PAYLOAD_KEPT_BYTES = 4096  # of a payload, for the quarantine
+EARLIEST_TS, LATEST_TS = 946_684_800.0, 4_102_444_800.0  # 2000-01-01 .. 2100-01-01: anything else is a unit error
+_MACHINE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+
+
+def parse_ts(value: Any, received_at: float) -> float:
+    """A payload's `ts`: ISO-8601 (naive means UTC) or epoch seconds; absent means when it was received."""
+    if value is None:
+        return received_at
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        ts = float(value)
+    elif isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"ts {value[:40]!r} is not an ISO-8601 time") from None
+        ts = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+    else:
+        raise ValueError(f"ts is {_JSON_TYPES.get(type(value), type(value).__name__)}, not a time")
+    if not EARLIEST_TS <= ts <= LATEST_TS:
+        hint = "; it looks like milliseconds, send seconds" if EARLIEST_TS * 1000 <= ts <= LATEST_TS * 1000 else ""
+        raise ValueError(f"ts {value!r} is not epoch seconds between 2000 and 2100{hint}")
+    return ts
+
+
+class PayloadDecoder:
+    """One MQTT message -> one RawReading, rejected with a reason when it cannot be one. Pure: no I/O."""
+
+    def __init__(self, config: MqttConfig, type_key: str) -> None:
+        self._config = config
+        self._type_key = type_key
+        self._skip = {"ts", config.machine_id_from}
+
+    def decode(self, topic: str, payload: bytes, received_at: float) -> RawReading:
+        config = self._config
+        kept = payload[:PAYLOAD_KEPT_BYTES].decode("utf-8", "replace")
+        machine_id = self._topic_machine_id(topic)
+
+        def rejected(reason: Reason, message: str) -> RawReading:
+            return RawReading(machine_id, received_at, {}, f"mqtt:{topic}", received_at, kept,
+                              Rejection(reason, message))
+
+        if len(payload) > config.max_payload_bytes:
+            return rejected(Reason.PAYLOAD_TOO_LARGE,
+                            f"{len(payload)} bytes, more than mqtt.max_payload_bytes = {config.max_payload_bytes}")
+        try:
+            data = json.loads(payload)
+        except ValueError as exc:  # UnicodeDecodeError is one
+            return rejected(Reason.MALFORMED, f"not JSON: {exc}")
+        if not isinstance(data, dict):
+            return rejected(Reason.NOT_AN_OBJECT, f"the payload is {_JSON_TYPES.get(type(data), 'a number')}, "
+                                                  "not a JSON object")
+        if config.machine_id_from != "topic":
+            machine_id = data.get(config.machine_id_from)
+        if not isinstance(machine_id, str) or not _MACHINE_ID.fullmatch(machine_id):
+            machine_id = None
+            where = f"topic level {config.machine_id_segment}" if config.machine_id_from == "topic" \
+                else f"payload field {config.machine_id_from!r}"
+            return rejected(Reason.UNKNOWN_MACHINE, f"no valid machine id in the {where}")
+        try:
+            ts = parse_ts(data.get("ts"), received_at)
+        except ValueError as exc:
+            return rejected(Reason.MALFORMED, str(exc))
+        fields = {config.payload_map.get(k, k): v for k, v in data.items() if k not in self._skip}
+        machine_type = config.machines.get(machine_id) or fields.get(self._type_key) or config.default_machine_type
+        if machine_type is None:
+            return rejected(Reason.UNKNOWN_MACHINE, f"no machine type for {machine_id}: add it to mqtt.machines, "
+                                                    f"send {self._type_key} or set mqtt.default_machine_type")
+        fields[self._type_key] = machine_type
+        return RawReading(machine_id, ts, fields, f"mqtt:{topic}", received_at, kept)
+
+    def _topic_machine_id(self, topic: str) -> str | None:
+        if self._config.machine_id_from != "topic":
+            return None
+        levels = topic.split("/")
+        return levels[self._config.machine_id_segment] if self._config.machine_id_segment < len(levels) else None
+
+
+class MqttDriver:
+    """Subscribes to the telemetry topics with a persistent session; acknowledges each QoS 1 message only once the
+    pipeline committed its reading (manual ack), so a crash before the commit means the broker sends it again.
+
+    paho's network thread runs the callbacks; `sink.put()` blocking there is the back-pressure on the broker.
+    """
+
+    name = "mqtt"
+
+    def __init__(self, config: MqttConfig, type_key: str, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self._decoder = PayloadDecoder(config, type_key)
+        self._clock = clock
+        self._client: mqtt.Client | None = None
+        self._sink: Sink | None = None
+        self._receiving = threading.Lock()  # held while a message is being handed to the sink
+        self._stopped = False
+        self.messages = 0
+        self.rejected = 0
+        self.link = Availability(f"MQTT broker {config.url.host}:{config.url.port or 1883}", log)
+
+    def start(self, sink: Sink) -> None:
+        config = self.config
+        v5 = config.protocol == "5"
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=config.client_id,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else False,
+            manual_ack=True,
+        )
+        if config.username:
+            client.username_pw_set(config.username, config.password.get_secret_value() if config.password else None)
+        if config.url.scheme == "mqtts":
+            client.tls_set(ca_certs=str(config.ca_file) if config.ca_file else None)
+        # paho doubles the delay without jitter: spread each gateway's bounds so a fleet does not reconnect in step.
+        client.reconnect_delay_set(min_delay=1 + random.random(), max_delay=45 + 30 * random.random())
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        properties = None
+        if v5:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = config.session_expiry_s
+        self._sink, self._client, self._stopped = sink, client, False
+        client.connect_async(config.url.host, config.url.port or (8883 if config.url.scheme == "mqtts" else 1883),
+                             keepalive=config.keepalive_s, clean_start=False if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                             properties=properties)
+        client.loop_start()
+
+    def stop(self) -> None:
+        """Hand nothing more to the sink. The connection stays up so that acknowledgements still go out; a message
+        that arrives from now on is not acknowledged, so the broker keeps it for the next session."""
+        self._stopped = True
+        with self._receiving:
+            pass
+
+    def close(self) -> None:
+        self.stop()
+        client, self._client = self._client, None
+        if client is not None:
+            client.disconnect()
+            client.loop_stop()
+
+    def status(self) -> dict[str, Any]:
+        return {"driver": self.name, "broker": str(self.config.url), "connected": self.link.up,
+                "messages": self.messages, "rejected": self.rejected, "connection_failures": self.link.failures_total,
+                "last_error": self.link.last_error}
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self.link.failed(f"connection refused: {reason_code}")
+            return
+        self.link.succeeded()
+        client.subscribe([(topic, self.config.qos) for topic in self.config.topics])
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        refused = [str(code) for code in reason_codes if code.is_failure]
+        if refused:
+            self.link.failed(f"subscription to {self.config.topics} refused: {', '.join(refused)}")
+        else:
+            log.info("subscribed to %s on %s", ", ".join(self.config.topics), self.link.name)
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        self.link.failed("cannot connect")
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if not self._stopped:
+            self.link.failed(f"disconnected: {reason_code}")
+
+    def _on_message(self, client, userdata, message) -> None:
+        with self._receiving:
+            if self._stopped:
+                return
+            reading = self._decoder.decode(message.topic, message.payload, self._clock())
+            self.messages += 1
+            self.rejected += reading.rejection is not None
+            if message.qos:
+                reading.ack = functools.partial(client.ack, message.mid, message.qos)
+            self._sink.put(reading)

@@ -20,7 +20,11 @@ from model.manifest import Manifest
 
 
 class Reason(StrEnum):
-    MALFORMED = "malformed"  # the payload itself could not be parsed (JSON, CSV): raised by readers, not here
+    # Found by the drivers and readers, before validation:
+    MALFORMED = "malformed"  # the payload could not be parsed (JSON, CSV, a timestamp)
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    UNKNOWN_MACHINE = "unknown_machine"  # no machine id, or no machine type known for it
+    # Found here:
     NOT_AN_OBJECT = "not_an_object"
     MISSING_INPUT = "missing_input"
     NOT_A_NUMBER = "not_a_number"

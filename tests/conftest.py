@@ -9,6 +9,7 @@ import pytest
 from model import data
 from model.package import SHIPPED, load
 from model.score import Scorer
+from tests.services import LOCALHOST, Broker, Mosquitto, port_open
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +37,22 @@ def shipped_model():
 @pytest.fixture(scope="session")
 def scorer(shipped_model):
     return Scorer(shipped_model)
+
+
+@pytest.fixture(scope="session")
+def mqtt_broker(tmp_path_factory):
+    """An MQTT broker shared by the session: the machine's own on 127.0.0.1:1883 when it answers (its limits are
+    unknown, e.g. Mosquitto's default 1,000 queued messages per client), else a throwaway one. Use
+    `private_broker` for load, agent restarts or broker restarts."""
+    if port_open(LOCALHOST, 1883):
+        yield Broker(LOCALHOST, 1883)
+        return
+    with Mosquitto.start(tmp_path_factory.mktemp("mosquitto")) as broker:
+        yield broker
+
+
+@pytest.fixture
+def private_broker(tmp_path):
+    """A throwaway Mosquitto for this test alone, with unlimited queues; it may be restarted."""
+    with Mosquitto.start(tmp_path / "mosquitto") as broker:
+        yield broker

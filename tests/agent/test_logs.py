@@ -8,7 +8,8 @@ import logging
 
 import pytest
 
-from agent.logs import Availability, setup
+from agent.logs import setup
+from drivers.base import Availability
 
 
 @pytest.fixture(autouse=True)

@@ -54,9 +54,9 @@ def test_each_rejection_names_its_reason_input_and_value(scorer, raw, reason, in
     assert text in result.message
 
 
-def test_every_reason_code_but_malformed_is_covered_by_the_table():
-    # MALFORMED belongs to the payload readers (JSON, CSV) and is tested with them.
-    assert {c[1] for c in CASES} == set(Reason) - {Reason.MALFORMED}
+def test_every_reason_code_of_the_validator_is_covered_by_the_table():
+    # The others belong to the payload readers and drivers, and are tested with them.
+    assert {c[1] for c in CASES} == set(Reason) - {Reason.MALFORMED, Reason.PAYLOAD_TOO_LARGE, Reason.UNKNOWN_MACHINE}
 
 
 def test_one_bad_reading_does_not_spoil_its_batch(scorer):

@@ -1,0 +1,157 @@
+"""The ingest pipeline: raw readings in, committed scores out.
+
+Drivers put raw readings on a bounded queue (put() blocks when it is full: back-pressure, never unbounded memory).
+One thread takes micro-batches off it — everything already waiting, up to `batch_max`, lingering a moment for more
+while readings keep arriving but never longer than `batch_max_age_ms` — validates and scores them, commits the
+batch in one transaction, and only then acknowledges each reading to its driver. That thread is the store's only
+writer. A write that fails (disk full, I/O error) is retried with backoff while nothing is acknowledged, so the
+queue fills and the drivers slow down; nothing accepted is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+from agent.config import PipelineConfig
+from agent.store import QuarantinedReading, Store, StoreError, StoredReading, WriteResult
+from drivers.base import Availability, RawReading
+from model.score import Scorer
+from model.validate import Rejection
+
+log = logging.getLogger(__name__)
+
+LINGER_S = 0.002  # how long a batch waits for one more reading before it is committed
+RETRY_MIN_S, RETRY_MAX_S = 0.1, 5.0
+
+
+class Pipeline:
+    def __init__(self, scorer: Scorer, store: Store, config: PipelineConfig,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._queue: queue.Queue[RawReading] = queue.Queue(config.queue_max)
+        self._scorer = scorer
+        self._store = store
+        self._batch_max = config.batch_max
+        self._batch_age_s = config.batch_max_age_ms / 1000
+        self._monotonic = monotonic
+        self._stopping = threading.Event()
+        self._abandon = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
+        self.database = Availability(f"database {store.path}", log)
+        self.gave_up = False  # stopped with a batch the database would not take
+        self.batches = 0
+        self.last_commit: float | None = None  # monotonic time of the last committed batch
+
+    # --- called by drivers, from their threads ---
+    def put(self, reading: RawReading) -> None:
+        self._queue.put(reading)
+
+    # --- called by the agent ---
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def scorer(self) -> Scorer:
+        return self._scorer
+
+    def swap_scorer(self, scorer: Scorer) -> None:
+        """Score with another model from the next batch on; the batch in progress finishes with the old one."""
+        self._scorer = scorer
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float) -> bool:
+        """Commit everything queued, then end. Call after the drivers stopped putting. False if it had to give up
+        (the database kept failing): what was not committed was not acknowledged either, so it is not lost."""
+        self._stopping.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._abandon.set()
+            self._thread.join(RETRY_MAX_S + 1)
+        return not self._thread.is_alive() and not self.gave_up and self._queue.empty()
+
+    # --- the pipeline thread ---
+    def _run(self) -> None:
+        while not self._abandon.is_set():
+            batch = self._take()
+            if batch:
+                try:
+                    self._commit(batch)
+                except _Abandoned:
+                    self.gave_up = True
+                    return
+            elif self._stopping.is_set():
+                return
+
+    def _take(self) -> list[RawReading]:
+        try:
+            batch = [self._queue.get(timeout=0.05)]
+        except queue.Empty:
+            return []
+        deadline = self._monotonic() + self._batch_age_s
+        while len(batch) < self._batch_max:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            remaining = deadline - self._monotonic()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(self._queue.get(timeout=min(remaining, LINGER_S)))
+            except queue.Empty:
+                break
+        return batch
+
+    def _commit(self, batch: list[RawReading]) -> None:
+        scorer = self._scorer
+        model = scorer.model
+        model_version = f"{model.name}@{model.version}"
+        inputs, type_key = model.manifest.input_names, model.manifest.machine_type.name
+        candidates = [r for r in batch if r.rejection is None]
+        results = iter(scorer.score([r.fields for r in candidates]))
+        stored, quarantined = [], []
+        for reading in batch:  # in arrival order
+            result = reading.rejection or next(results)
+            if isinstance(result, Rejection):
+                quarantined.append(_quarantined(reading, result))
+                continue
+            stored.append(StoredReading(
+                reading.machine_id, reading.ts, {name: float(reading.fields[name]) for name in inputs},
+                reading.fields[type_key], result.p_failure, result.risk, result.health, result.state.value,
+                result.ood, model_version, reading.received_at,
+            ))
+        self._write(stored, quarantined)
+        for reading in batch:
+            if reading.ack is not None:
+                reading.ack()
+        self.batches += 1
+        self.last_commit = self._monotonic()
+
+    def _write(self, stored: list[StoredReading], quarantined: list[QuarantinedReading]) -> WriteResult:
+        delay = RETRY_MIN_S
+        while True:
+            try:
+                result = self._store.write(stored, quarantined)
+                self.database.succeeded()
+                return result
+            except StoreError as exc:
+                self.database.failed(str(exc))
+            if self._abandon.wait(delay):
+                raise _Abandoned
+            delay = min(delay * 2, RETRY_MAX_S)
+
+
+class _Abandoned(Exception):
+    """The agent is stopping and the database still fails: leave the batch unacknowledged."""
+
+
+def _quarantined(reading: RawReading, rejection: Rejection) -> QuarantinedReading:
+    return QuarantinedReading(reading.received_at, reading.source, reading.machine_id, rejection.reason.value,
+                              rejection.message, reading.payload)

@@ -1,0 +1,152 @@
+"""`pdm-edge run`: wires the store, the model, the pipeline and the drivers, and runs until SIGTERM.
+
+Start order: store, model, pipeline, then the drivers (inputs last, so nothing arrives before it can be stored).
+Stop order: drivers stop putting, the pipeline commits and acknowledges what is queued, the drivers disconnect,
+the store closes. SIGHUP, or a changed model package on disk, reloads the model: a package that fails
+verification is refused and the running one goes on scoring.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from agent import __version__
+from agent.config import AgentConfig, check_inputs
+from agent.pipeline import Pipeline
+from agent.store import Store
+from drivers.base import Driver
+from drivers.mqtt import MqttDriver
+from model.manifest import MANIFEST_FILE, PackageError
+from model.package import SHIPPED, load
+from model.score import Scorer
+
+log = logging.getLogger(__name__)
+
+DATABASE_FILE = "agent.db"
+STOP_TIMEOUT_S = 20.0  # systemd's TimeoutStopSec must exceed this
+MODEL_WATCH_S = 5.0
+RETENTION_EVERY_S = 600.0
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.package = Path(config.model.path or SHIPPED)
+        self.started_at = time.time()
+        self.store: Store | None = None
+        self.pipeline: Pipeline | None = None
+        self.drivers: list[Driver] = []
+        self._scheduler = BackgroundScheduler(timezone="UTC")
+        self._package_stamp = _stamp(self.package)
+        self._reload_lock = threading.Lock()
+
+    def start(self) -> None:
+        """Raises PackageError, StoreError or OSError on what keeps the agent from running at all."""
+        config = self.config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        scorer = self._scorer(self.package)
+        self.store = Store.open(config.data_dir / DATABASE_FILE, synchronous=config.buffer.synchronous,
+                                quarantine_cap=config.buffer.quarantine_max_rows)
+        self.pipeline = Pipeline(scorer, self.store, config.pipeline)
+        self.pipeline.start()
+        type_key = scorer.model.manifest.machine_type.name
+        if config.mqtt is not None:
+            self.drivers.append(MqttDriver(config.mqtt, type_key))
+        for driver in self.drivers:
+            driver.start(self.pipeline)
+        self._scheduler.add_job(self.reload_model_if_changed, "interval", seconds=MODEL_WATCH_S)
+        self._scheduler.add_job(self._retention, "interval", seconds=RETENTION_EVERY_S)
+        self._scheduler.start()
+        model = scorer.model
+        log.info("pdm-edge %s started: gateway %s, model %s %s, %d driver(s), data in %s", __version__,
+                 config.gateway_id, model.name, model.version, len(self.drivers), config.data_dir)
+
+    def stop(self) -> bool:
+        """Safe to call twice or after a failed start. False if queued readings could not be committed."""
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=True)
+        for driver in self.drivers:
+            driver.stop()
+        drained = self.pipeline.stop(STOP_TIMEOUT_S) if self.pipeline else True
+        for driver in self.drivers:
+            driver.close()
+        self.drivers = []
+        if self.store is not None:
+            self.store.close()
+        log.info("pdm-edge stopped%s", "" if drained else "; readings still queued were not acknowledged")
+        return drained
+
+    def reload_model(self) -> bool:
+        """Swap to the package on disk if it verifies and fits the devices; otherwise keep the running one."""
+        with self._reload_lock:
+            self._package_stamp = _stamp(self.package)
+            running = self.pipeline.scorer.model
+            try:
+                scorer = self._scorer(self.package)
+            except PackageError as exc:
+                log.error("model package %s refused, still scoring with %s %s: %s", self.package, running.name,
+                          running.version, exc)
+                return False
+            self.pipeline.swap_scorer(scorer)
+            log.info("model reloaded: %s %s (was %s %s)", scorer.model.name, scorer.model.version, running.name,
+                     running.version)
+            return True
+
+    def reload_model_if_changed(self) -> None:
+        if _stamp(self.package) != self._package_stamp:
+            self.reload_model()
+
+    def _scorer(self, package: Path) -> Scorer:
+        model = load(package)
+        manifest = model.manifest
+        problems = check_inputs(self.config, manifest.input_names, manifest.machine_type.name)
+        if problems:
+            raise PackageError(f"{package} does not fit the configured devices: " + "; ".join(problems))
+        return Scorer(model)
+
+    def _retention(self) -> None:
+        cutoff = time.time() - self.config.buffer.reading_retention_h * 3600
+        deleted = self.store.delete_readings_before(cutoff)
+        if deleted:
+            log.info("retention: deleted %d readings older than %.0f h", deleted,
+                     self.config.buffer.reading_retention_h)
+
+
+def _stamp(package: Path) -> tuple:
+    """What changes when a package on disk is replaced: the manifest's and the ONNX file's mtime and size."""
+    stamp = []
+    for name in (MANIFEST_FILE, "model.onnx"):
+        try:
+            info = (package / name).stat()
+            stamp.append((info.st_mtime_ns, info.st_size))
+        except OSError:
+            stamp.append(None)
+    return tuple(stamp)
+
+
+def run(config: AgentConfig) -> int:
+    """Run in the foreground until SIGTERM or SIGINT; 0 after a clean shutdown, 1 if the agent cannot start."""
+    agent = Agent(config)
+    stop = threading.Event()
+    reload = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())
+    try:
+        agent.start()
+    except Exception as exc:  # anything that keeps it from starting: say it in one line, exit 1
+        log.error("cannot start: %s", exc)
+        agent.stop()
+        return 1
+    while not stop.wait(0.2):
+        if reload.is_set():
+            reload.clear()
+            agent.reload_model()
+    log.info("stopping")
+    return 0 if agent.stop() else 1

@@ -1,0 +1,145 @@
+"""The pipeline on a real SQLite file and the shipped model: commit before acknowledge, back-pressure, faults."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import pytest
+
+from agent.config import PipelineConfig
+from agent.pipeline import Pipeline
+from agent.store import Store, StoreError
+from drivers.base import RawReading
+from model.validate import Reason, Rejection
+
+VALUES = {"machine_type": "M", "air_temperature": 300.0, "process_temperature": 310.0, "rotational_speed": 1500,
+          "torque": 40.0, "tool_wear": 10}
+
+
+def raw(i: int, machine: str = "press-1", ack=None, **changes) -> RawReading:
+    return RawReading(machine, 1_764_000_000.0 + i, {**VALUES, **changes}, "test", 1_764_000_000.0 + i,
+                      payload=f"reading {i}", ack=ack)
+
+
+def stored_ts(path) -> list[float]:
+    with sqlite3.connect(path) as db:
+        return [ts for (ts,) in db.execute("SELECT ts FROM readings ORDER BY ts")]
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store.open(tmp_path / "agent.db") as store:
+        yield store
+
+
+def pipeline_for(scorer, store, **config) -> Pipeline:
+    return Pipeline(scorer, store, PipelineConfig(**config))
+
+
+def test_each_reading_is_acknowledged_only_after_its_commit(scorer, store):
+    seen_at_ack = {}
+
+    def ack_for(i):
+        return lambda: seen_at_ack.setdefault(i, 1_764_000_000.0 + i in stored_ts(store.path))
+
+    pipeline = pipeline_for(scorer, store)
+    pipeline.start()
+    for i in range(300):
+        pipeline.put(raw(i, ack=ack_for(i)))
+    assert pipeline.stop(timeout=30)
+    assert seen_at_ack == {i: True for i in range(300)}
+    assert len(stored_ts(store.path)) == 300
+
+
+def test_rejections_from_drivers_and_validation_are_quarantined_and_acknowledged(scorer, store):
+    acked = []
+    pipeline = pipeline_for(scorer, store)
+    pipeline.start()
+    pipeline.put(raw(1, ack=lambda: acked.append(1)))
+    pipeline.put(raw(2, ack=lambda: acked.append(2), torque="40"))
+    bad = RawReading(None, 0.0, {}, "mqtt:x", 0.0, "garbage", Rejection(Reason.MALFORMED, "not JSON"),
+                     ack=lambda: acked.append(3))
+    pipeline.put(bad)
+    assert pipeline.stop(timeout=30)
+    assert sorted(acked) == [1, 2, 3]
+    assert [(q.reason, q.payload) for q in store.quarantine(10)] == [("malformed", "garbage"),
+                                                                      ("not_a_number", "reading 2")]
+    counters = store.counters()
+    assert counters["readings_accepted"] == 1
+    assert counters["rejected_not_a_number"] == counters["rejected_malformed"] == 1
+
+
+def test_a_redelivered_reading_is_stored_once(scorer, store):
+    pipeline = pipeline_for(scorer, store)
+    pipeline.start()
+    for i in (*range(10), *range(5, 15)):
+        pipeline.put(raw(i))
+    assert pipeline.stop(timeout=30)
+    assert len(stored_ts(store.path)) == 15
+    assert store.counters()["readings_duplicate"] == 5
+
+
+def test_a_full_queue_blocks_the_driver_until_the_pipeline_catches_up(scorer, store):
+    pipeline = pipeline_for(scorer, store, queue_max=10)
+    driver = threading.Thread(target=lambda: [pipeline.put(raw(i)) for i in range(50)])
+    driver.start()
+    driver.join(timeout=0.5)
+    assert driver.is_alive() and pipeline.depth == 10  # blocked: memory is bounded by queue_max
+    pipeline.start()
+    driver.join(timeout=30)
+    assert not driver.is_alive()
+    assert pipeline.stop(timeout=30)
+    assert len(stored_ts(store.path)) == 50
+
+
+class FailingStore(Store):
+    """Fault injection: the first `failures` writes fail as a full disk would."""
+
+    failures = 0
+
+    def write(self, scored, rejected):
+        if self.failures:
+            self.failures -= 1
+            raise StoreError(f"database or disk is full writing {self.path}")
+        return super().write(scored, rejected)
+
+
+def test_a_failing_database_is_retried_and_nothing_is_acknowledged_before_it_commits(scorer, tmp_path, caplog):
+    with FailingStore.open(tmp_path / "agent.db") as store:
+        store.failures = 3
+        acked = []
+        pipeline = pipeline_for(scorer, store)
+        pipeline.start()
+        for i in range(20):
+            pipeline.put(raw(i, ack=lambda i=i: acked.append((i, len(stored_ts(store.path))))))
+        assert pipeline.stop(timeout=30)
+        assert len(stored_ts(store.path)) == 20
+        assert all(count > i for i, count in acked) and len(acked) == 20
+    unavailable = [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(unavailable) == 1 and "disk is full" in unavailable[0].getMessage()
+    assert pipeline.database.failures_total == 3 and pipeline.database.up
+
+
+def test_stop_gives_up_without_acknowledging_when_the_database_never_recovers(scorer, tmp_path):
+    with FailingStore.open(tmp_path / "agent.db") as store:
+        store.failures = 10**9
+        acked = []
+        pipeline = pipeline_for(scorer, store)
+        pipeline.start()
+        pipeline.put(raw(1, ack=lambda: acked.append(1)))
+        assert pipeline.stop(timeout=0.5) is False
+        assert acked == []
+
+
+def test_swapping_the_model_mid_stream_loses_nothing(scorer, store, shipped_model):
+    from model.score import Scorer
+
+    pipeline = pipeline_for(scorer, store)
+    pipeline.start()
+    for i in range(2000):
+        pipeline.put(raw(i))
+        if i == 1000:
+            pipeline.swap_scorer(Scorer(shipped_model))
+    assert pipeline.stop(timeout=30)
+    assert len(stored_ts(store.path)) == 2000
