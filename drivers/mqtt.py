@@ -11,6 +11,7 @@ import json
 import logging
 import random
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -292,7 +293,9 @@ class MqttDriver:
             log.info("subscribed to %s on %s", ", ".join(self.config.topics), self.link.name)
 
     def _on_connect_fail(self, client, userdata) -> None:
-        self.link.failed("cannot connect")
+        # paho calls this inside its `except OSError`: the error says why (refused, TLS verification, timeout).
+        error = sys.exc_info()[1]
+        self.link.failed(f"cannot connect: {error}" if error else "cannot connect")
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if not self._stopped:

@@ -96,7 +96,10 @@ class Mosquitto:
         return f"mqtt://{self.host}:{self.port}"
 
     @classmethod
-    def start(cls, workdir: Path, port: int | None = None, timeout: float = 10.0) -> Mosquitto:
+    def start(cls, workdir: Path, port: int | None = None, timeout: float = 10.0,
+              extra_config: str = "") -> Mosquitto:
+        """`extra_config` is appended to the config: options such as `certfile` then apply to the one listener, and
+        a repeated option (e.g. `allow_anonymous false`) overrides the default above it."""
         binary = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
         if binary is None:
             raise ServiceError(
@@ -104,7 +107,7 @@ class Mosquitto:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         broker = cls(binary, workdir, port or free_port())
-        broker.config.write_text(MOSQUITTO_CONFIG.format(host=broker.host, port=broker.port))
+        broker.config.write_text(MOSQUITTO_CONFIG.format(host=broker.host, port=broker.port) + extra_config)
         broker._launch(timeout)
         return broker
 
@@ -159,12 +162,19 @@ class Publisher:
     """
 
     def __init__(self, url: str, client_id: str | None = None,
-                 protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5, timeout: float = 5.0) -> None:
+                 protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5, timeout: float = 5.0,
+                 ca_file: str | Path | None = None, username: str | None = None,
+                 password: str | None = None) -> None:
+        """An mqtts:// `url` connects over TLS, verifying the broker against `ca_file` (else the system's CAs)."""
         parts = urlsplit(url)
         self.url = url
         self.published_at: list[float] = []
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or "", protocol=protocol)
         self.client.connect_timeout = timeout
+        if parts.scheme == "mqtts":
+            self.client.tls_set(ca_certs=str(ca_file) if ca_file else None)
+        if username is not None:
+            self.client.username_pw_set(username, password)
         connected = threading.Event()
         self._connack = None
 
@@ -174,7 +184,7 @@ class Publisher:
 
         self.client.on_connect = on_connect
         try:
-            self.client.connect(parts.hostname or LOCALHOST, parts.port or 1883)
+            self.client.connect(parts.hostname or LOCALHOST, parts.port or (8883 if parts.scheme == "mqtts" else 1883))
         except OSError as exc:
             raise ServiceError(f"cannot connect to the MQTT broker at {url}: {exc}") from exc
         self.client.loop_start()
