@@ -88,16 +88,18 @@ class ModelConfig(_Section):
 
 
 class SummaryConfig(_Section):
-    window_s: int = Field(60, gt=0)
+    window_s: int = Field(60, gt=0)  # windows are aligned to the clock: [k * window_s, (k + 1) * window_s)
+    grace_s: float = Field(10.0, ge=0)  # a window with no newer reading closes this long after its end
 
 
 class AlarmsConfig(_Section):
-    """Hysteresis: a machine enters a worse state after `enter_after` consecutive readings at or above its
-    threshold, and leaves it after `leave_after` consecutive readings below the threshold minus `leave_margin`."""
+    """Hysteresis: a machine enters a worse state after `enter_after` consecutive readings in it, and leaves it
+    after `leave_after` consecutive readings whose health is at least `leave_margin` points above the state's band.
+    The margin is in health points because the thresholds differ by orders of magnitude in probability."""
 
     enter_after: int = Field(3, ge=1)
     leave_after: int = Field(5, ge=1)
-    leave_margin: float = Field(0.05, ge=0, lt=1)  # in probability
+    leave_margin: float = Field(5.0, ge=0, le=30)  # health points
 
 
 class BufferConfig(_Section):

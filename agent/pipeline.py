@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable
 
 from agent.config import PipelineConfig
-from agent.store import QuarantinedReading, Store, StoreError, StoredReading, WriteResult
+from agent.machines import Machines
+from agent.store import MachineRecord, OutboxRecord, QuarantinedReading, Store, StoreError, StoredReading, WriteResult
 from drivers.base import Availability, RawReading
 from model.score import Scorer
 from model.validate import Rejection
@@ -29,20 +30,25 @@ RETRY_MIN_S, RETRY_MAX_S = 0.1, 5.0
 
 
 class Pipeline:
-    def __init__(self, scorer: Scorer, store: Store, config: PipelineConfig,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, scorer: Scorer, store: Store, config: PipelineConfig, machines: Machines | None = None,
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
         self._queue: queue.Queue[RawReading] = queue.Queue(config.queue_max)
         self._scorer = scorer
         self._store = store
         self._batch_max = config.batch_max
         self._batch_age_s = config.batch_max_age_ms / 1000
+        self._machines = machines  # None: no alarms or summaries (tests of the pipeline alone)
+        self._clock = clock
         self._monotonic = monotonic
         self._stopping = threading.Event()
         self._abandon = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
         self.database = Availability(f"database {store.path}", log)
+        self._model_changed = False
+        self._next_tick = 0.0
         self.gave_up = False  # stopped with a batch the database would not take
         self.batches = 0
+        self.errors = 0  # unexpected errors while committing a batch (each is logged with its traceback)
         self.last_commit: float | None = None  # monotonic time of the last committed batch
 
     # --- called by drivers, from their threads ---
@@ -61,6 +67,7 @@ class Pipeline:
     def swap_scorer(self, scorer: Scorer) -> None:
         """Score with another model from the next batch on; the batch in progress finishes with the old one."""
         self._scorer = scorer
+        self._model_changed = True
 
     def start(self) -> None:
         self._thread.start()
@@ -79,14 +86,34 @@ class Pipeline:
     def _run(self) -> None:
         while not self._abandon.is_set():
             batch = self._take()
-            if batch:
-                try:
-                    self._commit(batch)
-                except _Abandoned:
-                    self.gave_up = True
+            try:
+                if batch:
+                    self._commit_until_done(batch)
+                elif self._stopping.is_set():
+                    self._tick(force=True)
                     return
-            elif self._stopping.is_set():
+                else:
+                    self._tick()
+            except _Abandoned:
+                self.gave_up = bool(batch)
                 return
+
+    def _commit_until_done(self, batch: list[RawReading]) -> None:
+        """Commit a batch, retrying after an unexpected error too: a reading is never dropped because of a bug,
+        only left unacknowledged (the watchdog restarts a pipeline that stays stuck)."""
+        delay = RETRY_MIN_S
+        while True:
+            try:
+                self._commit(batch)
+                return
+            except _Abandoned:
+                raise
+            except Exception:
+                self.errors += 1
+                log.exception("the pipeline failed on a batch of %d readings; retrying it", len(batch))
+                if self._abandon.wait(delay):
+                    raise _Abandoned from None
+                delay = min(delay * 2, RETRY_MAX_S)
 
     def _take(self) -> list[RawReading]:
         try:
@@ -127,18 +154,47 @@ class Pipeline:
                 reading.fields[type_key], result.p_failure, result.risk, result.health, result.state.value,
                 result.ood, model_version, reading.received_at,
             ))
-        self._write(stored, quarantined)
+        outbox, machines = self._summarise(scorer, batch, stored)
+        self._write(stored, quarantined, outbox, machines)
         for reading in batch:
             if reading.ack is not None:
                 reading.ack()
         self.batches += 1
         self.last_commit = self._monotonic()
 
-    def _write(self, stored: list[StoredReading], quarantined: list[QuarantinedReading]) -> WriteResult:
+    def _summarise(self, scorer: Scorer, batch: list[RawReading], stored: list[StoredReading]):
+        """Alarm events, closed summaries and machine states for this batch: only from readings not stored
+        before, so a redelivered reading is never counted twice."""
+        if self._machines is None:
+            return [], []
+        if self._model_changed:
+            self._machines.use_model(scorer.model)
+            self._model_changed = False
+        known = self._store.stored([(r.machine_id, r.ts) for r in stored])
+        new = []
+        for reading in stored:
+            key = (reading.machine_id, reading.ts)
+            if key not in known:
+                known.add(key)
+                new.append(reading)
+        rejected = [(r.machine_id, r.ts) for r in batch if r.rejection is not None]
+        return self._machines.update(new, rejected, self._clock())
+
+    def _tick(self, force: bool = False) -> None:
+        """While idle, at most once a second, and when stopping: close the summary windows due by the clock."""
+        if self._machines is None or (self._monotonic() < self._next_tick and not force):
+            return
+        self._next_tick = self._monotonic() + 1.0
+        outbox, machines = self._machines.close_due(self._clock())
+        if outbox or machines:
+            self._write([], [], outbox, machines)
+
+    def _write(self, stored: list[StoredReading], quarantined: list[QuarantinedReading],
+               outbox: list[OutboxRecord] = (), machines: list[MachineRecord] = ()) -> WriteResult:
         delay = RETRY_MIN_S
         while True:
             try:
-                result = self._store.write(stored, quarantined)
+                result = self._store.write(stored, quarantined, outbox, machines)
                 self.database.succeeded()
                 return result
             except StoreError as exc:

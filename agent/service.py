@@ -18,6 +18,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from agent import __version__
 from agent.config import AgentConfig, check_inputs
+from agent.machines import Machines
 from agent.pipeline import Pipeline
 from agent.store import Store
 from drivers.base import Driver
@@ -53,7 +54,8 @@ class Agent:
         scorer = self._scorer(self.package)
         self.store = Store.open(config.data_dir / DATABASE_FILE, synchronous=config.buffer.synchronous,
                                 quarantine_cap=config.buffer.quarantine_max_rows)
-        self.pipeline = Pipeline(scorer, self.store, config.pipeline)
+        machines = Machines(config.gateway_id, config.summary, config.alarms, scorer.model, self.store.machines())
+        self.pipeline = Pipeline(scorer, self.store, config.pipeline, machines)
         self.pipeline.start()
         type_key = scorer.model.manifest.machine_type.name
         if config.mqtt is not None:

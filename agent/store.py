@@ -78,6 +78,31 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
     ),
     ("CREATE INDEX readings_by_ts ON readings (ts)",),  # retention deletes by ts across machines
+    (
+        # What the sync client sends: events and summaries, written in the transaction that produced them.
+        """CREATE TABLE outbox (
+            id INTEGER PRIMARY KEY,
+            kind TEXT NOT NULL CHECK (kind IN ('event', 'summary')),
+            record_id TEXT NOT NULL UNIQUE,
+            machine_id TEXT NOT NULL,
+            at REAL NOT NULL,
+            body TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            synced_at REAL
+        )""",
+        "CREATE INDEX outbox_pending ON outbox (kind, id) WHERE synced_at IS NULL",
+        # Records central refused as invalid, kept with its reason instead of being retried for ever.
+        """CREATE TABLE dead_letters (
+            id INTEGER PRIMARY KEY,
+            kind TEXT NOT NULL,
+            record_id TEXT NOT NULL,
+            body TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            set_aside_at REAL NOT NULL
+        )""",
+        # Per machine: its alarm state machine and its open summary window (JSON), saved with each batch.
+        "CREATE TABLE machines (machine_id TEXT PRIMARY KEY, state TEXT NOT NULL, updated_at REAL NOT NULL)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -88,6 +113,14 @@ _INSERT_READING = f"INSERT INTO readings ({_READING_COLUMNS}) VALUES (?,?,?,?,?,
 _QUARANTINE_COLUMNS = "received_at, source, machine_id, reason, message, payload"
 _INSERT_QUARANTINE = f"INSERT INTO quarantine ({_QUARANTINE_COLUMNS}) VALUES (?,?,?,?,?,?)"
 _EVICT_QUARANTINE = "DELETE FROM quarantine WHERE id <= (SELECT id FROM quarantine ORDER BY id DESC LIMIT 1 OFFSET ?)"
+_INSERT_OUTBOX = (
+    "INSERT INTO outbox (kind, record_id, machine_id, at, body, created_at) VALUES (?,?,?,?,?,?)"
+    " ON CONFLICT (record_id) DO NOTHING"
+)
+_SAVE_MACHINE = (
+    "INSERT INTO machines (machine_id, state, updated_at) VALUES (?,?,?)"
+    " ON CONFLICT (machine_id) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at"
+)
 _ADD_TO_COUNTER = (
     "INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = value + excluded.value"
 )
@@ -120,6 +153,23 @@ class QuarantinedReading:
     reason: str  # the stable rejection reason code
     message: str
     payload: str  # stored truncated to PAYLOAD_LIMIT_BYTES of UTF-8
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRecord:
+    kind: str  # "event" | "summary"
+    record_id: str  # the record's deterministic id: writing it twice stores it once
+    machine_id: str
+    at: float  # the event's time, or the summary window's start
+    body: str  # the record as JSON of the sync protocol
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class MachineRecord:
+    machine_id: str
+    state: str  # JSON
+    updated_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,11 +225,21 @@ class Store:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def write(self, scored: Sequence[StoredReading], rejected: Sequence[QuarantinedReading]) -> WriteResult:
-        """Store a batch in one transaction; its readings are accepted once this returns."""
-        if not scored and not rejected:
+    def write(
+        self,
+        scored: Sequence[StoredReading],
+        rejected: Sequence[QuarantinedReading],
+        outbox: Sequence[OutboxRecord] = (),
+        machines: Sequence[MachineRecord] = (),
+    ) -> WriteResult:
+        """Store a batch in one transaction, with the events, summaries and machine states it produced; its
+        readings are accepted once this returns."""
+        if not (scored or rejected or outbox or machines):
             return WriteResult(0, 0, 0)
         with self._transaction("writing") as connection:
+            connection.executemany(_INSERT_OUTBOX, [
+                (r.kind, r.record_id, r.machine_id, r.at, r.body, r.created_at) for r in outbox])
+            connection.executemany(_SAVE_MACHINE, [(m.machine_id, m.state, m.updated_at) for m in machines])
             new = connection.executemany(_INSERT_READING, map(_reading_row, scored)).rowcount
             evicted = self._quarantine(connection, rejected) if rejected else 0
             counts = Counter({"readings_accepted": new, "readings_duplicate": len(scored) - new})
@@ -207,6 +267,29 @@ class Store:
         with self._guard("reading history from") as connection:
             rows = connection.execute(sql, (machine_id, since_ts, limit)).fetchall()
         return [_stored_reading(row) for row in rows]
+
+    def stored(self, keys: Sequence[tuple[str, float]]) -> set[tuple[str, float]]:
+        """Which of these (machine_id, ts) are already stored: what a redelivery would only duplicate."""
+        found: set[tuple[str, float]] = set()
+        with self._guard("looking up readings in") as connection:
+            for i in range(0, len(keys), 400):  # SQLite allows 32,766 variables; stay far below
+                chunk = keys[i:i + 400]
+                values = ",".join("(?,?)" for _ in chunk)
+                sql = f"SELECT machine_id, ts FROM readings WHERE (machine_id, ts) IN (VALUES {values})"
+                found.update(connection.execute(sql, [v for key in chunk for v in key]))
+        return found
+
+    def machines(self) -> dict[str, str]:
+        """Every machine's saved state (JSON), by machine id."""
+        with self._guard("reading machine states from") as connection:
+            return dict(connection.execute("SELECT machine_id, state FROM machines"))
+
+    def outbox(self, kind: str | None = None, pending: bool = True) -> list[OutboxRecord]:
+        """Outbox records, oldest first: the pending ones (not yet accepted by central) or all."""
+        sql = ("SELECT kind, record_id, machine_id, at, body, created_at FROM outbox WHERE (? IS NULL OR kind = ?)"
+               + (" AND synced_at IS NULL" if pending else "") + " ORDER BY id")
+        with self._guard("reading the outbox of") as connection:
+            return [OutboxRecord(*row) for row in connection.execute(sql, (kind, kind))]
 
     def counters(self) -> dict[str, int]:
         with self._guard("reading counters from") as connection:

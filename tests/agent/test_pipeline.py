@@ -98,11 +98,11 @@ class FailingStore(Store):
 
     failures = 0
 
-    def write(self, scored, rejected):
+    def write(self, *batch):
         if self.failures:
             self.failures -= 1
             raise StoreError(f"database or disk is full writing {self.path}")
-        return super().write(scored, rejected)
+        return super().write(*batch)
 
 
 def test_a_failing_database_is_retried_and_nothing_is_acknowledged_before_it_commits(scorer, tmp_path, caplog):
@@ -143,3 +143,23 @@ def test_swapping_the_model_mid_stream_loses_nothing(scorer, store, shipped_mode
             pipeline.swap_scorer(Scorer(shipped_model))
     assert pipeline.stop(timeout=30)
     assert len(stored_ts(store.path)) == 2000
+
+
+def test_an_unexpected_error_is_retried_and_the_pipeline_survives(scorer, tmp_path, caplog):
+    class BrokenOnceStore(Store):
+        broken = True
+
+        def write(self, *batch):
+            if self.broken:
+                self.broken = False
+                raise RuntimeError("a bug")
+            return super().write(*batch)
+
+    with BrokenOnceStore.open(tmp_path / "agent.db") as store:
+        pipeline = pipeline_for(scorer, store)
+        pipeline.start()
+        pipeline.put(raw(1))
+        assert pipeline.stop(timeout=30)
+        assert stored_ts(store.path) == [1_764_000_001.0]
+    assert pipeline.errors == 1
+    assert "retrying it" in caplog.text and "RuntimeError: a bug" in caplog.text

@@ -1,0 +1,119 @@
+"""Per-machine health summaries over clock-aligned windows.
+
+Each machine has at most one open window, the one of its newest reading. A reading in a later window closes it; so
+does the clock, `grace_s` after the window's end when no newer reading came. A closed window becomes a Summary, which
+the pipeline writes to the outbox in the same transaction as the batch that closed it; the open windows are saved in
+that transaction too, so a crash neither loses nor repeats a window.
+
+A reading older than its machine's open window arrives after its window closed: it is stored and scored (and feeds
+the alarms) but is in no summary; such readings are counted as `late`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from agent.store import StoredReading
+from sync.protocol import ModelRef, Spread, Summary, summary_id
+
+STATE_RANK = {"ok": 0, "warning": 1, "alarm": 2}
+
+
+@dataclass(slots=True)
+class Window:
+    machine_id: str
+    start: float
+    end: float
+    readings: int = 0
+    rejected: int = 0
+    out_of_distribution: int = 0
+    health_min: float = math.inf
+    health_sum: float = 0.0
+    health_last: float = 0.0
+    p_failure_max: float = 0.0
+    p_failure_sum: float = 0.0
+    mode_risk_max: dict[str, float] = field(default_factory=dict)
+    worst_state: str = "ok"
+    inputs: dict[str, list[float]] = field(default_factory=dict)  # name -> [min, sum, max]
+
+    def add(self, reading: StoredReading) -> None:
+        self.readings += 1
+        self.out_of_distribution += bool(reading.ood)
+        self.health_min = min(self.health_min, reading.health)
+        self.health_sum += reading.health
+        self.health_last = reading.health
+        self.p_failure_max = max(self.p_failure_max, reading.p_failure)
+        self.p_failure_sum += reading.p_failure
+        for mode, risk in reading.risk.items():
+            self.mode_risk_max[mode] = max(self.mode_risk_max.get(mode, 0.0), risk)
+        if STATE_RANK[reading.state] > STATE_RANK[self.worst_state]:
+            self.worst_state = reading.state
+        for name, value in reading.values.items():
+            spread = self.inputs.setdefault(name, [value, 0.0, value])
+            spread[0], spread[1], spread[2] = min(spread[0], value), spread[1] + value, max(spread[2], value)
+
+    def summary(self, gateway_id: str, model: ModelRef) -> Summary:
+        start = datetime.fromtimestamp(self.start, UTC)
+        n = self.readings
+        return Summary(
+            summary_id=summary_id(gateway_id, self.machine_id, start),
+            machine_id=self.machine_id,
+            window_start=start,
+            window_end=datetime.fromtimestamp(self.end, UTC),
+            model=model,
+            readings=n,
+            rejected=self.rejected,
+            out_of_distribution=self.out_of_distribution,
+            health_min=self.health_min,
+            health_mean=round(self.health_sum / n, 3),
+            health_last=self.health_last,
+            p_failure_max=self.p_failure_max,
+            p_failure_mean=min(1.0, self.p_failure_sum / n),
+            mode_risk_max=self.mode_risk_max,
+            worst_state=self.worst_state,
+            inputs={name: Spread(min=lo, mean=total / n, max=hi) for name, (lo, total, hi) in self.inputs.items()},
+        )
+
+    def to_json(self) -> dict:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Window:
+        return cls(**data)
+
+
+class Summariser:
+    def __init__(self, window_s: float, grace_s: float) -> None:
+        self.window_s = window_s
+        self.grace_s = grace_s
+        self.open: dict[str, Window] = {}
+        self.late = 0
+
+    def add(self, reading: StoredReading) -> list[Window]:
+        """Count a reading into its machine's window; the window it closed, if any."""
+        start = math.floor(reading.ts / self.window_s) * self.window_s
+        window = self.open.get(reading.machine_id)
+        closed = []
+        if window is not None and start < window.start:
+            self.late += 1
+            return closed
+        if window is None or start > window.start:
+            if window is not None:
+                closed.append(window)
+            window = self.open[reading.machine_id] = Window(reading.machine_id, start, start + self.window_s)
+        window.add(reading)
+        return closed
+
+    def add_rejected(self, machine_id: str | None, ts: float) -> None:
+        window = self.open.get(machine_id) if machine_id else None
+        if window is not None and window.start <= ts < window.end:
+            window.rejected += 1
+
+    def due(self, now: float) -> list[Window]:
+        """Close the windows whose end is more than grace_s ago."""
+        closed = [w for w in self.open.values() if w.end + self.grace_s <= now]
+        for window in closed:
+            del self.open[window.machine_id]
+        return closed

@@ -1,0 +1,112 @@
+"""The sync protocol (SPEC §6): what a gateway posts to `POST /api/v1/ingest`, shared by the agent and central.
+
+Every id is deterministic (UUIDv5 of what identifies the record), so a batch sent twice — after a timeout, a crash
+or a restart — is harmless: central stores each summary and event once and counts the rest as duplicates.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+
+NAMESPACE = uuid.UUID("5b0f2f0e-8f53-4c1e-9a53-2b1f6a3c9d10")  # pdm-edge's namespace for UUIDv5 ids
+MAX_SUMMARIES = 5_000
+MAX_EVENTS = 5_000
+
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+State = Literal["ok", "warning", "alarm"]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Health = Annotated[float, Field(ge=0.0, le=100.0)]
+Count = Annotated[int, Field(ge=0)]
+Text = Annotated[str, StringConstraints(max_length=200)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class ModelRef(_Strict):
+    name: Text
+    version: Text
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+class Spread(_Strict):
+    min: float
+    mean: float
+    max: float
+
+
+class Summary(_Strict):
+    """One machine over one window: [window_start, window_end)."""
+
+    summary_id: uuid.UUID
+    machine_id: Name
+    window_start: AwareDatetime
+    window_end: AwareDatetime
+    model: ModelRef
+    readings: Count  # scored in the window
+    rejected: Count
+    out_of_distribution: Count
+    health_min: Health
+    health_mean: Health
+    health_last: Health
+    p_failure_max: Probability
+    p_failure_mean: Probability
+    mode_risk_max: dict[Name, Probability]
+    worst_state: State
+    inputs: dict[Name, Spread]
+
+
+class Event(_Strict):
+    """A machine's state changed (after the hysteresis): the reading that did it and the dominant failure mode."""
+
+    event_id: uuid.UUID
+    machine_id: Name
+    ts: AwareDatetime
+    from_state: State
+    to_state: State
+    p_failure: Probability
+    health: Health
+    dominant_mode: Name
+    mode_risk: dict[Name, Probability]
+    reading: dict[Name, float]
+    model: ModelRef
+
+
+class GatewayStatus(_Strict):
+    buffer_pending: Count  # summaries and events not yet accepted by central
+    dropped_total: Count  # everything the buffer cap ever forced the agent to delete unsynced
+    dropped: dict[Name, Count] = {}  # the same, by kind: readings, summaries
+    uptime_s: Annotated[float, Field(ge=0)]
+
+
+class IngestBatch(_Strict):
+    gateway_id: Name
+    batch_id: uuid.UUID
+    sent_at: AwareDatetime
+    agent_version: Text
+    summaries: Annotated[list[Summary], Field(max_length=MAX_SUMMARIES)] = []
+    events: Annotated[list[Event], Field(max_length=MAX_EVENTS)] = []
+    gateway: GatewayStatus
+
+
+class Counts(_Strict):
+    summaries: Count = 0
+    events: Count = 0
+
+
+class IngestResult(_Strict):
+    accepted: Counts  # newly stored
+    duplicates: Counts  # already stored: sent again, ignored
+
+
+def summary_id(gateway_id: str, machine_id: str, window_start: datetime) -> uuid.UUID:
+    return uuid.uuid5(NAMESPACE, f"summary/{gateway_id}/{machine_id}/{window_start.isoformat()}")
+
+
+def event_id(gateway_id: str, machine_id: str, ts: datetime, to_state: str) -> uuid.UUID:
+    return uuid.uuid5(NAMESPACE, f"event/{gateway_id}/{machine_id}/{ts.isoformat()}/{to_state}")
