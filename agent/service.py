@@ -20,12 +20,14 @@ from agent import __version__
 from agent.config import AgentConfig, check_inputs
 from agent.machines import Machines
 from agent.pipeline import Pipeline
-from agent.store import Store
-from drivers.base import Driver
+from agent.store import Store, StoreError
+from drivers.base import Availability, Driver
 from drivers.mqtt import MqttDriver
 from model.manifest import MANIFEST_FILE, PackageError
 from model.package import SHIPPED, load
 from model.score import Scorer
+from sync.client import Outcome, Round, SyncClient
+from sync.protocol import GatewayStatus
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,9 @@ class Agent:
         self._scheduler = BackgroundScheduler(timezone="UTC")
         self._package_stamp = _stamp(self.package)
         self._reload_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._sync_thread: threading.Thread | None = None
+        self.sync: SyncClient | None = None
 
     def start(self) -> None:
         """Raises PackageError, StoreError or OSError on what keeps the agent from running at all."""
@@ -62,6 +67,8 @@ class Agent:
             self.drivers.append(MqttDriver(config.mqtt, type_key))
         for driver in self.drivers:
             driver.start(self.pipeline)
+        if config.central.enabled:
+            self._start_sync()
         self._scheduler.add_job(self.reload_model_if_changed, "interval", seconds=MODEL_WATCH_S)
         self._scheduler.add_job(self._retention, "interval", seconds=RETENTION_EVERY_S)
         self._scheduler.start()
@@ -73,6 +80,10 @@ class Agent:
         """Safe to call twice or after a failed start. False if queued readings could not be committed."""
         if self._scheduler.running:
             self._scheduler.shutdown(wait=True)
+        self._stopping.set()
+        if self._sync_thread is not None:
+            self._sync_thread.join()
+            self._sync_thread = None
         for driver in self.drivers:
             driver.stop()
         drained = self.pipeline.stop(STOP_TIMEOUT_S) if self.pipeline else True
@@ -112,12 +123,40 @@ class Agent:
             raise PackageError(f"{package} does not fit the configured devices: " + "; ".join(problems))
         return Scorer(model)
 
+    def _start_sync(self) -> None:
+        self.sync = SyncClient(self.config.central, self.config.gateway_id, __version__, self.store,
+                               self.gateway_status)
+        self._sync_thread = threading.Thread(target=self._sync_loop, name="sync", daemon=True)
+        self._sync_thread.start()
+
+    def _sync_loop(self) -> None:
+        central = Availability(f"central {self.config.central.url}", log)
+        while not self._stopping.is_set():
+            try:
+                result = self.sync.sync_once()
+            except StoreError as exc:
+                result = Round(Outcome.RETRY, 0, 0, 5.0, str(exc))
+            if result.outcome is Outcome.SYNCED:
+                central.succeeded()
+            else:
+                central.failed(result.error)
+            self._stopping.wait(result.retry_after)
+        self.sync.close()
+
+    def gateway_status(self) -> GatewayStatus:
+        pending, _ = self.store.outbox_backlog()
+        dropped = {kind.removeprefix("dropped_"): n for kind, n in self.store.counters().items()
+                   if kind.startswith("dropped_")}
+        return GatewayStatus(buffer_pending=pending, dropped_total=sum(dropped.values()), dropped=dropped,
+                             uptime_s=time.time() - self.started_at)
+
     def _retention(self) -> None:
-        cutoff = time.time() - self.config.buffer.reading_retention_h * 3600
-        deleted = self.store.delete_readings_before(cutoff)
-        if deleted:
-            log.info("retention: deleted %d readings older than %.0f h", deleted,
-                     self.config.buffer.reading_retention_h)
+        buffer = self.config.buffer
+        deleted = self.store.delete_readings_before(time.time() - buffer.reading_retention_h * 3600)
+        forgotten = self.store.delete_synced_before(time.time() - buffer.synced_retention_h * 3600)
+        if deleted or forgotten:
+            log.info("retention: deleted %d readings older than %g h and %d synced records older than %g h",
+                     deleted, buffer.reading_retention_h, forgotten, buffer.synced_retention_h)
 
 
 def _stamp(package: Path) -> tuple:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -290,6 +291,41 @@ class Store:
                + (" AND synced_at IS NULL" if pending else "") + " ORDER BY id")
         with self._guard("reading the outbox of") as connection:
             return [OutboxRecord(*row) for row in connection.execute(sql, (kind, kind))]
+
+    def pending(self, limit: int) -> list[OutboxRecord]:
+        """The next records to sync: events first, then summaries, oldest first."""
+        sql = ("SELECT kind, record_id, machine_id, at, body, created_at FROM outbox WHERE synced_at IS NULL"
+               " ORDER BY kind = 'summary', id LIMIT ?")
+        with self._guard("reading the outbox of") as connection:
+            return [OutboxRecord(*row) for row in connection.execute(sql, (limit,))]
+
+    def mark_synced(self, record_ids: Sequence[str], at: float | None = None) -> None:
+        at = time.time() if at is None else at
+        with self._transaction("marking synced records in") as connection:
+            connection.executemany("UPDATE outbox SET synced_at = ? WHERE record_id = ?",
+                                   [(at, record_id) for record_id in record_ids])
+
+    def set_aside(self, records: Sequence[OutboxRecord], reason: str, at: float | None = None) -> None:
+        """Move records central refused as invalid to the dead letters, with the reason."""
+        at = time.time() if at is None else at
+        with self._transaction("setting records aside in") as connection:
+            connection.executemany(
+                "INSERT INTO dead_letters (kind, record_id, body, reason, set_aside_at) VALUES (?,?,?,?,?)",
+                [(r.kind, r.record_id, r.body, reason, at) for r in records])
+            connection.executemany("DELETE FROM outbox WHERE record_id = ?", [(r.record_id,) for r in records])
+            connection.executemany(_ADD_TO_COUNTER, Counter(f"set_aside_{r.kind}" for r in records).items())
+
+    def outbox_backlog(self) -> tuple[int, float | None]:
+        """(records not yet accepted by central, when the oldest of them was written)."""
+        with self._guard("reading the outbox of") as connection:
+            count, oldest = connection.execute(
+                "SELECT count(*), min(created_at) FROM outbox WHERE synced_at IS NULL").fetchone()
+        return count, oldest
+
+    def delete_synced_before(self, at: float) -> int:
+        """Forget records central accepted before `at`."""
+        with self._transaction("deleting synced records from") as connection:
+            return connection.execute("DELETE FROM outbox WHERE synced_at < ?", (at,)).rowcount
 
     def counters(self) -> dict[str, int]:
         with self._guard("reading counters from") as connection:

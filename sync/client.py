@@ -1,0 +1,179 @@
+"""The agent's sync client: outbox -> `POST {central.url}/api/v1/ingest` (SPEC §6).
+
+One round (`sync_once`) sends batches until the outbox is empty or central cannot take more: events first, then
+summaries, oldest first, `batch_size` records a batch, gzip-compressed, over one keep-alive session. A record
+leaves the outbox only when central answered 200 for its batch; a batch that was sent but not answered is simply
+sent again (ids are deterministic, central counts it as duplicates). Errors are classified where they happen:
+- network errors, 429 and 5xx: transient — retry later with exponential backoff and jitter, `Retry-After` honoured;
+- 401 and 403: the gateway is not allowed — stop, keep everything, say so loudly; try again much later;
+- 413: the batch is too large — split it in halves; a single record too large is set aside;
+- 422: invalid — split to isolate the invalid records, set those aside with central's reason, send the rest.
+Who calls it: one thread of the agent, never concurrently.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import random
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Protocol
+
+import requests
+
+from sync.config import CentralConfig
+from sync.protocol import GatewayStatus
+
+log = logging.getLogger(__name__)
+
+BACKOFF_MIN_S, BACKOFF_MAX_S = 1.0, 300.0
+REFUSED_RETRY_S = 900.0  # after 401/403: central may re-enable the gateway; a new token needs a restart anyway
+
+
+class Record(Protocol):
+    kind: str  # "event" | "summary"
+    record_id: str
+    body: str  # JSON of sync.protocol.Event or Summary
+
+
+class Outbox(Protocol):
+    def pending(self, limit: int) -> list[Record]: ...  # events first, then summaries, oldest first
+    def mark_synced(self, record_ids: Sequence[str]) -> None: ...
+    def set_aside(self, records: Sequence[Record], reason: str) -> None: ...
+
+
+class Outcome(StrEnum):
+    SYNCED = "synced"  # the outbox is empty
+    RETRY = "retry"  # transient failure: try again after `retry_after`
+    REFUSED = "refused"  # 401/403: the gateway is not allowed
+
+
+@dataclass(frozen=True, slots=True)
+class Round:
+    outcome: Outcome
+    sent: int  # records central accepted or already had
+    set_aside: int
+    retry_after: float  # seconds until the next round
+    error: str | None = None
+
+
+class _Transient(Exception):
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class _Refused(Exception):
+    pass
+
+
+class SyncClient:
+    def __init__(self, config: CentralConfig, gateway_id: str, agent_version: str, outbox: Outbox,
+                 gateway_status: Callable[[], GatewayStatus], session: requests.Session | None = None) -> None:
+        self._config = config
+        self._url = str(config.url).rstrip("/") + "/api/v1/ingest"
+        self._gateway_id = gateway_id
+        self._agent_version = agent_version
+        self._outbox = outbox
+        self._gateway_status = gateway_status
+        self._session = session or requests.Session()
+        self._session.headers.update({
+            "Authorization": f"Bearer {config.token.get_secret_value()}",
+            "Content-Type": "application/json",
+            "Content-Encoding": "gzip",
+            "User-Agent": f"pdm-edge/{agent_version}",
+        })
+        self._session.verify = str(config.ca_file) if config.ca_file else True
+        self._failures = 0
+        self.last_success: datetime | None = None
+        self.last_error: str | None = None
+
+    def sync_once(self) -> Round:
+        sent = set_aside = 0
+        try:
+            while records := self._outbox.pending(self._config.batch_size):
+                done, aside = self._send(records)
+                sent, set_aside = sent + done, set_aside + aside
+        except _Transient as exc:
+            self._failures += 1
+            self.last_error = str(exc)
+            delay = exc.retry_after if exc.retry_after is not None else self._backoff()
+            return Round(Outcome.RETRY, sent, set_aside, delay, str(exc))
+        except _Refused as exc:
+            self.last_error = str(exc)
+            log.error("central refused this gateway, syncing stopped, nothing is deleted: %s", exc)
+            return Round(Outcome.REFUSED, sent, set_aside, REFUSED_RETRY_S, str(exc))
+        self._failures = 0
+        self.last_success = datetime.now(UTC)
+        return Round(Outcome.SYNCED, sent, set_aside, self._config.sync_interval_s)
+
+    def close(self) -> None:
+        self._session.close()
+
+    def _backoff(self) -> float:
+        ceiling = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** min(self._failures, 16))
+        return random.uniform(ceiling / 2, ceiling)  # "equal jitter": never hammers, never all gateways at once
+
+    def _send(self, records: list[Record]) -> tuple[int, int]:
+        """(records central now has, records set aside)."""
+        response = self._post(records)
+        if response.status_code == 200:
+            self._outbox.mark_synced([r.record_id for r in records])
+            return len(records), 0
+        if response.status_code in (413, 422):
+            reason = _reason(response)
+            if len(records) == 1:
+                log.warning("central refused %s %s, set aside: %s", records[0].kind, records[0].record_id, reason)
+                self._outbox.set_aside(records, f"{response.status_code}: {reason}")
+                return 0, 1
+            half = len(records) // 2
+            first, second = self._send(records[:half]), self._send(records[half:])
+            return first[0] + second[0], first[1] + second[1]
+        if response.status_code in (401, 403):
+            raise _Refused(f"{response.status_code}: {_reason(response)}")
+        if response.status_code == 429 or response.status_code >= 500:
+            raise _Transient(f"central answered {response.status_code}: {_reason(response)}",
+                             _retry_after(response))
+        raise _Transient(f"unexpected answer {response.status_code} from central: {_reason(response)}")
+
+    def _post(self, records: list[Record]) -> requests.Response:
+        try:
+            return self._session.post(self._url, data=gzip.compress(self._body(records), 5),
+                                      timeout=self._config.timeout_s)
+        except requests.RequestException as exc:
+            raise _Transient(f"cannot reach central: {exc.__class__.__name__}: {exc}") from exc
+
+    def _body(self, records: list[Record]) -> bytes:
+        """The IngestBatch as JSON, assembled from the stored records' JSON without parsing them again."""
+        events = ",".join(r.body for r in records if r.kind == "event")
+        summaries = ",".join(r.body for r in records if r.kind == "summary")
+        head = {
+            "gateway_id": self._gateway_id,
+            "batch_id": str(uuid.uuid4()),
+            "sent_at": datetime.now(UTC).isoformat(),
+            "agent_version": self._agent_version,
+            "gateway": self._gateway_status().model_dump(mode="json"),
+        }
+        return (json.dumps(head)[:-1] + f', "events": [{events}], "summaries": [{summaries}]}}').encode()
+
+
+def _reason(response: requests.Response) -> str:
+    try:
+        error = response.json()["error"]
+        details = error.get("details")
+        return error["message"] + (f" ({json.dumps(details)[:500]})" if details else "")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return response.text[:200] or response.reason or "no reason given"
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    value = response.headers.get("Retry-After", "")
+    try:
+        return min(max(float(value), 0.0), BACKOFF_MAX_S)
+    except ValueError:
+        return None  # an HTTP date, or nothing: our own backoff
