@@ -31,13 +31,16 @@ RETRY_MIN_S, RETRY_MAX_S = 0.1, 5.0
 
 class Pipeline:
     def __init__(self, scorer: Scorer, store: Store, config: PipelineConfig, machines: Machines | None = None,
-                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
+                 max_db_bytes: int | None = None, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self._queue: queue.Queue[RawReading] = queue.Queue(config.queue_max)
         self._scorer = scorer
         self._store = store
         self._batch_max = config.batch_max
         self._batch_age_s = config.batch_max_age_ms / 1000
         self._machines = machines  # None: no alarms or summaries (tests of the pipeline alone)
+        self._max_db_bytes = max_db_bytes  # the buffer cap; None: none
+        self._next_cap_check = 0.0
         self._clock = clock
         self._monotonic = monotonic
         self._stopping = threading.Event()
@@ -161,6 +164,7 @@ class Pipeline:
                 reading.ack()
         self.batches += 1
         self.last_commit = self._monotonic()
+        self._keep_under_cap()
 
     def _summarise(self, scorer: Scorer, batch: list[RawReading], stored: list[StoredReading]):
         """Alarm events, closed summaries and machine states for this batch: only from readings not stored
@@ -179,6 +183,16 @@ class Pipeline:
                 new.append(reading)
         rejected = [(r.machine_id, r.ts) for r in batch if r.rejection is not None]
         return self._machines.update(new, rejected, self._clock())
+
+    def _keep_under_cap(self) -> None:
+        """At most once a second: make room when the database is over the buffer cap (see Store.enforce_cap)."""
+        if self._max_db_bytes is None or self._monotonic() < self._next_cap_check:
+            return
+        self._next_cap_check = self._monotonic() + 1.0
+        dropped = self._store.enforce_cap(self._max_db_bytes)
+        if dropped:
+            log.warning("buffer cap of %d MB reached: dropped %s", self._max_db_bytes // 2**20,
+                        ", ".join(f"{n} {kind}" for kind, n in dropped.items()))
 
     def _tick(self, force: bool = False) -> None:
         """While idle, at most once a second, and when stopping: close the summary windows due by the clock."""

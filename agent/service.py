@@ -60,7 +60,7 @@ class Agent:
         self.store = Store.open(config.data_dir / DATABASE_FILE, synchronous=config.buffer.synchronous,
                                 quarantine_cap=config.buffer.quarantine_max_rows)
         machines = Machines(config.gateway_id, config.summary, config.alarms, scorer.model, self.store.machines())
-        self.pipeline = Pipeline(scorer, self.store, config.pipeline, machines)
+        self.pipeline = Pipeline(scorer, self.store, config.pipeline, machines, config.buffer.max_db_mb * 2**20)
         self.pipeline.start()
         type_key = scorer.model.manifest.machine_type.name
         if config.mqtt is not None:

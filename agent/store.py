@@ -46,6 +46,7 @@ SYNCHRONOUS_LEVELS = ("NORMAL", "FULL")
 DEFAULT_QUARANTINE_CAP = 10_000
 PAYLOAD_LIMIT_BYTES = 4096
 RETENTION_CHUNK_ROWS = 5_000
+CAP_CHUNK_ROWS = 1_000
 BUSY_TIMEOUT_MS = 5_000
 
 # One tuple of statements per schema version. Statements rather than one script for executescript(), which
@@ -347,6 +348,36 @@ class Store:
             page_count = connection.execute("PRAGMA page_count").fetchone()[0]
             page_size = connection.execute("PRAGMA page_size").fetchone()[0]
         return page_count * page_size
+
+    def used_bytes(self) -> int:
+        """Bytes of pages holding data: what grows toward the buffer cap (free pages are reused first)."""
+        with self._guard("measuring") as connection:
+            used = connection.execute(
+                "SELECT (page_count - freelist_count) * page_size FROM pragma_page_count, pragma_freelist_count,"
+                " pragma_page_size").fetchone()[0]
+        return used
+
+    def enforce_cap(self, max_bytes: int) -> dict[str, int]:
+        """Make room under `max_bytes`, in this order: forget synced records, drop the oldest raw readings, and
+        only as a last resort the oldest unsynced summaries. Unsynced events are never dropped. Every drop is
+        counted (`dropped_readings`, `dropped_summaries`); returns the drops of this call."""
+        dropped: Counter[str] = Counter()
+        steps = (
+            (None, "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE synced_at IS NOT NULL LIMIT ?)"),
+            ("readings", "DELETE FROM readings WHERE id IN (SELECT id FROM readings ORDER BY ts LIMIT ?)"),
+            ("summaries", "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE synced_at IS NULL"
+                          " AND kind = 'summary' ORDER BY id LIMIT ?)"),
+        )
+        for kind, sql in steps:
+            while self.used_bytes() > max_bytes:
+                with self._transaction("making room in") as connection:
+                    deleted = connection.execute(sql, (CAP_CHUNK_ROWS,)).rowcount
+                    if kind and deleted:
+                        connection.execute(_ADD_TO_COUNTER, (f"dropped_{kind}", deleted))
+                dropped[kind or "synced"] += deleted
+                if not deleted:
+                    break
+        return {kind: n for kind, n in dropped.items() if kind != "synced"}
 
     def integrity_ok(self) -> bool:
         with self._guard("checking integrity of") as connection:

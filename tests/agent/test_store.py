@@ -297,3 +297,28 @@ def test_every_reported_commit_survives_sigkill_mid_write(db: Path, synchronous:
             assert store.counters() == {"readings_accepted": len(stored), "rejected_out_of_range": batches}
             assert len(store.quarantine(limit=batches + 10)) == batches
         next_ts = len(stored)
+
+
+def test_the_buffer_cap_drops_synced_records_then_old_readings_then_summaries_never_events(tmp_path):
+    from agent.store import OutboxRecord
+
+    def record(kind, i):
+        return OutboxRecord(kind, f"{kind}-{i}", "m1", float(i), "x" * 2000, float(i))
+
+    with Store.open(tmp_path / "cap.db") as store:
+        store.write([], [], [record("summary", i) for i in range(400)] + [record("event", i) for i in range(200)])
+        store.mark_synced([f"summary-{i}" for i in range(100)])
+        for chunk in range(20):
+            store.write([reading(ts=float(i)) for i in range(chunk * 500, chunk * 500 + 500)], [])
+        full = store.used_bytes()
+        cap = full * 2 // 3
+        dropped = store.enforce_cap(cap)
+        assert store.used_bytes() <= cap
+        assert set(dropped) == {"readings"} and store.counters()["dropped_readings"] == dropped["readings"]
+        assert len(store.outbox(pending=False)) == 500  # the synced ones went first
+        oldest = store.history("m1", 0, 10**6)[0].ts
+        assert oldest == float(dropped["readings"])  # the oldest readings went
+
+        store.enforce_cap(200 * 2000 + 150 * 2000)  # room for the events and some summaries only
+        assert len(store.outbox("event")) == 200  # never dropped
+        assert store.counters()["dropped_summaries"] > 0 and store.history("m1", 0, 10) == []
