@@ -50,6 +50,7 @@ class Pipeline:
         self._model_changed = False
         self._next_tick = 0.0
         self.gave_up = False  # stopped with a batch the database would not take
+        self.heartbeat = monotonic()  # when the pipeline thread last went round its loop: stuck if this gets old
         self.batches = 0
         self.errors = 0  # unexpected errors while committing a batch (each is logged with its traceback)
         self.last_commit: float | None = None  # monotonic time of the last committed batch
@@ -62,6 +63,11 @@ class Pipeline:
     @property
     def depth(self) -> int:
         return self._queue.qsize()
+
+    def progressing(self, within_s: float) -> bool:
+        """Whether the pipeline thread is alive and went round its loop within the last `within_s` seconds (a
+        batch that keeps failing, or a hang, stops it going round)."""
+        return self._thread.is_alive() and self._monotonic() - self.heartbeat <= within_s
 
     @property
     def scorer(self) -> Scorer:
@@ -88,6 +94,7 @@ class Pipeline:
     # --- the pipeline thread ---
     def _run(self) -> None:
         while not self._abandon.is_set():
+            self.heartbeat = self._monotonic()
             batch = self._take()
             try:
                 if batch:

@@ -19,6 +19,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from agent import __version__
 from agent.config import AgentConfig, check_inputs
 from agent.machines import Machines
+from agent.notify import Notifier
 from agent.pipeline import Pipeline
 from agent.store import Store, StoreError
 from drivers.base import Availability, Driver
@@ -179,15 +180,34 @@ def run(config: AgentConfig) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: reload.set())
+    systemd = Notifier()
     try:
         agent.start()
     except Exception as exc:  # anything that keeps it from starting: say it in one line, exit 1
         log.error("cannot start: %s", exc)
         agent.stop()
         return 1
+    systemd.send("READY=1", f"STATUS=gateway {config.gateway_id}: running")
+    next_ping = 0.0
     while not stop.wait(0.2):
         if reload.is_set():
             reload.clear()
+            systemd.send("RELOADING=1")
             agent.reload_model()
+            systemd.send("READY=1")
+        next_ping = _watchdog(systemd, agent.pipeline, next_ping)
     log.info("stopping")
+    systemd.send("STOPPING=1")
     return 0 if agent.stop() else 1
+
+
+def _watchdog(systemd: Notifier, pipeline: Pipeline, next_ping: float) -> float:
+    """Ping systemd's watchdog every half period, only while the pipeline makes progress: a stuck pipeline stops
+    the pings and systemd restarts the agent (what was not committed was not acknowledged: nothing is lost)."""
+    if systemd.watchdog_s is None or time.monotonic() < next_ping:
+        return next_ping
+    if pipeline.progressing(within_s=systemd.watchdog_s / 2):
+        systemd.send("WATCHDOG=1")
+    else:
+        log.error("the pipeline has made no progress for %.0f s: not pinging the watchdog", systemd.watchdog_s / 2)
+    return time.monotonic() + systemd.watchdog_s / 2
