@@ -231,6 +231,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from agent import status_cli
     from model import data
     from model.package import SHIPPED
 
@@ -263,6 +264,8 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("package", nargs="?", type=Path, default=SHIPPED,
                          help="a model package folder (default: the shipped one)")
         sub.set_defaults(handler=handler)
+
+    status_cli.add_command(commands)
 
     train = commands.add_parser("train", help="train and export a model package (extra `train`)")
     train.add_argument("--data", type=Path, default=data.default_path(), help="the AI4I 2020 CSV")

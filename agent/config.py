@@ -57,7 +57,7 @@ from agent.secrets import (
     dotted,
     env_name,
 )
-from drivers.modbus import TRANSPORTS, ModbusDevice
+from drivers.modbus import TRANSPORTS, ModbusDevice, check_lines
 from drivers.mqtt import MqttConfig
 from sync.config import CentralConfig, is_loopback
 
@@ -211,6 +211,9 @@ class AgentConfig(BaseSettings):
                     f"{device.machine_id!r}; give each device its own machine_id"
                 )
             first[device.machine_id] = index
+        problems = check_lines(devices)
+        if problems:
+            raise ValueError("; ".join(problems))
         return devices
 
     @model_validator(mode="after")

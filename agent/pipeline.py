@@ -16,6 +16,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from prometheus_client import Histogram
+
 from agent.config import PipelineConfig
 from agent.machines import Machines
 from agent.store import MachineRecord, OutboxRecord, QuarantinedReading, Store, StoreError, StoredReading, WriteResult
@@ -50,6 +52,7 @@ class Pipeline:
         self._model_changed = False
         self._next_tick = 0.0
         self.gave_up = False  # stopped with a batch the database would not take
+        self.score_seconds = Histogram("pdm_scoring_seconds", "Validating and scoring one batch.", registry=None)
         self.heartbeat = monotonic()  # when the pipeline thread last went round its loop: stuck if this gets old
         self.batches = 0
         self.errors = 0  # unexpected errors while committing a batch (each is logged with its traceback)
@@ -152,7 +155,8 @@ class Pipeline:
         model_version = f"{model.name}@{model.version}"
         inputs, type_key = model.manifest.input_names, model.manifest.machine_type.name
         candidates = [r for r in batch if r.rejection is None]
-        results = iter(scorer.score([r.fields for r in candidates]))
+        with self.score_seconds.time():
+            results = iter(scorer.score([r.fields for r in candidates]))
         stored, quarantined = [], []
         for reading in batch:  # in arrival order
             result = reading.rejection or next(results)

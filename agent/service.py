@@ -8,6 +8,7 @@ verification is refused and the running one goes on scoring.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -21,8 +22,10 @@ from agent.config import AgentConfig, check_inputs
 from agent.machines import Machines
 from agent.notify import Notifier
 from agent.pipeline import Pipeline
+from agent.status import StatusServer
 from agent.store import Store, StoreError
 from drivers.base import Availability, Driver
+from drivers.modbus import ModbusDriver
 from drivers.mqtt import MqttDriver
 from model.manifest import MANIFEST_FILE, PackageError
 from model.package import SHIPPED, load
@@ -52,6 +55,7 @@ class Agent:
         self._stopping = threading.Event()
         self._sync_thread: threading.Thread | None = None
         self.sync: SyncClient | None = None
+        self.status: StatusServer | None = None
 
     def start(self) -> None:
         """Raises PackageError, StoreError or OSError on what keeps the agent from running at all."""
@@ -63,9 +67,13 @@ class Agent:
         machines = Machines(config.gateway_id, config.summary, config.alarms, scorer.model, self.store.machines())
         self.pipeline = Pipeline(scorer, self.store, config.pipeline, machines, config.buffer.max_db_mb * 2**20)
         self.pipeline.start()
+        self.status = StatusServer(self)
+        self.status.start()  # before the drivers: a port conflict fails the start before any device is touched
         type_key = scorer.model.manifest.machine_type.name
         if config.mqtt is not None:
             self.drivers.append(MqttDriver(config.mqtt, type_key))
+        if config.modbus:
+            self.drivers.append(ModbusDriver(config.modbus, type_key))
         for driver in self.drivers:
             driver.start(self.pipeline)
         if config.central.enabled:
@@ -79,6 +87,8 @@ class Agent:
 
     def stop(self) -> bool:
         """Safe to call twice or after a failed start. False if queued readings could not be committed."""
+        if self.status is not None:
+            self.status.stop()
         if self._scheduler.running:
             self._scheduler.shutdown(wait=True)
         self._stopping.set()
@@ -187,6 +197,7 @@ def run(config: AgentConfig) -> int:
         log.error("cannot start: %s", exc)
         agent.stop()
         return 1
+    gc.freeze()  # what start-up allocated lives as long as the process: keep full collections from scanning it
     systemd.send("READY=1", f"STATUS=gateway {config.gateway_id}: running")
     next_ping = 0.0
     while not stop.wait(0.2):

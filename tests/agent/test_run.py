@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from model.package import SHIPPED
-from tests.services import Publisher
+from tests.services import Publisher, free_port
 
 VALUES = {"air_temperature": 300.0, "process_temperature": 310.0, "rotational_speed": 1500, "torque": 40.0}
 T0 = 1_790_000_000
@@ -44,7 +44,8 @@ class AgentProcess:
         self.config = tmp_path / "agent.toml"
         lines = [f'gateway_id = "gw-test"', f'data_dir = "{self.data}"', 'log_format = "json"',
                  "[mqtt]", f'url = "{broker_url}"', f'client_id = "pdm-test-{tmp_path.name}"',
-                 'default_machine_type = "M"', "max_payload_bytes = 2048"]
+                 'default_machine_type = "M"', "max_payload_bytes = 2048",
+                 "[status]", f'bind = "127.0.0.1:{free_port()}"']
         for section, values in sections.items():
             lines += [f"[{section}]", *(f"{k} = {json.dumps(v)}" for k, v in values.items())]
         self.config.write_text("\n".join(lines) + "\n")

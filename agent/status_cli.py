@@ -1,0 +1,176 @@
+"""`pdm-edge status [--url URL] [--json]`: the technician's view in a terminal, from a running agent's status API.
+
+Prints one line per machine (the worst first: alarm, warning, ok) and a line about the gateway; `--json` prints
+`{"status": <GET /api/v1/status>, "machines": [<GET /api/v1/machines>...]}` instead. The token, when the agent has
+one, comes from PDM_STATUS__TOKEN or the file named by PDM_STATUS__TOKEN_FILE (never from the command line, where
+`ps` would show it). Exit codes: 0 the agent answered; 1 it could not be reached or refused the request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, TextIO
+
+import requests
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+URL_ENV = "PDM_STATUS_URL"
+TOKEN_ENV = "PDM_STATUS__TOKEN"
+TIMEOUT_S = 5.0
+STALE_S = 120  # as on the page: a machine silent this long is shown as stale
+COLORS = {"alarm": "\033[1;31m", "warning": "\033[1;33m", "ok": "\033[32m", "stale": "\033[2m"}
+RESET = "\033[0m"
+
+
+class Unreachable(Exception):
+    """The agent did not answer, or answered with an error: the message says which and what to do."""
+
+
+def add_command(commands: argparse._SubParsersAction) -> None:
+    """Register `status` on the `pdm-edge` command line."""
+    status = commands.add_parser("status", help="the technician's view: machines, health, state, top risk")
+    status.add_argument("--url", default=os.environ.get(URL_ENV, DEFAULT_URL),
+                        help=f"the agent's status API (default ${URL_ENV} or %(default)s)")
+    status.add_argument("--json", action="store_true", help="print the status and the machines as JSON")
+    status.set_defaults(handler=lambda args: main(args.url, token_from_env(), args.json))
+
+
+def token_from_env(environ: dict[str, str] | None = None) -> str | None:
+    environ = os.environ if environ is None else environ
+    if environ.get(TOKEN_ENV):
+        return environ[TOKEN_ENV].strip()
+    path = environ.get(f"{TOKEN_ENV}_FILE")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read().strip() or None
+        except OSError as exc:
+            print(f"pdm-edge status: cannot read {TOKEN_ENV}_FILE {path}: {exc.strerror}", file=sys.stderr)
+    return None
+
+
+def main(url: str, token: str | None, as_json: bool, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    base = url.rstrip("/")
+    try:
+        with requests.Session() as session:
+            if token:
+                session.headers["Authorization"] = f"Bearer {token}"
+            status = _get(session, base, "/api/v1/status")
+            machines = _get(session, base, "/api/v1/machines")["machines"]
+    except Unreachable as exc:
+        print(f"pdm-edge status: {exc}", file=sys.stderr)
+        return 1
+    if as_json:
+        json.dump({"status": status, "machines": machines}, out, indent=2, ensure_ascii=False)
+        out.write("\n")
+    else:
+        color = out.isatty() and not os.environ.get("NO_COLOR")
+        out.write(table(machines, color) + "\n\n" + gateway_line(status) + "\n")
+    return 0
+
+
+def _get(session: requests.Session, base: str, path: str) -> Any:
+    try:
+        response = session.get(base + path, timeout=TIMEOUT_S)
+    except requests.RequestException as exc:
+        raise Unreachable(f"the agent is not reachable at {base} ({_reason(exc)}); is it running "
+                          f"(systemctl status pdm-edge)? Use --url if it listens elsewhere") from None
+    if response.status_code == 401:
+        hint = ("the token was refused" if "Authorization" in session.headers
+                else f"it needs the status token: set {TOKEN_ENV} or {TOKEN_ENV}_FILE")
+        raise Unreachable(f"{base} answered 401: {hint}")
+    try:
+        body = response.json()
+    except ValueError:
+        raise Unreachable(f"{base}{path} answered {response.status_code} without JSON: is this a pdm-edge "
+                          "agent's status API?") from None
+    if response.status_code != 200:
+        message = body.get("error", {}).get("message") if isinstance(body, dict) else None
+        raise Unreachable(f"{base}{path} answered {response.status_code}: {message or response.reason}")
+    return body
+
+
+def _reason(exc: requests.RequestException) -> str:
+    if isinstance(exc, requests.ConnectionError):
+        return "connection refused or no route"
+    if isinstance(exc, requests.Timeout):
+        return f"no answer within {TIMEOUT_S:g} s"
+    return type(exc).__name__
+
+
+def table(machines: list[dict], color: bool = False) -> str:
+    if not machines:
+        return "no machines yet: no reading has been stored (check the drivers on the gateway line)"
+    headers = ("MACHINE", "STATE", "HEALTH", "TOP RISK", "LAST READING", "NOTES")
+    rows = []
+    for m in machines:
+        stale = m["last_reading_age_s"] > STALE_S
+        notes = []
+        if m["ood"]:
+            notes.append("outside training range: " + ", ".join(m["ood"]))
+        if m.get("reading_state") and m["reading_state"] != m["state"]:
+            notes.append(f"latest reading {m['reading_state']}")
+        if stale:
+            notes.append("stale")
+        rows.append((m["machine_id"], m["state"], f"{m['health']:.0f}", _risk(m),
+                     f"{_age(m['last_reading_age_s'])} ago", "; ".join(notes)))
+    widths = [max(len(row[i]) for row in (headers, *rows)) for i in range(len(headers))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    for m, row in zip(machines, rows):
+        cells = [cell.ljust(width) for cell, width in zip(row, widths)]
+        if color:
+            state = "stale" if m["last_reading_age_s"] > STALE_S else m["state"]
+            cells[1] = COLORS.get(state, "") + cells[1] + RESET
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _risk(machine: dict) -> str:
+    dominant = machine.get("dominant")
+    if not dominant:
+        return "-"
+    if machine["state"] == "ok" and not dominant["elevated"]:
+        return "none elevated"
+    return f"{dominant['label']} ({dominant['mode']} {_pct(dominant['risk'])})"
+
+
+def _pct(p: float) -> str:
+    return "<0.1%" if p < 0.001 else f"{100 * p:.1f}%" if p < 0.1 else f"{100 * p:.0f}%"
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f} min"
+    if seconds < 86400:
+        return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:.0f} min"
+    return f"{seconds // 86400:.0f} d {seconds % 86400 // 3600:.0f} h"
+
+
+def gateway_line(status: dict) -> str:
+    model, buffer, sync = status["model"], status["buffer"], status["sync"]
+    parts = [f"gateway {status['gateway_id']}", f"agent {status['agent_version']}",
+             f"model {model['name']} {model['version']}", f"up {_age(status['uptime_s'])}"]
+    if buffer["pending"]:
+        parts.append(f"buffer {buffer['pending']} to send (oldest {_age(buffer['oldest_pending_age_s'])})")
+    else:
+        parts.append("buffer empty")
+    if buffer["dropped_total"]:
+        parts.append(f"DROPPED {buffer['dropped_total']} at the buffer cap")
+    if not sync["enabled"]:
+        parts.append("sync off")
+    else:
+        last = f"last {_age(sync['last_success_age_s'])} ago" if sync["last_success"] else "never synced"
+        parts.append(f"sync {last}" + (f", last error: {sync['last_error']}" if sync["last_error"] else ""))
+    drivers = [f"{d['name']} {'connected' if d['connected'] else 'DOWN' if d['connected'] is False else 'unknown'}"
+               + (f" ({d['last_error']})" if d["last_error"] and not d["connected"] else "")
+               for d in status["drivers"]]
+    parts.append("drivers: " + (", ".join(drivers) if drivers else "none"))
+    return " · ".join(parts)

@@ -1,0 +1,134 @@
+"""`pdm-edge status` (agent/status_cli.py) against a running agent's status API over real HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from agent import cli, status_cli
+from tests.agent.test_status import TOKEN, Served, open_agent, token_agent
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, mqtt_broker) -> Iterator[Served]:
+    with open_agent(tmp_path_factory.mktemp("status-cli"), mqtt_broker) as running:
+        yield running
+
+
+@pytest.fixture
+def with_token(tmp_path) -> Iterator[Served]:
+    with token_agent(tmp_path) as running:
+        yield running
+
+
+def closed_port_url() -> str:
+    with socket.socket() as probe:  # a port nothing listens on once the socket is closed
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def test_json_has_the_status_and_every_machine(served, capsys):
+    assert status_cli.main(served.url, None, as_json=True) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["status"]["gateway_id"] == "gw-status-test"
+    assert [m["machine_id"] for m in out["machines"]] == ["m-hdf", "m-ood", "m-ok"]
+    assert out["machines"][0]["dominant"]["mode"] == "HDF"
+
+
+def test_table_shows_machines_worst_first_and_a_gateway_line(served, capsys):
+    assert status_cli.main(served.url, None, as_json=False) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["MACHINE", "STATE", "HEALTH", "TOP", "RISK", "LAST", "READING", "NOTES"]
+    heat, worn, fine = lines[1:4]
+    assert heat.split()[:2] == ["m-hdf", "alarm"] and "heat dissipation (HDF 99%)" in heat
+    assert worn.split()[:2] == ["m-ood", "alarm"] and "overstrain (OSF" in worn
+    assert "outside training range: tool_wear" in worn
+    assert fine.split()[:3] == ["m-ok", "ok", "91"] and "none elevated" in fine and " ago" in fine
+    assert "\033[" not in "\n".join(lines)  # no colour when not on a terminal
+    gateway = lines[-1]
+    for part in ("gateway gw-status-test", "model ai4i-failure 1.0.0", "sync off", "drivers: mqtt connected",
+                 "to send (oldest"):
+        assert part in gateway, gateway
+
+
+def test_table_colours_states_on_a_terminal(served, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    out = Terminal()
+    assert status_cli.main(served.url, None, as_json=False, out=out) == 0
+    assert "\033[1;31malarm" in out.getvalue() and "\033[32mok" in out.getvalue()
+    monkeypatch.setenv("NO_COLOR", "1")
+    plain = Terminal()
+    status_cli.main(served.url, None, as_json=False, out=plain)
+    assert "\033[" not in plain.getvalue()
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_an_unreachable_agent_exits_1_with_a_clear_message(capsys, as_json):
+    url = closed_port_url()
+    assert status_cli.main(url, None, as_json=as_json) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert f"the agent is not reachable at {url}" in captured.err and "--url" in captured.err
+
+
+def test_a_token_is_sent_and_its_absence_explained(with_token, capsys):
+    assert status_cli.main(with_token.url, None, as_json=True) == 1
+    assert "needs the status token: set PDM_STATUS__TOKEN" in capsys.readouterr().err
+    assert status_cli.main(with_token.url, "wrong-token-of-the-same-length!!", as_json=True) == 1
+    assert "the token was refused" in capsys.readouterr().err
+    assert status_cli.main(with_token.url, TOKEN, as_json=True) == 0
+    assert json.loads(capsys.readouterr().out)["status"]["gateway_id"] == "gw-status-test"
+
+
+def test_token_from_the_environment_or_a_file(tmp_path):
+    secret = tmp_path / "token"
+    secret.write_text(TOKEN + "\n")
+    assert status_cli.token_from_env({"PDM_STATUS__TOKEN": TOKEN}) == TOKEN
+    assert status_cli.token_from_env({"PDM_STATUS__TOKEN_FILE": str(secret)}) == TOKEN
+    assert status_cli.token_from_env({}) is None
+
+
+def test_the_subcommand_parses_url_and_json(served, capsys, monkeypatch):
+    monkeypatch.delenv("PDM_STATUS__TOKEN", raising=False)
+    monkeypatch.delenv("PDM_STATUS__TOKEN_FILE", raising=False)
+    root = argparse.ArgumentParser(prog="pdm-edge")
+    status_cli.add_command(root.add_subparsers(dest="command", required=True))
+    args = root.parse_args(["status", "--url", served.url, "--json"])
+    assert args.handler(args) == 0
+    assert json.loads(capsys.readouterr().out)["machines"]
+    assert root.parse_args(["status"]).url == os.environ.get("PDM_STATUS_URL", "http://127.0.0.1:8080")
+
+
+def pdm_edge(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PDM_")}
+    return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, timeout=60,
+                          env=env, check=False)
+
+
+def registered() -> bool:
+    subcommands = next(a for a in cli.parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return "status" in subcommands.choices
+
+
+@pytest.mark.skipif(not registered(), reason="`status` is not registered in agent/cli.py yet: add "
+                                             "`status_cli.add_command(commands)` to parser()")
+def test_pdm_edge_status_command(served):
+    result = pdm_edge("status", "--url", served.url, "--json")
+    assert result.returncode == 0, result.stderr
+    assert [m["machine_id"] for m in json.loads(result.stdout)["machines"]] == ["m-hdf", "m-ood", "m-ok"]
+    table = pdm_edge("status", "--url", served.url)
+    assert table.returncode == 0 and table.stdout.startswith("MACHINE") and "m-hdf" in table.stdout
+    down = pdm_edge("status", "--url", closed_port_url())
+    assert down.returncode == 1 and "not reachable" in down.stderr
