@@ -60,6 +60,20 @@ def _problems(problems: list[str]) -> int:
     return 1
 
 
+def _modbus_probe(args: argparse.Namespace) -> int:
+    from drivers.probe import ProbeError, format_rows, probe
+
+    try:
+        rows = probe(address=args.address, count=args.count, table=args.table, unit_id=args.unit_id,
+                     host=args.host, port=args.port, serial_port=args.serial_port, baudrate=args.baudrate,
+                     parity=args.parity, stopbits=args.stopbits, timeout_s=args.timeout, scale=args.scale)
+    except (ProbeError, ValueError) as exc:
+        print(f"pdm-edge modbus probe: {exc}", file=sys.stderr)
+        return 1
+    print(format_rows(rows, args.expect))
+    return 0
+
+
 def _model_info(args: argparse.Namespace) -> int:
     from model.manifest import Manifest
 
@@ -266,6 +280,26 @@ def parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
 
     status_cli.add_command(commands)
+
+    modbus = commands.add_parser("modbus", help="Modbus tools")
+    modbus_commands = modbus.add_subparsers(dest="modbus_command", required=True)
+    probe = modbus_commands.add_parser(
+        "probe", help="read registers and print every interpretation (type, word and byte order, scale)")
+    where = probe.add_mutually_exclusive_group(required=True)
+    where.add_argument("--host", help="Modbus TCP device address")
+    where.add_argument("--serial-port", help="Modbus RTU serial line, e.g. /dev/ttyUSB0")
+    probe.add_argument("--port", type=int, default=502)
+    probe.add_argument("--baudrate", type=int, default=19200)
+    probe.add_argument("--parity", choices=("N", "E", "O"), default="E")
+    probe.add_argument("--stopbits", type=int, choices=(1, 2), default=1)
+    probe.add_argument("--unit-id", type=int, default=1)
+    probe.add_argument("--address", type=int, required=True, help="first register (0-based)")
+    probe.add_argument("--count", type=int, default=4, help="registers to read (1-125)")
+    probe.add_argument("--table", choices=("holding", "input"), default="holding")
+    probe.add_argument("--scale", type=float, default=1.0)
+    probe.add_argument("--timeout", type=float, default=2.0, help="seconds")
+    probe.add_argument("--expect", type=float, help="the number the machine's display shows: matching rows are marked")
+    probe.set_defaults(handler=_modbus_probe)
 
     train = commands.add_parser("train", help="train and export a model package (extra `train`)")
     train.add_argument("--data", type=Path, default=data.default_path(), help="the AI4I 2020 CSV")

@@ -1,4 +1,5 @@
-"""Fixtures shared by every test: the data set (read from ../shared, never from the repo) and the shipped model."""
+"""Fixtures shared by every test: the data set (read from ../shared, never from the repo), the shipped model, and
+the real services: MQTT brokers, PostgreSQL."""
 
 from __future__ import annotations
 
@@ -9,7 +10,18 @@ import pytest
 from model import data
 from model.package import SHIPPED, load
 from model.score import Scorer
-from tests.services import LOCALHOST, Broker, Mosquitto, port_open
+from tests.services import (
+    LOCALHOST,
+    POSTGRES_PORT,
+    Broker,
+    Mosquitto,
+    Postgres,
+    ThrowawayPostgres,
+    create_database,
+    drop_database,
+    port_open,
+    postgres_answers,
+)
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +68,33 @@ def private_broker(tmp_path):
     """A throwaway Mosquitto for this test alone, with unlimited queues; it may be restarted."""
     with Mosquitto.start(tmp_path / "mosquitto") as broker:
         yield broker
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server shared by the session: the machine's own on 127.0.0.1:5432 when it lets `postgres` in
+    without a password, else a throwaway one (stopped and deleted at the end). Tests use databases of their own
+    (`postgres_database`), never its existing ones. TEST_POSTGRES=throwaway skips the machine's server (to try
+    what a fresh machine does)."""
+    if os.environ.get("TEST_POSTGRES") != "throwaway" and postgres_answers(LOCALHOST, POSTGRES_PORT):
+        yield Postgres(LOCALHOST, POSTGRES_PORT)
+        return
+    with ThrowawayPostgres.create() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_database(postgres):
+    """The URL of a new, empty database for this test session, dropped at its end."""
+    name = create_database(postgres)
+    try:
+        yield postgres.url(name)
+    finally:
+        drop_database(postgres, name)
+
+
+@pytest.fixture
+def private_postgres():
+    """A throwaway PostgreSQL server for this test alone; it may be stopped and started again."""
+    with ThrowawayPostgres.create() as server:
+        yield server

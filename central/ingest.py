@@ -1,0 +1,229 @@
+"""`POST /api/v1/ingest` (SPEC §6): read the body within its limit, decode it, validate it, store it once.
+
+The size limit (`max_body_bytes`) holds for the bytes on the wire and again for the decompressed JSON: a
+Content-Length above it is refused before reading, a body is read only up to it, and gzip is inflated in bounded
+steps, so a gzip bomb costs at most the limit in memory before it gets 413.
+
+Storing: the batch is re-serialised by pydantic (normalised: ISO timestamps, no lax values) and handed to
+PostgreSQL as one jsonb value per kind, unpacked by `jsonb_to_recordset` into `INSERT ... ON CONFLICT DO NOTHING
+RETURNING`: strings travel as JSON values, never as SQL. The rows returned are the accepted ones; the rest of the
+batch were duplicates (sent before, or twice in the batch). The gateway's last status, the events, the summaries and
+the machines' latest state are written by one statement: one round trip, one transaction, whatever the batch size.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import zlib
+from datetime import UTC
+
+import psycopg
+from pydantic import TypeAdapter, ValidationError
+from starlette.requests import Request
+
+from central.auth import Gateway
+from central.errors import ApiError
+from sync.protocol import Counts, Event, IngestBatch, IngestResult, Summary
+
+MAX_ERRORS = 50  # validation errors listed in a 422; the count says how many there were
+MAX_COUNT = 2**31 - 1  # a summary's counts are PostgreSQL integers
+COUNTS = ("readings", "rejected", "out_of_distribution")
+
+
+def too_large(limit: int, what: str) -> ApiError:
+    return ApiError(413, "payload_too_large", f"the {what} exceeds {limit:,} bytes; send smaller batches")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, at most `limit` bytes (413 beyond), checked against Content-Length before reading."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise ApiError(400, "bad_request", "invalid Content-Length header")
+        if int(length) > limit:
+            raise too_large(limit, "request body")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit, "request body")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode(body: bytes, content_encoding: str | None, limit: int) -> bytes:
+    """The JSON bytes of the body: gunzipped when Content-Encoding is gzip, at most `limit` bytes of them."""
+    encoding = (content_encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding not in ("gzip", "x-gzip"):
+        raise ApiError(415, "unsupported_encoding",
+                          f"Content-Encoding {content_encoding!r} is not supported; send gzip or no encoding")
+    out, size, data = [], 0, body
+    try:
+        while data:  # one gzip member per round: concatenated members are valid gzip
+            inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+            while data:
+                # At most what is left of the limit, plus one byte to tell "exactly at the limit" from "beyond".
+                chunk = inflater.decompress(data, limit - size + 1)
+                size += len(chunk)
+                if size > limit:
+                    raise too_large(limit, "decompressed body")
+                out.append(chunk)
+                data = inflater.unconsumed_tail
+                if inflater.eof:
+                    break
+            if not inflater.eof:
+                raise ApiError(400, "bad_request", "the gzip body is truncated")
+            data = inflater.unused_data
+    except zlib.error as exc:
+        raise ApiError(400, "bad_request", f"the body is not valid gzip: {exc}") from None
+    return b"".join(out)
+
+
+def parse(raw: bytes) -> IngestBatch:
+    """The validated batch; 422 with the validation errors (location, message, type; never the input)."""
+    try:
+        batch = IngestBatch.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        details = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors[:MAX_ERRORS]]
+        raise ApiError(422, "invalid_batch", f"the batch is not valid: {len(errors)} error(s)"
+                          + (f", the first {MAX_ERRORS} listed" if len(errors) > MAX_ERRORS else ""), details) from None
+    details = list(_beyond_schema(batch))
+    if details:
+        raise ApiError(422, "invalid_batch", f"the batch is not valid: {len(details)} error(s)", details[:MAX_ERRORS])
+    return batch
+
+
+def _beyond_schema(batch: IngestBatch):
+    """What the protocol's schema lets through but PostgreSQL cannot store or the data cannot mean: NUL characters
+    in text, counts beyond PostgreSQL's integer, times that leave the calendar once converted to UTC (year 1 with a
+    positive offset, year 9999 with a negative one), windows that end before they start. One pass, cheap checks."""
+    if "\x00" in batch.agent_version:
+        yield _nul(["agent_version"])
+    if _off_calendar(batch.sent_at):
+        yield _off_range(["sent_at"])
+    for kind, items in (("summaries", batch.summaries), ("events", batch.events)):
+        for i, item in enumerate(items):
+            if "\x00" in item.model.name or "\x00" in item.model.version:
+                field = "name" if "\x00" in item.model.name else "version"
+                yield _nul([kind, i, "model", field])
+    for i, s in enumerate(batch.summaries):
+        for field in COUNTS:
+            if getattr(s, field) > MAX_COUNT:
+                yield {"loc": ["summaries", i, field], "msg": f"must be at most {MAX_COUNT}", "type": "less_than_equal"}
+        if _off_calendar(s.window_start):
+            yield _off_range(["summaries", i, "window_start"])
+        elif _off_calendar(s.window_end):
+            yield _off_range(["summaries", i, "window_end"])
+        elif s.window_end <= s.window_start:
+            yield {"loc": ["summaries", i, "window_end"], "msg": "window_end must be after window_start",
+                   "type": "window_order"}
+    for i, e in enumerate(batch.events):
+        if _off_calendar(e.ts):
+            yield _off_range(["events", i, "ts"])
+
+
+def _off_calendar(moment) -> bool:
+    if 1 < moment.year < 9999:
+        return False
+    try:
+        moment.astimezone(UTC)
+    except OverflowError:
+        return True
+    return False
+
+
+def _nul(loc: list) -> dict:
+    return {"loc": loc, "msg": "NUL characters (\\u0000) are not allowed in text", "type": "nul_char"}
+
+
+def _off_range(loc: list) -> dict:
+    return {"loc": loc, "msg": "out of the representable range once converted to UTC", "type": "datetime_range"}
+
+
+_SUMMARIES = TypeAdapter(list[Summary])
+_EVENTS = TypeAdapter(list[Event])
+
+# One statement, so one round trip and one transaction (a statement is atomic): the gateway's status, the events,
+# the summaries, the machines' latest state. Every part runs only when the gateway is still active (`gw` has its
+# row): a token revoked while the batch was being read stores nothing. The machines' latest state moves forward
+# only: a late batch of old windows leaves it alone.
+STORE = """
+WITH gw AS (
+    UPDATE gateways SET last_seen_at = now(), last_addr = %(addr)s, agent_version = %(agent_version)s,
+                        last_batch_id = %(batch_id)s, last_status = %(status)s::jsonb
+    WHERE id = %(gateway_id)s AND revoked_at IS NULL
+    RETURNING id
+), new_events AS (
+    INSERT INTO events (gateway_id, event_id, machine_id, ts, from_state, to_state, p_failure, health, dominant_mode,
+                        mode_risk, reading, model_name, model_version, model_sha256, batch_id)
+    SELECT gw.id, e.event_id, e.machine_id, e.ts, e.from_state, e.to_state, e.p_failure, e.health,
+           e.dominant_mode, e.mode_risk, e.reading, e.model->>'name', e.model->>'version', e.model->>'sha256',
+           %(batch_id)s
+    FROM gw, jsonb_to_recordset(%(events)s::jsonb) AS e(
+        event_id uuid, machine_id text, ts timestamptz, from_state text, to_state text, p_failure double precision,
+        health double precision, dominant_mode text, mode_risk jsonb, reading jsonb, model jsonb)
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+), new_summaries AS (
+    INSERT INTO summaries (gateway_id, summary_id, machine_id, window_start, window_end, model_name, model_version,
+                           model_sha256, readings, rejected, out_of_distribution, health_min, health_mean,
+                           health_last, p_failure_max, p_failure_mean, worst_state, mode_risk_max, inputs, batch_id)
+    SELECT gw.id, s.summary_id, s.machine_id, s.window_start, s.window_end, s.model->>'name', s.model->>'version',
+           s.model->>'sha256', s.readings, s.rejected, s.out_of_distribution, s.health_min, s.health_mean,
+           s.health_last, s.p_failure_max, s.p_failure_mean, s.worst_state, s.mode_risk_max, s.inputs, %(batch_id)s
+    FROM gw, jsonb_to_recordset(%(summaries)s::jsonb) AS s(
+        summary_id uuid, machine_id text, window_start timestamptz, window_end timestamptz, model jsonb,
+        readings integer, rejected integer, out_of_distribution integer, health_min double precision,
+        health_mean double precision, health_last double precision, p_failure_max double precision,
+        p_failure_mean double precision, worst_state text, mode_risk_max jsonb, inputs jsonb)
+    ON CONFLICT DO NOTHING
+    RETURNING gateway_id, summary_id, machine_id, window_start, window_end, worst_state, health_last, p_failure_max,
+              mode_risk_max, model_name, model_version
+), latest AS (
+    SELECT DISTINCT ON (machine_id) * FROM new_summaries ORDER BY machine_id, window_start DESC
+), machines AS (
+    INSERT INTO machines AS m (gateway_id, machine_id, summary_id, window_start, window_end, worst_state, health_last,
+                               p_failure_max, mode_risk_max, model_name, model_version)
+    SELECT gateway_id, machine_id, summary_id, window_start, window_end, worst_state, health_last, p_failure_max,
+           mode_risk_max, model_name, model_version
+    FROM latest
+    ON CONFLICT (gateway_id, machine_id) DO UPDATE SET
+        summary_id = excluded.summary_id, window_start = excluded.window_start, window_end = excluded.window_end,
+        worst_state = excluded.worst_state, health_last = excluded.health_last,
+        p_failure_max = excluded.p_failure_max, mode_risk_max = excluded.mode_risk_max,
+        model_name = excluded.model_name, model_version = excluded.model_version, updated_at = now()
+    WHERE m.window_start <= excluded.window_start
+)
+SELECT (SELECT count(*) FROM gw), (SELECT count(*) FROM new_events), (SELECT count(*) FROM new_summaries)
+"""
+
+
+class Revoked(Exception):
+    """The gateway's token was revoked while its batch was being processed."""
+
+
+async def store(conn: psycopg.AsyncConnection, gateway: Gateway, batch: IngestBatch,
+                client_host: str | None) -> IngestResult:
+    """Write the batch atomically (`conn` in autocommit mode: STORE is its own transaction); Revoked, with nothing
+    written, when the token was revoked meanwhile."""
+    cursor = await conn.execute(STORE, {
+        "gateway_id": gateway.id, "batch_id": batch.batch_id, "addr": _address(client_host),
+        "agent_version": batch.agent_version, "status": batch.gateway.model_dump_json(),
+        "events": _EVENTS.dump_json(batch.events).decode(),
+        "summaries": _SUMMARIES.dump_json(batch.summaries).decode()})
+    active, events, summaries = await cursor.fetchone()
+    if not active:
+        raise Revoked()
+    return IngestResult(
+        accepted=Counts(summaries=summaries, events=events),
+        duplicates=Counts(summaries=len(batch.summaries) - summaries, events=len(batch.events) - events))
+
+
+def _address(host: str | None) -> str | None:
+    try:
+        return str(ipaddress.ip_address(host)) if host else None
+    except ValueError:
+        return None  # e.g. a Unix socket, or the test client

@@ -1,0 +1,40 @@
+"""Running the app: uvicorn in one process for development (`pdm-central serve`), gunicorn with uvicorn workers for
+production (`gunicorn -c python:central.gunicorn_conf`).
+
+Both servers' own X-Forwarded-* handling is off: the app trusts forwarded headers from PDM_CENTRAL_TRUSTED_PROXIES
+only (central/app.py), whichever server runs it. Neither sends a Server header.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import ClassVar
+
+import uvicorn
+from uvicorn_worker import UvicornWorker
+
+from central.app import create_app
+from central.settings import Settings
+
+
+class Worker(UvicornWorker):
+    """gunicorn's worker class for pdm-central (see central/gunicorn_conf.py)."""
+
+    CONFIG_KWARGS: ClassVar[dict] = {"loop": "auto", "http": "auto", "proxy_headers": False, "server_header": False}
+
+
+def _stopped(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:
+    """Serve in the foreground until SIGINT/SIGTERM, then return (exit status 0) after a graceful shutdown;
+    SettingsError when production mode refuses the settings."""
+    app = create_app(settings)
+    default_host, default_port = settings.host_port
+    # uvicorn handles the signal (graceful shutdown), then raises it again against the handlers it found: ours turn
+    # it into a normal exit instead of death by signal.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stopped)
+    uvicorn.run(app, host=host or default_host, port=port or default_port, proxy_headers=False, server_header=False,
+                log_config=None, timeout_graceful_shutdown=10)

@@ -1,0 +1,184 @@
+"""Modbus register arithmetic, pure and I/O-free: decode register words into numbers, encode numbers into words,
+and plan a device's reads into as few requests as the protocol allows.
+
+Orders, in the usual A-B-C-D notation for the bytes of a 32-bit value, most significant first:
+
+    word_order  byte_order  name   registers on the wire for 0x11223344
+    big         big         ABCD   0x1122 0x3344   (the Modbus standard's own order)
+    little      big         CDAB   0x3344 0x1122   ("word swap", many PLCs' floats)
+    big         little      BADC   0x2211 0x4433   ("byte swap")
+    little      little      DCBA   0x4433 0x2211
+
+`word_order` says which register holds the high word (big: the first one); `byte_order` says which byte of each
+register is the high one (big: the first one, as Modbus sends it). A 16-bit type has no word order.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:  # drivers.modbus imports this module
+    from drivers.modbus import Register
+
+REGISTER_WORDS: dict[str, int] = {
+    "int16": 1, "uint16": 1, "int32": 2, "uint32": 2, "float32": 2, "float64": 4,
+}
+Order = Literal["big", "little"]
+Table = Literal["holding", "input"]
+
+MAX_READ_REGISTERS = 125  # Modbus application protocol 1.1b3, function codes 3 and 4: 1 to 125 registers
+ORDERS: tuple[tuple[Order, Order], ...] = (("big", "big"), ("little", "big"), ("big", "little"), ("little", "little"))
+_ORDER_NAMES = {("big", "big"): "ABCD", ("little", "big"): "CDAB", ("big", "little"): "BADC",
+                ("little", "little"): "DCBA"}
+_STRUCT = {"int16": ">h", "uint16": ">H", "int32": ">i", "uint32": ">I", "float32": ">f", "float64": ">d"}
+
+
+def order_name(type_: str, word_order: Order, byte_order: Order) -> str:
+    """ABCD, CDAB, BADC or DCBA; for a 16-bit type AB or BA; for float64 the 8-byte form (ABCDEFGH, ...)."""
+    name = _ORDER_NAMES[(word_order, byte_order)]
+    words = REGISTER_WORDS[type_]
+    if words == 1:
+        return name[:2] if byte_order == "big" else "BA"
+    if words == 4:
+        letters = "ABCDEFGH"
+        pairs = [letters[i:i + 2] for i in range(0, 8, 2)]
+        if word_order == "little":
+            pairs.reverse()
+        return "".join(p if byte_order == "big" else p[::-1] for p in pairs)
+    return name
+
+
+def _to_wire(data: bytes, word_order: Order, byte_order: Order) -> list[int]:
+    """Big-endian bytes of a value -> the registers a device with these orders sends."""
+    pairs = [data[i:i + 2] for i in range(0, len(data), 2)]
+    if word_order == "little":
+        pairs.reverse()
+    return [int.from_bytes(pair, "big" if byte_order == "big" else "little") for pair in pairs]
+
+
+def _from_wire(words: Sequence[int], word_order: Order, byte_order: Order) -> bytes:
+    """The registers a device with these orders sends -> the value's big-endian bytes."""
+    pairs = [int(word).to_bytes(2, "big" if byte_order == "big" else "little") for word in words]
+    if word_order == "little":
+        pairs.reverse()
+    return b"".join(pairs)
+
+
+def decode_raw(words: Sequence[int], type_: str, word_order: Order = "big", byte_order: Order = "big") -> int | float:
+    """The number that `words` (16-bit register values, in the order read) hold, before scale and offset."""
+    size = REGISTER_WORDS[type_]
+    if len(words) != size:
+        raise ValueError(f"{type_} takes {size} register(s), got {len(words)}")
+    if any(not 0 <= word <= 0xFFFF for word in words):
+        raise ValueError(f"register values must be 0..65535, got {list(words)}")
+    data = _from_wire(words, word_order, byte_order)
+    value = struct.unpack(_STRUCT[type_], data)[0]
+    return _shortest_float32(value, data) if type_ == "float32" else value
+
+
+def _shortest_float32(value: float, data: bytes) -> float:
+    """The shortest decimal with the same float32 bits: 123.456 rather than 123.45600128173828, the number a device's
+    display shows for these registers."""
+    if not math.isfinite(value):
+        return value
+    for digits in range(6, 10):
+        candidate = float(f"{value:.{digits}g}")
+        if struct.pack(">f", candidate) == data:
+            return candidate
+    return value
+
+
+def encode_raw(value: int | float, type_: str, word_order: Order = "big", byte_order: Order = "big") -> list[int]:
+    """The registers a device sends for `value`: the inverse of decode_raw. Raises ValueError when it does not fit."""
+    try:
+        data = struct.pack(_STRUCT[type_], value)
+    except struct.error as exc:
+        raise ValueError(f"{value!r} does not fit {type_}: {exc}") from None
+    return _to_wire(data, word_order, byte_order)
+
+
+def decode(words: Sequence[int], register: Register) -> int | float:
+    """A model input's value: decoded * scale + offset. Integers stay integers when there is nothing to scale."""
+    raw = decode_raw(words, register.type, register.word_order, register.byte_order)
+    if register.scale == 1 and register.offset == 0:
+        return raw
+    return raw * register.scale + register.offset
+
+
+def encode(value: float, register: Register) -> list[int]:
+    """The registers a device holds for a model input's `value` (integer types are rounded): for tests and
+    simulators, the inverse of decode."""
+    raw = (value - register.offset) / register.scale
+    if not register.type.startswith("float"):
+        raw = round(raw)
+    return encode_raw(raw, register.type, register.word_order, register.byte_order)
+
+
+# --- planning reads -----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class ReadRequest:
+    """One read request: `count` registers of `table` from `address`, and where each input's words are in it."""
+
+    table: Table
+    address: int
+    count: int
+    inputs: tuple[tuple[str, int], ...]  # (input name, index of its first word in the response)
+
+    @property
+    def last(self) -> int:
+        return self.address + self.count - 1
+
+    def describe(self) -> str:
+        """e.g. "holding registers 100-105 (torque, rotational_speed)"."""
+        span = f"{self.address}" if self.count == 1 else f"{self.address}-{self.last}"
+        names = ", ".join(name for name, _ in self.inputs)
+        return f"{self.table} register{'s' if self.count > 1 else ''} {span} ({names})"
+
+
+def plan_reads(registers: Mapping[str, Register], largest_gap: int = 0,
+               max_count: int = MAX_READ_REGISTERS) -> list[ReadRequest]:
+    """Group a device's registers into read requests: per table, in address order, a request grows while the next
+    register starts at most `largest_gap` unread registers after its end and the request stays within `max_count`
+    registers. Greedy from the lowest address, which gives the fewest requests for these two limits.
+
+    Registers that overlap (two inputs reading the same words) share a request. Requests come out by table, then
+    address, so a device is read in the same order at every poll.
+    """
+    if largest_gap < 0:
+        raise ValueError("largest_gap must be 0 or more")
+    if not 1 <= max_count <= MAX_READ_REGISTERS:
+        raise ValueError(f"max_count must be 1..{MAX_READ_REGISTERS}")
+    requests: list[ReadRequest] = []
+    for table in ("holding", "input"):
+        spans = sorted((reg.address, reg.address + REGISTER_WORDS[reg.type], name)
+                       for name, reg in registers.items() if reg.table == table)
+        start = end = None
+        members: list[tuple[str, int]] = []
+        for first, stop, name in spans:
+            if start is not None and first - end <= largest_gap and max(end, stop) - start <= max_count:
+                end = max(end, stop)
+                members.append((name, first))
+                continue
+            if start is not None:
+                requests.append(_request(table, start, end, members))
+            start, end, members = first, stop, [(name, first)]
+        if start is not None:
+            requests.append(_request(table, start, end, members))
+    return requests
+
+
+def _request(table: Table, start: int, end: int, members: Iterable[tuple[str, int]]) -> ReadRequest:
+    return ReadRequest(table, start, end - start, tuple((name, first - start) for name, first in members))
+
+
+def decode_response(request: ReadRequest, words: Sequence[int], registers: Mapping[str, Register]) -> dict:
+    """A response's words -> {input name: value} for every input the request covers."""
+    if len(words) < request.count:
+        raise ValueError(f"{request.describe()}: the device sent {len(words)} registers, not {request.count}")
+    return {name: decode(words[index:index + REGISTER_WORDS[registers[name].type]], registers[name])
+            for name, index in request.inputs}

@@ -1,0 +1,78 @@
+"""Helpers for the central tests: settings, authorization headers, a real server process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from pydantic import SecretStr
+
+from central.settings import Settings
+from tests.services import LOCALHOST
+
+OPS_TOKEN = "ops-7Hq2Lm9XvB4nR8tK1wZc5Yd3Fs6Gj0PaUe"  # 38 characters, 36 distinct: strong enough for production
+
+
+def make_settings(url: str, **overrides) -> Settings:
+    values = {"database_url": SecretStr(url), "ops_token": SecretStr(OPS_TOKEN), "db_timeout_s": 2.0,
+              "pool_max_size": 4, **overrides}
+    return Settings(**values)
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+OPS = bearer(OPS_TOKEN)
+
+
+BIN = Path(sys.executable).parent
+PDM_CENTRAL = shutil.which("pdm-central", path=str(BIN)) or "pdm-central"
+GUNICORN = shutil.which("gunicorn", path=str(BIN)) or "gunicorn"
+
+
+def environment(url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("PDM_CENTRAL_")}
+    env.update({"PDM_CENTRAL_DATABASE_URL": url, "PDM_CENTRAL_OPS_TOKEN": OPS_TOKEN, "PDM_CENTRAL_LOG_FORMAT": "json",
+                **extra})
+    return env
+
+
+class Server:
+    def __init__(self, command: list[str], env: dict[str, str], port: int, log: Path) -> None:
+        self.base = f"http://{LOCALHOST}:{port}"
+        self.log = log
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL)
+
+    def wait_ready(self, timeout: float = 30.0, path: str = "/readyz") -> None:
+        """Until `path` answers 200 (/healthz: the process serves, whether or not the database is there)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"the server exited with {self.process.returncode}:\n{self.log.read_text()}")
+            try:
+                if requests.get(self.base + path, timeout=1).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        pytest.fail(f"the server was not ready within {timeout:g} s:\n{self.log.read_text()}")
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            pytest.fail(f"the server ignored SIGTERM for {timeout:g} s:\n{self.log.read_text()}")
