@@ -31,6 +31,8 @@ class Machines:
             self.alarms.machines[machine_id] = MachineAlarm(**state["alarm"])
             if state["window"] is not None:
                 self.summaries.open[machine_id] = Window.from_json(state["window"])
+            if state.get("closed_until") is not None:
+                self.summaries.closed_until[machine_id] = state["closed_until"]
 
     def use_model(self, model: Model) -> None:
         """The model whose thresholds and name go into what follows (on start and on a model reload)."""
@@ -46,7 +48,7 @@ class Machines:
         events: list[OutboxRecord] = []
         touched: set[str] = set()
         for reading in readings:
-            closed += self.summaries.add(reading)
+            closed += self.summaries.add(reading, now)
             change = self.alarms.update(reading.machine_id, reading.state, reading.health)
             if change is not None:
                 events.append(self._event(reading, *change, now))
@@ -86,5 +88,6 @@ class Machines:
     def _saved(self, machine_id: str, now: float) -> MachineRecord:
         window = self.summaries.open.get(machine_id)
         state = {"alarm": self.alarms.machines.get(machine_id, MachineAlarm()).to_json(),
-                 "window": window.to_json() if window else None}
+                 "window": window.to_json() if window else None,
+                 "closed_until": self.summaries.closed_until.get(machine_id)}
         return MachineRecord(machine_id, json.dumps(state), now)

@@ -1,12 +1,13 @@
 """Per-machine health summaries over clock-aligned windows.
 
 Each machine has at most one open window, the one of its newest reading. A reading in a later window closes it; so
-does the clock, `grace_s` after the window's end when no newer reading came. A closed window becomes a Summary, which
+does the clock, `grace_s` after both the window's end and the arrival of its last reading (so a backlog of old
+readings, delivered after an outage, is summarised by its own timestamps rather than cut at the first batch). A closed window becomes a Summary, which
 the pipeline writes to the outbox in the same transaction as the batch that closed it; the open windows are saved in
 that transaction too, so a crash neither loses nor repeats a window.
 
-A reading older than its machine's open window arrives after its window closed: it is stored and scored (and feeds
-the alarms) but is in no summary; such readings are counted as `late`.
+A reading of a window that already closed is stored and scored (and feeds the alarms) but is in no summary; such
+readings are counted as `late`.
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ class Window:
     mode_risk_max: dict[str, float] = field(default_factory=dict)
     worst_state: str = "ok"
     inputs: dict[str, list[float]] = field(default_factory=dict)  # name -> [min, sum, max]
+    arrived_at: float = 0.0  # when its last reading arrived (wall clock)
 
-    def add(self, reading: StoredReading) -> None:
+    def add(self, reading: StoredReading, now: float) -> None:
+        self.arrived_at = now
         self.readings += 1
         self.out_of_distribution += bool(reading.ood)
         self.health_min = min(self.health_min, reading.health)
@@ -89,21 +92,23 @@ class Summariser:
         self.window_s = window_s
         self.grace_s = grace_s
         self.open: dict[str, Window] = {}
+        self.closed_until: dict[str, float] = {}  # per machine: the end of its last closed window
         self.late = 0
 
-    def add(self, reading: StoredReading) -> list[Window]:
+    def add(self, reading: StoredReading, now: float) -> list[Window]:
         """Count a reading into its machine's window; the window it closed, if any."""
+        machine_id = reading.machine_id
         start = math.floor(reading.ts / self.window_s) * self.window_s
-        window = self.open.get(reading.machine_id)
-        closed = []
-        if window is not None and start < window.start:
+        window = self.open.get(machine_id)
+        if start < self.closed_until.get(machine_id, -math.inf) or (window is not None and start < window.start):
             self.late += 1
-            return closed
+            return []
+        closed = []
         if window is None or start > window.start:
             if window is not None:
-                closed.append(window)
-            window = self.open[reading.machine_id] = Window(reading.machine_id, start, start + self.window_s)
-        window.add(reading)
+                closed.append(self._close(window))
+            window = self.open[machine_id] = Window(machine_id, start, start + self.window_s)
+        window.add(reading, now)
         return closed
 
     def add_rejected(self, machine_id: str | None, ts: float) -> None:
@@ -112,8 +117,10 @@ class Summariser:
             window.rejected += 1
 
     def due(self, now: float) -> list[Window]:
-        """Close the windows whose end is more than grace_s ago."""
-        closed = [w for w in self.open.values() if w.end + self.grace_s <= now]
-        for window in closed:
-            del self.open[window.machine_id]
-        return closed
+        """Close the windows whose end and last reading are both more than grace_s ago."""
+        due = [w for w in self.open.values() if max(w.end, w.arrived_at) + self.grace_s <= now]
+        return [self._close(self.open.pop(w.machine_id)) for w in due]
+
+    def _close(self, window: Window) -> Window:
+        self.closed_until[window.machine_id] = window.end
+        return window

@@ -5,7 +5,8 @@ summaries, oldest first, `batch_size` records a batch, gzip-compressed, over one
 leaves the outbox only when central answered 200 for its batch; a batch that was sent but not answered is simply
 sent again (ids are deterministic, central counts it as duplicates). Errors are classified where they happen:
 - network errors, 429 and 5xx: transient — retry later with exponential backoff and jitter, `Retry-After` honoured;
-- 401 and 403: the gateway is not allowed — stop, keep everything, say so loudly; try again much later;
+- 401 and 403: the gateway is not allowed — stop, keep everything, say so loudly; try again much later; likewise
+  any other 4xx but 408/413/422/429 (central cannot read what this agent sends);
 - 413: the batch is too large — split it in halves; a single record too large is set aside;
 - 422: invalid — split to isolate the invalid records, set those aside with central's reason, send the rest.
 Who calls it: one thread of the agent, never concurrently.
@@ -136,6 +137,9 @@ class SyncClient:
             return first[0] + second[0], first[1] + second[1]
         if response.status_code in (401, 403):
             raise _Refused(f"{response.status_code}: {_reason(response)}")
+        if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
+            # 400, 415...: central cannot read what this agent sends; resending is pointless, deleting is wrong.
+            raise _Refused(f"{response.status_code} (is central compatible with this agent?): {_reason(response)}")
         if response.status_code == 429 or response.status_code >= 500:
             raise _Transient(f"central answered {response.status_code}: {_reason(response)}",
                              _retry_after(response))

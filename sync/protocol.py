@@ -7,7 +7,7 @@ or a restart — is harmless: central stores each summary and event once and cou
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
@@ -20,8 +20,8 @@ Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
 State = Literal["ok", "warning", "alarm"]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Health = Annotated[float, Field(ge=0.0, le=100.0)]
-Count = Annotated[int, Field(ge=0)]
-Text = Annotated[str, StringConstraints(max_length=200)]
+Count = Annotated[int, Field(ge=0, le=2**31 - 1)]  # PostgreSQL's integer
+Text = Annotated[str, StringConstraints(max_length=200, pattern=r"^[^\x00]*$")]  # PostgreSQL cannot store NUL
 
 
 class _Strict(BaseModel):
@@ -105,8 +105,9 @@ class IngestResult(_Strict):
 
 
 def summary_id(gateway_id: str, machine_id: str, window_start: datetime) -> uuid.UUID:
-    return uuid.uuid5(NAMESPACE, f"summary/{gateway_id}/{machine_id}/{window_start.isoformat()}")
+    """The same instant gives the same id whatever its UTC offset."""
+    return uuid.uuid5(NAMESPACE, f"summary/{gateway_id}/{machine_id}/{window_start.astimezone(UTC).isoformat()}")
 
 
 def event_id(gateway_id: str, machine_id: str, ts: datetime, to_state: str) -> uuid.UUID:
-    return uuid.uuid5(NAMESPACE, f"event/{gateway_id}/{machine_id}/{ts.isoformat()}/{to_state}")
+    return uuid.uuid5(NAMESPACE, f"event/{gateway_id}/{machine_id}/{ts.astimezone(UTC).isoformat()}/{to_state}")

@@ -38,11 +38,11 @@ def wait_for(condition, timeout: float, what: str) -> None:
 class AgentProcess:
     """`pdm-edge run` with a config written for the test; its log is a JSON-lines file."""
 
-    def __init__(self, tmp_path: Path, broker_url: str, **sections) -> None:
+    def __init__(self, tmp_path: Path, broker_url: str, gateway_id: str = "gw-test", **sections) -> None:
         self.data = tmp_path / "data"
         self.log = tmp_path / "agent.log"
         self.config = tmp_path / "agent.toml"
-        lines = [f'gateway_id = "gw-test"', f'data_dir = "{self.data}"', 'log_format = "json"',
+        lines = [f'gateway_id = "{gateway_id}"', f'data_dir = "{self.data}"', 'log_format = "json"',
                  "[mqtt]", f'url = "{broker_url}"', f'client_id = "pdm-test-{tmp_path.name}"',
                  'default_machine_type = "M"', "max_payload_bytes = 2048",
                  "[status]", f'bind = "127.0.0.1:{free_port()}"']

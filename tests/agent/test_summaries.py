@@ -24,29 +24,43 @@ def stored(ts, machine="m1", health=90.0, p=0.01, state="ok", torque=40.0, ood=(
 
 def test_a_reading_in_a_later_window_closes_the_open_one_with_its_figures():
     summariser = Summariser(60, 10)
-    assert summariser.add(stored(T0, torque=30.0, health=95.0)) == []
-    assert summariser.add(stored(T0 + 10, torque=50.0, health=55.0, p=0.2, state="warning", ood=("torque",))) == []
-    [window] = summariser.add(stored(T0 + 25))  # the next window starts at T0 + 20
+    assert summariser.add(stored(T0, torque=30.0, health=95.0), T0) == []
+    assert summariser.add(stored(T0 + 10, torque=50.0, health=55.0, p=0.2, state="warning", ood=("torque",)),
+                          T0 + 10) == []
+    [window] = summariser.add(stored(T0 + 25), T0 + 25)  # the next window starts at T0 + 20
     assert (window.start, window.end, window.readings, window.out_of_distribution) == (T0 - 40, T0 + 20, 2, 1)
     assert (window.health_min, window.health_last, window.worst_state) == (55.0, 55.0, "warning")
     assert window.inputs == {"torque": [30.0, 80.0, 50.0]} and window.mode_risk_max == {"TWF": 0.1, "OSF": 0.2}
     assert list(summariser.open) == ["m1"] and summariser.open["m1"].start == T0 + 20
 
 
-def test_a_reading_older_than_the_open_window_is_late_and_in_no_summary():
+def test_a_reading_of_a_closed_window_is_late_and_in_no_summary():
     summariser = Summariser(60, 10)
-    summariser.add(stored(T0))
-    summariser.add(stored(T0 + 30))
-    assert summariser.add(stored(T0 - 1)) == [] and summariser.late == 1
+    summariser.add(stored(T0), T0)
+    summariser.add(stored(T0 + 30), T0 + 30)
+    assert summariser.add(stored(T0 - 1), T0 + 31) == [] and summariser.late == 1
     assert summariser.open["m1"].readings == 1
+    summariser.due(T0 + 200)
+    assert summariser.add(stored(T0 + 31), T0 + 201) == [] and summariser.late == 2  # its window closed too
+    assert summariser.open == {}
 
 
 def test_the_clock_closes_a_quiet_window_after_the_grace_period():
     summariser = Summariser(60, 10)
-    summariser.add(stored(T0))
+    summariser.add(stored(T0), T0)
     assert summariser.due(T0 + 29.9) == []
     [window] = summariser.due(T0 + 30)
     assert window.readings == 1 and summariser.open == {}
+
+
+def test_a_backlog_of_old_readings_is_summarised_by_its_own_timestamps():
+    summariser = Summariser(60, 10)
+    now = T0 + 86_400  # a day later, after an outage
+    summariser.add(stored(T0), now)
+    assert summariser.due(now + 9.9) == []  # its last reading arrived just now: more may follow
+    summariser.add(stored(T0 + 5), now + 9.9)
+    [window] = summariser.due(now + 20)
+    assert window.readings == 2
 
 
 def raw(ts, machine="m1", **values):

@@ -123,7 +123,7 @@ def test_an_unreachable_central_backs_off_with_jitter(store):
     assert len(store.pending(100)) == 1
 
 
-@pytest.mark.parametrize("status", [401, 403])
+@pytest.mark.parametrize("status", [401, 403, 400, 415])
 def test_a_refused_gateway_stops_and_deletes_nothing(store, central, status):
     records(store, n_events=2)
     central.script = [(status, {}, {"error": {"code": "unauthorized", "message": "bad token"}})]
@@ -158,3 +158,14 @@ def test_a_batch_too_large_is_split(store, central):
     result = client(store, central.url).sync_once()
     assert (result.outcome, result.sent, result.set_aside) == (Outcome.SYNCED, 6, 0)
     assert [len(b["events"]) for b in central.batches] == [6, 3, 1, 2, 3, 1, 2]
+
+
+def test_ids_do_not_depend_on_the_utc_offset_of_the_same_instant():
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from sync.protocol import event_id, summary_id
+
+    utc = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
+    cet = utc.astimezone(timezone(timedelta(hours=1)))
+    assert summary_id("gw", "m1", utc) == summary_id("gw", "m1", cet)
+    assert event_id("gw", "m1", utc, "alarm") == event_id("gw", "m1", cet, "alarm")

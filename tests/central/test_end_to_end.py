@@ -1,0 +1,89 @@
+"""End to end: MQTT -> `pdm-edge run` -> outbox -> `pdm-central serve` -> PostgreSQL, with central stopped mid-run.
+
+Every closed window of every machine reaches PostgreSQL exactly once, and an alarm's events arrive no later than the
+summaries of the same period.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import psycopg
+
+from tests.agent.test_run import VALUES, AgentProcess, wait_for
+from tests.central.support import PDM_CENTRAL, Server, environment
+from tests.services import Publisher, free_port
+
+T0 = 1_790_000_000  # window-aligned for 1 s windows
+MACHINES, WINDOWS, PER_WINDOW = 5, 12, 5
+DRIFTING = "m04"  # in windows 5-7: power out of band, an alarm, then back to ok
+
+
+def telemetry(window: int) -> list[tuple[str, str]]:
+    messages = []
+    for m in range(MACHINES):
+        machine = f"m{m:02d}"
+        for k in range(PER_WINDOW):
+            body = {"ts": T0 + window + k / PER_WINDOW, **VALUES, "tool_wear": window}
+            if machine == DRIFTING and 5 <= window <= 7:
+                body.update(torque=68.0, rotational_speed=1400)  # about 10 kW: PWF
+            messages.append((f"pdm/{machine}/telemetry", json.dumps(body)))
+    return messages
+
+
+def stored(central_url: str, gateway: str) -> tuple[list, list]:
+    with psycopg.connect(central_url) as conn:
+        summaries = conn.execute(
+            "SELECT s.machine_id, extract(epoch FROM s.window_start), s.readings, s.received_at FROM summaries s"
+            " JOIN gateways g ON g.id = s.gateway_id WHERE g.name = %s", (gateway,)).fetchall()
+        events = conn.execute(
+            "SELECT e.machine_id, extract(epoch FROM e.ts), e.from_state, e.to_state, e.received_at FROM events e"
+            " JOIN gateways g ON g.id = e.gateway_id WHERE g.name = %s ORDER BY e.ts", (gateway,)).fetchall()
+    return summaries, events
+
+
+def test_every_window_reaches_postgresql_exactly_once_across_a_central_outage(
+        tmp_path, private_broker, central_url, gateways):
+    name, token = gateways.add("e2e")
+    port = free_port()
+    command = [PDM_CENTRAL, "serve", "--port", str(port)]
+
+    def start_central(log: str) -> Server:
+        server = Server(command, environment(central_url), port, tmp_path / log)
+        server.wait_ready()
+        return server
+
+    central = start_central("central-1.log")
+    agent = AgentProcess(tmp_path, private_broker.url, gateway_id=name,
+                         central={"url": central.base, "token": token, "sync_interval_s": 0.5},
+                         summary={"window_s": 1, "grace_s": 0.5})
+    try:
+        agent.start()
+        with Publisher(private_broker.url) as publisher:
+            publisher.publish_all([m for w in range(4) for m in telemetry(w)])
+            wait_for(lambda: len(stored(central_url, name)[0]) >= 3 * MACHINES, 60, "the first windows at central")
+
+            assert central.terminate() == 0  # central goes away for several windows
+            publisher.publish_all([m for w in range(4, 9) for m in telemetry(w)])
+            wait_for(lambda: agent.count("outbox WHERE kind = 'summary'") >= 8 * MACHINES, 60,
+                     "windows closed while central is down")
+            central = start_central("central-2.log")
+            publisher.publish_all([m for w in range(9, WINDOWS) for m in telemetry(w)])
+
+        wait_for(lambda: len(stored(central_url, name)[0]) >= WINDOWS * MACHINES, 90, "every window at central")
+        summaries, events = stored(central_url, name)
+        windows = [(machine, int(start)) for machine, start, _, _ in summaries]
+        assert len(windows) == len(set(windows)) == WINDOWS * MACHINES
+        assert set(windows) == {(f"m{m:02d}", T0 + w) for m in range(MACHINES) for w in range(WINDOWS)}
+        assert {readings for _, _, readings, _ in summaries} == {PER_WINDOW}
+
+        assert [(machine, from_state, to_state) for machine, _, from_state, to_state, _ in events] == [
+            (DRIFTING, "ok", "alarm"), (DRIFTING, "alarm", "ok")]
+        received = {(machine, int(start)): at for machine, start, _, at in summaries}
+        for machine, ts, _, _, at in events:
+            assert at <= received[(machine, int(ts))]  # the event came no later than its window's summary
+        assert agent.signal(signal.SIGTERM) == 0
+    finally:
+        agent.stop()
+        central.terminate()
