@@ -244,6 +244,57 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _drift(args: argparse.Namespace):
+    from agent.demo import parse_drift
+
+    try:
+        return parse_drift(args.drift, args.drift_minutes)
+    except ValueError as exc:
+        print(f"pdm-edge {args.command}: --drift: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _simulate_modbus(args: argparse.Namespace) -> int:
+    from agent.demo import simulate_modbus
+
+    return simulate_modbus(args.machines, args.port, args.host, _drift(args), args.seed, args.interval)
+
+
+def _simulate_mqtt(args: argparse.Namespace) -> int:
+    from agent.demo import simulate_mqtt
+
+    return simulate_mqtt(args.machines, args.url, _drift(args), args.seed, args.interval)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from agent.demo import demo
+
+    return demo(args.machines, _drift(args), args.seed, args.central, args.data_dir, args.status_port)
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+def _plant_options(sub: argparse.ArgumentParser, drift: str | None) -> None:
+    def machines(text: str) -> int:
+        value = int(text)
+        if not 1 <= value <= 247:
+            raise argparse.ArgumentTypeError("1 to 247 machines (one Modbus unit id each)")
+        return value
+
+    sub.add_argument("--machines", type=machines, default=5, help="how many machines, m1..mN (default %(default)s)")
+    sub.add_argument("--drift", default=drift, metavar="MACHINE:MODE",
+                     help="drive one machine towards HDF, PWF, OSF or TWF, e.g. m3:OSF; none: no drift"
+                          + (" (default %(default)s)" if drift else ""))
+    sub.add_argument("--drift-minutes", type=_positive, default=1.5,
+                     help="how long the drift takes to pass its failure condition fully (default %(default)s)")
+    sub.add_argument("--seed", type=int, default=0, help="random seed of the plant (default %(default)s)")
+
+
 def parser() -> argparse.ArgumentParser:
     from agent import status_cli
     from model import data
@@ -300,6 +351,30 @@ def parser() -> argparse.ArgumentParser:
     probe.add_argument("--timeout", type=float, default=2.0, help="seconds")
     probe.add_argument("--expect", type=float, help="the number the machine's display shows: matching rows are marked")
     probe.set_defaults(handler=_modbus_probe)
+
+    simulate = commands.add_parser("simulate", help="the plant simulator: a Modbus TCP server or an MQTT publisher")
+    simulate_commands = simulate.add_subparsers(dest="simulate_command", required=True)
+    sim_modbus = simulate_commands.add_parser(
+        "modbus", help="serve N machines over Modbus TCP, one unit id each (layout: drivers/simulator_modbus.py)")
+    sim_modbus.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    sim_modbus.add_argument("--port", type=int, default=5020, help="TCP port (default %(default)s)")
+    sim_mqtt = simulate_commands.add_parser(
+        "mqtt", help="publish N machines' readings on pdm/<machine_id>/telemetry, QoS 1")
+    sim_mqtt.add_argument("--url", default="mqtt://127.0.0.1:1883", help="the broker (default %(default)s)")
+    for sub, handler in ((sim_modbus, _simulate_modbus), (sim_mqtt, _simulate_mqtt)):
+        _plant_options(sub, None)
+        sub.add_argument("--interval", type=_positive, default=1.0, help="seconds between readings (default 1)")
+        sub.set_defaults(handler=handler)
+
+    demo = commands.add_parser(
+        "demo", help="the plant simulator and the agent on it, one machine drifting; a live table; Ctrl-C stops")
+    _plant_options(demo, "m3:OSF")
+    demo.add_argument("--central", metavar="URL",
+                      help="sync to this central API (token from PDM_CENTRAL__TOKEN[_FILE]); default: no sync")
+    demo.add_argument("--data-dir", type=Path, help="keep the agent's data here (default: a temporary folder)")
+    demo.add_argument("--status-port", type=int, default=8080,
+                      help="status page port on 127.0.0.1, or the next free one (default %(default)s)")
+    demo.set_defaults(handler=_demo)
 
     train = commands.add_parser("train", help="train and export a model package (extra `train`)")
     train.add_argument("--data", type=Path, default=data.default_path(), help="the AI4I 2020 CSV")

@@ -20,7 +20,8 @@ Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
 State = Literal["ok", "warning", "alarm"]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Health = Annotated[float, Field(ge=0.0, le=100.0)]
-Count = Annotated[int, Field(ge=0, le=2**31 - 1)]  # PostgreSQL's integer
+Count = Annotated[int, Field(ge=0, le=2**31 - 1)]  # per summary: PostgreSQL's integer
+Total = Annotated[int, Field(ge=0)]  # gateway-wide totals, kept as JSON: no upper bound
 Text = Annotated[str, StringConstraints(max_length=200, pattern=r"^[^\x00]*$")]  # PostgreSQL cannot store NUL
 
 
@@ -78,9 +79,9 @@ class Event(_Strict):
 
 
 class GatewayStatus(_Strict):
-    buffer_pending: Count  # summaries and events not yet accepted by central
-    dropped_total: Count  # everything the buffer cap ever forced the agent to delete unsynced
-    dropped: dict[Name, Count] = {}  # the same, by kind: readings, summaries
+    buffer_pending: Total  # summaries and events not yet accepted by central
+    dropped_total: Total  # everything the buffer cap ever forced the agent to delete unsynced
+    dropped: dict[Name, Total] = {}  # the same, by kind: readings, summaries
     uptime_s: Annotated[float, Field(ge=0)]
 
 

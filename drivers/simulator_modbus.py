@@ -1,0 +1,219 @@
+"""The plant simulator served over Modbus TCP (`pdm-edge simulate modbus`, and the demo).
+
+One TCP server (pymodbus, on 127.0.0.1 by default) for the whole plant; machine m<k> is unit id k. The plant is
+stepped every `interval_s` of wall-clock time, and every read answers the latest values. The agent's config for it
+is examples/simulator-modbus.toml; `device_config()` builds the same `[[modbus]]` table in code.
+
+Register layout, the same for every unit (addresses 0-based, as on the wire):
+
+    table    address  type     order        unit / scale                    value
+    input    0        int16    -            0.01 °C, offset 273.15 -> K      air temperature
+    input    1        int16    -            0.01 °C, offset 273.15 -> K      process temperature
+    input    2        uint16   -            rpm                              rotational speed
+    input    3-4      float32  CDAB         Nm                               torque (word order little: low word first)
+    input    5-6      float32  CDAB         W                                mechanical power (not a model input)
+    holding  100      uint16   -            min                              tool wear (0 after a tool change)
+    holding  101-102  uint32   ABCD         count                            tool changes since start
+
+Writes are accepted and ignored: the plant decides its values. Unit ids that are not machines get no answer
+(pymodbus drops the request), so a client times out, as with a real gateway's missing device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any, Self
+
+from drivers.modbus import ModbusTcpDevice, Register
+from drivers.registers import encode, encode_raw
+from drivers.simulator import Plant, power_w
+
+LOOPBACK = "127.0.0.1"
+
+REGISTERS: dict[str, Register] = {
+    "air_temperature": Register(address=0, table="input", type="int16", scale=0.01, offset=273.15),
+    "process_temperature": Register(address=1, table="input", type="int16", scale=0.01, offset=273.15),
+    "rotational_speed": Register(address=2, table="input", type="uint16"),
+    "torque": Register(address=3, table="input", type="float32", word_order="little", byte_order="big"),
+    "tool_wear": Register(address=100, table="holding", type="uint16"),
+}
+POWER = Register(address=5, table="input", type="float32", word_order="little", byte_order="big")
+TOOL_CHANGES_ADDRESS = 101  # uint32, ABCD
+
+
+def unit_words(values: dict[str, float], tool_changes: int) -> dict[str, dict[int, int]]:
+    """One machine's reading -> {table: {address: word}} in the layout above."""
+    tables: dict[str, dict[int, int]] = {"input": {}, "holding": {}}
+
+    def put(register: Register, words: list[int]) -> None:
+        for i, word in enumerate(words):
+            tables[register.table][register.address + i] = word
+
+    for name, register in REGISTERS.items():
+        put(register, encode(values[name], register))
+    put(POWER, encode(round(power_w(values["torque"], values["rotational_speed"]), 1), POWER))
+    for i, word in enumerate(encode_raw(tool_changes, "uint32")):
+        tables["holding"][TOOL_CHANGES_ADDRESS + i] = word
+    return tables
+
+
+def device_config(machine_id: str, machine_type: str, unit_id: int, port: int, host: str = LOOPBACK,
+                  interval_s: float = 1.0) -> ModbusTcpDevice:
+    """The agent's `[[modbus]]` table for one simulated machine (what examples/simulator-modbus.toml spells out)."""
+    return ModbusTcpDevice(machine_id=machine_id, machine_type=machine_type, transport="tcp", host=host, port=port,
+                           unit_id=unit_id, interval_s=interval_s, timeout_s=1.0, retries=1,
+                           registers=dict(REGISTERS))
+
+
+class ModbusSimulator:
+    """Serves a Plant over Modbus TCP from a background thread with its own event loop.
+
+    `start()` returns once the server listens (raises OSError when the port is taken); `stop()` is idempotent.
+    `latest` holds the last values served per machine ({machine_id: {input: value}}), read under `lock`.
+    """
+
+    def __init__(self, plant: Plant, port: int, host: str = LOOPBACK, interval_s: float = 1.0) -> None:
+        self.plant, self.host, self.port, self.interval_s = plant, host, port, interval_s
+        self.units = {machine_id: index + 1 for index, machine_id in enumerate(plant.machines)}
+        self.lock = threading.Lock()
+        self.latest: dict[str, dict[str, float]] = {}
+        self._words: dict[int, dict[str, dict[int, int]]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: Any = None
+        self._stepper: asyncio.Task | None = None
+        self._advance(0.0)
+
+    def _advance(self, dt: float) -> None:
+        readings = self.plant.step(dt)
+        words = {self.units[machine_id]: unit_words(values, self.plant.machines[machine_id].tool_changes)
+                 for machine_id, values in readings.items()}
+        with self.lock:
+            self.latest, self._words = readings, words
+
+    def start(self) -> Self:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._thread = threading.Thread(target=loop.run_forever, name="modbus-simulator", daemon=True)
+        self._thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self._start(), loop).result(10)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        from pymodbus.server import ModbusTcpServer
+
+        # bind first: pymodbus reports a taken port only in its log, and we want an OSError here
+        with _socket_probe(self.host, self.port):
+            pass
+        self._server = ModbusTcpServer([self._device(unit) for unit in self.units.values()],
+                                       address=(self.host, self.port))
+        await self._server.serve_forever(background=True)
+        self._stepper = asyncio.create_task(self._step_forever())
+
+    async def _step_forever(self) -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(self.interval_s - (time.monotonic() - last) % self.interval_s)
+            now = time.monotonic()
+            self._advance(now - last)
+            last = now
+
+    def _device(self, unit: int):
+        from pymodbus.simulator import DataType, SimData, SimDevice
+
+        layout = unit_words({name: 0.0 for name in REGISTERS} | {"air_temperature": 273.15,
+                                                                  "process_temperature": 273.15}, 0)
+
+        def blocks(table: str) -> list:
+            addresses = sorted(layout[table])
+            runs, start, count = [], addresses[0], 1
+            for address in addresses[1:]:
+                if address == start + count:
+                    count += 1
+                    continue
+                runs.append(SimData(start, values=[0] * count, datatype=DataType.REGISTERS))
+                start, count = address, 1
+            runs.append(SimData(start, values=[0] * count, datatype=DataType.REGISTERS))
+            return runs
+
+        async def action(function_code, start_address, address, count, registers, set_values):
+            if set_values:  # a write: accepted, ignored
+                return
+            with self.lock:
+                table = self._words[unit]["holding" if function_code == 3 else "input"]
+                for a in range(address, address + count):
+                    registers[a - start_address] = table.get(a, 0)
+
+        bits = [SimData(0, values=False, datatype=DataType.BITS)]
+        return SimDevice(unit, simdata=(bits, list(bits), blocks("holding"), blocks("input")), action=action)
+
+    def stop(self) -> None:
+        loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
+        if loop is None:
+            return
+
+        async def shutdown():
+            if self._stepper is not None:
+                self._stepper.cancel()
+            if self._server is not None:
+                await self._server.shutdown()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        if loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
+            finally:
+                loop.call_soon_threadsafe(loop.stop)
+        if thread is not None:
+            thread.join(10)
+        loop.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+class _socket_probe:
+    """Bind the address once (then release it): raises OSError (EADDRINUSE) when another process has the port."""
+
+    def __init__(self, host: str, port: int) -> None:
+        import socket
+
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._sock.bind((host, port))
+        except OSError:
+            self._sock.close()
+            raise
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info) -> None:
+        self._sock.close()
+
+
+def describe(simulator: ModbusSimulator) -> str:
+    """Lines for the terminal: where each machine is served."""
+    lines = [(f"Modbus TCP plant simulator on {simulator.host}:{simulator.port}, stepping every "
+              f"{simulator.interval_s:g} s (register layout: drivers/simulator_modbus.py, agent config: "
+              "examples/simulator-modbus.toml)")]
+    drift = simulator.plant.drift
+    for machine_id, unit in simulator.units.items():
+        note = f", drifting towards {drift.mode} over {drift.minutes:g} min" if drift and \
+            drift.machine_id == machine_id else ""
+        lines.append(f"  unit {unit}: {machine_id} (type {simulator.plant.machine_type(machine_id)}){note}")
+    return "\n".join(lines)
+
