@@ -8,6 +8,7 @@ batch. `close_due()` closes windows by the clock when no reading does. Who calls
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 
@@ -21,7 +22,7 @@ from sync.protocol import Event, ModelRef, event_id
 
 class Machines:
     def __init__(self, gateway_id: str, summary: SummaryConfig, alarms: AlarmsConfig, model: Model,
-                 saved: dict[str, str]) -> None:
+                 saved: dict[str, str], started_at: float | None = None) -> None:
         self.gateway_id = gateway_id
         self.summaries = Summariser(summary.window_s, summary.grace_s)
         self.alarms = Alarms(alarms)
@@ -30,7 +31,11 @@ class Machines:
             state = json.loads(text)
             self.alarms.machines[machine_id] = MachineAlarm(**state["alarm"])
             if state["window"] is not None:
-                self.summaries.open[machine_id] = Window.from_json(state["window"])
+                window = Window.from_json(state["window"])
+                # The start counts as an arrival: readings queued at the broker while the agent was down are
+                # still to come, and must not find their window closed by the clock before they arrive.
+                window.arrived_at = max(window.arrived_at, time.time() if started_at is None else started_at)
+                self.summaries.open[machine_id] = window
             if state.get("closed_until") is not None:
                 self.summaries.closed_until[machine_id] = state["closed_until"]
 

@@ -14,13 +14,14 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 
 from prometheus_client import Histogram
 
 from agent.config import PipelineConfig
 from agent.machines import Machines
-from agent.store import MachineRecord, OutboxRecord, QuarantinedReading, Store, StoreError, StoredReading, WriteResult
+from agent.store import MachineRecord, OutboxRecord, QuarantinedReading, Store, StoredReading, StoreError, WriteResult
 from drivers.base import Availability, RawReading
 from model.score import Scorer
 from model.validate import Rejection
@@ -42,7 +43,8 @@ class Pipeline:
         self._batch_age_s = config.batch_max_age_ms / 1000
         self._machines = machines  # None: no alarms or summaries (tests of the pipeline alone)
         self._max_db_bytes = max_db_bytes  # the buffer cap; None: none
-        self._next_cap_check = 0.0
+        self._dropped_unlogged: Counter[str] = Counter()  # drops at the cap not yet logged
+        self._next_drop_log = 0.0
         self._clock = clock
         self._monotonic = monotonic
         self._stopping = threading.Event()
@@ -196,20 +198,33 @@ class Pipeline:
         return self._machines.update(new, rejected, self._clock())
 
     def _keep_under_cap(self) -> None:
-        """At most once a second: make room when the database is over the buffer cap (see Store.enforce_cap)."""
-        if self._max_db_bytes is None or self._monotonic() < self._next_cap_check:
+        """After every commit, and once a second while idle: make room when the database is over the buffer cap
+        (see Store.enforce_cap; under the cap that is one query). Checking only once a second let a fast stream
+        overshoot the cap by a second of readings, and a database left over it by the last batch stayed over it.
+        A failure is reported and retried at the next call: the batch itself is committed and acknowledged."""
+        if self._max_db_bytes is None:
             return
-        self._next_cap_check = self._monotonic() + 1.0
-        dropped = self._store.enforce_cap(self._max_db_bytes)
-        if dropped:
+        try:
+            dropped = self._store.enforce_cap(self._max_db_bytes)
+        except StoreError as exc:
+            self.database.failed(str(exc))
+            return
+        self._dropped_unlogged.update(dropped)
+        if self._dropped_unlogged and self._monotonic() >= self._next_drop_log:  # one line a second at most
+            self._next_drop_log = self._monotonic() + 1.0
             log.warning("buffer cap of %d MB reached: dropped %s", self._max_db_bytes // 2**20,
-                        ", ".join(f"{n} {kind}" for kind, n in dropped.items()))
+                        ", ".join(f"{n} {kind}" for kind, n in self._dropped_unlogged.items()))
+            self._dropped_unlogged.clear()
 
     def _tick(self, force: bool = False) -> None:
-        """While idle, at most once a second, and when stopping: close the summary windows due by the clock."""
-        if self._machines is None or (self._monotonic() < self._next_tick and not force):
+        """While idle, at most once a second, and when stopping: keep under the buffer cap and close the summary
+        windows due by the clock."""
+        if self._monotonic() < self._next_tick and not force:
             return
         self._next_tick = self._monotonic() + 1.0
+        self._keep_under_cap()
+        if self._machines is None:
+            return
         outbox, machines = self._machines.close_due(self._clock())
         if outbox or machines:
             self._write([], [], outbox, machines)

@@ -71,7 +71,7 @@ def raw(ts, machine="m1", **values):
 
 def agent_pipeline(scorer, store, now):
     machines = Machines("gw-1", SummaryConfig(window_s=60, grace_s=10), AlarmsConfig(), scorer.model,
-                        store.machines())
+                        store.machines(), started_at=now[0])
     return Pipeline(scorer, store, PipelineConfig(), machines, clock=lambda: now[0])
 
 
@@ -87,9 +87,10 @@ def test_summaries_and_events_survive_restarts_and_redeliveries_exactly_once(sco
             for reading in stream[max(0, cut - 10):{0: 37, 37: 70, 70: 100}[cut]]:
                 pipeline.put(reading)
             assert pipeline.stop(timeout=30)
-    now[0] = T0 + 200  # the clock closes the last windows
+    now[0] = T0 + 200
     with Store.open(path) as store:
         pipeline = agent_pipeline(scorer, store, now)
+        now[0] += 20  # the clock closes the last windows, grace_s after the restart
         pipeline.start()
         assert pipeline.stop(timeout=30)
         summaries = [Summary.model_validate_json(r.body) for r in store.outbox("summary")]
@@ -105,3 +106,21 @@ def test_summaries_and_events_survive_restarts_and_redeliveries_exactly_once(sco
     assert [(e.machine_id, e.from_state, e.to_state, e.dominant_mode) for e in events] == [
         ("m0", "ok", "alarm", "PWF"), ("m0", "alarm", "ok", "TWF")]
     assert all(json.loads(e.model_dump_json())["reading"]["torque"] for e in events)
+
+
+def test_an_open_window_restored_after_downtime_waits_for_the_readings_still_queued(scorer, tmp_path):
+    path = tmp_path / "agent.db"
+    with Store.open(path) as store:
+        pipeline = agent_pipeline(scorer, store, [T0])
+        pipeline.start()
+        pipeline.put(raw(T0))
+        assert pipeline.stop(timeout=30)
+        saved = store.machines()
+    later = T0 + 3600  # an hour of downtime: far past the window's end and grace
+    machines = Machines("gw-1", SummaryConfig(window_s=60, grace_s=10), AlarmsConfig(), scorer.model, saved,
+                        started_at=later)
+    assert machines.close_due(later + 5)[0] == []  # the broker's backlog is still arriving
+    outbox, _ = machines.update([stored(T0 + 1)], [], later + 6)
+    assert outbox == []
+    [summary] = [json.loads(r.body) for r in machines.close_due(later + 17)[0]]
+    assert summary["readings"] == 2
