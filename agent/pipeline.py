@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 LINGER_S = 0.002  # how long a batch waits for one more reading before it is committed
 RETRY_MIN_S, RETRY_MAX_S = 0.1, 5.0
+CAP_HEADROOM_BYTES = 2**20  # room is made down to the cap minus this, so the next batches stay under the cap
 
 
 class Pipeline:
@@ -205,7 +206,7 @@ class Pipeline:
         if self._max_db_bytes is None:
             return
         try:
-            dropped = self._store.enforce_cap(self._max_db_bytes)
+            dropped = self._store.enforce_cap(self._max_db_bytes - CAP_HEADROOM_BYTES)
         except StoreError as exc:
             self.database.failed(str(exc))
             return
