@@ -46,7 +46,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_until(condition, timeout: float, interval: float = 0.02) -> bool:
+def wait_until(condition, timeout: float, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -125,7 +125,7 @@ class Mosquitto:
         with self.log.open("ab") as log:
             self._process = subprocess.Popen([self.binary, "-c", str(self.config)], stdin=subprocess.DEVNULL,
                                              stdout=log, stderr=log)
-        if not _wait_until(lambda: self._process.poll() is not None or port_open(self.host, self.port), timeout):
+        if not wait_until(lambda: self._process.poll() is not None or port_open(self.host, self.port), timeout):
             self.stop()
             raise ServiceError(f"mosquitto did not listen on port {self.port} within {timeout:g} s:\n{self.log_tail()}")
         if self._process.poll() is not None:

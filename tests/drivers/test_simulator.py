@@ -21,22 +21,13 @@ from drivers.registers import decode, decode_raw
 from drivers.simulator import INPUTS, MODES, RESOLUTION, Drift, Plant, failure_modes, power_w
 from drivers.simulator_modbus import POWER, REGISTERS, TOOL_CHANGES_ADDRESS, ModbusSimulator, unit_words
 from drivers.simulator_mqtt import MqttSimulator
-from tests.services import free_port
+from tests.services import free_port, wait_until
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def run(plant: Plant, seconds: float, dt: float = 1.0) -> list[dict[str, dict[str, float]]]:
     return [plant.step(dt) for _ in range(round(seconds / dt))]
-
-
-def wait_until(condition, timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
 
 
 # --- the plant model ------------------------------------------------------------------------------------------------
