@@ -62,7 +62,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent import __version__
-from agent.store import OutboxRecord, Store, StoredReading, StoreError
+from agent.store import Store, StoredReading, StoreError
 from sync.config import is_loopback
 from sync.protocol import Event
 
@@ -686,17 +686,14 @@ def _machine(agent: Agent, machine_id: str, history: int, now: float) -> Machine
 
 
 def _events(store: Store, machine_id: str | None, since: datetime | None, limit: int) -> list[EventInfo]:
-    """Newest first (by the time of the reading that caused them). Events are rare (hysteresis), so the whole
-    outbox's events are read and filtered here. `since` is compared at the microsecond resolution the API shows
-    times in, so an event's own `ts` passed back as `since` finds it."""
-    records: list[OutboxRecord] = [
-        r for r in store.outbox("event", pending=False)
-        if (machine_id is None or r.machine_id == machine_id) and (since is None or _at(r.at) >= since)
-    ]
-    pending = {r.record_id for r in store.outbox("event", pending=True)} if records else set()
-    ordered = sorted(enumerate(records), key=lambda item: (item[1].at, item[0]), reverse=True)
+    """Newest first (by the time of the reading that caused them). `since` is compared at the microsecond
+    resolution the API shows times in, so an event's own `ts` passed back as `since` finds it: the store is asked
+    from a microsecond earlier and the few in between, the oldest of the answer, are dropped here."""
+    found = store.events(machine_id, None if since is None else since.timestamp() - 1e-6, limit)
     events = []
-    for _, record in ordered:
+    for record, synced in found:
+        if since is not None and _at(record.at) < since:
+            continue
         try:
             event = Event.model_validate_json(record.body)
         except ValueError as exc:
@@ -707,10 +704,8 @@ def _events(store: Store, machine_id: str | None, since: datetime | None, limit:
             to_state=event.to_state, health=event.health, p_failure=event.p_failure,
             dominant_mode=event.dominant_mode, dominant_label=MODES.get(event.dominant_mode, {}).get(
                 "label", event.dominant_mode), mode_risk=event.mode_risk, reading=event.reading,
-            model_version=f"{event.model.name}@{event.model.version}", synced=record.record_id not in pending,
+            model_version=f"{event.model.name}@{event.model.version}", synced=synced,
         ))
-        if len(events) >= limit:
-            break
     return events
 
 

@@ -105,6 +105,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # Per machine: its alarm state machine and its open summary window (JSON), saved with each batch.
         "CREATE TABLE machines (machine_id TEXT PRIMARY KEY, state TEXT NOT NULL, updated_at REAL NOT NULL)",
     ),
+    # The status API reads a machine's events newest first; partial, so the many summaries cost it nothing.
+    ("CREATE INDEX outbox_events ON outbox (machine_id, at) WHERE kind = 'event'",),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -292,6 +294,22 @@ class Store:
                + (" AND synced_at IS NULL" if pending else "") + " ORDER BY id")
         with self._guard("reading the outbox of") as connection:
             return [OutboxRecord(*row) for row in connection.execute(sql, (kind, kind))]
+
+    def events(self, machine_id: str | None = None, since: float | None = None,
+               limit: int = 100) -> list[tuple[OutboxRecord, bool]]:
+        """Events in the outbox (synced or not, until forgotten), newest first by `at` (then the last written
+        first), of one machine or all, with `at >= since`; each with whether central has accepted it."""
+        conditions, params = ["kind = 'event'"], []
+        if machine_id is not None:
+            conditions.append("machine_id = ?")
+            params.append(machine_id)
+        if since is not None:
+            conditions.append("at >= ?")
+            params.append(since)
+        sql = ("SELECT kind, record_id, machine_id, at, body, created_at, synced_at IS NOT NULL FROM outbox"
+               f" WHERE {' AND '.join(conditions)} ORDER BY at DESC, id DESC LIMIT ?")
+        with self._guard("reading events from") as connection:
+            return [(OutboxRecord(*row[:6]), bool(row[6])) for row in connection.execute(sql, (*params, limit))]
 
     def pending(self, limit: int) -> list[OutboxRecord]:
         """The next records to sync: events first, then summaries, oldest first."""

@@ -301,6 +301,18 @@ def test_events_newest_first_with_since_and_limit(served):
     assert served.get(f"/api/v1/events?since={naive}").json()["events"] == events
 
 
+def test_events_say_which_central_has_and_ignore_summaries(tmp_path):
+    with serving(tmp_path) as running:
+        feed(running.agent)
+        store = running.agent.store
+        summaries = store.outbox("summary", pending=False)
+        [heat] = [r for r in store.outbox("event") if r.machine_id == "m-hdf"]
+        store.mark_synced([heat.record_id, *(r.record_id for r in summaries)])
+        events = running.get("/api/v1/events").json()["events"]
+        assert [(e["machine_id"], e["synced"]) for e in events] == [("m-ood", False), ("m-hdf", True)]
+        assert running.get("/api/v1/machines/m-hdf").json()["events"][0]["synced"] is True
+
+
 @pytest.mark.parametrize("query,field", [("limit=0", "limit"), ("limit=1001", "limit"), ("limit=many", "limit"),
                                          ("since=yesterday", "since"), ("since=2026-13-45T00:00:00Z", "since")])
 def test_bad_event_queries_are_422_json_errors(served, query, field):
