@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import random
 import re
 import sys
@@ -139,7 +140,10 @@ def parse_ts(value: Any, received_at: float) -> float:
     if value is None:
         return received_at
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        ts = float(value)
+        try:
+            ts = float(value)
+        except OverflowError:  # an integer beyond float range
+            ts = math.inf
     elif isinstance(value, str):
         try:
             moment = datetime.fromisoformat(value)
@@ -178,6 +182,8 @@ class PayloadDecoder:
             data = json.loads(payload)
         except ValueError as exc:  # UnicodeDecodeError is one
             return rejected(Reason.MALFORMED, f"not JSON: {exc}")
+        except RecursionError:  # nesting deeper than the interpreter's stack: nobody's telemetry
+            return rejected(Reason.MALFORMED, "not JSON: nested too deeply")
         if not isinstance(data, dict):
             return rejected(Reason.NOT_AN_OBJECT, f"the payload is {_JSON_TYPES.get(type(data), 'a number')}, "
                                                   "not a JSON object")

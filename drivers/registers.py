@@ -96,7 +96,7 @@ def encode_raw(value: int | float, type_: str, word_order: Order = "big", byte_o
     """The registers a device sends for `value`: the inverse of decode_raw. Raises ValueError when it does not fit."""
     try:
         data = struct.pack(_STRUCT[type_], value)
-    except struct.error as exc:
+    except (struct.error, OverflowError) as exc:  # OverflowError: a float beyond float32's range
         raise ValueError(f"{value!r} does not fit {type_}: {exc}") from None
     return _to_wire(data, word_order, byte_order)
 
@@ -114,6 +114,8 @@ def encode(value: float, register: Register) -> list[int]:
     simulators, the inverse of decode."""
     raw = (value - register.offset) / register.scale
     if not register.type.startswith("float"):
+        if not math.isfinite(raw):
+            raise ValueError(f"{value!r} does not fit {register.type}: not a finite number")
         raw = round(raw)
     return encode_raw(raw, register.type, register.word_order, register.byte_order)
 
