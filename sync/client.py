@@ -26,9 +26,10 @@ from enum import StrEnum
 from typing import Protocol
 
 import requests
+from pydantic import ValidationError
 
 from sync.config import CentralConfig
-from sync.protocol import GatewayStatus
+from sync.protocol import GatewayStatus, IngestResult
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ class SyncClient:
         """(records central now has, records set aside)."""
         response = self._post(records)
         if response.status_code == 200:
+            _check_answer(response, records)
             self._outbox.mark_synced([r.record_id for r in records])
             return len(records), 0
         if response.status_code in (413, 422):
@@ -164,6 +166,19 @@ class SyncClient:
             "gateway": self._gateway_status().model_dump(mode="json"),
         }
         return (json.dumps(head)[:-1] + f', "events": [{events}], "summaries": [{summaries}]}}').encode()
+
+
+def _check_answer(response: requests.Response, records: list[Record]) -> None:
+    """A 200 counts only as central's answer for exactly these records: a proxy or captive portal answering 200
+    with a page of its own must not make records leave the outbox that central never stored."""
+    try:
+        result = IngestResult.model_validate_json(response.content)
+    except ValidationError:
+        raise _Transient(f"central answered 200 with something that is not its answer: {_reason(response)}") from None
+    answered = result.accepted.summaries + result.duplicates.summaries + result.accepted.events \
+        + result.duplicates.events
+    if answered != len(records):
+        raise _Transient(f"central answered for {answered} records, not the {len(records)} sent")
 
 
 def _reason(response: requests.Response) -> str:
