@@ -1,0 +1,84 @@
+"""What the reliability tests share: Modbus devices for a `pdm-edge run` subprocess, its status API, and what the
+kernel says about a process (RSS, open file descriptors, threads)."""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+from contextlib import closing
+
+import requests
+
+from drivers.modbus import Register
+from drivers.registers import encode
+from tests.agent.test_run import AgentProcess
+from tests.services import ModbusUnit
+
+# The simulator's register layout (README, examples/simulator-modbus.toml): (register, a healthy machine's value).
+LAYOUT = {
+    "air_temperature": (Register(address=0, table="input", type="int16", scale=0.01, offset=273.15), 300.0),
+    "process_temperature": (Register(address=1, table="input", type="int16", scale=0.01, offset=273.15), 310.0),
+    "rotational_speed": (Register(address=2, table="input", type="uint16"), 1500),
+    "torque": (Register(address=3, table="input", type="float32", word_order="little"), 40.0),
+    "tool_wear": (Register(address=100, table="holding", type="uint16"), 10),
+}
+
+
+def healthy_unit() -> ModbusUnit:
+    unit = ModbusUnit()
+    for register, value in LAYOUT.values():
+        unit.set(register.table, register.address, encode(value, register))
+    return unit
+
+
+def modbus_devices(port: int, machines: int, interval_s: float) -> str:
+    """`[[modbus]]` tables for machines m1..mN, unit ids 1..N on one Modbus TCP server."""
+    lines = []
+    for k in range(1, machines + 1):
+        lines += ["[[modbus]]", f'machine_id = "m{k}"', 'machine_type = "M"', 'transport = "tcp"',
+                  'host = "127.0.0.1"', f"port = {port}", f"unit_id = {k}", f"interval_s = {interval_s}",
+                  "timeout_s = 0.5", "retries = 0", "backoff_max_s = 0.5"]
+        for name, (register, _) in LAYOUT.items():
+            lines += [f"[modbus.registers.{name}]", f"address = {register.address}", f'table = "{register.table}"',
+                      f'type = "{register.type}"', f'word_order = "{register.word_order}"',
+                      f"scale = {register.scale}", f"offset = {register.offset}"]
+    return "\n".join(lines) + "\n"
+
+
+def add_modbus(agent: AgentProcess, port: int, machines: int, interval_s: float) -> None:
+    agent.config.write_text(agent.config.read_text() + modbus_devices(port, machines, interval_s))
+
+
+def status_base(agent: AgentProcess) -> str:
+    return "http://" + re.search(r'bind = "([^"]+)"', agent.config.read_text()).group(1)
+
+
+def agent_status(agent: AgentProcess) -> dict:
+    return requests.get(status_base(agent) + "/api/v1/status", timeout=5).json()
+
+
+def integrity(agent: AgentProcess) -> str:
+    with closing(agent.db()) as db:
+        return db.execute("PRAGMA integrity_check").fetchone()[0]
+
+
+def readings(agent: AgentProcess) -> set[tuple[str, float]]:
+    with closing(agent.db()) as db:
+        return set(db.execute("SELECT machine_id, ts FROM readings"))
+
+
+def outbox_ids(agent: AgentProcess) -> set[str]:
+    try:
+        with closing(agent.db()) as db:
+            return {r for (r,) in db.execute("SELECT record_id FROM outbox")}
+    except sqlite3.OperationalError:  # not created yet
+        return set()
+
+
+def process_figures(pid: int) -> dict[str, int]:
+    """RSS (kB), open file descriptors and threads of a process, from /proc."""
+    with open(f"/proc/{pid}/status") as status:
+        fields = dict(line.split(":", 1) for line in status)
+    return {"rss_kb": int(fields["VmRSS"].split()[0]), "threads": int(fields["Threads"]),
+            "fds": len(os.listdir(f"/proc/{pid}/fd"))}

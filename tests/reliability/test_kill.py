@@ -1,0 +1,93 @@
+"""kill -9 of `pdm-edge run` at random moments under Modbus ingest, with 1 s summary windows closing and a sync
+to the real central in flight (SPEC §8): after every kill the database opens clean, every reading and outbox record
+seen committed before the kill is still there, and at the end central holds every window exactly once, each
+counting exactly the readings the agent stored for it.
+
+MQTT ingest under kill -9 is tests/agent/test_run.py; the agent killed mid-sync with MQTT, and central killed
+mid-request, are tests/central/test_faults.py. PDM_CRASH_SEED replays a run; PDM_RELIABILITY=long makes 200 kills.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import time
+from collections import Counter
+
+from tests.agent.test_run import AgentProcess, wait_for
+from tests.central.support import PDM_CENTRAL, Server, environment
+from tests.central.test_faults import stored
+from tests.reliability.plant import add_modbus, healthy_unit, integrity, outbox_ids, readings
+from tests.scale import scaled
+from tests.services import ModbusServers, free_port
+
+MACHINES = 5
+POLL_S = 0.05  # 20 readings a second per machine: 100 a second in all
+
+
+def test_kill_9_under_modbus_ingest_while_windows_close_and_sync_runs_loses_and_duplicates_nothing(
+        tmp_path, private_broker, central_url, gateways):
+    rng = random.Random(int(os.environ.get("PDM_CRASH_SEED", "31")))
+    wanted = scaled(10, 200)
+    name, token = gateways.add("kill-modbus")
+    port = free_port()
+    central = Server([PDM_CENTRAL, "serve", "--port", str(port)], environment(central_url), port,
+                     tmp_path / "central.log")
+    central.wait_ready()
+    agent = AgentProcess(tmp_path, private_broker.url, gateway_id=name,
+                         central={"url": central.base, "token": token, "sync_interval_s": 0.1, "batch_size": 5},
+                         summary={"window_s": 1, "grace_s": 0.5})
+    seen_readings: set[tuple[str, float]] = set()
+    seen_records: set[str] = set()
+    kills = in_flight = 0
+    started = time.monotonic()
+    try:
+        with ModbusServers() as servers:
+            modbus = servers.tcp({k: healthy_unit() for k in range(1, MACHINES + 1)})
+            add_modbus(agent, modbus, MACHINES, POLL_S)
+            agent.start()
+            while kills < wanted:
+                time.sleep(rng.uniform(0.1, 0.8))  # a random moment: the point of this test
+                deadline = time.monotonic() + 1.0
+                while (pending := agent.count("outbox WHERE synced_at IS NULL")) == 0 \
+                        and time.monotonic() < deadline:
+                    time.sleep(0.005)  # a moment when records wait for central: a sync round is running or due
+                in_flight += pending > 0
+                before_readings, before_records = readings(agent), outbox_ids(agent)  # committed: accepted
+                agent.process.kill()
+                agent.process.wait()
+                kills += 1
+                assert integrity(agent) == "ok", f"after kill {kills}"
+                missing = before_readings - readings(agent)
+                assert not missing, f"kill {kills} lost {len(missing)} committed readings"
+                assert before_records <= outbox_ids(agent), f"kill {kills} lost outbox records"
+                seen_readings |= before_readings
+                seen_records |= before_records
+                agent.start()
+            servers.stop(modbus)  # the devices go quiet: the last windows close by the clock
+
+        wait_for(lambda: agent.count("machines WHERE state LIKE '%\"window\": null%'") == MACHINES, 30,
+                 "every open window to close")
+        wait_for(lambda: agent.count("outbox WHERE synced_at IS NULL") == 0, 60, "the outbox to be synced")
+        summaries, events = stored(central_url, name)
+        final = readings(agent)
+        with agent.db() as db:
+            produced = {r for (r,) in db.execute("SELECT record_id FROM outbox WHERE kind = 'summary'")}
+        duration = time.monotonic() - started
+        print(f"\nModbus kill -9: {kills} kills ({in_flight} with records pending for central) in {duration:.0f} s; "
+              f"{len(final)} readings, {len(summaries)} windows at central")
+
+        assert seen_readings <= final and seen_records <= produced | {e[0] for e in events}
+        keys = Counter((machine, start) for _, machine, start, _ in summaries)
+        assert max(keys.values()) == 1  # no window twice at central
+        assert {sid for sid, *_ in summaries} == produced  # everything the agent produced, nothing else
+        per_window = Counter((machine, math.floor(ts)) for machine, ts in final)
+        assert {(machine, start): n for _, machine, start, n in summaries} == per_window  # each reading counted once
+        assert not events  # healthy machines: no alarm
+        assert in_flight >= wanted // 2
+        assert agent.signal(signal.SIGTERM) == 0
+    finally:
+        agent.stop()
+        central.terminate()
