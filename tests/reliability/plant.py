@@ -82,3 +82,11 @@ def process_figures(pid: int) -> dict[str, int]:
         fields = dict(line.split(":", 1) for line in status)
     return {"rss_kb": int(fields["VmRSS"].split()[0]), "threads": int(fields["Threads"]),
             "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+
+
+def error_lines(agent: AgentProcess) -> list[dict]:
+    """The agent's log lines at error level or above (its log is JSON lines)."""
+    import json
+
+    entries = [json.loads(line) for line in agent.log.read_text().splitlines() if line.startswith("{")]
+    return [e for e in entries if e.get("level") in ("error", "critical")]
