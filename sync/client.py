@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import math
 import random
 import uuid
 from collections.abc import Callable, Sequence
@@ -64,6 +65,12 @@ class Round:
     error: str | None = None
 
 
+@dataclass(slots=True)
+class _Tally:
+    sent: int = 0
+    set_aside: int = 0
+
+
 class _Transient(Exception):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -96,23 +103,23 @@ class SyncClient:
         self.last_error: str | None = None
 
     def sync_once(self) -> Round:
-        sent = set_aside = 0
+        # Counted as it happens: a round that fails halfway through a split batch still reports what it did.
+        done = _Tally()
         try:
             while records := self._outbox.pending(self._config.batch_size):
-                done, aside = self._send(records)
-                sent, set_aside = sent + done, set_aside + aside
+                self._send(records, done)
         except _Transient as exc:
             self._failures += 1
             self.last_error = str(exc)
             delay = exc.retry_after if exc.retry_after is not None else self._backoff()
-            return Round(Outcome.RETRY, sent, set_aside, delay, str(exc))
+            return Round(Outcome.RETRY, done.sent, done.set_aside, delay, str(exc))
         except _Refused as exc:
             self.last_error = str(exc)
             log.error("central refused this gateway, syncing stopped, nothing is deleted: %s", exc)
-            return Round(Outcome.REFUSED, sent, set_aside, REFUSED_RETRY_S, str(exc))
+            return Round(Outcome.REFUSED, done.sent, done.set_aside, REFUSED_RETRY_S, str(exc))
         self._failures = 0
         self.last_success = datetime.now(UTC)
-        return Round(Outcome.SYNCED, sent, set_aside, self._config.sync_interval_s)
+        return Round(Outcome.SYNCED, done.sent, done.set_aside, self._config.sync_interval_s)
 
     def close(self) -> None:
         self._session.close()
@@ -121,22 +128,25 @@ class SyncClient:
         ceiling = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** min(self._failures, 16))
         return random.uniform(ceiling / 2, ceiling)  # "equal jitter": never hammers, never all gateways at once
 
-    def _send(self, records: list[Record]) -> tuple[int, int]:
-        """(records central now has, records set aside)."""
+    def _send(self, records: list[Record], done: _Tally) -> None:
+        """Send, and count in `done` the records central now has and those set aside."""
         response = self._post(records)
         if response.status_code == 200:
             _check_answer(response, records)
             self._outbox.mark_synced([r.record_id for r in records])
-            return len(records), 0
+            done.sent += len(records)
+            return
         if response.status_code in (413, 422):
             reason = _reason(response)
             if len(records) == 1:
                 log.warning("central refused %s %s, set aside: %s", records[0].kind, records[0].record_id, reason)
                 self._outbox.set_aside(records, f"{response.status_code}: {reason}")
-                return 0, 1
+                done.set_aside += 1
+                return
             half = len(records) // 2
-            first, second = self._send(records[:half]), self._send(records[half:])
-            return first[0] + second[0], first[1] + second[1]
+            self._send(records[:half], done)
+            self._send(records[half:], done)
+            return
         if response.status_code in (401, 403):
             raise _Refused(f"{response.status_code}: {_reason(response)}")
         if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
@@ -186,13 +196,16 @@ def _reason(response: requests.Response) -> str:
         error = response.json()["error"]
         details = error.get("details")
         return error["message"] + (f" ({json.dumps(details)[:500]})" if details else "")
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # RecursionError: deeply nested JSON
         return response.text[:200] or response.reason or "no reason given"
 
 
 def _retry_after(response: requests.Response) -> float | None:
     value = response.headers.get("Retry-After", "")
     try:
-        return min(max(float(value), 0.0), BACKOFF_MAX_S)
+        seconds = float(value)
     except ValueError:
         return None  # an HTTP date, or nothing: our own backoff
+    if math.isnan(seconds):  # max() and min() would pass NaN through, and a wait of NaN does not wait at all
+        return None
+    return min(max(seconds, 0.0), BACKOFF_MAX_S)
