@@ -14,6 +14,8 @@ Routes:
   GET  /api/v1/machines         each machine's latest window, ?state=warning&state=alarm&gateway=...; ops token
   GET  /api/v1/gateways/{gateway}/machines/{machine_id}/summaries   ?since=&until=&limit=&cursor=; ops token
   GET  /api/v1/events           state changes, ?since=&until=&gateway=&machine_id=&state=&limit=&cursor=; ops token
+  GET  /, /login; POST /login, /logout; GET /api/v1/dashboard/...   the fleet dashboard (central/dashboard.py)
+Ops routes take the ops token as a bearer header, or the dashboard's session cookie.
 
 The pool opens without waiting for PostgreSQL: the API starts while the database is down, /readyz says so, and
 every route that needs the database answers 503 {"error": {"code": "database_unavailable"}} with Retry-After.
@@ -36,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from central import __version__, db, ingest, ops
+from central import __version__, dashboard, db, ingest, ops
 from central.auth import GatewayCache, bearer_token, find_gateway, same_secret
 from central.errors import ApiError, body
 from central.settings import Settings, SettingsError
@@ -182,12 +184,17 @@ def _routes(api: FastAPI, settings: Settings) -> None:
     gateways = GatewayCache()
     ops_token = settings.ops_token.get_secret_value() if settings.ops_token else None
 
-    def require_ops(request: Request) -> None:
+    async def require_ops(request: Request) -> None:
         token = bearer_token(request.headers.get("authorization"))
         if ops_token is None:
             raise _unauthorized("the ops API is off: no PDM_CENTRAL_OPS_TOKEN is configured")
-        if token is None or not same_secret(token, ops_token):
-            raise _unauthorized("missing or invalid ops token (Authorization: Bearer <ops token>)")
+        if token is not None and same_secret(token, ops_token):
+            return
+        if token is None and dashboard.cookie_name(settings) in request.cookies:
+            async with connection(request) as conn:
+                if await dashboard.session_valid(conn, request, settings):
+                    return
+        raise _unauthorized("missing or invalid ops token (Authorization: Bearer <ops token>) or dashboard session")
 
     @api.get("/healthz")
     async def healthz() -> dict:
@@ -280,6 +287,7 @@ def _routes(api: FastAPI, settings: Settings) -> None:
                             media_type=JSON)
 
     api.include_router(ops_api)
+    dashboard.routes(api, settings, connection, require_ops)
 
 
 def _client(request: Request) -> str | None:

@@ -15,6 +15,8 @@
     PDM_CENTRAL_STATEMENT_TIMEOUT_S 30
     PDM_CENTRAL_LOG_LEVEL           INFO
     PDM_CENTRAL_LOG_FORMAT          auto                                    auto | json | text
+    PDM_CENTRAL_SESSION_LIFETIME_S  28800                                   dashboard session, from login (60 s-7 days)
+    PDM_CENTRAL_SESSION_COOKIE_SECURE  true                                 false: plain http, loopback bind only
 
 A secret can also come from a file: `PDM_CENTRAL_OPS_TOKEN_FILE=/run/secrets/ops-token` (setting both is an error),
 or from the systemd credential of the same name in lower case (`LoadCredential=ops_token:/etc/pdm-central/ops`),
@@ -29,7 +31,10 @@ Production mode (`PDM_CENTRAL_MODE=production`) refuses to serve, listing every 
   - PDM_CENTRAL_DATABASE_URL is not set (the development default is never right in production);
   - the database URL holds a password and came from the plain variable: environment variables leak through
     `/proc/PID/environ`, `docker inspect` and crash reports; give the URL through PDM_CENTRAL_DATABASE_URL_FILE or a
-    credential, or leave the password out and use libpq's ~/.pgpass (PGPASSFILE).
+    credential, or leave the password out and use libpq's ~/.pgpass (PGPASSFILE);
+  - PDM_CENTRAL_SESSION_COOKIE_SECURE is false (the dashboard's session cookie would travel over plain http).
+In any mode, a session cookie without Secure is refused unless PDM_CENTRAL_BIND is a loopback address: plain http
+is for a developer's own machine and the tests only.
 """
 
 from __future__ import annotations
@@ -79,6 +84,8 @@ class Settings(BaseModel):
     statement_timeout_s: float = Field(30.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "text"] = "auto"
+    session_lifetime_s: int = Field(8 * 3600, ge=60, le=7 * 24 * 3600)
+    session_cookie_secure: bool = True
 
     # Where each secret came from ("environment", "file", "credential", "default"): production rules depend on it.
     sources: dict[str, str] = {}
@@ -121,10 +128,18 @@ class Settings(BaseModel):
         return host.strip("[]"), int(port)
 
     def serving_problems(self) -> list[str]:
-        """What production mode refuses (empty in development, and when all is well); see the module docstring."""
-        if not self.production:
-            return []
+        """What production mode refuses (in development only an insecure cookie off loopback; empty when all is
+        well); see the module docstring."""
         problems = []
+        if not self.session_cookie_secure:
+            if self.production:
+                problems.append(f"{PREFIX}SESSION_COOKIE_SECURE: false sends the dashboard's session cookie over "
+                                "plain http; production keeps it true (TLS ends at nginx, see DEPLOYMENT.md)")
+            elif not _loopback(self.host_port[0]):
+                problems.append(f"{PREFIX}SESSION_COOKIE_SECURE: false is for a loopback address only, not "
+                                f"{PREFIX}BIND={self.bind}; keep it true and put TLS in front (DEPLOYMENT.md)")
+        if not self.production:
+            return problems
         token = self.ops_token.get_secret_value() if self.ops_token else ""
         if not token:
             problems.append(f"{PREFIX}OPS_TOKEN: required in production; generate one with "
@@ -156,6 +171,15 @@ class Settings(BaseModel):
         data["ops_token"] = "***" if self.ops_token else None
         data["database_url"] = redact_url(self.database_url.get_secret_value())
         return data
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def redact_url(url: str) -> str:

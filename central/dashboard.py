@@ -1,0 +1,464 @@
+"""The fleet dashboard: one page for the operations team, served by the central API at `/`.
+
+Routes (added to the API by `routes()`):
+  GET  /                 the page (central/static/dashboard.html) with a session; else 303 to /login
+  GET  /login            the login form (no script)
+  POST /login            form field `token` = the ops token -> a session cookie, 303 to /; a wrong token: 401 form
+  POST /logout           ends the session (deleted server-side), expires the cookie, 303 to /login
+  GET  /api/v1/dashboard/fleet     machines in alarm, then warning, then ok (?gateway=&state=&mode=&limit=), counts,
+                                   gateways with last-seen age, backlog and drops
+  GET  /api/v1/dashboard/gateways/{gateway}/machines/{machine_id}   ?since=&until=&points=: health and per-mode
+                                   risk in at most `points` buckets, the events of the range, the latest inputs
+                                   against the model's normal (training) ranges
+The two data routes are ops routes: the bearer ops token or a session cookie (central/app.py, require_ops).
+
+Sessions are server-side: the cookie holds 256 random bits, PostgreSQL holds their sha256 and the expiry
+(dashboard_sessions). Chosen over an HMAC-signed cookie because logout really ends the session (a copied cookie
+dies with it), no extra server secret has to be managed, and every gunicorn worker sees the same sessions.
+The cookie is HttpOnly (no script reads it), SameSite=Strict (no other site's page sends it), Secure unless
+PDM_CENTRAL_SESSION_COOKIE_SECURE=false (refused in production and off loopback), and named `__Host-...` when
+Secure (the browser then refuses it from a sub-domain or on another path). The ops token is posted once by a
+plain HTML form and never stored by the page. CSRF: besides SameSite, the login and logout POSTs must carry an
+Origin header equal to the page's own origin (browsers send it on every POST).
+
+Indexes the queries use (migration 0002):
+  fleet page             machines_fleet_order (state rank, health, ...) or machines_mode_order with a mode filter:
+                         the first `limit` rows of an index, no sort; with a gateway filter the primary key
+  "since"                events_machine_ts, one backward probe per shown machine
+  counts, gateways       machines_gateway_state, index-only
+  machine chart          summaries_machine_chart, index-only (the chart's columns are INCLUDEd)
+  machine events         events_machine_ts
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import ipaddress
+import json
+import math
+import re
+import secrets
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import parse_qs, urlsplit
+
+import psycopg
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from pydantic import AwareDatetime
+
+import model.manifest
+from central.auth import same_secret
+from central.errors import ApiError
+from central.settings import Settings
+
+JSON = "application/json"
+SILENT_AFTER = timedelta(minutes=10)  # a gateway syncs every few seconds; 10 minutes without a batch is silent
+DEFAULT_SPAN = timedelta(hours=24)
+MAX_SPAN = timedelta(days=400)
+MAX_FORM_BYTES = 4096
+STATES = ("alarm", "warning", "ok")  # the fleet view's order: pdm_state_rank() in SQL
+# Plain words for the model's failure modes (the agent's status page says the same).
+MODES: dict[str, dict[str, str]] = {
+    "TWF": {"label": "tool wear failure", "meaning": "the tool is near the end of its life"},
+    "HDF": {"label": "heat dissipation", "meaning": "process−air temperature difference too small at low speed"},
+    "PWF": {"label": "power", "meaning": "torque × speed outside the safe band"},
+    "OSF": {"label": "overstrain", "meaning": "tool wear × torque near the limit"},
+}
+
+State = Literal["ok", "warning", "alarm"]
+Name = Annotated[str, Query(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+Mode = Annotated[str, Query(pattern=r"^[A-Za-z0-9_]{1,32}$")]
+
+
+# --- the model's words and ranges ------------------------------------------------------------------------------------
+
+@cache
+def manifest() -> model.manifest.Manifest:
+    """The shipped model's manifest: the normal (training) range of each input, each mode's threshold."""
+    return model.manifest.Manifest.load(Path(model.manifest.__file__).resolve().parent / "shipped")
+
+
+def health_at(p_failure: float) -> float:
+    """The manifest's health for a failure probability (piecewise linear)."""
+    points = manifest().health.points
+    for (p0, h0), (p1, h1) in zip(points, points[1:]):
+        if p0 <= p_failure <= p1:
+            return h0 + (h1 - h0) * (p_failure - p0) / ((p1 - p0) or 1)
+    return points[-1][1]
+
+
+def mode_words(mode: str) -> dict:
+    return {"mode": mode, **MODES.get(mode, {"label": mode, "meaning": ""})}
+
+
+# --- the page ---------------------------------------------------------------------------------------------------------
+
+def _sha256(text: str) -> str:
+    return f"'sha256-{base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()}'"
+
+
+def _csp(script: str | None, style: str) -> str:
+    scripts = _sha256(script) if script is not None else "'none'"
+    return (f"default-src 'none'; script-src {scripts}; style-src {_sha256(style)}; connect-src 'self'; "
+            "img-src data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+@cache
+def page() -> tuple[bytes, str, str]:
+    """(the dashboard, its Content-Security-Policy, its <style> block for the login form): the one inline <script>
+    and <style> are allowed by their sha256; nothing else may run, load or be fetched but from this origin."""
+    text = resources.files("central").joinpath("static/dashboard.html").read_text(encoding="utf-8")
+    blocks = {}
+    for tag in ("script", "style"):
+        found = re.findall(rf"<{tag}>(.*?)</{tag}>", text, flags=re.DOTALL)
+        if len(found) != 1:
+            raise RuntimeError(f"central/static/dashboard.html must hold exactly one inline <{tag}>, not {len(found)}")
+        blocks[tag] = found[0]
+    return text.encode(), _csp(blocks["script"], blocks["style"]), blocks["style"]
+
+
+LOGIN = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>pdm-central · sign in</title>
+<link rel="icon" href="data:,">
+<style>{style}</style>
+</head>
+<body>
+<header><h1>pdm-central <span class="gw">fleet dashboard</span></h1></header>
+<main>
+<form class="login" method="post" action="/login">
+<h2>Sign in</h2>
+<p class="muted">Enter the central ops token (PDM_CENTRAL_OPS_TOKEN). It is exchanged for a session cookie and
+never stored by this page.</p>
+{message}
+<input type="password" name="token" id="token" autocomplete="off" required aria-label="ops token" autofocus>
+<button type="submit" id="sign-in">Sign in</button>
+</form>
+</main>
+</body>
+</html>
+"""
+
+
+def login_page(message: str = "", status: int = 200) -> HTMLResponse:
+    _, _, style = page()
+    note = f'<p class="bad" id="login-error">{html.escape(message)}</p>' if message else ""
+    return HTMLResponse(LOGIN.format(style=style, message=note), status_code=status,
+                        headers={"Content-Security-Policy": _csp(None, style)})
+
+
+# --- sessions ---------------------------------------------------------------------------------------------------------
+
+def cookie_name(settings: Settings) -> str:
+    # The __Host- prefix is only accepted by browsers with Secure (and Path=/, no Domain).
+    return "__Host-pdm-session" if settings.session_cookie_secure else "pdm-session"
+
+
+def _digest(session_id: str) -> bytes:
+    return hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).digest()
+
+
+NEW_SESSION = """
+WITH expired AS (DELETE FROM dashboard_sessions WHERE expires_at < now())
+INSERT INTO dashboard_sessions (id_hash, expires_at, client_addr) VALUES (%s, now() + %s, %s)
+"""
+VALID_SESSION = "SELECT 1 FROM dashboard_sessions WHERE id_hash = %s AND expires_at > now()"
+END_SESSION = "DELETE FROM dashboard_sessions WHERE id_hash = %s"
+
+
+async def session_valid(conn: psycopg.AsyncConnection, request: Request, settings: Settings) -> bool:
+    session_id = request.cookies.get(cookie_name(settings))
+    if not session_id or len(session_id) > 128:
+        return False
+    return await (await conn.execute(VALID_SESSION, [_digest(session_id)])).fetchone() is not None
+
+
+def same_origin(request: Request) -> bool:
+    """The POST came from a page of this site: its Origin is our scheme://host[:port]."""
+    origin = request.headers.get("origin")
+    host = request.headers.get("host")
+    if not origin or not host:
+        return False
+    parts = urlsplit(origin)
+    return parts.scheme == request.url.scheme and parts.netloc.lower() == host.lower()
+
+
+# --- data -------------------------------------------------------------------------------------------------------------
+
+# The fleet's first page: chosen and ordered from an index (the WHERE clause holds only the filters given, so the
+# plan is the one for those filters), then the gateway's name and "since" for those rows only.
+FLEET_PAGE = """
+WITH page AS (
+    SELECT m.gateway_id, m.machine_id, m.worst_state, m.health_last, m.p_failure_max, m.mode_risk_max,
+           m.dominant_mode, m.window_end, m.first_seen_at, pdm_state_rank(m.worst_state) AS rank
+    FROM machines m
+    WHERE {where}
+    ORDER BY pdm_state_rank(m.worst_state), m.health_last, m.gateway_id, m.machine_id
+    LIMIT %(limit)s
+)
+SELECT coalesce(json_agg(json_build_object(
+           'gateway', g.name, 'machine_id', p.machine_id, 'state', p.worst_state, 'health', p.health_last,
+           'p_failure', p.p_failure_max, 'dominant_mode', p.dominant_mode,
+           'dominant_risk', (p.mode_risk_max->>p.dominant_mode)::double precision, 'window_end', p.window_end,
+           'since', coalesce(ev.ts, p.first_seen_at))
+       ORDER BY p.rank, p.health_last, p.gateway_id, p.machine_id), '[]')::text, count(*)
+FROM page p
+JOIN gateways g ON g.id = p.gateway_id
+LEFT JOIN LATERAL (
+    SELECT e.ts FROM events e
+    WHERE e.gateway_id = p.gateway_id AND e.machine_id = p.machine_id AND e.to_state = p.worst_state
+    ORDER BY e.ts DESC LIMIT 1
+) ev ON true
+"""
+
+FLEET_COUNTS = "SELECT m.worst_state, count(*) FROM machines m WHERE {where} GROUP BY m.worst_state"
+
+FLEET_GATEWAYS = """
+SELECT coalesce(json_agg(x ORDER BY x.silent DESC, x.alarm DESC, x.warning DESC, x.name), '[]')::text FROM (
+    SELECT g.name, g.revoked_at, g.last_seen_at, g.agent_version,
+           extract(epoch FROM now() - g.last_seen_at)::double precision AS last_seen_age_s,
+           g.revoked_at IS NULL AND (g.last_seen_at IS NULL OR g.last_seen_at < now() - %(silent)s) AS silent,
+           g.last_status->'buffer_pending' AS buffer_pending, g.last_status->'dropped_total' AS dropped_total,
+           coalesce(c.machines, 0) AS machines, coalesce(c.alarm, 0) AS alarm, coalesce(c.warning, 0) AS warning
+    FROM gateways g
+    LEFT JOIN (
+        SELECT gateway_id, count(*) AS machines, count(*) FILTER (WHERE worst_state = 'alarm') AS alarm,
+               count(*) FILTER (WHERE worst_state = 'warning') AS warning
+        FROM machines GROUP BY gateway_id
+    ) c ON c.gateway_id = g.id
+) x
+"""
+
+MACHINE = """
+SELECT g.id, m.worst_state, m.health_last, m.p_failure_max, m.dominant_mode, m.window_start, m.window_end,
+       m.model_name, m.model_version, s.inputs,
+       (SELECT e.ts FROM events e WHERE e.gateway_id = m.gateway_id AND e.machine_id = m.machine_id
+          AND e.to_state = m.worst_state ORDER BY e.ts DESC LIMIT 1),
+       m.first_seen_at, m.mode_risk_max
+FROM gateways g
+JOIN machines m ON m.gateway_id = g.id AND m.machine_id = %(machine_id)s
+LEFT JOIN summaries s ON s.gateway_id = m.gateway_id AND s.summary_id = m.summary_id
+WHERE g.name = %(gateway)s
+"""
+
+# One row per bucket of the range: the worst of its windows (lowest health, highest risks, worst state).
+SERIES = """
+SELECT coalesce(json_agg(b ORDER BY b.t), '[]')::text FROM (
+    SELECT date_bin(%(bucket)s, s.window_start, %(since)s) AS t, count(*) AS windows,
+           min(s.health_min) AS health_min, avg(s.health_mean) AS health_mean, max(s.p_failure_max) AS p_failure,
+           (ARRAY['alarm', 'warning', 'ok'])[min(pdm_state_rank(s.worst_state)) + 1] AS state,
+           json_build_object({modes}) AS modes
+    FROM summaries s
+    WHERE s.gateway_id = %(gateway_id)s AND s.machine_id = %(machine_id)s
+      AND s.window_start >= %(since)s AND s.window_start < %(until)s
+    GROUP BY 1
+) b
+"""
+
+EVENTS = """
+SELECT coalesce(json_agg(json_build_object(
+           'ts', e.ts, 'from_state', e.from_state, 'to_state', e.to_state, 'health', e.health,
+           'p_failure', e.p_failure, 'dominant_mode', e.dominant_mode) ORDER BY e.ts), '[]')::text
+FROM (SELECT * FROM events e
+      WHERE e.gateway_id = %(gateway_id)s AND e.machine_id = %(machine_id)s
+        AND e.ts >= %(since)s AND e.ts < %(until)s
+      ORDER BY e.ts DESC LIMIT %(limit)s) e
+"""
+MAX_EVENTS = 500
+
+
+def _filters(gateway: str | None, state: str | None, mode: str | None) -> tuple[str, dict]:
+    where, params = ["true"], {}
+    if gateway is not None:
+        where.append("m.gateway_id = (SELECT id FROM gateways WHERE name = %(gateway)s)")
+        params["gateway"] = gateway
+    if state is not None:
+        where.append("pdm_state_rank(m.worst_state) = %(rank)s")
+        params["rank"] = STATES.index(state)
+    if mode is not None:
+        where.append("m.dominant_mode = %(mode)s")
+        params["mode"] = mode
+    return " AND ".join(where), params
+
+
+def fleet_queries(gateway: str | None, state: str | None, mode: str | None,
+                  limit: int) -> dict[str, tuple[str, dict]]:
+    """The fleet view's statements with their parameters (the bench EXPLAINs the same ones)."""
+    where, params = _filters(gateway, state, mode)
+    counts_where, counts_params = _filters(gateway, None, mode)
+    return {"page": (FLEET_PAGE.format(where=where), {**params, "limit": limit}),
+            "counts": (FLEET_COUNTS.format(where=counts_where), counts_params),
+            "gateways": (FLEET_GATEWAYS, {"silent": SILENT_AFTER})}
+
+
+async def fleet(conn: psycopg.AsyncConnection, gateway: str | None, state: str | None, mode: str | None,
+                limit: int) -> str:
+    queries = fleet_queries(gateway, state, mode, limit)
+    rows, shown = await (await conn.execute(*queries["page"])).fetchone()
+    counts = dict(await (await conn.execute(*queries["counts"])).fetchall())
+    gateways = (await (await conn.execute(*queries["gateways"])).fetchone())[0]
+    counts = {s: counts.get(s, 0) for s in STATES}
+    modes = [mode_words(m) for m in manifest().outputs.modes]
+    return (f'{{"counts":{_json(counts)},"shown":{shown},'
+            f'"machines":{rows},"gateways":{gateways},"modes":{_json(modes)},'
+            f'"silent_after_s":{int(SILENT_AFTER.total_seconds())}}}')
+
+
+def machine_range(since: datetime | None, until: datetime | None, points: int) -> dict:
+    until = until or datetime.now(UTC)
+    since = since or until - DEFAULT_SPAN
+    if since >= until:
+        raise ApiError(422, "invalid_request", "since must be before until")
+    if until - since > MAX_SPAN:
+        raise ApiError(422, "invalid_request", f"the range is at most {MAX_SPAN.days} days")
+    bucket = timedelta(seconds=max(1, math.ceil((until - since).total_seconds() / points)))
+    return {"since": since, "until": until, "bucket": bucket}
+
+
+def series_query() -> str:
+    modes = ", ".join(f"'{m}', max((s.mode_risk_max->>'{m}')::double precision)" for m in manifest().outputs.modes
+                      if re.fullmatch(r"[A-Za-z0-9_]+", m))
+    return SERIES.format(modes=modes)
+
+
+async def machine(conn: psycopg.AsyncConnection, gateway: str, machine_id: str, since: datetime | None,
+                  until: datetime | None, points: int) -> str:
+    row = await (await conn.execute(MACHINE, {"gateway": gateway, "machine_id": machine_id})).fetchone()
+    if row is None:
+        raise ApiError(404, "not_found", f"no machine {machine_id!r} on a gateway named {gateway!r}")
+    (gateway_id, state, health, p_failure, dominant, window_start, window_end, model_name, model_version, inputs,
+     entered, first_seen, risk) = row
+    span = machine_range(since, until, points)
+    params = {"gateway_id": gateway_id, "machine_id": machine_id, **span}
+    series = (await (await conn.execute(series_query(), params)).fetchone())[0]
+    events = (await (await conn.execute(EVENTS, {**params, "limit": MAX_EVENTS})).fetchone())[0]
+    thresholds = manifest().thresholds
+    head = {
+        "gateway": gateway, "machine_id": machine_id, "state": state, "health": health, "p_failure": p_failure,
+        "since": (entered or first_seen).isoformat(), "window_start": window_start.isoformat(),
+        "window_end": window_end.isoformat(), "model": {"name": model_name, "version": model_version},
+        "dominant": {**mode_words(dominant), "risk": risk.get(dominant)} if dominant else None,
+        "range": {"since": span["since"].isoformat(), "until": span["until"].isoformat(),
+                  "bucket_s": span["bucket"].total_seconds()},
+        "health_bands": {"warning": health_at(thresholds.warning), "alarm": health_at(thresholds.alarm)},
+        "modes": [{**mode_words(m), "threshold": thresholds.modes.get(m), "latest": risk.get(m)}
+                  for m in manifest().outputs.modes],
+        "inputs": _inputs(inputs or {}),
+    }
+    return f'{_json(head)[:-1]},"series":{series},"events":{events}}}'
+
+
+def _inputs(stats: dict) -> list[dict]:
+    """The latest window's per-input min/mean/max against the model's normal (training) range."""
+    known = {i.name: i for i in manifest().inputs}
+    rows = []
+    for name in [*known, *sorted(set(stats) - set(known))]:
+        if name not in stats:
+            continue
+        value, spec = stats[name], known.get(name)
+        row = {"name": name, "min": value.get("min"), "mean": value.get("mean"), "max": value.get("max"),
+               "unit": spec.unit if spec else "", "description": spec.description if spec else "",
+               "normal_min": spec.training_range.min if spec else None,
+               "normal_max": spec.training_range.max if spec else None}
+        row["out"] = spec is not None and any(
+            v is not None and v not in spec.training_range for v in (row["min"], row["max"]))
+        rows.append(row)
+    return rows
+
+
+def _json(value) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+# --- routes -----------------------------------------------------------------------------------------------------------
+
+def routes(api: FastAPI, settings: Settings, connection: Callable, require_ops: Callable) -> None:
+    """Add the page, login/logout and the dashboard's data routes to `api`."""
+    ops_token = settings.ops_token.get_secret_value() if settings.ops_token else None
+    name = cookie_name(settings)
+    lifetime = timedelta(seconds=settings.session_lifetime_s)
+
+    def see_other(path: str) -> RedirectResponse:
+        return RedirectResponse(path, status_code=303)
+
+    @api.get("/", include_in_schema=False)
+    async def index(request: Request) -> Response:
+        async with connection(request) as conn:
+            if not await session_valid(conn, request, settings):
+                return see_other("/login")
+        body, csp, _ = page()
+        return HTMLResponse(body, headers={"Content-Security-Policy": csp})
+
+    @api.get("/login", include_in_schema=False)
+    async def login_form() -> Response:
+        return login_page()
+
+    @api.post("/login", include_in_schema=False)
+    async def login(request: Request) -> Response:
+        if not same_origin(request):
+            raise ApiError(403, "forbidden", "a sign-in must come from this site's own login form")
+        raw = await request.body()
+        if len(raw) > MAX_FORM_BYTES:
+            raise ApiError(413, "payload_too_large", "the login form is larger than any token")
+        token = parse_qs(raw.decode("utf-8", "replace")).get("token", [""])[0].strip()
+        if ops_token is None:
+            return login_page("The dashboard is off: no PDM_CENTRAL_OPS_TOKEN is configured.", 401)
+        if not token or not same_secret(token, ops_token):
+            return login_page("That token was refused.", 401)
+        session_id = secrets.token_urlsafe(32)
+        client = request.client.host if request.client else None
+        async with connection(request) as conn:
+            await conn.execute(NEW_SESSION, [_digest(session_id), lifetime, _address(client)])
+        response = see_other("/")
+        response.set_cookie(name, session_id, max_age=settings.session_lifetime_s, path="/",
+                            secure=settings.session_cookie_secure, httponly=True, samesite="strict")
+        return response
+
+    @api.post("/logout", include_in_schema=False)
+    async def logout(request: Request) -> Response:
+        if not same_origin(request):
+            raise ApiError(403, "forbidden", "a sign-out must come from this site's own page")
+        session_id = request.cookies.get(name)
+        if session_id:
+            async with connection(request) as conn:
+                await conn.execute(END_SESSION, [_digest(session_id)])
+        response = see_other("/login")
+        response.delete_cookie(name, path="/", secure=settings.session_cookie_secure, httponly=True,
+                               samesite="strict")
+        return response
+
+    data = APIRouter(prefix="/api/v1/dashboard", dependencies=[Depends(require_ops)])
+
+    @data.get("/fleet")
+    async def fleet_view(request: Request, gateway: Name | None = None, state: State | None = None,
+                         mode: Mode | None = None,
+                         limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> Response:
+        async with connection(request) as conn:
+            return Response(await fleet(conn, gateway, state, mode, limit), media_type=JSON)
+
+    @data.get("/gateways/{gateway}/machines/{machine_id}")
+    async def machine_view(request: Request, gateway: str, machine_id: str, since: AwareDatetime | None = None,
+                           until: AwareDatetime | None = None,
+                           points: Annotated[int, Query(ge=10, le=2000)] = 400) -> Response:
+        async with connection(request) as conn:
+            return Response(await machine(conn, gateway, machine_id, since, until, points), media_type=JSON)
+
+    api.include_router(data)
+
+
+def _address(host: str | None) -> str | None:
+    try:
+        return str(ipaddress.ip_address(host)) if host else None
+    except ValueError:
+        return None
