@@ -63,6 +63,8 @@ SILENT_AFTER = timedelta(minutes=10)  # a gateway syncs every few seconds; 10 mi
 DEFAULT_SPAN = timedelta(hours=24)
 MAX_SPAN = timedelta(days=400)
 MAX_FORM_BYTES = 4096
+# "no-referrer" (the API's default) makes browsers send `Origin: null` on the page's own form POSTs.
+PAGE_HEADERS = {"Referrer-Policy": "same-origin"}
 STATES = ("alarm", "warning", "ok")  # the fleet view's order: pdm_state_rank() in SQL
 # Plain words for the model's failure modes (the agent's status page says the same).
 MODES: dict[str, dict[str, str]] = {
@@ -129,7 +131,7 @@ LOGIN = """<!doctype html>
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="referrer" content="no-referrer">
+<meta name="referrer" content="same-origin">
 <title>pdm-central · sign in</title>
 <link rel="icon" href="data:,">
 <style>{style}</style>
@@ -155,7 +157,7 @@ def login_page(message: str = "", status: int = 200) -> HTMLResponse:
     _, _, style = page()
     note = f'<p class="bad" id="login-error">{html.escape(message)}</p>' if message else ""
     return HTMLResponse(LOGIN.format(style=style, message=note), status_code=status,
-                        headers={"Content-Security-Policy": _csp(None, style)})
+                        headers={"Content-Security-Policy": _csp(None, style), **PAGE_HEADERS})
 
 
 # --- sessions ---------------------------------------------------------------------------------------------------------
@@ -185,10 +187,13 @@ async def session_valid(conn: psycopg.AsyncConnection, request: Request, setting
 
 
 def same_origin(request: Request) -> bool:
-    """The POST came from a page of this site: its Origin is our scheme://host[:port]."""
+    """The POST came from a page of this site: its Origin is our scheme://host[:port], or, where a browser says
+    "null" (a no-referrer policy) or nothing, its Sec-Fetch-Site (which no page can set) says same-origin."""
     origin = request.headers.get("origin")
     host = request.headers.get("host")
-    if not origin or not host:
+    if origin in (None, "null"):
+        return request.headers.get("sec-fetch-site") == "same-origin"
+    if not host:
         return False
     parts = urlsplit(origin)
     return parts.scheme == request.url.scheme and parts.netloc.lower() == host.lower()
@@ -398,7 +403,7 @@ def routes(api: FastAPI, settings: Settings, connection: Callable, require_ops: 
             if not await session_valid(conn, request, settings):
                 return see_other("/login")
         body, csp, _ = page()
-        return HTMLResponse(body, headers={"Content-Security-Policy": csp})
+        return HTMLResponse(body, headers={"Content-Security-Policy": csp, **PAGE_HEADERS})
 
     @api.get("/login", include_in_schema=False)
     async def login_form() -> Response:

@@ -105,13 +105,20 @@ def test_an_expired_session_is_refused(browser, conn):
 
 
 @pytest.mark.parametrize("headers", [{}, {"Origin": "https://evil.example"}, {"Origin": "http://testserver"},
-                                     {"Origin": "null"}])
+                                     {"Origin": "null"}, {"Origin": "null", "Sec-Fetch-Site": "cross-site"},
+                                     {"Origin": "https://evil.example", "Sec-Fetch-Site": "same-origin"}])
 def test_sign_in_and_out_refuse_other_origins(browser, headers):
     response = sign_in(browser, headers=headers)
     assert response.status_code == 403 and "set-cookie" not in response.headers
     sign_in(browser)
     assert browser.post("/logout", headers=headers, follow_redirects=False).status_code == 403
     assert browser.get("/api/v1/dashboard/fleet").status_code == 200  # still signed in
+
+
+def test_a_browser_that_sends_no_origin_is_judged_by_sec_fetch_site(browser):
+    assert sign_in(browser, headers={"Sec-Fetch-Site": "same-origin"}).status_code == 303
+    assert browser.post("/logout", headers={"Origin": "null", "Sec-Fetch-Site": "same-origin"},
+                        follow_redirects=False).status_code == 303
 
 
 def test_ops_endpoints_keep_taking_the_bearer_token(browser):
