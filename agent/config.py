@@ -16,6 +16,7 @@ Validation reads local files only (the TOML file, secrets, CA files, the model f
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
@@ -75,12 +76,21 @@ class ConfigError(Exception):
     """The configuration cannot be used; `problems` holds one line per problem, naming the key, source and fix."""
 
     def __init__(self, problems: Sequence[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = list(problems)
+        self.problems = [_one_line(problem) for problem in problems]
+        super().__init__("\n".join(self.problems))
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _one_line(problem: str) -> str:
+    """A problem quotes keys and values as written, which may hold newlines or other control characters (a TOML
+    key "a\nb", a variable's JSON): escaped, each problem stays on its one line."""
+    return _CONTROL.sub(lambda match: repr(match.group())[1:-1], problem)
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # every number finite, e.g. grace_s
 
 
 class ModelConfig(_Section):
@@ -288,6 +298,10 @@ def _read_toml(path: Path, chosen_by: str) -> TomlConfigSettingsSource:
         raise ConfigError([f"config file {path} (from {chosen_by}): cannot read it: {exc.strerror}; {fix}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"config file {path}: not valid TOML: {exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"config file {path}: not UTF-8 text (byte {exc.start}); TOML files are UTF-8"]) from None
+    except RecursionError:
+        raise ConfigError([f"config file {path}: not valid TOML: arrays or tables nested too deeply"]) from None
 
 
 def _describe(exc: ValidationError, layers: Sequence[_Layer], config_file: Path) -> list[str]:

@@ -60,7 +60,7 @@ TRANSPORTS = ("tcp", "rtu")
 class Register(BaseModel):
     """Where one model input is read: `[modbus.registers.<input name>]`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # a scale of NaN turns every reading into NaN
 
     address: int = Field(ge=0, le=65535)
     table: Literal["holding", "input"] = "holding"
@@ -87,7 +87,7 @@ class Register(BaseModel):
 
 
 class _Device(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # interval_s = inf would stop polling
 
     machine_id: MachineId
     machine_type: MachineType

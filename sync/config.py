@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, FilePath, HttpUrl, SecretStr,
 
 
 class CentralConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # sync_interval_s = inf: wait() overflows
 
     # Declared before `url` so that url's validator can see it.
     allow_insecure_http: bool = False  # plain http:// to a host other than this one; the token travels in clear
