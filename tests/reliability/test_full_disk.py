@@ -3,8 +3,8 @@ long before the buffer cap. The agent stays up, commits nothing it cannot write 
 commit (the broker keeps those readings), says so on /readyz, /api/v1/status and /metrics, loses nothing it had
 accepted, and takes everything once the disk has room again.
 
-Needs root (mount -t tmpfs), as on the project's CI machine; the SQLite page limit variant of a full disk is
-tests/agent/test_pipeline.py::test_a_failing_database_is_retried_and_nothing_is_acknowledged_before_it_commits.
+The real-filesystem test needs root (mount -t tmpfs), as on the project's CI machine; the same promise with
+SQLite's page limit (`PRAGMA max_page_count`) as the full disk runs anywhere, in-process.
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ import subprocess
 import pytest
 import requests
 
+from agent.config import PipelineConfig
+from agent.pipeline import Pipeline
+from agent.store import Store
+from tests.agent.test_pipeline import raw
 from tests.agent.test_run import AgentProcess, reading, wait_for
 from tests.reliability.plant import agent_status, error_lines, integrity, status_base
 from tests.services import Publisher
@@ -81,3 +85,23 @@ def test_a_full_disk_holds_readings_at_the_broker_reports_it_and_resumes_when_sp
         assert not error_lines(agent), error_lines(agent)[:3]
     finally:
         agent.stop()
+
+
+def test_the_sqlite_page_limit_as_a_full_disk_acknowledges_nothing_uncommitted_and_resumes(scorer, tmp_path):
+    total, acked = 5_000, []
+    with Store.open(tmp_path / "agent.db") as store:
+        with store._guard("limiting") as connection:  # the store's own connection: the limit is per connection
+            connection.execute("PRAGMA max_page_count = 150")  # 600 KB
+        pipeline = Pipeline(scorer, store, PipelineConfig())
+        pipeline.start()
+        for i in range(total):
+            pipeline.put(raw(i, ack=lambda i=i: acked.append(i)))
+        wait_for(lambda: pipeline.database.failures_total >= 3, 30, "the page limit to be reached")
+        held = store.counters()["readings_accepted"]
+        assert 0 < held < total and len(acked) == held  # acknowledged exactly what was committed
+        assert not pipeline.database.up and "full" in pipeline.database.last_error
+        with store._guard("making room") as connection:
+            connection.execute("PRAGMA max_page_count = 1000000")
+        assert pipeline.stop(timeout=60)
+        assert sorted(acked) == list(range(total)) and pipeline.database.up
+        assert store.counters()["readings_accepted"] == total and store.integrity_ok()
