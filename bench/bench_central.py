@@ -83,14 +83,14 @@ def add_gateway(url: str, name: str) -> tuple[int, str]:
         return conn.execute("SELECT id FROM gateways WHERE name = %s", [name]).fetchone()[0], token
 
 
-def run_raw(url: str, rows: list[dict]) -> float:
+def run_raw(url: str, rows: list[dict], batch: int = BATCH) -> float:
     gateway_id, _ = add_gateway(url, f"raw-{uuid.uuid4().hex[:8]}")
     tuples = raw_rows(gateway_id, rows)
     with psycopg.connect(url) as conn:
         start = time.perf_counter()
-        for i in range(0, len(tuples), BATCH):
+        for i in range(0, len(tuples), batch):
             with conn.transaction(), conn.cursor() as cursor:
-                cursor.executemany(RAW_INSERT, tuples[i:i + BATCH])
+                cursor.executemany(RAW_INSERT, tuples[i:i + batch])
         elapsed = time.perf_counter() - start
     return len(rows) / elapsed
 
@@ -142,11 +142,11 @@ def run_central(url: str, base: str, machines: int, windows: int, clients: int =
     return total / elapsed, total / again
 
 
-def start_server(url: str, workdir: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def start_server(url: str, workdir: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    port = port or free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PDM_CENTRAL_")}
     env.update({"PDM_CENTRAL_DATABASE_URL": url, "PDM_CENTRAL_LOG_LEVEL": "WARNING"})
-    log = (workdir / "central.log").open("wb")
+    log = (workdir / "central.log").open("ab")
     process = subprocess.Popen([sys.executable, "-m", "central.cli", "serve", "--port", str(port)], env=env,
                                stdout=log, stderr=log, stdin=subprocess.DEVNULL)
     base = f"http://{LOCALHOST}:{port}"
@@ -166,7 +166,7 @@ def start_server(url: str, workdir: Path) -> tuple[subprocess.Popen, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rows and runs (a smoke test, no report)")
+    parser.add_argument("--quick", action="store_true", help="fewer rows, one run")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     machines, windows = (20, 50) if args.quick else (50, 200)
@@ -219,9 +219,8 @@ posts pre-built gzipped bodies over HTTP on loopback and shares the 2 cores with
 write the same table with the same indexes; central also keeps `machines` (latest state) and the gateway's status
 in the same transaction, and checks the pooled connection before use."""
     print(body)
-    if not args.quick:
-        write_section("central", "python -m bench.bench_central", body,
-                      ("fastapi", "uvicorn", "psycopg", "psycopg-pool", "pydantic"))
+    write_section("central", "python -m bench.bench_central" + (" --quick" if args.quick else ""), body,
+                  ("fastapi", "uvicorn", "psycopg", "psycopg-pool", "pydantic"))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """Model benchmark: ONNX latency and throughput, validate-and-score throughput, RSS after loading.
 
-Run: python -m bench.bench_model [--repeats N]   (writes the `model` section of BENCHMARKS.md)
+Run: python -m bench.bench_model [--quick] [--repeats N]   (writes the `model` section of BENCHMARKS.md)
+
+The limit each figure is bounded by is measured in the same run: a plain onnxruntime InferenceSession of the same
+ONNX file (one intra-op thread, like the agent's) running the same float32 batch.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import time
 
 import numpy as np
 
-from bench.report import median_spread, write_section
+from bench.report import median_spread, table, write_section
 
 RSS_SCRIPT = """
 from model.package import load
@@ -60,6 +63,16 @@ def rate(function, items: int, seconds: float = 1.0) -> float:
     return done / elapsed
 
 
+def raw_session(onnx_path):
+    """A plain onnxruntime session of the same file with the agent's thread settings: the limit of scoring."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
 def rss_after_load_mb() -> float:
     out = subprocess.run([sys.executable, "-c", RSS_SCRIPT], capture_output=True, text=True, check=True)
     return int(out.stdout.strip()) / 1024
@@ -70,8 +83,11 @@ def main() -> None:
     from model.score import Scorer
 
     args = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    args.add_argument("--repeats", type=int, default=5)
-    repeats = args.parse_args().repeats
+    args.add_argument("--quick", action="store_true", help="1 run, shorter timings")
+    args.add_argument("--repeats", type=int)
+    options = args.parse_args()
+    repeats = options.repeats or (1 if options.quick else 5)
+    seconds = 0.3 if options.quick else 1.0
 
     scorer = Scorer(load(threads=1))
     model = scorer.model
@@ -79,31 +95,49 @@ def main() -> None:
     valid, rejected = scorer.validator.validate(readings)
     assert not rejected and len(valid.index) == len(readings)
 
-    p50, p99, onnx_rate, score_rate, rss = [], [], [], [], []
+    raw = raw_session(model.package / model.manifest.onnx.file)
+    names = [i.name for i in raw.get_inputs()]
+
+    def raw_run(n: int):
+        feed = dict(zip(names, (valid.values[:n], valid.machine_types[:n]), strict=True))
+        return lambda: raw.run(None, feed)
+
+    p50, p99, onnx_rate, raw_rate, score_rate, raw_256, rss = [], [], [], [], [], [], []
     for _ in range(repeats):
-        a, b = bench_latency(model, valid)
+        a, b = bench_latency(model, valid, rounds=500 if options.quick else 2000)
         p50.append(a)
         p99.append(b)
         values, types = valid.values[:1024], valid.machine_types[:1024]
-        onnx_rate.append(rate(lambda: model.predict(values, types), 1024))
+        raw_rate.append(rate(raw_run(1024), 1024, seconds))
+        onnx_rate.append(rate(lambda: model.predict(values, types), 1024, seconds))
         batch = readings[:256]
-        score_rate.append(rate(lambda: scorer.score(batch), 256))
+        raw_256.append(rate(raw_run(256), 256, seconds))
+        score_rate.append(rate(lambda: scorer.score(batch), 256, seconds))
         rss.append(rss_after_load_mb())
+    onnx_ratio = [a / b for a, b in zip(onnx_rate, raw_rate, strict=True)]
+    score_ratio = [a / b for a, b in zip(score_rate, raw_256, strict=True)]
 
     rows = [
         ("ONNX scoring latency, batch 1, p50", median_spread(p50, "{:.1f}") + " µs", ""),
         ("ONNX scoring latency, batch 1, p99", median_spread(p99, "{:.1f}") + " µs", ""),
         ("ONNX throughput, batch 1,024, one thread", median_spread(onnx_rate) + " rows/s", "≥ 300,000"),
+        ("raw onnxruntime session.run, same batch of 1,024", median_spread(raw_rate) + " rows/s", ""),
+        ("ONNX throughput / raw onnxruntime, batch 1,024", median_spread(onnx_ratio, "{:.2f}"), ""),
         ("validate + score dict readings, batch 256", median_spread(score_rate) + " readings/s", "≥ 100,000"),
+        ("raw onnxruntime session.run, the same 256 rows as float32 arrays", median_spread(raw_256) + " rows/s", ""),
+        ("validate + score / raw onnxruntime, batch 256", median_spread(score_ratio, "{:.2f}"), ""),
         ("RSS after loading the model and scoring once", median_spread(rss, "{:.1f}") + " MB", "≤ 80"),
     ]
-    body = "| figure | median (min–max) | goal |\n|---|---|---|\n" + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
+    body = table(rows)
     onnx = model.package / model.manifest.onnx.file
     estimators = model.manifest.training.estimators
     body += (f"\n\n{repeats} runs. Model: {model.name} {model.version}, {onnx.stat().st_size / 1024:.0f} kB of ONNX: "
              f"machine failure by {estimators['failure']}; each mode by {estimators['HDF']}; in one graph. "
-             "Readings are synthetic, spread over the training ranges. onnxruntime with intra_op_num_threads=1.")
-    write_section("model", "python -m bench.bench_model", body,
+             "Readings are synthetic, spread over the training ranges. onnxruntime with intra_op_num_threads=1. "
+             "Raw: a plain InferenceSession of the same file, same thread settings, fed the arrays the validator "
+             "produced; validate + score starts from dict readings (validation, float32 arrays, scoring, health).")
+    command = "python -m bench.bench_model" + (" --quick" if options.quick else "")
+    write_section("model", command, body,
                   ("onnxruntime", "numpy", "pydantic"))
     print(body)
 

@@ -1,25 +1,108 @@
-"""BENCHMARKS.md: one section per benchmark, each rewritten in place by its own command, with the machine it ran on."""
+"""BENCHMARKS.md: one section per benchmark, each rewritten in place by its own command, with the machine it ran on.
+
+Where it goes: the checkout by default (BENCHMARKS.md, bench/plots/, .bench/results/); under the folder named by
+$PDM_BENCH_OUTPUT when set (the same layout below it), so a test or a trial run leaves the committed files alone.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
 import statistics
+import subprocess
+import time
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+ROOT = Path(__file__).resolve().parent.parent
+OUTPUT_ENV = "PDM_BENCH_OUTPUT"
 HEADER = "# Benchmarks\n\nEach section is written by the command it names; figures are medians of several runs.\n"
+SECTION = re.compile(r"<!-- bench:(?P<name>[\w-]+) -->.*?<!-- /bench:(?P=name) -->", re.S)
+
+
+def output_root() -> Path:
+    return Path(os.environ.get(OUTPUT_ENV) or ROOT)
+
+
+def benchmarks_path() -> Path:
+    return output_root() / "BENCHMARKS.md"
+
+
+def plots_dir() -> Path:
+    return output_root() / "bench" / "plots"
+
+
+def results_dir() -> Path:
+    """Raw samples a bench keeps for the plots (git-ignored under the checkout)."""
+    return output_root() / ".bench" / "results"
+
+
+def save_results(name: str, data: dict) -> None:
+    results_dir().mkdir(parents=True, exist_ok=True)
+    (results_dir() / f"{name}.json").write_text(json.dumps(data))
+
+
+def load_results(name: str) -> dict | None:
+    path = results_dir() / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def cpu_model() -> str:
+    return next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")), platform.processor() or "unknown CPU")
+
+
+def memory_gib() -> float:
+    return next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")) / 2**20
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown CPU")
-    memory_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                     if line.startswith("MemTotal"))
-    return f"{cpu}, {os.cpu_count()} cores, {memory_kb / 2**20:.0f} GiB, {platform.system()} {platform.release()}"
+    return (f"{cpu_model()}, {os.cpu_count()} cores, {memory_gib():.0f} GiB, "
+            f"{platform.system()} {platform.release()}")
+
+
+def filesystem(path: Path) -> str:
+    """Type, device and size of the filesystem holding `path` (the longest mount point above it)."""
+    path = path.resolve()
+    best = ("?", "?", "/")
+    for line in Path("/proc/mounts").read_text().splitlines():
+        device, mount, kind = line.split()[:3]
+        if path.is_relative_to(mount) and len(mount) >= len(best[2]):
+            best = (device, kind, mount)
+    stat = os.statvfs(path)
+    size, free = stat.f_blocks * stat.f_frsize / 2**30, stat.f_bavail * stat.f_frsize / 2**30
+    return f"{best[1]} on {best[0]} mounted at {best[2]}, {size:,.0f} GiB ({free:,.0f} GiB free)"
+
+
+def fsync_rate(folder: Path, seconds: float = 0.5) -> float:
+    """4 KiB write + fsync per round, in `folder`: what bounds every synchronous=FULL commit."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"fsync-probe-{os.getpid()}"
+    block = os.urandom(4096)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        done, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds:
+            os.pwrite(fd, block, 0)
+            os.fsync(fd)
+            done += 1
+        return done / elapsed
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def versions(*packages: str) -> str:
@@ -36,12 +119,33 @@ def median_spread(samples: list[float], fmt: str = "{:,.0f}") -> str:
     return f"{fmt.format(statistics.median(samples))} ({fmt.format(min(samples))}–{fmt.format(max(samples))})"
 
 
+def table(rows: list[tuple[str, str, str]]) -> str:
+    """The three-column figure table every section uses: figure, median (min–max), goal."""
+    return "| figure | median (min–max) | goal |\n|---|---|---|\n" + "\n".join(
+        f"| {a} | {b} | {c} |" for a, b, c in rows)
+
+
+def replace_section(text: str, name: str, section: str) -> str:
+    pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)
+    return pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+
+
+def write_block(name: str, body: str) -> None:
+    """Replace (or append) the block `name` of BENCHMARKS.md: no heading of its own (the suite's header parts)."""
+    path = benchmarks_path()
+    text = path.read_text() if path.exists() else HEADER
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(replace_section(text, name, f"<!-- bench:{name} -->\n{body.strip()}\n<!-- /bench:{name} -->")
+                    .rstrip() + "\n")
+
+
 def write_section(name: str, command: str, body: str, packages: tuple[str, ...]) -> None:
     """Replace (or append) the section `name` of BENCHMARKS.md."""
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    section = (f"<!-- bench:{name} -->\n## {name}\n\n`{command}` — {stamp}\n\n"
-               f"Machine: {machine()}  \nVersions: {versions(*packages)}\n\n{body.strip()}\n<!-- /bench:{name} -->")
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else HEADER
-    pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    BENCHMARKS.write_text(text.rstrip() + "\n")
+    write_block(name, f"## {name}\n\n`{command}` — {stamp}\n\nMachine: {machine()}  \n"
+                      f"Versions: {versions(*packages)}\n\n{body.strip()}")
+
+
+def sections(text: str) -> dict[str, str]:
+    """Every `<!-- bench:NAME -->` block of a BENCHMARKS.md text, by name, markers included."""
+    return {match["name"]: match[0] for match in SECTION.finditer(text)}

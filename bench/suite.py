@@ -1,0 +1,178 @@
+"""The whole benchmark suite: every bench module in turn, then BENCHMARKS.md put together with the machine, the goals
+and the plots at the top.
+
+Run: python -m bench [--quick] [--only NAME ...]   (or ./scripts/bench.sh, which makes .venv first)
+
+Each module runs in its own process (`python -m bench.bench_NAME [--quick]`) and writes its own section; a module
+that fails is reported and the others still run (its previous section, if any, stays, with its old date), and the
+suite exits 1. --quick: one run of each, smaller workloads, a 10 s outage for the peer (a few minutes in all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench import report
+
+# In the order of BENCHMARKS.md. Each is bench/bench_NAME.py, run as a module.
+MODULES = ("model", "store", "startup", "ingest", "modbus", "central", "sync", "status", "dashboard", "peer")
+PACKAGES = ("onnxruntime", "numpy", "pydantic", "paho-mqtt", "pymodbus", "fastapi", "uvicorn", "psycopg",
+            "requests", "matplotlib")
+PLOTS = (("ingest-throughput.png", "Throughput against offered load (MQTT ingest, pdm-edge and the peer)"),
+         ("ingest-latency.png", "Latency percentiles, publish → committed, at several offered loads"),
+         ("rss-soak.png", "RSS of the agent over a soak under load"))
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A goal of an earlier issue: the row of `section` whose figure matches `row`, its median against `limit`."""
+
+    name: str
+    issue: int
+    section: str
+    row: str  # a regular expression searched in the figure column
+    op: str  # ">=" or "<="
+    limit: float
+    unit: str
+    profile: str = ""  # where the time goes, for a missed goal
+
+
+GOALS = (
+    Goal("ONNX throughput, batch 1,024, one thread", 2, "model", r"^ONNX throughput, batch 1,024", ">=", 300_000,
+         "rows/s", "onnxruntime profile per 1,024 batch (2026-11-26): failure RF 1,673 µs, HDF 598, TWF 581, PWF 386, "
+         "OSF 323 — the graph itself; compare the raw onnxruntime row of the model section"),
+    Goal("validate + score, batch 256", 2, "model", r"^validate \+ score", ">=", 100_000, "readings/s"),
+    Goal("RSS after loading the model", 2, "model", r"^RSS after loading", "<=", 80, "MB",
+         "`import onnxruntime` alone is about 50 MB on top of numpy (LIBRARY_NOTES)"),
+    Goal("MQTT ingest / bare paho QoS 1 subscriber", 3, "ingest", r"^agent / bare subscriber", ">=", 0.8, "",
+         "cProfile (2026-11-26): 82–92 µs CPU per reading on one GIL: paho network thread 46–55 µs (incl. "
+         "cross-thread PUBACK wake-ups), pipeline 32–37 µs (decode 5.9, score 7.9, StoredReading 3.3, store.write "
+         "10.2 of which json.dumps 6.8)"),
+    Goal("latency publish → committed at 5,000/s, p99", 3, "ingest", r"committed \(upper bound\), p99", "<=", 250,
+         "ms"),
+    Goal("agent RSS under load (median)", 3, "ingest", r"^agent RSS during the paced run, median", "<=", 100, "MB",
+         "import cost: onnxruntime + numpy + the model ≈ the `bare` row of the startup section; the status server "
+         "(FastAPI, uvicorn) and pydantic add the rest (compare startup: agent RSS / bare)"),
+    Goal("Modbus driver / bare pymodbus loop", 4, "modbus", r"^rate: driver / bare", ">=", 0.7, "",
+         "cost ladder (2026-11-26): 120 vs 31 µs CPU per read: +27 µs the hand-off to the sink thread, +19 the 1 ms "
+         "tick loop, +17 decode/JSON, +11 the timed read (`python -m bench.bench_modbus --profile`)"),
+    Goal("Modbus poll-time jitter at 1 Hz, 200 devices, p99", 4, "modbus", r"jitter\), p99", "<=", 50, "ms"),
+    Goal("central ingest / raw INSERT", 5, "central", r"^central / raw", ">=", 0.5, "",
+         "the database statement equals raw; the gap is pydantic validation (6.5 ms per 500 summaries) and "
+         "re-serialisation (2026-11-26)"),
+    Goal("sync catch-up", 5, "sync", r"^catch-up of", ">=", 10_000, "summaries/s"),
+    Goal("status API p99", 6, "status", r"p99", "<=", 50, "ms"),
+    Goal("dashboard fleet view p99", 6, "dashboard", r"^fleet, p99", "<=", 200, "ms"),
+    Goal("dashboard 30-day machine view p99", 6, "dashboard", r"^machine 30 d, p99", "<=", 200, "ms"),
+    Goal("start-up to ready", 9, "startup", r"^start-up to ready", "<=", 1.5, "s"),
+)
+NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+
+
+def run_module(name: str, quick: bool) -> tuple[bool, float]:
+    """Run bench.bench_NAME; (it succeeded, seconds)."""
+    path = Path(__file__).resolve().parent / f"bench_{name}.py"
+    if not path.exists():
+        print(f"== bench {name}: {path.name} does not exist", file=sys.stderr)
+        return False, 0.0
+    print(f"== bench {name}{' --quick' if quick else ''}", file=sys.stderr, flush=True)
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", f"bench.bench_{name}", *(["--quick"] if quick else [])],
+                          cwd=report.ROOT, stdout=subprocess.DEVNULL)
+    elapsed = time.monotonic() - start
+    print(f"== bench {name}: {'ok' if done.returncode == 0 else f'FAILED (exit {done.returncode})'} in "
+          f"{elapsed:.0f} s", file=sys.stderr, flush=True)
+    return done.returncode == 0, elapsed
+
+
+def row_median(section: str, pattern: str) -> float | None:
+    """The median (first number of the second column) of the first table row whose figure matches `pattern`."""
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) >= 2 and re.search(pattern, cells[0]) and (number := NUMBER.search(cells[1])):
+            return float(number[0].replace(",", ""))
+    return None
+
+
+def goals_block(found: dict[str, str]) -> tuple[str, list[Goal]]:
+    rows, missed = [], []
+    for goal in GOALS:
+        value = row_median(found.get(goal.section, ""), goal.row)
+        limit = f"{'≥' if goal.op == '>=' else '≤'} {goal.limit:,g} {goal.unit}".strip()
+        if value is None:
+            rows.append(f"| {goal.name} | {goal.issue} | {limit} | not measured | — |")
+            continue
+        met = value >= goal.limit if goal.op == ">=" else value <= goal.limit
+        if not met:
+            missed.append(goal)
+        rows.append(f"| {goal.name} | {goal.issue} | {limit} | {value:,g} {goal.unit} ([{goal.section}]"
+                    f"(#{goal.section})) | {'met' if met else '**missed**'} |")
+    body = ("## Goals\n\nEvery benchmark goal of the issues, against the median of this file's run.\n\n"
+            "| goal | issue | limit | measured | |\n|---|---|---|---|---|\n" + "\n".join(rows))
+    if missed:
+        body += "\n\nWhere the time goes, for each missed goal:\n\n" + "\n".join(
+            f"- **{goal.name}**: {goal.profile or 'no profile yet'}" for goal in missed)
+    return body, missed
+
+
+def machine_block(quick: bool, durations: dict[str, float]) -> str:
+    root = report.output_root()
+    disk = report.filesystem(root)
+    fsync = report.fsync_rate(root / ".bench" / "probe")
+    timing = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in durations.items())
+    return (f"Suite: `python -m bench{' --quick' if quick else ''}` (`./scripts/bench.sh`), "
+            f"{datetime.now(UTC):%Y-%m-%d %H:%M UTC}, commit {report.git_commit()}"
+            f"{' — quick mode: one run each, small workloads; not figures to quote' if quick else ''}.\n\n"
+            f"| machine | |\n|---|---|\n| CPU | {report.cpu_model()} |\n| cores | {os.cpu_count()} |\n"
+            f"| memory | {report.memory_gib():.1f} GiB |\n| disk (the work folder) | {disk} |\n"
+            f"| fsync of 4 KiB, same disk | {fsync:,.0f} /s |\n| versions | {report.versions(*PACKAGES)} |\n"
+            f"| run time per bench | {timing or '—'} |")
+
+
+def plots_block() -> str:
+    lines = [f"- [{title}](bench/plots/{name})" for name, title in PLOTS if (report.plots_dir() / name).exists()]
+    return "## Plots\n\n" + ("\n".join(lines) if lines else "No plots yet: run `./scripts/bench.sh`.")
+
+
+def assemble(quick: bool, durations: dict[str, float]) -> list[Goal]:
+    """Rewrite BENCHMARKS.md: title, machine, goals, plots, then every section in MODULES order (others after)."""
+    path = report.benchmarks_path()
+    found = report.sections(path.read_text()) if path.exists() else {}
+    goals, missed = goals_block(found)
+    head = {"machine": machine_block(quick, durations), "goals": goals, "plots": plots_block()}
+    parts = [f"<!-- bench:{name} -->\n{body}\n<!-- /bench:{name} -->" for name, body in head.items()]
+    order = [name for name in MODULES if name in found] + [n for n in found if n not in MODULES and n not in head]
+    parts += [found[name] for name in order]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(report.HEADER + "\n" + "\n\n".join(parts) + "\n")
+    return missed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one run each, small workloads (a few minutes)")
+    parser.add_argument("--only", nargs="+", choices=MODULES, metavar="NAME",
+                        help=f"run only these ({', '.join(MODULES)}); the file is still put together")
+    args = parser.parse_args()
+    durations, failed = {}, []
+    for name in args.only or MODULES:
+        ok, durations[name] = run_module(name, args.quick)
+        if not ok:
+            failed.append(name)
+    from bench import plots  # matplotlib: only once the benches are done
+
+    plots.draw()
+    missed = assemble(args.quick, durations)
+    print(f"== {report.benchmarks_path()}: {len(GOALS) - len(missed)} of {len(GOALS)} goals met or not measured; "
+          f"missed: {', '.join(g.name for g in missed) or 'none'}", file=sys.stderr)
+    if failed:
+        print(f"== FAILED: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
