@@ -57,7 +57,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
-from pydantic import BaseModel
+from pydantic import BaseModel, BeforeValidator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -82,6 +82,9 @@ PIPELINE_STALL_S = 10.0  # /readyz: the pipeline thread must have gone round its
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
 LEVELS = {"ok": 0, "warning": 1, "alarm": 2}
+EPOCH_MAX_S = 2e10  # pydantic reads a larger number as milliseconds; in seconds it is the year 2603
+# What `since` takes, documented by hand: FastAPI would document a datetime as a date-time string only.
+SINCE_SCHEMA = [{"type": "string", "format": "date-time"}, {"type": "number", "minimum": 0, "maximum": EPOCH_MAX_S}]
 
 # What each failure mode of the AI4I model means on the shop floor, and what to look at. A model with other modes
 # is shown with its codes.
@@ -317,7 +320,13 @@ def _error(status: int, code: str, message: str, details: list | None = None,
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse} for status in (401, 404, 422, 500, 503)}
+def _documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+# The guard answers any route with 400 (a Host not this machine's, without a token), 401 (with a token, except
+# /healthz and /) or 500: each route documents those it can give.
+ERRORS = _documented(400, 401, 404, 422, 500, 503)
 
 
 # --- the outermost layer --------------------------------------------------------------------------------------------
@@ -416,7 +425,7 @@ def create_app(agent: Agent) -> FastAPI:
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
 
-    @app.get("/healthz", response_model=Health, tags=["probes"])
+    @app.get("/healthz", response_model=Health, responses=_documented(400, 500), tags=["probes"])
     def healthz() -> Health:
         """Liveness: the process answers. Open without the token."""
         return Health(status="ok")
@@ -453,16 +462,17 @@ def create_app(agent: Agent) -> FastAPI:
         return _machine(agent, machine_id, history, time.time())
 
     @app.get(f"{API}/events", response_model=EventList, responses=ERRORS, tags=["machines"])
-    def events(since: Annotated[datetime | None, Query(description="ISO-8601 (UTC if no offset) or epoch seconds; "
-                                                                   "events at or after it")] = None,
+    def events(since: Annotated[datetime | None, BeforeValidator(_epoch_seconds), Query(
+                   description="ISO-8601 (UTC if no offset) or epoch seconds; events at or after it",
+                   json_schema_extra={"anyOf": SINCE_SCHEMA})] = None,
                machine_id: Annotated[str | None, Query(max_length=64)] = None,
                limit: Annotated[int, Query(ge=1, le=EVENTS_MAX)] = EVENTS_DEFAULT) -> EventList:
         """Alarm state transitions from the outbox (synced or not, until retention forgets them), newest first."""
         store, _ = _running(agent)
         return EventList(events=_events(store, machine_id, _aware(since) if since else None, limit))
 
-    @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
-             tags=["gateway"])
+    @app.get("/metrics", response_class=Response, tags=["gateway"],
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, **_documented(400, 401, 500)})
     def metrics() -> Response:
         """Prometheus metrics, read from the agent at scrape time."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
@@ -518,6 +528,20 @@ def _readiness(agent: Agent) -> dict[str, tuple[bool, str]]:
     checks["pipeline"] = (pipeline.progressing(within_s=PIPELINE_STALL_S),
                           f"the pipeline made no progress for {PIPELINE_STALL_S:g} s")
     return checks
+
+
+def _epoch_seconds(value: object) -> object:
+    """A number given for a time is epoch seconds within [0, EPOCH_MAX_S] (not NaN, not milliseconds); anything
+    else goes on to be parsed as ISO-8601."""
+    if not isinstance(value, str):
+        return value
+    try:
+        seconds = float(value)
+    except ValueError:
+        return value
+    if not 0 <= seconds <= EPOCH_MAX_S:
+        raise ValueError(f"epoch seconds must be from 0 to {EPOCH_MAX_S:.0f}, not {value}")
+    return seconds
 
 
 def _at(epoch: float | None) -> datetime | None:
