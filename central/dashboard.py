@@ -26,7 +26,8 @@ Indexes the queries use (migration 0002):
                          the first `limit` rows of an index, no sort; with a gateway filter the primary key
   "since"                events_machine_ts, one backward probe per shown machine
   counts, gateways       machines_gateway_state, index-only
-  machine chart          summaries_machine_chart, index-only (the chart's columns are INCLUDEd)
+  machine chart          summaries_machine_chart, index-only (the chart's columns are INCLUDEd), for buckets under an
+                         hour; else summaries_hourly's primary key (a roll-up kept by a trigger on summaries)
   machine events         events_machine_ts
 """
 
@@ -44,6 +45,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from importlib import resources
+from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import parse_qs, urlsplit
@@ -62,6 +64,7 @@ JSON = "application/json"
 SILENT_AFTER = timedelta(minutes=10)  # a gateway syncs every few seconds; 10 minutes without a batch is silent
 DEFAULT_SPAN = timedelta(hours=24)
 MAX_SPAN = timedelta(days=400)
+HOUR = 3600  # buckets this long or longer come from the hourly roll-up
 MAX_FORM_BYTES = 4096
 # "no-referrer" (the API's default) makes browsers send `Origin: null` on the page's own form POSTs.
 PAGE_HEADERS = {"Referrer-Policy": "same-origin"}
@@ -90,7 +93,7 @@ def manifest() -> model.manifest.Manifest:
 def health_at(p_failure: float) -> float:
     """The manifest's health for a failure probability (piecewise linear)."""
     points = manifest().health.points
-    for (p0, h0), (p1, h1) in zip(points, points[1:]):
+    for (p0, h0), (p1, h1) in pairwise(points):
         if p0 <= p_failure <= p1:
             return h0 + (h1 - h0) * (p_failure - p0) / ((p1 - p0) or 1)
     return points[-1][1]
@@ -271,6 +274,20 @@ SELECT coalesce(json_agg(b ORDER BY b.t), '[]')::text FROM (
 ) b
 """
 
+# Buckets of whole hours, from the hourly roll-up (migration 0002): a month is 720 rows of it.
+HOURLY_SERIES = """
+SELECT coalesce(json_agg(b ORDER BY b.t), '[]')::text FROM (
+    SELECT date_bin(%(bucket)s, h.hour, %(since)s) AS t, sum(h.windows) AS windows,
+           min(h.health_min) AS health_min, sum(h.health_mean_sum) / sum(h.windows) AS health_mean,
+           max(h.p_failure_max) AS p_failure, (ARRAY['alarm', 'warning', 'ok'])[min(h.worst_rank) + 1] AS state,
+           json_build_object({modes}) AS modes
+    FROM summaries_hourly h
+    WHERE h.gateway_id = %(gateway_id)s AND h.machine_id = %(machine_id)s
+      AND h.hour >= %(since)s AND h.hour < %(until)s
+    GROUP BY 1
+) b
+"""
+
 EVENTS = """
 SELECT coalesce(json_agg(json_build_object(
            'ts', e.ts, 'from_state', e.from_state, 'to_state', e.to_state, 'health', e.health,
@@ -321,20 +338,28 @@ async def fleet(conn: psycopg.AsyncConnection, gateway: str | None, state: str |
 
 
 def machine_range(since: datetime | None, until: datetime | None, points: int) -> dict:
+    """[since, until) in at most `points` buckets; buckets of an hour or more are whole hours from a whole hour
+    (UTC), drawn from the hourly roll-up (`hourly`): the range then starts at the hour `since` falls in."""
     until = until or datetime.now(UTC)
     since = since or until - DEFAULT_SPAN
     if since >= until:
         raise ApiError(422, "invalid_request", "since must be before until")
     if until - since > MAX_SPAN:
         raise ApiError(422, "invalid_request", f"the range is at most {MAX_SPAN.days} days")
-    bucket = timedelta(seconds=max(1, math.ceil((until - since).total_seconds() / points)))
-    return {"since": since, "until": until, "bucket": bucket}
+    seconds = max(1, math.ceil((until - since).total_seconds() / points))
+    hourly = seconds >= HOUR
+    if hourly:
+        seconds = math.ceil(seconds / HOUR) * HOUR
+        since = since.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    return {"since": since, "until": until, "bucket": timedelta(seconds=seconds), "hourly": hourly}
 
 
-def series_query() -> str:
-    modes = ", ".join(f"'{m}', max((s.mode_risk_max->>'{m}')::double precision)" for m in manifest().outputs.modes
-                      if re.fullmatch(r"[A-Za-z0-9_]+", m))
-    return SERIES.format(modes=modes)
+def series_query(hourly: bool) -> str:
+    """SERIES or HOURLY_SERIES, with a maximum per failure mode of the model."""
+    column = "h" if hourly else "s"
+    modes = ", ".join(f"'{m}', max(({column}.mode_risk_max->'{m}')::double precision)"
+                      for m in manifest().outputs.modes if re.fullmatch(r"[A-Za-z0-9_]+", m))
+    return (HOURLY_SERIES if hourly else SERIES).format(modes=modes)
 
 
 async def machine(conn: psycopg.AsyncConnection, gateway: str, machine_id: str, since: datetime | None,
@@ -346,7 +371,7 @@ async def machine(conn: psycopg.AsyncConnection, gateway: str, machine_id: str, 
      entered, first_seen, risk) = row
     span = machine_range(since, until, points)
     params = {"gateway_id": gateway_id, "machine_id": machine_id, **span}
-    series = (await (await conn.execute(series_query(), params)).fetchone())[0]
+    series = (await (await conn.execute(series_query(span["hourly"]), params)).fetchone())[0]
     events = (await (await conn.execute(EVENTS, {**params, "limit": MAX_EVENTS})).fetchone())[0]
     thresholds = manifest().thresholds
     head = {

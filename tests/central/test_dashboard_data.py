@@ -123,6 +123,31 @@ def test_machine_history_is_downsampled_to_the_points_asked(client, gateways):
     assert len(late["series"]) == 60 and late["events"] == []
 
 
+def test_long_ranges_come_from_the_hourly_roll_up_exactly_once(client, gateways, conn):
+    gateway = gateways.add("months")
+    name = gateway[0]
+    # Two days, a window every ten minutes; one alarm window at 30 h 20 min.
+    windows = [window(name, "m1", minute, "alarm" if minute == 1820 else "ok", 20.0 if minute == 1820 else 80.0 + k % 5,
+                      "PWF", 0.9 if minute == 1820 else 0.1) for k, minute in enumerate(range(0, 48 * 60, 10))]
+    send(client, gateway, windows[:150])
+    send(client, gateway, windows[100:])  # 50 windows sent twice: stored once, counted once
+    hours = conn.execute("SELECT count(*), sum(windows) FROM summaries_hourly h JOIN gateways g ON g.id = h.gateway_id"
+                         " WHERE g.name = %s", [name]).fetchone()
+    assert hours == (48, 288)
+    until = T0 + timedelta(days=30)
+    data = machine(client, name, "m1", since=(T0 + timedelta(minutes=7)).isoformat(), until=until.isoformat(),
+                   points=400).json()
+    assert data["range"]["bucket_s"] == 7200 and data["range"]["since"] == T0.isoformat()  # whole hours
+    series = data["series"]
+    assert len(series) == 24 and sum(b["windows"] for b in series) == 288
+    worst = next(b for b in series if b["state"] == "alarm")
+    assert datetime.fromisoformat(worst["t"]) == T0 + timedelta(hours=30)
+    assert worst["health_min"] == 20.0 and worst["modes"]["PWF"] == 0.9 and worst["windows"] == 12
+    first = series[0]
+    assert first["health_mean"] == pytest.approx(sum(80.0 + k % 5 for k in range(12)) / 12)
+    assert [b["state"] for b in series].count("alarm") == 1
+
+
 def test_machine_shows_the_latest_inputs_against_the_normal_ranges(client, gateways):
     gateway = gateways.add("inputs")
     inputs = {"air_temperature": {"min": 298.1, "mean": 298.4, "max": 298.9},

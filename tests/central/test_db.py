@@ -10,7 +10,8 @@ import pytest
 from central import db
 from tests.services import create_database, drop_database
 
-TABLES = {"schema_migrations", "gateways", "summaries", "events", "machines", "dashboard_sessions"}
+TABLES = {"schema_migrations", "gateways", "summaries", "events", "machines", "dashboard_sessions",
+          "summaries_hourly"}
 
 
 @pytest.fixture
