@@ -2,7 +2,8 @@
 
 One round (`sync_once`) sends batches until the outbox is empty or central cannot take more: events first, then
 summaries, oldest first, `batch_size` records a batch, gzip-compressed, over one keep-alive session. A record
-leaves the outbox only when central answered 200 for its batch; a batch that was sent but not answered is simply
+leaves the outbox only when central answered 200 for its batch, with its answer for exactly those records (a 200
+with anything else, e.g. a captive portal's page, is transient); a batch that was sent but not answered is simply
 sent again (ids are deterministic, central counts it as duplicates). Errors are classified where they happen:
 - network errors, 429 and 5xx: transient — retry later with exponential backoff and jitter, `Retry-After` honoured;
 - 401 and 403: the gateway is not allowed — stop, keep everything, say so loudly; try again much later; likewise
