@@ -189,17 +189,21 @@ async def session_valid(conn: psycopg.AsyncConnection, request: Request, setting
     return await (await conn.execute(VALID_SESSION, [_digest(session_id)])).fetchone() is not None
 
 
-def same_origin(request: Request) -> bool:
-    """The POST came from a page of this site: its Origin is our scheme://host[:port], or, where a browser says
-    "null" (a no-referrer policy) or nothing, its Sec-Fetch-Site (which no page can set) says same-origin."""
+def cross_site(request: Request, action: str) -> ApiError | None:
+    """None when the POST came from a page of this site: its Origin is our scheme://host[:port], or, where a browser
+    says "null" (a no-referrer policy) or nothing, its Sec-Fetch-Site (which no page can set) says same-origin."""
     origin = request.headers.get("origin")
-    host = request.headers.get("host")
     if origin in (None, "null"):
-        return request.headers.get("sec-fetch-site") == "same-origin"
-    if not host:
-        return False
-    parts = urlsplit(origin)
-    return parts.scheme == request.url.scheme and parts.netloc.lower() == host.lower()
+        if request.headers.get("sec-fetch-site") == "same-origin":
+            return None
+    else:
+        parts = urlsplit(origin)
+        if parts.netloc.lower() == request.headers.get("host", "").lower():
+            if parts.scheme == request.url.scheme:
+                return None
+            return ApiError(403, "forbidden", f"{action} came over {parts.scheme} but reached central as "
+                            f"{request.url.scheme}: behind a TLS proxy, list it in PDM_CENTRAL_TRUSTED_PROXIES")
+    return ApiError(403, "forbidden", f"{action} must come from this site's own page")
 
 
 # --- data -------------------------------------------------------------------------------------------------------------
@@ -436,8 +440,8 @@ def routes(api: FastAPI, settings: Settings, connection: Callable, require_ops: 
 
     @api.post("/login", include_in_schema=False)
     async def login(request: Request) -> Response:
-        if not same_origin(request):
-            raise ApiError(403, "forbidden", "a sign-in must come from this site's own login form")
+        if refusal := cross_site(request, "a sign-in"):
+            raise refusal
         raw = await request.body()
         if len(raw) > MAX_FORM_BYTES:
             raise ApiError(413, "payload_too_large", "the login form is larger than any token")
@@ -457,8 +461,8 @@ def routes(api: FastAPI, settings: Settings, connection: Callable, require_ops: 
 
     @api.post("/logout", include_in_schema=False)
     async def logout(request: Request) -> Response:
-        if not same_origin(request):
-            raise ApiError(403, "forbidden", "a sign-out must come from this site's own page")
+        if refusal := cross_site(request, "a sign-out"):
+            raise refusal
         session_id = request.cookies.get(name)
         if session_id:
             async with connection(request) as conn:

@@ -115,6 +115,12 @@ def test_sign_in_and_out_refuse_other_origins(browser, headers):
     assert browser.get("/api/v1/dashboard/fleet").status_code == 200  # still signed in
 
 
+def test_a_tls_proxy_not_trusted_is_named_when_the_schemes_differ(make_client):
+    client = make_client()  # plain http to the app, as behind nginx without PDM_CENTRAL_TRUSTED_PROXIES
+    response = sign_in(client)
+    assert response.status_code == 403 and "PDM_CENTRAL_TRUSTED_PROXIES" in response.json()["error"]["message"]
+
+
 def test_a_browser_that_sends_no_origin_is_judged_by_sec_fetch_site(browser):
     assert sign_in(browser, headers={"Sec-Fetch-Site": "same-origin"}).status_code == 303
     assert browser.post("/logout", headers={"Origin": "null", "Sec-Fetch-Site": "same-origin"},
