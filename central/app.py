@@ -29,7 +29,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Literal
 
 import psycopg
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
@@ -64,6 +64,7 @@ STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: 
 
 State = Literal["ok", "warning", "alarm"]
 Name = Annotated[str, Query(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+NameInPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,64}$")]  # what no gateway or machine is named: 422
 Limit = Annotated[int, Query(ge=1, le=10_000)]
 
 
@@ -269,8 +270,9 @@ def _routes(api: FastAPI, settings: Settings) -> None:
         async with connection(request) as conn:
             return Response(await ops.machines(conn, state, gateway), media_type=JSON)
 
-    @ops_api.get("/gateways/{gateway}/machines/{machine_id}/summaries")
-    async def machine_summaries(request: Request, gateway: str, machine_id: str,
+    @ops_api.get("/gateways/{gateway}/machines/{machine_id}/summaries", responses={
+        404: {"description": "no gateway of that name, or it has sent nothing about the machine"}})
+    async def machine_summaries(request: Request, gateway: NameInPath, machine_id: NameInPath,
                                 since: AwareDatetime | None = None, until: AwareDatetime | None = None,
                                 limit: Limit = 1000, cursor: str | None = None) -> Response:
         async with connection(request) as conn:

@@ -123,7 +123,9 @@ def decode_cursor(cursor: str | None) -> dict:
     try:
         ts, gateway_id, row_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         return {"c_ts": datetime.fromisoformat(ts), "c_gw": int(gateway_id), "c_id": uuid.UUID(row_id)}
-    except (ValueError, TypeError, binascii.Error):
+    # A forged cursor can hold any JSON: nested too deeply (RecursionError), an infinite number (OverflowError), a
+    # number where the id's string should be (AttributeError).
+    except (ValueError, TypeError, AttributeError, OverflowError, RecursionError, binascii.Error):
         raise ApiError(422, "invalid_request", "invalid cursor: pass back a next_cursor unchanged") from None
 
 
