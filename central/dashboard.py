@@ -198,12 +198,23 @@ def cross_site(request: Request, action: str) -> ApiError | None:
             return None
     else:
         parts = urlsplit(origin)
-        if parts.netloc.lower() == request.headers.get("host", "").lower():
+        if _same_host(parts, urlsplit("//" + request.headers.get("host", ""))):
             if parts.scheme == request.url.scheme:
                 return None
             return ApiError(403, "forbidden", f"{action} came over {parts.scheme} but reached central as "
                             f"{request.url.scheme}: behind a TLS proxy, list it in PDM_CENTRAL_TRUSTED_PROXIES")
     return ApiError(403, "forbidden", f"{action} must come from this site's own page")
+
+
+def _same_host(origin, host) -> bool:
+    """The Origin names the host the request was sent to. nginx passes `Host: $host`, which drops the port: the port
+    is compared only when the Host header has one."""
+    try:
+        if not origin.hostname or origin.hostname != host.hostname:
+            return False
+        return host.port is None or host.port == (origin.port or {"https": 443, "http": 80}.get(origin.scheme))
+    except ValueError:  # a port that is not a number
+        return False
 
 
 # --- data -------------------------------------------------------------------------------------------------------------

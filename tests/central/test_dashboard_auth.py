@@ -121,6 +121,15 @@ def test_a_tls_proxy_not_trusted_is_named_when_the_schemes_differ(make_client):
     assert response.status_code == 403 and "PDM_CENTRAL_TRUSTED_PROXIES" in response.json()["error"]["message"]
 
 
+def test_the_origin_port_is_compared_when_the_host_header_has_one(browser):
+    # nginx passes `Host: $host`, without the port the browser used
+    assert sign_in(browser, headers={"Origin": f"{SITE}:8443", "Host": "testserver"}).status_code == 303
+    assert sign_in(browser, headers={"Origin": f"{SITE}:8443", "Host": "testserver:443"}).status_code == 403
+    assert sign_in(browser, headers={"Origin": f"{SITE}:443", "Host": "testserver:443"}).status_code == 303
+    assert sign_in(browser, headers={"Origin": "https://testserver.evil.example", "Host": "testserver"}).status_code \
+        == 403
+
+
 def test_a_browser_that_sends_no_origin_is_judged_by_sec_fetch_site(browser):
     assert sign_in(browser, headers={"Sec-Fetch-Site": "same-origin"}).status_code == 303
     assert browser.post("/logout", headers={"Origin": "null", "Sec-Fetch-Site": "same-origin"},
