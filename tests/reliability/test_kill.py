@@ -16,6 +16,8 @@ import signal
 import time
 from collections import Counter
 
+import pytest
+
 from tests.agent.test_run import AgentProcess, wait_for
 from tests.central.support import PDM_CENTRAL, Server, environment
 from tests.central.test_faults import stored
@@ -27,6 +29,7 @@ MACHINES = 5
 POLL_S = 0.05  # 20 readings a second per machine: 100 a second in all
 
 
+@pytest.mark.timeout(scaled(600, 3600))  # 200 kills, each a start of the agent
 def test_kill_9_under_modbus_ingest_while_windows_close_and_sync_runs_loses_and_duplicates_nothing(
         tmp_path, private_broker, central_url, gateways):
     rng = random.Random(int(os.environ.get("PDM_CRASH_SEED", "31")))
