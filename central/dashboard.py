@@ -365,7 +365,10 @@ def machine_range(since: datetime | None, until: datetime | None, points: int) -
     hourly = seconds >= HOUR
     if hourly:
         seconds = math.ceil(seconds / HOUR) * HOUR
-        since = since.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+        try:
+            since = since.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+        except OverflowError:  # e.g. 0001-01-01T00:00+05:00
+            raise ApiError(422, "invalid_request", "since is out of the representable range once in UTC") from None
     return {"since": since, "until": until, "bucket": timedelta(seconds=seconds), "hourly": hourly}
 
 

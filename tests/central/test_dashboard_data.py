@@ -171,3 +171,5 @@ def test_machine_view_refuses_unknown_machines_and_bad_ranges(client, plant):
     far = (T0 - timedelta(days=500)).isoformat()
     assert machine(client, plant[0], "press-ok", since=far, until=T0.isoformat()).status_code == 422
     assert machine(client, plant[0], "press-ok", points=5).status_code == 422
+    early = {"since": "0001-01-01T00:00:00+05:00", "until": "0001-03-01T00:00:00+05:00"}
+    assert machine(client, plant[0], "press-ok", **early).status_code == 422
