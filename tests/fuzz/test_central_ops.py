@@ -4,7 +4,6 @@ segments, and times at the calendar's edges. Every answer is 200 or a 4xx with a
 from __future__ import annotations
 
 import base64
-import json
 from urllib.parse import quote
 
 import pytest

@@ -5,6 +5,7 @@ them and exits 1: never a traceback."""
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import os
@@ -56,7 +57,8 @@ def toml_document(config: dict) -> str:
     lines, tables = [], []
     for key, value in config.items():
         if isinstance(value, dict) and value:
-            tables.append(f"[{toml_key(key)}]\n" + "".join(f"{toml_key(k)} = {toml_value(v)}\n" for k, v in value.items()))
+            tables.append(f"[{toml_key(key)}]\n" + "".join(f"{toml_key(k)} = {toml_value(v)}\n"
+                                                            for k, v in value.items()))
         elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             tables += [f"[[{toml_key(key)}]]\n" + "".join(f"{toml_key(k)} = {toml_value(v)}\n" for k, v in v.items())
                        for v in value]
@@ -99,7 +101,7 @@ def with_value(config: dict, path: tuple, value) -> dict:
     where a change before left something else."""
     config = copy.deepcopy(config)
     node = config
-    for part, next_part in zip(path, path[1:]):
+    for part, next_part in itertools.pairwise(path):
         child = node.get(part) if isinstance(node, dict) else node[part]
         if isinstance(next_part, int):
             if not isinstance(child, list) or len(child) <= next_part:
@@ -213,7 +215,7 @@ def test_check_config_prints_problems_and_exits_1_never_a_traceback(tmp_path, ca
     path.write_bytes(content)
     capsys.readouterr()
     code = main(["check-config", "--config", str(path)])
-    out, err = capsys.readouterr()
+    _, err = capsys.readouterr()
     assert "Traceback" not in err
     if code != 0:
         assert code == 1 and err.startswith("pdm-edge: ") and "configuration problem" in err

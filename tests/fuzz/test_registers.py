@@ -11,8 +11,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from drivers.modbus import Register
-from drivers.registers import ORDERS, REGISTER_WORDS, decode, decode_raw, decode_response, encode, encode_raw, \
-    plan_reads
+from drivers.registers import (
+    ORDERS,
+    REGISTER_WORDS,
+    decode,
+    decode_raw,
+    decode_response,
+    encode,
+    encode_raw,
+    plan_reads,
+)
 from model.features import INPUT_NAMES, MACHINE_TYPE_INPUT
 from model.validate import Reason, Rejection
 from tests.fuzz.strategies import fuzz_settings
