@@ -42,7 +42,7 @@ from central import __version__, dashboard, db, ingest, ops
 from central.auth import GatewayCache, bearer_token, find_gateway, same_secret
 from central.errors import ApiError, body
 from central.settings import Settings, SettingsError
-from sync.protocol import IngestResult
+from sync.protocol import IngestBatch, IngestResult
 
 log = logging.getLogger("central")
 
@@ -120,10 +120,29 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
                            allow_headers=["Authorization"], max_age=600)
     _handlers(api)
     _routes(api, settings)
+    _document_ingest_body(api)
     app: ASGIApp = SecurityHeaders(api, hsts=settings.production)
     if settings.trusted_proxies:
         app = ProxyHeadersMiddleware(app, trusted_hosts=[str(n) for n in settings.trusted_proxies])
     return app
+
+
+def _document_ingest_body(api: FastAPI) -> None:
+    """Put the ingest body's schema (sync.protocol.IngestBatch) in the OpenAPI document: the route reads its body
+    itself (size limits, gzip), so FastAPI cannot see it."""
+    generate = api.openapi
+
+    def openapi() -> dict:
+        if api.openapi_schema is None:
+            document = generate()
+            schema = IngestBatch.model_json_schema(ref_template="#/components/schemas/{model}")
+            document.setdefault("components", {}).setdefault("schemas", {}).update(schema.pop("$defs"),
+                                                                                     IngestBatch=schema)
+            document["paths"]["/api/v1/ingest"]["post"]["requestBody"] = {"required": True, "content": {
+                JSON: {"schema": {"$ref": "#/components/schemas/IngestBatch"}}}}
+        return api.openapi_schema
+
+    api.openapi = openapi
 
 
 def error(status: int, code: str, message: str, details: list | None = None,
@@ -257,7 +276,9 @@ def _routes(api: FastAPI, settings: Settings) -> None:
         return Response(result.model_dump_json(), media_type=JSON)
 
     # The ops token is checked before the query parameters: without it, a 401 whatever else is wrong.
-    ops_api = APIRouter(prefix="/api/v1", dependencies=[Depends(require_ops)])
+    ops_api = APIRouter(prefix="/api/v1", dependencies=[Depends(require_ops)], responses={
+        401: {"description": "missing or invalid ops token, or no dashboard session"},
+        503: {"description": "database unavailable; retry later"}})
 
     @ops_api.get("/fleet")
     async def fleet(request: Request) -> Response:
