@@ -122,6 +122,8 @@ def decode_cursor(cursor: str | None) -> dict:
         return {"c_ts": None, "c_gw": None, "c_id": None}
     try:
         ts, gateway_id, row_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not 0 <= int(gateway_id) < 2**31:  # gateways.id is a PostgreSQL integer
+            raise ValueError(gateway_id)
         return {"c_ts": datetime.fromisoformat(ts), "c_gw": int(gateway_id), "c_id": uuid.UUID(row_id)}
     # A forged cursor can hold any JSON: nested too deeply (RecursionError), an infinite number (OverflowError), a
     # number where the id's string should be (AttributeError).

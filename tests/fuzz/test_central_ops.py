@@ -73,10 +73,12 @@ def test_any_path_cursor_and_times_give_200_or_4xx_on_summaries(central, gateway
 
 
 @pytest.mark.parametrize("raw", [b"[" * 5000 + b"]" * 5000, b'["2026-03-01T08:00:00+00:00", Infinity, "x"]',
-                                 b'["2026-03-01T08:00:00+00:00", 1, 5]'])
+                                 b'["2026-03-01T08:00:00+00:00", 1, 5]',
+                                 b'["2026-03-01T08:00:00+00:00", 2147483648, "6f1e4bd4-66ea-4d4d-9c9d-6e0e1a0c7a44"]'])
 def test_a_forged_cursor_is_a_422(central, raw):
-    """Regression: a cursor of deeply nested JSON (RecursionError), an infinite gateway id (OverflowError) or a
-    number as row id (AttributeError) escaped decode_cursor as a 500."""
+    """Regression: a cursor of deeply nested JSON (RecursionError), an infinite gateway id (OverflowError), a
+    number as row id (AttributeError) or a gateway id beyond PostgreSQL's integer (NumericValueOutOfRange) was a
+    500."""
     client, _ = central
     response = client.get("/api/v1/events", headers=OPS, params={"cursor": as_cursor(raw)})
     assert response.status_code == 422 and "invalid cursor" in response.json()["error"]["message"]
