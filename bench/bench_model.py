@@ -12,6 +12,7 @@ import argparse
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -73,6 +74,52 @@ def raw_session(onnx_path):
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
 
+def onnx_profile(onnx_path, values, types, rounds: int = 50) -> str:
+    """Where a batch's time goes inside the graph: onnxruntime's own profiler, µs per batch by node, top 5."""
+    import json
+    import tempfile
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as folder:
+        options.profile_file_prefix = f"{folder}/ort"
+        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        feed = dict(zip([i.name for i in session.get_inputs()], (values, types), strict=True))
+        for _ in range(rounds):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    per_node: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            node = event["name"].removesuffix("_kernel_time")
+            per_node[node] = per_node.get(node, 0.0) + event["dur"] / rounds
+    top = sorted(per_node.items(), key=lambda item: -item[1])[:5]
+    return (f"onnxruntime profile, µs per batch of {len(values):,} (of {sum(per_node.values()):,.0f} in all): "
+            + ", ".join(f"{node} {us:,.0f}" for node, us in top))
+
+
+def score_profile(scorer, batch: list[dict], rounds: int = 200) -> str:
+    """Where validate + score's time goes: cProfile, µs of own time per batch, top 5 functions."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(rounds):
+        scorer.score(batch)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # {(file, line, function): (calls, ncalls, own, cumulative, callers)}
+    total = sum(own for _, _, own, _, _ in stats.values())
+    top = sorted(stats.items(), key=lambda item: -item[1][2])[:5]
+    return (f"cProfile of validate + score, µs of own time per batch of {len(batch)} (of {total / rounds * 1e6:,.0f} "
+            "in all): " + ", ".join(f"{Path(file).name}:{function} {own / rounds * 1e6:,.0f}"
+                                    for (file, _, function), (_, _, own, _, _) in top))
+
+
 def rss_after_load_mb() -> float:
     out = subprocess.run([sys.executable, "-c", RSS_SCRIPT], capture_output=True, text=True, check=True)
     return int(out.stdout.strip()) / 1024
@@ -109,11 +156,14 @@ def main() -> None:
         p99.append(b)
         values, types = valid.values[:1024], valid.machine_types[:1024]
         raw_rate.append(rate(raw_run(1024), 1024, seconds))
-        onnx_rate.append(rate(lambda: model.predict(values, types), 1024, seconds))
+        onnx_rate.append(rate(lambda v=values, t=types: model.predict(v, t), 1024, seconds))
         batch = readings[:256]
         raw_256.append(rate(raw_run(256), 256, seconds))
-        score_rate.append(rate(lambda: scorer.score(batch), 256, seconds))
+        score_rate.append(rate(lambda b=batch: scorer.score(b), 256, seconds))
         rss.append(rss_after_load_mb())
+    profiles = [onnx_profile(model.package / model.manifest.onnx.file, valid.values[:1024],
+                             valid.machine_types[:1024]),
+                score_profile(scorer, readings[:256])]
     onnx_ratio = [a / b for a, b in zip(onnx_rate, raw_rate, strict=True)]
     score_ratio = [a / b for a, b in zip(score_rate, raw_256, strict=True)]
 
@@ -136,6 +186,7 @@ def main() -> None:
              "Readings are synthetic, spread over the training ranges. onnxruntime with intra_op_num_threads=1. "
              "Raw: a plain InferenceSession of the same file, same thread settings, fed the arrays the validator "
              "produced; validate + score starts from dict readings (validation, float32 arrays, scoring, health).")
+    body += "\n\n" + "\n".join(f"Profile: {profile}  " for profile in profiles).rstrip()
     command = "python -m bench.bench_model" + (" --quick" if options.quick else "")
     write_section("model", command, body,
                   ("onnxruntime", "numpy", "pydantic"))

@@ -78,10 +78,13 @@ def main() -> None:
                 batch = readings(counts[size])
                 rows = [_reading_row(reading) for reading in batch]
                 # Alternate which goes first, so neither always gets the warmer disk cache.
-                pair = [("raw", lambda: raw_rate(Path(tmp) / f"raw-{r}-{size}.db", rows, size)),
-                        ("store", lambda: store_rate(Path(tmp) / f"store-{r}-{size}.db", batch, size))]
-                for name, run in pair if r % 2 == 0 else reversed(pair):
-                    (raw if name == "raw" else ours)[size].append(run())
+                order = ("raw", "store") if r % 2 == 0 else ("store", "raw")
+                for name in order:
+                    path = Path(tmp) / f"{name}-{r}-{size}.db"
+                    if name == "raw":
+                        raw[size].append(raw_rate(path, rows, size))
+                    else:
+                        ours[size].append(store_rate(path, batch, size))
     rows = []
     for size in SIZES:
         ratios = [o / w for o, w in zip(ours[size], raw[size], strict=True)]

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT_ENV = "PDM_BENCH_OUTPUT"
 HEADER = "# Benchmarks\n\nEach section is written by the command it names; figures are medians of several runs.\n"
-SECTION = re.compile(r"<!-- bench:(?P<name>[\w-]+) -->.*?<!-- /bench:(?P=name) -->", re.S)
+SECTION = re.compile(r"<!-- bench:(?P<name>[\w-]+) -->.*?<!-- /bench:(?P=name) -->", re.DOTALL)
 
 
 def output_root() -> Path:
@@ -98,7 +98,7 @@ def fsync_rate(folder: Path, seconds: float = 0.5) -> float:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+        out = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], check=False, capture_output=True,
                              text=True, timeout=10)
         return out.stdout.strip() or "unknown"
     except OSError:
@@ -126,7 +126,7 @@ def table(rows: list[tuple[str, str, str]]) -> str:
 
 
 def replace_section(text: str, name: str, section: str) -> str:
-    pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)
+    pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.DOTALL)
     return pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
 
 
