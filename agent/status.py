@@ -32,12 +32,14 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from importlib import resources
@@ -57,7 +59,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
-from pydantic import BaseModel, BeforeValidator
+from pydantic import BaseModel, BeforeValidator, TypeAdapter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -251,7 +253,7 @@ class MachineInfo(BaseModel):
     last_received_at: datetime
     last_reading_age_s: float  # since it was received
     model_version: str
-    trend: list[float] = []  # health of the latest readings, oldest first
+    trend: list[float] = []  # health of the latest readings (to 0.1), oldest first
 
 
 class InputValue(BaseModel):
@@ -303,6 +305,9 @@ class MachineList(BaseModel):
 
 class EventList(BaseModel):
     events: list[EventInfo]
+
+
+MACHINE_LIST = TypeAdapter(MachineList)
 
 
 # --- errors ---------------------------------------------------------------------------------------------------------
@@ -419,6 +424,7 @@ def create_app(agent: Agent) -> FastAPI:
                            allow_headers=["Authorization"], max_age=600)
     app.add_middleware(_Guard, token=token, bind_host=status.host, cors=bool(status.cors_origins))
     _handlers(app)
+    trends = Trends()
     registry = CollectorRegistry()
     registry.register(AgentCollector(agent))
     ProcessCollector(registry=registry)
@@ -449,10 +455,12 @@ def create_app(agent: Agent) -> FastAPI:
         return _gateway(agent, time.time())
 
     @app.get(f"{API}/machines", response_model=MachineList, responses=ERRORS, tags=["machines"])
-    def machines() -> MachineList:
+    def machines() -> Response:
         """Every machine that sent a reading, the worst first (alarm, warning, ok), then by id."""
         now = time.time()
-        return MachineList(now=_at(now), machines=_machines(agent, now))
+        listed = MachineList(now=_at(now), machines=_machines(agent, trends, now))
+        # Encoded here by pydantic, not validated again and encoded by FastAPI: with 500 machines, half the time.
+        return Response(MACHINE_LIST.dump_json(listed), media_type="application/json")
 
     @app.get(f"{API}/machines/{{machine_id}}", response_model=MachineDetail, responses=ERRORS, tags=["machines"])
     def machine(machine_id: str,
@@ -674,15 +682,45 @@ def _machine_info(reading: StoredReading, alarm_state: str | None, model: Model,
     )
 
 
-def _machines(agent: Agent, now: float) -> list[MachineInfo]:
+class Trends:
+    """Each machine's health trend (the health of its newest TREND_POINTS readings), kept from one request to the
+    next: a request reads the history only of the machines whose newest reading changed, and only what is newer, so
+    the page of an idle gateway reads no history at all and that of a busy one a few readings per machine. A
+    reading that arrives late, older than the newest one known, is left out of the trend (it is in the history)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._known: dict[str, tuple[float, deque[float]]] = {}  # machine: (ts of its newest reading, healths)
+
+    def latest(self, store: Store) -> list[tuple[StoredReading, list[float]]]:
+        """Each machine's newest reading and its trend, oldest first."""
+        with self._lock:
+            latest = store.latest_by_machine()
+            for machine_id, reading in latest.items():
+                newest_known, healths = self._known.get(machine_id, (None, None))
+                if newest_known == reading.ts:
+                    continue
+                if newest_known is not None and newest_known < reading.ts:
+                    healths.extend(map(_rounded, store.trend(machine_id, newest_known, TREND_POINTS)))
+                else:
+                    healths = deque(map(_rounded, store.trend(machine_id, -math.inf, TREND_POINTS)),
+                                    maxlen=TREND_POINTS)
+                self._known[machine_id] = (reading.ts, healths)
+            for machine_id in self._known.keys() - latest.keys():
+                del self._known[machine_id]
+            return [(reading, list(self._known[machine_id][1])) for machine_id, reading in latest.items()]
+
+
+def _rounded(health: float) -> float:
+    return round(health, 1)  # plenty for a sparkline, and a third of the bytes of a full float
+
+
+def _machines(agent: Agent, trends: Trends, now: float) -> list[MachineInfo]:
     store, pipeline = _running(agent)
     model = pipeline.scorer.model
     states = _alarm_states(store)
-    machines = [
-        _machine_info(reading, states.get(machine_id), model, now,
-                      [r.health for r in store.history(machine_id, 0.0, TREND_POINTS)])
-        for machine_id, reading in store.latest_by_machine().items()
-    ]
+    machines = [_machine_info(reading, states.get(reading.machine_id), model, now, trend)
+                for reading, trend in trends.latest(store)]
     machines.sort(key=lambda m: (-LEVELS.get(m.state, 0), m.machine_id))
     return machines
 

@@ -30,7 +30,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bench.report import median_spread, write_section
-from tests.services import Mosquitto, Publisher
+from tests.services import Mosquitto, Publisher, free_port
 
 MACHINES = 20
 T0 = 1_790_000_000
@@ -61,12 +61,13 @@ print(json.dumps({"received": len(times), "first": times[0] if times else 0, "la
 """
 
 
-def telemetry(n: int, seed: int) -> tuple[list[tuple[str, str]], list[tuple[str, float]]]:
-    """n default-format payloads round-robin over MACHINES machines, unique ts per machine; and their (machine, ts)."""
+def telemetry(n: int, seed: int, machines: int = MACHINES) -> tuple[list[tuple[str, str]], list[tuple[str, float]]]:
+    """n default-format payloads round-robin over `machines` machines, unique ts per machine; and their (machine,
+    ts)."""
     rng = random.Random(seed)
     messages, keys = [], []
     for i in range(n):
-        machine, ts = f"m{i % MACHINES:02d}", T0 + i // MACHINES
+        machine, ts = f"m{i % machines:02d}", T0 + i // machines
         air = round(rng.gauss(300, 2), 1)
         body = {"ts": ts, "air_temperature": air, "process_temperature": round(air + rng.gauss(10, 1), 1),
                 "rotational_speed": int(rng.gauss(1540, 150)), "torque": round(rng.gauss(40, 8), 1),
@@ -123,17 +124,20 @@ def bare_subscriber(broker: Mosquitto, messages: list, stack: ExitStack) -> dict
 
 
 class AgentProcess:
-    """`pdm-edge run` in a subprocess on its own data dir and client id, with a commit poller and RSS sampler."""
+    """`pdm-edge run` in a subprocess on its own data dir and client id, with a commit poller and RSS sampler; its
+    status API on a free loopback port (`status_url`)."""
 
     def __init__(self, broker: Mosquitto, workdir: Path) -> None:
         workdir.mkdir(parents=True)
         self.db_path = workdir / "data" / "agent.db"
         self.log = workdir / "agent.log"
         config = workdir / "agent.toml"
+        status_port = free_port()
         config.write_text("\n".join([
             'gateway_id = "bench"', f'data_dir = "{workdir / "data"}"', 'log_format = "json"', "[mqtt]",
             f'url = "{broker.url}"', f'client_id = "pdm-bench-{uuid.uuid4().hex[:8]}"',
-            'default_machine_type = "M"']) + "\n")
+            'default_machine_type = "M"', "[status]", f'bind = "127.0.0.1:{status_port}"']) + "\n")
+        self.status_url = f"http://127.0.0.1:{status_port}"
         # No PDM_ variables, credentials or .env of ours: the agent sees only this config (cwd is the workdir).
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("PDM_") and k not in ("CREDENTIALS_DIRECTORY", "STATE_DIRECTORY")}

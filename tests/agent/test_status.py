@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent import __version__
 from agent.config import load_config
 from agent.service import Agent
-from agent.status import StatusServer
+from agent.status import TREND_POINTS, StatusServer
 from drivers.base import Availability, RawReading
 from model.validate import Reason, Rejection
 from tests.services import free_port
@@ -245,10 +245,31 @@ def test_machines_worst_first_with_state_health_risk_and_ood(served):
 
     fine = machines["m-ok"]
     assert fine["state"] == "ok" and fine["health"] > 70 and fine["dominant"]["elevated"] is False
-    assert len(fine["trend"]) == READINGS_EACH and all(h == fine["health"] for h in fine["trend"])
+    assert len(fine["trend"]) == READINGS_EACH and all(h == round(fine["health"], 1) for h in fine["trend"])
     assert 0 <= fine["last_reading_age_s"] < 300
     measured = datetime.fromisoformat(fine["last_reading_at"])
     assert measured.tzinfo is not None and abs(measured.timestamp() - (served.fed_at - 100 + 9)) < 1e-3
+
+
+def test_trends_follow_new_readings_between_requests(tmp_path):
+    """The trend is kept from one request to the next and brought up to date with what was committed since."""
+    with serving(tmp_path) as running:
+        feed(running.agent)
+        trend = {m["machine_id"]: m["trend"] for m in running.get("/api/v1/machines").json()["machines"]}
+        healthy = trend["m-ok"][-1]
+        assert trend["m-ok"] == [healthy] * READINGS_EACH
+
+        store, start = running.agent.store, time.time()
+        for i in range(TREND_POINTS - 5):  # m-ok overheats: TREND_POINTS - 5 newer readings, at a lower health
+            running.agent.pipeline.put(RawReading("m-ok", start + i, dict(HEAT), "test", time.time()))
+        wait_for(lambda: store.counters()["readings_accepted"] == 3 * READINGS_EACH + TREND_POINTS - 5,
+                 "the new readings to be committed")
+        hot = round(store.history("m-ok", 0.0, 1)[0].health, 1)
+        [machine] = [m for m in running.get("/api/v1/machines").json()["machines"] if m["machine_id"] == "m-ok"]
+        assert machine["trend"] == [healthy] * 5 + [hot] * (TREND_POINTS - 5) and hot < healthy
+        assert machine["trend"] == [round(r.health, 1) for r in store.history("m-ok", 0.0, TREND_POINTS)]
+        trends = [[m["machine_id"], m["trend"]] for m in running.get("/api/v1/machines").json()["machines"]]
+        assert trends == [[m["machine_id"], m["trend"]] for m in running.get("/api/v1/machines").json()["machines"]]
 
 
 def test_machine_detail_has_ranges_history_and_events(served):
