@@ -166,15 +166,17 @@ def check_plans(url: str, tracked: str, gateway: str, strict: bool) -> list[tupl
     span = dashboard.machine_range(now - timedelta(days=TRACKED_DAYS), now, 400)
     day = dashboard.machine_range(now - timedelta(days=1), now, 400)
     fleet = dashboard.fleet_queries(None, None, None, 200)
+    # Each entry: the plan must name one of these (the counts and the gateways read every machine's row by design;
+    # from an index-only scan or the table, as the planner finds cheaper).
     cases = [
-        ("fleet page", *fleet["page"], ["machines_fleet_order", "events_machine_ts"]),
+        ("fleet page", *fleet["page"], ["machines_fleet_order"], ["events_machine_ts"]),
         ("fleet page, mode=OSF", *dashboard.fleet_queries(None, None, "OSF", 200)["page"], ["machines_mode_order"]),
         ("fleet page, state=alarm", *dashboard.fleet_queries(None, "alarm", None, 200)["page"],
          ["machines_fleet_order"]),
         ("fleet page, gateway", *dashboard.fleet_queries(gateway, None, None, 200)["page"],
          ["Index Cond: (gateway_id = $0)"]),
-        ("fleet counts", *fleet["counts"], ["machines_gateway_state"]),
-        ("gateways", *fleet["gateways"], ["machines_gateway_state"]),
+        ("fleet counts", *fleet["counts"], ["machines_state", "machines_gateway_state", "Seq Scan on machines"]),
+        ("gateways", *fleet["gateways"], ["machines_gateway_state", "Seq Scan on machines"]),
         ("machine chart, 30 d", dashboard.series_query(span["hourly"]),
          {"gateway_id": 1, "machine_id": tracked, **span}, ["summaries_hourly_pkey"]),
         ("machine chart, 24 h", dashboard.series_query(day["hourly"]), {"gateway_id": 1, "machine_id": tracked, **day},
@@ -182,19 +184,21 @@ def check_plans(url: str, tracked: str, gateway: str, strict: bool) -> list[tupl
         ("machine events, 30 d", dashboard.EVENTS, {"gateway_id": 1, "machine_id": tracked, "limit": 500, **span},
          ["events_machine_ts"]),
     ]
-    found = []
+    found, problems = [], []
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("SET TimeZone = 'UTC'")
-        for name, sql, params, expected in cases:
+        for name, sql, params, *expected in cases:
             text = plan(conn, sql, params)
-            missing = [index for index in expected if index not in text]
-            if missing and strict:
-                raise ValueError(f"{name}: the plan does not use {missing}:\n{text}")
+            missing = [" or ".join(anyof) for anyof in expected if not any(path in text for path in anyof)]
+            if missing:
+                problems.append(f"{name}: the plan uses none of {missing}:\n{text}")
             paths = sorted({line.strip().removeprefix("-> ").split(" (")[0]
                             for line in text.splitlines() if "Scan" in line and " on " in line})
             fetches = [line.strip() for line in text.splitlines() if "Heap Fetches" in line]
             took = next(line.split(":", 1)[1].strip() for line in text.splitlines() if "Execution Time" in line)
             found.append((name, "; ".join(paths) + (f" ({fetches[0]})" if fetches else ""), took))
+    if problems and strict:
+        raise ValueError("\n\n".join(problems))
     return found
 
 
