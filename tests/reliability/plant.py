@@ -68,6 +68,13 @@ def readings(agent: AgentProcess) -> set[tuple[str, float]]:
         return set(db.execute("SELECT machine_id, ts FROM readings"))
 
 
+def accepted(agent: AgentProcess) -> int:
+    """Readings accepted since the database was created (retention and the buffer cap do not lower it)."""
+    with closing(agent.db()) as db:
+        row = db.execute("SELECT value FROM counters WHERE name = 'readings_accepted'").fetchone()
+    return row[0] if row else 0
+
+
 def outbox_ids(agent: AgentProcess) -> set[str]:
     try:
         with closing(agent.db()) as db:

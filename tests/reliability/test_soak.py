@@ -19,7 +19,7 @@ import requests
 
 from tests.agent.test_run import AgentProcess, reading, wait_for
 from tests.central.support import PDM_CENTRAL, Server, environment
-from tests.reliability.plant import add_modbus, error_lines, healthy_unit, process_figures, status_base
+from tests.reliability.plant import accepted, add_modbus, error_lines, healthy_unit, process_figures, status_base
 from tests.scale import LONG, scaled
 from tests.services import ModbusServers, Publisher, ServiceError, free_port
 
@@ -79,7 +79,7 @@ def test_soak_rss_fds_and_threads_stay_flat_and_nothing_is_logged_at_error_level
                 assert requests.get(status_base(agent) + "/metrics", timeout=10).status_code == 200  # scraped
                 if elapsed >= WARM_UP_S:
                     samples.append({"t_s": round(elapsed, 1), **process_figures(agent.process.pid),
-                                    "readings": agent.count("readings")})
+                                    "readings": accepted(agent)})
             stop.set()
             publishing.join(30)
         assert not publish_errors, publish_errors
