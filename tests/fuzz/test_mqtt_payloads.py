@@ -99,7 +99,7 @@ def assert_scored_only_if_valid(scorer, readings: list[RawReading]) -> None:
             assert isinstance(result.reason, Reason)
 
 
-@fuzz_settings(short=1_000, long=50_000)
+@fuzz_settings(short=500, long=50_000)
 @given(config=configs, topic=topics, payload=payloads)
 def test_any_payload_becomes_a_reading_or_a_rejection_with_a_reason(scorer, config, topic, payload):
     reading = decoder(config).decode(topic, payload, RECEIVED)
