@@ -25,10 +25,18 @@ LAYOUT = {
 }
 
 
+ALARMING = {"torque": 68.0, "rotational_speed": 1400}  # about 10 kW: a power failure (PWF) alarm
+
+
+def set_values(unit: ModbusUnit, **values: float) -> None:
+    for name, value in values.items():
+        register = LAYOUT[name][0]
+        unit.set(register.table, register.address, encode(value, register))
+
+
 def healthy_unit() -> ModbusUnit:
     unit = ModbusUnit()
-    for register, value in LAYOUT.values():
-        unit.set(register.table, register.address, encode(value, register))
+    set_values(unit, **{name: value for name, (_, value) in LAYOUT.items()})
     return unit
 
 

@@ -1,7 +1,8 @@
-"""kill -9 of `pdm-edge run` at random moments under Modbus ingest, with 1 s summary windows closing and a sync
-to the real central in flight (SPEC §8): after every kill the database opens clean, every reading and outbox record
-seen committed before the kill is still there, and at the end central holds every window exactly once, each
-counting exactly the readings the agent stored for it.
+"""kill -9 of `pdm-edge run` at random moments under Modbus ingest, with 1 s summary windows closing, one machine
+going in and out of alarm, and a sync to the real central in flight (SPEC §8): after every kill the database opens
+clean, every reading and outbox record seen committed before the kill is still there, and at the end central holds
+every window exactly once, each counting exactly the readings the agent stored for it, and every alarm event once,
+in an unbroken chain of states.
 
 MQTT ingest under kill -9 is tests/agent/test_run.py; the agent killed mid-sync with MQTT, and central killed
 mid-request, are tests/central/test_faults.py. PDM_CRASH_SEED replays a run; PDM_RELIABILITY=long makes 200 kills.
@@ -15,13 +16,23 @@ import random
 import signal
 import time
 from collections import Counter
+from itertools import pairwise
 
 import pytest
 
 from tests.agent.test_run import AgentProcess, wait_for
 from tests.central.support import PDM_CENTRAL, Server, environment
 from tests.central.test_faults import stored
-from tests.reliability.plant import add_modbus, healthy_unit, integrity, outbox_ids, readings
+from tests.reliability.plant import (
+    ALARMING,
+    LAYOUT,
+    add_modbus,
+    healthy_unit,
+    integrity,
+    outbox_ids,
+    readings,
+    set_values,
+)
 from tests.scale import scaled
 from tests.services import ModbusServers, free_port
 
@@ -48,10 +59,13 @@ def test_kill_9_under_modbus_ingest_while_windows_close_and_sync_runs_loses_and_
     started = time.monotonic()
     try:
         with ModbusServers() as servers:
-            modbus = servers.tcp({k: healthy_unit() for k in range(1, MACHINES + 1)})
+            units = {k: healthy_unit() for k in range(1, MACHINES + 1)}
+            modbus = servers.tcp(units)
             add_modbus(agent, modbus, MACHINES, POLL_S)
             agent.start()
             while kills < wanted:
+                alarm = kills % 4 == 1  # m1 goes into alarm and back every few kills
+                set_values(units[1], **(ALARMING if alarm else {k: LAYOUT[k][1] for k in ALARMING}))
                 time.sleep(rng.uniform(0.1, 0.8))  # a random moment: the point of this test
                 deadline = time.monotonic() + 1.0
                 while (pending := agent.count("outbox WHERE synced_at IS NULL")) == 0 \
@@ -80,15 +94,21 @@ def test_kill_9_under_modbus_ingest_while_windows_close_and_sync_runs_loses_and_
             produced = {r for (r,) in db.execute("SELECT record_id FROM outbox WHERE kind = 'summary'")}
         duration = time.monotonic() - started
         print(f"\nModbus kill -9: {kills} kills ({in_flight} with records pending for central) in {duration:.0f} s; "
-              f"{len(final)} readings, {len(summaries)} windows at central")
+              f"{len(final)} readings, {len(summaries)} windows and {len(events)} alarm events at central")
 
-        assert seen_readings <= final and seen_records <= produced | {e[0] for e in events}
+        with agent.db() as db:
+            produced_events = {r for (r,) in db.execute("SELECT record_id FROM outbox WHERE kind = 'event'")}
+        assert seen_readings <= final and seen_records <= produced | produced_events
+        assert {e[0] for e in events} == produced_events
         keys = Counter((machine, start) for _, machine, start, _ in summaries)
         assert max(keys.values()) == 1  # no window twice at central
         assert {sid for sid, *_ in summaries} == produced  # everything the agent produced, nothing else
         per_window = Counter((machine, math.floor(ts)) for machine, ts in final)
         assert {(machine, start): n for _, machine, start, n in summaries} == per_window  # each reading counted once
-        assert not events  # healthy machines: no alarm
+        assert len({e[0] for e in events}) == len(events) >= 2  # m1's alarms, each once
+        chain = [(before, after) for _, machine, before, after in events]  # in time order
+        assert {machine for _, machine, *_ in events} == {"m1"}
+        assert chain[0][0] == "ok" and all(a[1] == b[0] for a, b in pairwise(chain)), chain
         assert in_flight >= wanted // 2
         assert agent.signal(signal.SIGTERM) == 0
     finally:
