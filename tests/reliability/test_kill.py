@@ -83,6 +83,11 @@ def test_kill_9_under_modbus_ingest_while_windows_close_and_sync_runs_loses_and_
                 seen_readings |= before_readings
                 seen_records |= before_records
                 agent.start()
+            for values, state in ((ALARMING, "alarm"), ({k: LAYOUT[k][1] for k in ALARMING}, "ok")):
+                set_values(units[1], **values)  # at least one alarm and its end, whatever the kills cut short
+                wait_for(lambda state=state: agent.count(
+                    f"machines WHERE machine_id = 'm1' AND state LIKE '%\"state\": \"{state}\"%'") == 1, 60,
+                    f"m1 to be in {state}")
             servers.stop(modbus)  # the devices go quiet: the last windows close by the clock
 
         wait_for(lambda: agent.count("machines WHERE state LIKE '%\"window\": null%'") == MACHINES, 30,
