@@ -126,7 +126,7 @@ def totals(conn, gateway: str) -> tuple[int, int]:
         FROM gateways g WHERE g.name = %s""", [gateway]).fetchone()
 
 
-@fuzz_settings(short=80, long=6_000)
+@fuzz_settings(short=50, long=5_000)
 @given(data=st.data())
 def test_any_body_gets_200_or_4xx_and_a_200_stores_exactly_what_it_counts(
         central, gateways, central_url, data):  # noqa: F811

@@ -55,7 +55,7 @@ def query(**params) -> dict:
     return {k: v for k, v in params.items() if v is not None}
 
 
-@fuzz_settings(short=40, long=3_000)
+@fuzz_settings(short=25, long=2_500)
 @given(cursor=cursors, since=times, until=times, limit=st.sampled_from([None, 1, 2, 10_000]))
 def test_any_cursor_and_times_give_200_or_4xx_on_events(central, cursor, since, until, limit):
     client, _ = central
@@ -63,7 +63,7 @@ def test_any_cursor_and_times_give_200_or_4xx_on_events(central, cursor, since, 
                                          params=query(cursor=cursor, since=since, until=until, limit=limit)))
 
 
-@fuzz_settings(short=40, long=3_000)
+@fuzz_settings(short=25, long=2_500)
 @given(gateway=st.one_of(st.none(), segments), machine=st.one_of(st.none(), segments), cursor=st.none() | cursors,
        since=times)
 def test_any_path_cursor_and_times_give_200_or_4xx_on_summaries(central, gateway, machine, cursor, since):

@@ -105,7 +105,7 @@ def test_the_central_api_keeps_its_documented_contract(central, schema, operatio
     excluded = [schemathesis.checks.positive_data_acceptance] if operation in BEYOND_THE_DOCUMENT else []
 
     @given(case=schema[path][method].as_strategy(mode))
-    @settings(max_examples=scaled(20, 1000), deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(max_examples=scaled(15, 500), deadline=None, suppress_health_check=list(HealthCheck), database=None)
     def contract(case):
         if ingest and isinstance(case.body, dict) and mode is GenerationMode.POSITIVE:
             case.body["gateway_id"] = name  # the token's gateway: the batch reaches the database

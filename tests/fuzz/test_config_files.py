@@ -159,7 +159,7 @@ def load(path) -> AgentConfig | list[str]:
         return exc.problems
 
 
-@fuzz_settings(short=300, long=20_000)
+@fuzz_settings(short=150, long=15_000)
 @given(content=files)
 def test_any_config_file_loads_or_gives_one_line_problems(tmp_path, content):
     path = tmp_path / "agent.toml"
@@ -167,7 +167,7 @@ def test_any_config_file_loads_or_gives_one_line_problems(tmp_path, content):
     load(path)
 
 
-@fuzz_settings(short=300, long=20_000)
+@fuzz_settings(short=150, long=15_000)
 @given(document=mutated_configs())
 def test_any_values_under_the_real_keys_load_or_give_one_line_problems(tmp_path, document):
     path = tmp_path / "agent.toml"
@@ -193,7 +193,7 @@ def assert_sane(config: AgentConfig) -> None:
     assert 0 < config.status.port < 65536
 
 
-@fuzz_settings(short=100, long=5_000)
+@fuzz_settings(short=60, long=5_000)
 @given(variables=st.dictionaries(
     st.sampled_from(["PDM_GATEWAY_ID", "PDM_MODBUS", "PDM_MQTT", "PDM_MQTT__TOPICS", "PDM_CENTRAL__URL",
                      "PDM_STATUS__BIND", "PDM_BUFFER__MAX_DB_MB", "PDM_MQTT__MACHINES", "PDM_SUMMARY", "PDM_X",
@@ -208,7 +208,7 @@ def test_any_environment_variables_load_or_give_one_line_problems(tmp_path, monk
         load(path)
 
 
-@fuzz_settings(short=40, long=2_000)
+@fuzz_settings(short=25, long=2_000)
 @given(content=files)
 def test_check_config_prints_problems_and_exits_1_never_a_traceback(tmp_path, capsys, content):
     path = tmp_path / "agent.toml"

@@ -99,7 +99,7 @@ def assert_scored_only_if_valid(scorer, readings: list[RawReading]) -> None:
             assert isinstance(result.reason, Reason)
 
 
-@fuzz_settings(short=500, long=50_000)
+@fuzz_settings(short=300, long=30_000)
 @given(config=configs, topic=topics, payload=payloads)
 def test_any_payload_becomes_a_reading_or_a_rejection_with_a_reason(scorer, config, topic, payload):
     reading = decoder(config).decode(topic, payload, RECEIVED)
@@ -139,7 +139,7 @@ def offered_counts(store: Store) -> int:
                if name in ("readings_accepted", "readings_duplicate") or name.startswith("rejected_"))
 
 
-@fuzz_settings(short=40, long=2_000)
+@fuzz_settings(short=25, long=2_000)
 @given(config=configs, messages=st.lists(st.tuples(topics, payloads), min_size=1, max_size=20))
 def test_the_pipeline_counts_every_message_once_and_quarantines_with_a_reason(scorer, store, config, messages):
     before, quarantined_before = offered_counts(store), len(store.quarantine(100_000))

@@ -43,7 +43,7 @@ def same_number(a: float, b: float) -> bool:
     return (math.isnan(a) and math.isnan(b)) or a == b
 
 
-@fuzz_settings(short=300, long=20_000)
+@fuzz_settings(short=150, long=15_000)
 @given(st.sampled_from(TYPES).flatmap(lambda t: st.tuples(st.just(t), values_of(t), orders)))
 def test_every_value_round_trips_in_every_type_and_order(case):
     type_, value, (word_order, byte_order) = case
@@ -56,7 +56,7 @@ def test_every_value_round_trips_in_every_type_and_order(case):
         assert same_number(decoded, value)
 
 
-@fuzz_settings(short=300, long=20_000)
+@fuzz_settings(short=150, long=15_000)
 @given(type_=st.sampled_from(TYPES), order=orders,
        sent=st.lists(st.integers(min_value=-(2**20), max_value=2**20), max_size=6))
 def test_any_words_decode_to_a_number_or_raise_the_documented_value_error(type_, order, sent):
@@ -70,7 +70,7 @@ def test_any_words_decode_to_a_number_or_raise_the_documented_value_error(type_,
     assert again == sent or (isinstance(value, float) and math.isnan(value))
 
 
-@fuzz_settings(short=300, long=20_000)
+@fuzz_settings(short=150, long=15_000)
 @given(type_=st.sampled_from(TYPES), value=st.one_of(st.floats(), st.integers(), st.integers(min_value=10**300)),
        order=orders)
 def test_encoding_a_value_that_does_not_fit_raises_the_documented_value_error(type_, value, order):
@@ -98,7 +98,7 @@ registers_maps = st.fixed_dictionaries({
 })
 
 
-@fuzz_settings(short=200, long=10_000)
+@fuzz_settings(short=100, long=10_000)
 @given(registers=registers_maps, data=st.data())
 def test_whatever_a_device_sends_the_model_sees_only_finite_values_in_range(scorer, registers, data):
     """Words of NaN and infinite floats (0x7FC0 0x0000, 0x7F80 0x0000...) decode, and the validator rejects them

@@ -146,7 +146,7 @@ def outbox(tmp_path_factory):
         return records(store, n_events=4, n_summaries=5)
 
 
-@fuzz_settings(short=60, long=3_000)
+@fuzz_settings(short=40, long=3_000)
 @given(script=st.lists(answers, min_size=1, max_size=6), data=st.data())
 def test_any_answer_is_handled_and_no_record_is_lost_or_wrongly_marked_synced(central, outbox, tmp_path_factory,
                                                                               script, data):
