@@ -1,7 +1,7 @@
 """A full disk under `pdm-edge run` (SPEC §8, README "Buffer cap"): the data folder is a small tmpfs that fills
 long before the buffer cap. The agent stays up, commits nothing it cannot write and acknowledges nothing it did not
 commit (the broker keeps those readings), says so on /readyz, /api/v1/status and /metrics, loses nothing it had
-accepted, and takes everything once the disk has room again.
+accepted, survives a kill -9 while the disk is full, and takes everything once the disk has room again.
 
 The real-filesystem test needs root (mount -t tmpfs), as on the project's CI machine; the same promise with
 SQLite's page limit (`PRAGMA max_page_count`) as the full disk runs anywhere, in-process.
@@ -70,6 +70,12 @@ def test_a_full_disk_holds_readings_at_the_broker_reports_it_and_resumes_when_sp
         assert 0 < held < TOTAL
         assert "full" in full["database_last_error"]
         assert agent.process.poll() is None  # the agent stays up
+
+        agent.process.kill()  # a crash while the disk is full: it opens clean and holds again
+        agent.process.wait()
+        assert integrity(agent) == "ok" and agent.count("readings") == held
+        agent.start()
+        wait_for(lambda: not agent_status(agent)["pipeline"]["database_up"], 60, "the full disk seen after the restart")
 
         mount_tmpfs(small_disk, ROOMY_MB, remount=True)  # an operator makes room
         wait_for(lambda: agent.count("readings") == TOTAL, 120, "every reading the broker held")
