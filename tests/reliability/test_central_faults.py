@@ -1,6 +1,6 @@
 """Central misbehaving, seen from the agent's sync client with a real SQLite outbox (SPEC §6):
 - a server we control answers 500s, answers too slowly, sends garbage, closes the connection mid-body, or answers
-  200 with something that is not central's answer: every round is retried later, nothing leaves the outbox,
+  200 with something that is not central's answer for the batch sent: every round is retried later, nothing leaves the outbox,
   nothing is set aside; then the real central takes everything, once;
 - central unreachable for a day of compressed time: every wait stays within the backoff cap, nothing is lost, and
   the first round after central is back syncs the whole backlog.
@@ -72,6 +72,11 @@ class MisbehavingCentral:
             page = b"<html><body>Welcome to the plant Wi-Fi</body></html>"
             sock.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: text/html\r\nContent-Length: %d\r\n\r\n%s"
                          % (len(page), page))
+        elif self.mode == "200-miscounted":  # central's answer, but for another batch
+            answer = json.dumps({"accepted": {"summaries": 1, "events": 0},
+                                 "duplicates": {"summaries": 0, "events": 0}}).encode()
+            sock.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(answer), answer))
         sock.close()
 
     def close(self) -> None:
@@ -149,7 +154,7 @@ def misbehaving():
     server.close()
 
 
-MODES = ("500", "slow", "garbage", "cut", "200-not-central")
+MODES = ("500", "slow", "garbage", "cut", "200-not-central", "200-miscounted")
 
 
 def test_central_answering_500s_slowly_garbage_or_cut_mid_body_keeps_everything_then_syncs_once(
