@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+import signal
 
 import pytest
 from hypothesis import given
@@ -19,7 +20,18 @@ from drivers.mqtt import EARLIEST_TS, LATEST_TS, MqttConfig, PayloadDecoder
 from model.features import INPUT_NAMES, MACHINE_TYPE_INPUT
 from model.score import Score
 from model.validate import Reason, Rejection
-from tests.fuzz.strategies import bad_utf8, deep_json, fuzz_settings, json_values, numbers, spoil_utf8, to_json
+from tests.agent.test_run import AgentProcess, reading, wait_for
+from tests.fuzz.strategies import (
+    bad_utf8,
+    deep_json,
+    fuzz_settings,
+    json_values,
+    nested,
+    numbers,
+    spoil_utf8,
+    to_json,
+)
+from tests.services import Publisher
 
 # Payloads up to 70 KB make hypothesis warn that their repr is large: expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
@@ -159,3 +171,18 @@ def test_the_pipeline_counts_every_message_once_and_quarantines_with_a_reason(sc
     for reading in store.latest_by_machine().values():
         assert all(math.isfinite(v) for v in reading.values.values())
         assert 0.0 <= reading.p_failure <= 1.0
+
+
+def test_a_deeply_nested_payload_does_not_stop_mqtt_ingest(tmp_path, private_broker):
+    """Regression, end to end: the decoder's RecursionError escaped into paho's network thread and ended it; the
+    agent stayed up but took no message after that one. Now it is quarantined and the next reading is stored."""
+    agent = AgentProcess(tmp_path, private_broker.url)
+    agent.start()
+    try:
+        with Publisher(private_broker.url) as publisher:
+            publisher.publish_all([("pdm/m01/telemetry", nested(1_000)), reading(1, 1)])
+        wait_for(lambda: agent.count("readings") == 1, 30, "the reading after the nested payload")
+        with agent.db() as db:
+            assert db.execute("SELECT reason FROM quarantine").fetchall() == [("malformed",)]
+    finally:
+        assert agent.signal(signal.SIGTERM) == 0
