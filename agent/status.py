@@ -77,6 +77,7 @@ log = logging.getLogger(__name__)
 
 API = "/api/v1"
 TREND_POINTS = 60  # readings in each machine's trend on /api/v1/machines
+CATCH_UP_MAX = 50_000  # readings /api/v1/machines reads since the previous request; beyond, it reads each trend
 HISTORY_DEFAULT, HISTORY_MAX = 300, 5000
 EVENTS_DEFAULT, EVENTS_MAX = 100, 1000
 MACHINE_EVENTS = 20
@@ -654,10 +655,10 @@ def _counts(status: dict) -> dict[str, int]:
 def _alarm_states(store: Store) -> dict[str, str]:
     """Each machine's alarm state (after the hysteresis), as the pipeline last committed it."""
     states = {}
-    for machine_id, text in store.machines().items():
-        try:
-            states[machine_id] = json.loads(text)["alarm"]["state"]
-        except (ValueError, KeyError, TypeError):
+    for machine_id, state in store.machines("$.alarm.state").items():
+        if state in LEVELS:
+            states[machine_id] = state
+        else:
             log.warning("machine %s: saved state unreadable", machine_id)
     return states
 
@@ -684,28 +685,35 @@ def _machine_info(reading: StoredReading, alarm_state: str | None, model: Model,
 
 class Trends:
     """Each machine's health trend (the health of its newest TREND_POINTS readings), kept from one request to the
-    next: a request reads the history only of the machines whose newest reading changed, and only what is newer, so
-    the page of an idle gateway reads no history at all and that of a busy one a few readings per machine. A
-    reading that arrives late, older than the newest one known, is left out of the trend (it is in the history)."""
+    next. A request reads what was stored since the previous one, four columns a reading (`Store.healths_after`),
+    rather than every machine's history; a machine it knows nothing of, or whose newest reading it missed (more than
+    CATCH_UP_MAX readings since, or deleted ones), is read again whole (`Store.trend`). So the page of an idle gateway
+    costs no reading and that of a busy one the readings stored since its last refresh. A reading older than the
+    newest one known of its machine (late) stays out of the trend; it is in the machine's history."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._known: dict[str, tuple[float, deque[float]]] = {}  # machine: (ts of its newest reading, healths)
+        self._after_id = 0  # the newest reading read
+        self._known: dict[str, tuple[float, deque[float]]] = {}  # machine: (ts of its newest reading read, healths)
 
     def latest(self, store: Store) -> list[tuple[StoredReading, list[float]]]:
         """Each machine's newest reading and its trend, oldest first."""
         with self._lock:
             latest = store.latest_by_machine()
+            rows = store.healths_after(self._after_id, CATCH_UP_MAX)
+            if len(rows) == CATCH_UP_MAX:
+                self._known.clear()  # too far behind: some machine may have missed readings
+            for _, machine_id, ts, health in rows:
+                newest, healths = self._known.get(machine_id, (math.inf, None))
+                if ts > newest:
+                    healths.append(_rounded(health))
+                    self._known[machine_id] = (ts, healths)
+            self._after_id = rows[-1][0] if rows else self._after_id
             for machine_id, reading in latest.items():
-                newest_known, healths = self._known.get(machine_id, (None, None))
-                if newest_known == reading.ts:
-                    continue
-                if newest_known is not None and newest_known < reading.ts:
-                    healths.extend(map(_rounded, store.trend(machine_id, newest_known, TREND_POINTS)))
-                else:
-                    healths = deque(map(_rounded, store.trend(machine_id, -math.inf, TREND_POINTS)),
-                                    maxlen=TREND_POINTS)
-                self._known[machine_id] = (reading.ts, healths)
+                if self._known.get(machine_id, (-math.inf,))[0] < reading.ts:
+                    trend = store.trend(machine_id, TREND_POINTS)
+                    self._known[machine_id] = (trend[-1][0] if trend else reading.ts,
+                                               deque((_rounded(h) for _, h in trend), maxlen=TREND_POINTS))
             for machine_id in self._known.keys() - latest.keys():
                 del self._known[machine_id]
             return [(reading, list(self._known[machine_id][1])) for machine_id, reading in latest.items()]
