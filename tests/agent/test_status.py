@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import socket
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -271,6 +272,21 @@ def test_trends_follow_new_readings_between_requests(tmp_path):
         trends = [[m["machine_id"], m["trend"]] for m in running.get("/api/v1/machines").json()["machines"]]
         assert trends == [[m["machine_id"], m["trend"]] for m in running.get("/api/v1/machines").json()["machines"]]
 
+        running.agent.pipeline.put(RawReading("m-ok", start - 50, dict(HEALTHY), "test", time.time()))  # late
+        wait_for(lambda: len(store.history("m-ok", 0.0, 1000)) == READINGS_EACH + TREND_POINTS - 4, "the late one")
+        [machine] = [m for m in running.get("/api/v1/machines").json()["machines"] if m["machine_id"] == "m-ok"]
+        assert machine["trend"][-1] == hot  # the trend shows the newest readings; the late one is in the history
+
+
+def test_a_machine_whose_saved_state_is_unreadable_is_still_listed(tmp_path, caplog):
+    with serving(tmp_path) as running:
+        feed(running.agent)
+        with sqlite3.connect(running.agent.store.path) as db:
+            db.execute("UPDATE machines SET state = 'not json' WHERE machine_id = 'm-hdf'")
+        machines = {m["machine_id"]: m for m in running.get("/api/v1/machines").json()["machines"]}
+        assert machines["m-hdf"]["state"] == machines["m-hdf"]["reading_state"] == "alarm"  # the reading's own
+        assert machines["m-ood"]["state"] == "alarm" and "machine m-hdf: saved state unreadable" in caplog.text
+
 
 def test_machine_detail_has_ranges_history_and_events(served):
     detail = served.get("/api/v1/machines/m-ood").json()
@@ -451,6 +467,17 @@ def value(metrics: dict, family: str, sample: str | None = None, **labels: str) 
              if (sample is None or s.name == sample) and all(s.labels.get(k) == v for k, v in labels.items())]
     assert len(found) == 1, (family, labels, metrics[family].samples)
     return found[0]
+
+
+def test_the_readme_names_every_metric_as_exported(served):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## The status page and API", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"`(pdm_\w+)`", section))
+    exported = {f.name: {s.name for s in f.samples} for f in families(served.get("/metrics").text).values()
+                if f.name.startswith("pdm_") and not f.name.endswith("_created")}  # creation times of series
+    names = {name for family, samples in exported.items() for name in (family, *samples)}
+    assert documented <= names, documented - names
+    assert {f for f, samples in exported.items() if not documented & {f, *samples}} == set()
 
 
 def test_metrics_read_the_agents_state(served):
