@@ -25,7 +25,8 @@ Indexes the queries use (migration 0002):
   fleet page             machines_fleet_order (state rank, health, ...) or machines_mode_order with a mode filter:
                          the first `limit` rows of an index, no sort; with a gateway filter the primary key
   "since"                events_machine_ts, one backward probe per shown machine
-  counts, gateways       machines_gateway_state, index-only
+  counts, gateways       machine_states (per gateway and state, kept by triggers on machines); with a mode filter,
+                         the counts from machines_mode_order
   machine chart          summaries_machine_chart, index-only (the chart's columns are INCLUDEd), for buckets under an
                          hour; else summaries_hourly's primary key (a roll-up kept by a trigger on summaries)
   machine events         events_machine_ts
@@ -246,6 +247,9 @@ LEFT JOIN LATERAL (
 """
 
 FLEET_COUNTS = "SELECT m.worst_state, count(*) FROM machines m WHERE {where} GROUP BY m.worst_state"
+# Without a mode filter, from the counts the triggers keep (migration 0002): no pass over every machine.
+FLEET_STATE_COUNTS = ("SELECT c.worst_state, sum(c.machines)::bigint FROM machine_states c WHERE {where} "
+                      "GROUP BY c.worst_state")
 
 FLEET_GATEWAYS = """
 SELECT coalesce(json_agg(x ORDER BY x.silent DESC, x.alarm DESC, x.warning DESC, x.name), '[]')::text FROM (
@@ -256,9 +260,9 @@ SELECT coalesce(json_agg(x ORDER BY x.silent DESC, x.alarm DESC, x.warning DESC,
            coalesce(c.machines, 0) AS machines, coalesce(c.alarm, 0) AS alarm, coalesce(c.warning, 0) AS warning
     FROM gateways g
     LEFT JOIN (
-        SELECT gateway_id, count(*) AS machines, count(*) FILTER (WHERE worst_state = 'alarm') AS alarm,
-               count(*) FILTER (WHERE worst_state = 'warning') AS warning
-        FROM machines GROUP BY gateway_id
+        SELECT gateway_id, sum(machines) AS machines, sum(machines) FILTER (WHERE worst_state = 'alarm') AS alarm,
+               sum(machines) FILTER (WHERE worst_state = 'warning') AS warning
+        FROM machine_states GROUP BY gateway_id
     ) c ON c.gateway_id = g.id
 ) x
 """
@@ -315,10 +319,10 @@ FROM (SELECT * FROM events e
 MAX_EVENTS = 500
 
 
-def _filters(gateway: str | None, state: str | None, mode: str | None) -> tuple[str, dict]:
+def _filters(gateway: str | None, state: str | None, mode: str | None, table: str = "m") -> tuple[str, dict]:
     where, params = ["true"], {}
     if gateway is not None:
-        where.append("m.gateway_id = (SELECT id FROM gateways WHERE name = %(gateway)s)")
+        where.append(f"{table}.gateway_id = (SELECT id FROM gateways WHERE name = %(gateway)s)")
         params["gateway"] = gateway
     if state is not None:
         where.append("pdm_state_rank(m.worst_state) = %(rank)s")
@@ -333,9 +337,12 @@ def fleet_queries(gateway: str | None, state: str | None, mode: str | None,
                   limit: int) -> dict[str, tuple[str, dict]]:
     """The fleet view's statements with their parameters (the bench EXPLAINs the same ones)."""
     where, params = _filters(gateway, state, mode)
-    counts_where, counts_params = _filters(gateway, None, mode)
-    return {"page": (FLEET_PAGE.format(where=where), {**params, "limit": limit}),
-            "counts": (FLEET_COUNTS.format(where=counts_where), counts_params),
+    if mode is None:
+        counts = FLEET_STATE_COUNTS.format(where=_filters(gateway, None, None, "c")[0]), _filters(gateway, None, None)[1]
+    else:
+        counts_where, counts_params = _filters(gateway, None, mode)
+        counts = FLEET_COUNTS.format(where=counts_where), counts_params
+    return {"page": (FLEET_PAGE.format(where=where), {**params, "limit": limit}), "counts": counts,
             "gateways": (FLEET_GATEWAYS, {"silent": SILENT_AFTER})}
 
 

@@ -93,6 +93,31 @@ def test_gateways_show_backlog_drops_and_silence(client, plant, gateways, conn):
     assert names.index(quiet[0]) < names.index(plant[0])  # silent ones first
 
 
+def test_state_counts_follow_each_machines_latest_window(client, gateways, conn):
+    gateway = gateways.add("counts")
+    name = gateway[0]
+
+    def counted() -> dict:
+        return fleet(client, gateway=name)["counts"]
+
+    send(client, gateway, [window(name, "m1", 0, "ok", 90.0), window(name, "m2", 0, "ok", 91.0)])
+    assert counted() == {"alarm": 0, "warning": 0, "ok": 2}
+    send(client, gateway, [window(name, "m1", 1, "warning", 60.0), window(name, "m1", 2, "alarm", 30.0)])
+    assert counted() == {"alarm": 1, "warning": 0, "ok": 1}
+    send(client, gateway, [window(name, "m1", 1, "warning", 60.0, summary_id=batches.summary(name, "m1", 90)[
+        "summary_id"])])  # a late, older window: the machine's state stays
+    send(client, gateway, [window(name, "m2", 3, "ok", 95.0)])  # ok to ok
+    assert counted() == {"alarm": 1, "warning": 0, "ok": 1}
+    listed = next(g for g in fleet(client)["gateways"] if g["name"] == name)
+    assert (listed["machines"], listed["alarm"], listed["warning"]) == (2, 1, 0)
+    # The kept counts equal a count of the machines themselves, over every test's gateways.
+    kept = conn.execute("SELECT gateway_id, worst_state, machines FROM machine_states WHERE machines <> 0"
+                        " ORDER BY 1, 2").fetchall()
+    counted_now = conn.execute("SELECT gateway_id, worst_state, count(*) FROM machines GROUP BY 1, 2"
+                               " ORDER BY 1, 2").fetchall()
+    assert kept == counted_now
+
+
 def machine(client, gateway: str, machine_id: str, **params):
     return client.get(f"/api/v1/dashboard/gateways/{gateway}/machines/{machine_id}", params=params, headers=OPS)
 
