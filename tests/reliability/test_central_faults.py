@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import threading
@@ -104,9 +105,14 @@ def _read_request(sock: socket.socket) -> bool:
     return True
 
 
+@functools.cache
+def shipped():
+    return load()
+
+
 def fill_outbox(store: Store, gateway: str, windows: int, machines: int = 3, start: int = 0) -> None:
     """Summaries of `windows` 60 s windows of each machine, and an event, as the pipeline writes them."""
-    model = Machines(gateway, SummaryConfig(window_s=60), AlarmsConfig(), load(), {})
+    model = Machines(gateway, SummaryConfig(window_s=60), AlarmsConfig(), shipped(), {})
     outbox = []
     for w in range(start, start + windows + 1):  # the reading of the next window closes the one before
         readings = [stored(T0 + 60 * w, machine=f"m{m}") for m in range(machines)]
