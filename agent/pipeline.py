@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 LINGER_S = 0.002  # how long a batch waits for one more reading before it is committed
 RETRY_MIN_S, RETRY_MAX_S = 0.1, 5.0
 CAP_HEADROOM_BYTES = 2**20  # room is made down to the cap minus this, so the next batches stay under the cap
+BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+# Readings are counted by machine for this many machine ids, then under "other": a stream of invented ids (a
+# misconfigured publisher) must not grow /metrics without bound.
+MACHINE_LABELS_MAX = 1000
 
 
 class Pipeline:
@@ -56,6 +60,9 @@ class Pipeline:
         self._next_tick = 0.0
         self.gave_up = False  # stopped with a batch the database would not take
         self.score_seconds = Histogram("pdm_scoring_seconds", "Validating and scoring one batch.", registry=None)
+        self.batch_size = Histogram("pdm_pipeline_batch_size", "Readings in each committed batch.",
+                                    buckets=BATCH_SIZE_BUCKETS, registry=None)
+        self.readings_by_machine: Counter[tuple[str, str]] = Counter()  # (machine, "accepted" | "rejected"): committed
         self.heartbeat = monotonic()  # when the pipeline thread last went round its loop: stuck if this gets old
         self.batches = 0
         self.errors = 0  # unexpected errors while committing a batch (each is logged with its traceback)
@@ -160,12 +167,14 @@ class Pipeline:
         candidates = [r for r in batch if r.rejection is None]
         with self.score_seconds.time():
             results = iter(scorer.score([r.fields for r in candidates]))
-        stored, quarantined = [], []
+        stored, quarantined, outcomes = [], [], Counter()
         for reading in batch:  # in arrival order
             result = reading.rejection or next(results)
             if isinstance(result, Rejection):
                 quarantined.append(_quarantined(reading, result))
+                outcomes[reading.machine_id, "rejected"] += 1
                 continue
+            outcomes[reading.machine_id, "accepted"] += 1
             stored.append(StoredReading(
                 reading.machine_id, reading.ts, {name: float(reading.fields[name]) for name in inputs},
                 reading.fields[type_key], result.p_failure, result.risk, result.health, result.state.value,
@@ -177,8 +186,20 @@ class Pipeline:
             if reading.ack is not None:
                 reading.ack()
         self.batches += 1
+        self.batch_size.observe(len(batch))
+        self._count_by_machine(outcomes)
         self.last_commit = self._monotonic()
         self._keep_under_cap()
+
+    def _count_by_machine(self, outcomes: Counter[tuple[str | None, str]]) -> None:
+        counted = self.readings_by_machine
+        machines = {machine for machine, _ in counted}
+        for (machine_id, outcome), n in outcomes.items():
+            machine = machine_id or "unknown"
+            if machine not in machines and len(machines) >= MACHINE_LABELS_MAX:
+                machine = "other"
+            machines.add(machine)
+            counted[machine, outcome] += n
 
     def _summarise(self, scorer: Scorer, batch: list[RawReading], stored: list[StoredReading]):
         """Alarm events, closed summaries and machine states for this batch: only from readings not stored

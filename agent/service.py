@@ -13,6 +13,7 @@ import logging
 import signal
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -55,6 +56,8 @@ class Agent:
         self._stopping = threading.Event()
         self._sync_thread: threading.Thread | None = None
         self.sync: SyncClient | None = None
+        self.sync_rounds: Counter[str] = Counter()  # by outcome: synced, retry, refused
+        self.sync_records: Counter[str] = Counter()  # sent (central has them), set_aside
         self.status: StatusServer | None = None
 
     def start(self) -> None:
@@ -147,6 +150,8 @@ class Agent:
                 result = self.sync.sync_once()
             except StoreError as exc:
                 result = Round(Outcome.RETRY, 0, 0, 5.0, str(exc))
+            self.sync_rounds[result.outcome.value] += 1
+            self.sync_records.update(sent=result.sent, set_aside=result.set_aside)
             if result.outcome is Outcome.SYNCED:
                 central.succeeded()
             else:

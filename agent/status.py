@@ -65,6 +65,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent import __version__
 from agent.store import Store, StoredReading, StoreError
+from sync.client import Outcome
 from sync.config import is_loopback
 from sync.protocol import Event
 
@@ -854,6 +855,12 @@ class AgentCollector:
         yield _gauge("pdm_pipeline_queue_depth", "Readings waiting for the pipeline.", pipeline.depth)
         yield _gauge("pdm_pipeline_queue_capacity", "The pipeline queue's size.", config.pipeline.queue_max)
         yield _counter("pdm_pipeline_batches", "Batches committed.", pipeline.batches)
+        yield from pipeline.batch_size.collect()
+        by_machine = CounterMetricFamily("pdm_machine_readings", "Readings committed since the agent started, by "
+                                         "machine and outcome (accepted or rejected).", labels=["machine", "outcome"])
+        for (machine, outcome), n in sorted(pipeline.readings_by_machine.items()):
+            by_machine.add_metric([machine, outcome], n)
+        yield by_machine
         yield _counter("pdm_pipeline_errors", "Unexpected errors committing a batch (retried).", pipeline.errors)
         yield _gauge("pdm_database_up", "Whether the last database write succeeded.", int(pipeline.database.up))
         yield _counter("pdm_database_write_failures", "Failed database writes (retried).",
@@ -865,6 +872,14 @@ class AgentCollector:
         last = agent.sync.last_success if agent.sync else None
         yield _gauge("pdm_sync_last_success_timestamp_seconds", "When the outbox was last emptied into central "
                      "(0: never).", last.timestamp() if last else 0.0)
+        rounds = CounterMetricFamily("pdm_sync_rounds", "Sync rounds since the agent started, by result: synced "
+                                     "(outbox emptied), retry (central unreachable or failing), refused (401/403).",
+                                     labels=["result"])
+        for outcome in Outcome:
+            rounds.add_metric([outcome.value], agent.sync_rounds[outcome.value])
+        yield rounds
+        yield _counter("pdm_sync_records_sent", "Summaries and events central has accepted since the agent started.",
+                       agent.sync_records["sent"])
 
     def _drivers(self) -> Iterable[Metric]:
         up = GaugeMetricFamily("pdm_driver_up", "Whether the driver's connections are up (every device connected).",
@@ -873,13 +888,20 @@ class AgentCollector:
                                       labels=["driver", "device"])
         errors = CounterMetricFamily("pdm_driver_errors", "Driver errors since the agent started, by kind.",
                                      labels=["driver", "kind"])
+        polls = CounterMetricFamily("pdm_driver_polls", "Polls of one device since the agent started.",
+                                    labels=["driver", "device"])
+        skips = CounterMetricFamily("pdm_driver_poll_skips", "Polls of one device skipped because the previous one "
+                                    "was still running.", labels=["driver", "device"])
         for driver in map(_driver, self.agent.drivers):
             up.add_metric([driver.name], 1 if driver.connected else 0)
             for kind, n in driver.errors.items():
                 errors.add_metric([driver.name, kind], n)
             for device in driver.devices:
                 device_up.add_metric([driver.name, device.device], int(device.connected))
-        yield from (up, device_up, errors)
+                details = driver.details["devices"][device.device]
+                polls.add_metric([driver.name, device.device], details.get("polls", 0))
+                skips.add_metric([driver.name, device.device], details.get("skipped_overlaps", 0))
+        yield from (up, device_up, errors, polls, skips)
 
     def _machines(self) -> Iterable[Metric]:
         store = self.agent.store

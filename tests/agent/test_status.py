@@ -29,7 +29,8 @@ from agent.service import Agent
 from agent.status import TREND_POINTS, StatusServer
 from drivers.base import Availability, RawReading
 from model.validate import Reason, Rejection
-from tests.services import free_port
+from tests.reliability.plant import healthy_unit, modbus_devices
+from tests.services import ModbusServers, free_port
 
 TOKEN = "status-token-for-tests-0123456789"
 HEALTHY = {"air_temperature": 300.0, "process_temperature": 310.0, "rotational_speed": 1500.0, "torque": 40.0,
@@ -66,19 +67,20 @@ class Served:
         return requests.request(kwargs.pop("method", "GET"), self.url + path, headers=headers, timeout=10, **kwargs)
 
 
-def write_config(directory: Path, **sections: dict) -> Path:
+def write_config(directory: Path, tables: str = "", **sections: dict) -> Path:
+    """The agent's TOML: `sections` as tables of JSON-compatible values, then `tables` as written."""
     lines = ['gateway_id = "gw-status-test"', f'data_dir = "{directory / "data"}"']
     sections["status"] = {"bind": f"127.0.0.1:{free_port()}", **sections.get("status", {})}
     for section, values in sections.items():
         lines += [f"[{section}]", *(f"{key} = {json.dumps(value)}" for key, value in values.items())]
     path = directory / "agent.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + tables)
     return path
 
 
-def make_agent(directory: Path, **sections: dict) -> Agent:
+def make_agent(directory: Path, tables: str = "", **sections: dict) -> Agent:
     """An agent from a TOML file alone: no PDM_ variable, credential or .env of the machine leaks in."""
-    path = write_config(directory, **sections)
+    path = write_config(directory, tables, **sections)
     with pytest.MonkeyPatch.context() as patch:
         for name in [n for n in os.environ if n.startswith("PDM_") or n == "CREDENTIALS_DIRECTORY"]:
             patch.delenv(name)
@@ -87,9 +89,9 @@ def make_agent(directory: Path, **sections: dict) -> Agent:
 
 
 @contextmanager
-def serving(directory: Path, start_agent: bool = True, **sections: dict) -> Iterator[Served]:
+def serving(directory: Path, start_agent: bool = True, tables: str = "", **sections: dict) -> Iterator[Served]:
     """The agent's own status server when Agent.start() starts one, else one started here for it."""
-    agent = make_agent(directory, **sections)
+    agent = make_agent(directory, tables, **sections)
     server = StatusServer(agent, port=0)
     try:
         if start_agent:
@@ -146,6 +148,15 @@ def token_agent(directory: Path) -> Iterator[Served]:
 def served(tmp_path_factory, mqtt_broker) -> Iterator[Served]:
     with open_agent(tmp_path_factory.mktemp("status"), mqtt_broker) as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def polling(tmp_path_factory) -> Iterator[Served]:
+    """An agent polling two Modbus devices (m1, m2) on a real pymodbus server, 10 times a second."""
+    with ModbusServers() as servers:
+        port = servers.tcp({1: healthy_unit(), 2: healthy_unit()})
+        with serving(tmp_path_factory.mktemp("polling"), tables=modbus_devices(port, 2, 0.1)) as running:
+            yield running
 
 
 @pytest.fixture
@@ -469,12 +480,15 @@ def value(metrics: dict, family: str, sample: str | None = None, **labels: str) 
     return found[0]
 
 
-def test_the_readme_names_every_metric_as_exported(served):
+def test_the_readme_names_every_metric_as_exported(served, polling):
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme.split("## The status page and API", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"`(pdm_\w+)`", section))
-    exported = {f.name: {s.name for s in f.samples} for f in families(served.get("/metrics").text).values()
-                if f.name.startswith("pdm_") and not f.name.endswith("_created")}  # creation times of series
+    exported: dict[str, set[str]] = {}
+    for agent in (served, polling):
+        for f in families(agent.get("/metrics").text).values():
+            if f.name.startswith("pdm_") and not f.name.endswith("_created"):  # creation times of series
+                exported.setdefault(f.name, set()).update(s.name for s in f.samples)
     names = {name for family, samples in exported.items() for name in (family, *samples)}
     assert documented <= names, documented - names
     assert {f for f, samples in exported.items() if not documented & {f, *samples}} == set()
@@ -504,7 +518,26 @@ def test_metrics_read_the_agents_state(served):
     assert value(metrics, "pdm_machine_mode_risk", machine="m-hdf", mode="HDF") > 0.5
     assert value(metrics, "pdm_machine_ood_inputs", machine="m-ood") == 1
     assert value(metrics, "pdm_status_scrape_errors") == 0
+    assert value(metrics, "pdm_machine_readings", machine="m-hdf", outcome="accepted") == 10
+    assert value(metrics, "pdm_machine_readings", machine="unknown", outcome="rejected") == 1  # the garbage
+    batches = value(metrics, "pdm_pipeline_batches")
+    assert value(metrics, "pdm_pipeline_batch_size", sample="pdm_pipeline_batch_size_count") == batches
+    assert value(metrics, "pdm_pipeline_batch_size", sample="pdm_pipeline_batch_size_sum") == 31
+    assert value(metrics, "pdm_sync_rounds", result="synced") == 0
     assert "process_resident_memory_bytes" in metrics  # the process collector, on Linux
+
+
+def test_metrics_count_each_devices_polls_and_the_readings_of_each_machine(polling):
+    def polls(device: str) -> float:
+        return value(families(polling.get("/metrics").text), "pdm_driver_polls", driver="modbus", device=device)
+
+    wait_for(lambda: polls("m1") >= 5 and polls("m2") >= 5, "five polls of each device")
+    metrics = families(polling.get("/metrics").text)
+    assert value(metrics, "pdm_driver_poll_skips", driver="modbus", device="m1") == 0  # a quick device, never late
+    assert value(metrics, "pdm_driver_device_up", driver="modbus", device="m2") == 1
+    assert value(metrics, "pdm_machine_readings", machine="m1", outcome="accepted") >= 4  # the 5th may be in flight
+    assert value(metrics, "pdm_pipeline_batch_size", sample="pdm_pipeline_batch_size_sum") \
+        == sum(value(metrics, "pdm_machine_readings", machine=m, outcome="accepted") for m in ("m1", "m2"))
 
 
 def test_metrics_export_the_pipelines_scoring_histogram_when_it_has_one(served, monkeypatch):
