@@ -303,7 +303,7 @@ class Phases:
     outage_drain_s: float  # the same after the outage: a gateway may wait out its reconnect back-off first
 
 
-FULL = Phases((500, 1000, 2000, 5000, 10_000), 10, 60, 15, 20, 50)
+FULL = Phases((500, 1000, 2000, 5000), 10, 60, 15, 20, 50)
 QUICK = Phases((1000, 4000), 2, 5, 5, 5, 15)
 
 

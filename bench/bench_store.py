@@ -66,8 +66,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 run, fewer rows")
     parser.add_argument("--repeats", type=int)
     args = parser.parse_args()
-    repeats = args.repeats or (1 if args.quick else 5)
-    counts = {1: 500 if args.quick else 3_000, 50: 5_000 if args.quick else 20_000,
+    repeats = args.repeats or (1 if args.quick else 3)
+    counts = {1: 500 if args.quick else 1_000, 50: 5_000 if args.quick else 20_000,
               500: 10_000 if args.quick else 50_000}
     raw, ours = {s: [] for s in SIZES}, {s: [] for s in SIZES}
     scratch = output_root() / ".bench"  # the disk the figures are about, not /tmp (often tmpfs)

@@ -136,7 +136,7 @@ def goals_block(found: dict[str, str]) -> tuple[str, list[Goal]]:
     return body, missed
 
 
-def machine_block(quick: bool, durations: dict[str, float]) -> str:
+def machine_block(quick: bool, durations: dict[str, float], load: tuple[float, ...]) -> str:
     root = report.output_root()
     disk = report.filesystem(root)
     fsync = report.fsync_rate(root / ".bench" / "probe")
@@ -147,7 +147,9 @@ def machine_block(quick: bool, durations: dict[str, float]) -> str:
             f"| machine | |\n|---|---|\n| CPU | {report.cpu_model()} |\n| cores | {os.cpu_count()} |\n"
             f"| memory | {report.memory_gib():.1f} GiB |\n| disk (the work folder) | {disk} |\n"
             f"| fsync of 4 KiB, same disk | {fsync:,.0f} /s |\n| versions | {report.versions(*PACKAGES)} |\n"
-            f"| run time per bench | {timing or '—'} |")
+            f"| run time per bench | {timing or '—'} |\n"
+            f"| load average (1 min), start / end of the suite | {' / '.join(f'{x:.2f}' for x in load)} on "
+            f"{os.cpu_count()} cores |")
 
 
 def plots_block() -> str:
@@ -155,12 +157,13 @@ def plots_block() -> str:
     return "## Plots\n\n" + ("\n".join(lines) if lines else "No plots yet: run `./scripts/bench.sh`.")
 
 
-def assemble(quick: bool, durations: dict[str, float]) -> list[Goal]:
+def assemble(quick: bool, durations: dict[str, float], load_at_start: float | None = None) -> list[Goal]:
     """Rewrite BENCHMARKS.md: title, machine, goals, plots, then every section in MODULES order (others after)."""
     path = report.benchmarks_path()
     found = report.sections(path.read_text()) if path.exists() else {}
     goals, missed = goals_block(found)
-    head = {"machine": machine_block(quick, durations), "goals": goals, "plots": plots_block()}
+    load = (*([load_at_start] if load_at_start is not None else []), os.getloadavg()[0])
+    head = {"machine": machine_block(quick, durations, load), "goals": goals, "plots": plots_block()}
     parts = [f"<!-- bench:{name} -->\n{body}\n<!-- /bench:{name} -->" for name, body in head.items()]
     order = [name for name in MODULES if name in found] + [n for n in found if n not in MODULES and n not in head]
     parts += [found[name] for name in order]
@@ -175,7 +178,7 @@ def main() -> int:
     parser.add_argument("--only", nargs="+", choices=MODULES, metavar="NAME",
                         help=f"run only these ({', '.join(MODULES)}); the file is still put together")
     args = parser.parse_args()
-    durations, failed = {}, []
+    durations, failed, load_at_start = {}, [], os.getloadavg()[0]
     for name in args.only or MODULES:
         ok, durations[name] = run_module(name, args.quick)
         if not ok:
@@ -183,7 +186,7 @@ def main() -> int:
     from bench import plots  # matplotlib: only once the benches are done
 
     plots.draw()
-    missed = assemble(args.quick, durations)
+    missed = assemble(args.quick, durations, load_at_start)
     print(f"== {report.benchmarks_path()}: {len(missed)} of {len(GOALS)} goals missed: "
           f"{'; '.join(g.name for g in missed) or 'none'}", file=sys.stderr)
     if failed:

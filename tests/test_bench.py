@@ -78,9 +78,8 @@ def test_the_header_names_the_machine_and_the_goals_table_every_goal(quick_suite
     for goal in suite.GOALS:
         line = next((line for line in goals.splitlines() if line.startswith(f"| {goal.name} |")), None)
         assert line is not None, goal.name
-        assert line.endswith(("| met |", "| **missed** |")), line  # every goal's bench ran and was read
-    for goal in (g for g in suite.GOALS if f"| {g.name} |" in goals and "**missed**" in goals):
-        if next(line for line in goals.splitlines() if line.startswith(f"| {goal.name} |")).endswith("**missed** |"):
+        assert line.endswith(("| met |", "| **missed** |")), line  # its bench ran and its row was found
+        if line.endswith("| **missed** |"):
             assert f"- **{goal.name}**: " in goals  # where the time goes
 
 
