@@ -65,6 +65,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent import __version__
 from agent.store import Store, StoredReading, StoreError
+from model.modes import mode_words
 from sync.client import Outcome
 from sync.config import is_loopback
 from sync.protocol import Event
@@ -89,19 +90,6 @@ LEVELS = {"ok": 0, "warning": 1, "alarm": 2}
 EPOCH_MAX_S = 2e10  # pydantic reads a larger number as milliseconds; in seconds it is the year 2603
 # What `since` takes, documented by hand: FastAPI would document a datetime as a date-time string only.
 SINCE_SCHEMA = [{"type": "string", "format": "date-time"}, {"type": "number", "minimum": 0, "maximum": EPOCH_MAX_S}]
-
-# What each failure mode of the AI4I model means on the shop floor, and what to look at. A model with other modes
-# is shown with its codes.
-MODES: dict[str, dict[str, str]] = {
-    "TWF": {"label": "tool wear failure", "meaning": "the tool is near the end of its life",
-            "advice": "plan a tool change"},
-    "HDF": {"label": "heat dissipation", "meaning": "process−air temperature difference too small at low speed",
-            "advice": "check cooling and ventilation; a higher speed helps if the process allows"},
-    "PWF": {"label": "power", "meaning": "torque × speed outside the safe band",
-            "advice": "check the cutting parameters and the spindle drive"},
-    "OSF": {"label": "overstrain", "meaning": "tool wear × torque near the limit",
-            "advice": "change the tool or reduce the load"},
-}
 
 STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                 405: "method_not_allowed", 422: "invalid_request", 503: "not_ready"}
@@ -665,7 +653,7 @@ def _alarm_states(store: Store) -> dict[str, str]:
 
 
 def _mode(mode: str, risk: float, model: Model) -> ModeRisk:
-    words = MODES.get(mode, {"label": mode, "meaning": "", "advice": ""})
+    words = mode_words(mode)
     threshold = model.manifest.thresholds.modes.get(mode)
     return ModeRisk(mode=mode, **words, risk=risk, threshold=threshold,
                     elevated=threshold is not None and risk >= threshold)
@@ -773,8 +761,8 @@ def _events(store: Store, machine_id: str | None, since: datetime | None, limit:
         events.append(EventInfo(
             event_id=str(event.event_id), machine_id=event.machine_id, ts=event.ts, from_state=event.from_state,
             to_state=event.to_state, health=event.health, p_failure=event.p_failure,
-            dominant_mode=event.dominant_mode, dominant_label=MODES.get(event.dominant_mode, {}).get(
-                "label", event.dominant_mode), mode_risk=event.mode_risk, reading=event.reading,
+            dominant_mode=event.dominant_mode, dominant_label=mode_words(event.dominant_mode)["label"],
+            mode_risk=event.mode_risk, reading=event.reading,
             model_version=f"{event.model.name}@{event.model.version}", synced=synced,
         ))
     return events

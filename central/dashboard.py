@@ -60,6 +60,7 @@ import model.manifest
 from central.auth import same_secret
 from central.errors import ApiError
 from central.settings import Settings
+from model.modes import mode_words
 
 JSON = "application/json"
 SILENT_AFTER = timedelta(minutes=10)  # a gateway syncs every few seconds; 10 minutes without a batch is silent
@@ -70,14 +71,6 @@ MAX_FORM_BYTES = 4096
 # "no-referrer" (the API's default) makes browsers send `Origin: null` on the page's own form POSTs.
 PAGE_HEADERS = {"Referrer-Policy": "same-origin"}
 STATES = ("alarm", "warning", "ok")  # the fleet view's order: pdm_state_rank() in SQL
-# Plain words for the model's failure modes (the agent's status page says the same).
-MODES: dict[str, dict[str, str]] = {
-    "TWF": {"label": "tool wear failure", "meaning": "the tool is near the end of its life"},
-    "HDF": {"label": "heat dissipation", "meaning": "process−air temperature difference too small at low speed"},
-    "PWF": {"label": "power", "meaning": "torque × speed outside the safe band"},
-    "OSF": {"label": "overstrain", "meaning": "tool wear × torque near the limit"},
-}
-
 State = Literal["ok", "warning", "alarm"]
 Name = Annotated[str, Query(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
 Mode = Annotated[str, Query(pattern=r"^[A-Za-z0-9_]{1,32}$")]
@@ -100,8 +93,8 @@ def health_at(p_failure: float) -> float:
     return points[-1][1]
 
 
-def mode_words(mode: str) -> dict:
-    return {"mode": mode, **MODES.get(mode, {"label": mode, "meaning": ""})}
+def mode_of(mode: str) -> dict:
+    return {"mode": mode, **mode_words(mode)}
 
 
 # --- the page ---------------------------------------------------------------------------------------------------------
@@ -338,7 +331,8 @@ def fleet_queries(gateway: str | None, state: str | None, mode: str | None,
     """The fleet view's statements with their parameters (the bench EXPLAINs the same ones)."""
     where, params = _filters(gateway, state, mode)
     if mode is None:
-        counts = FLEET_STATE_COUNTS.format(where=_filters(gateway, None, None, "c")[0]), _filters(gateway, None, None)[1]
+        counts_where, counts_params = _filters(gateway, None, None, "c")
+        counts = FLEET_STATE_COUNTS.format(where=counts_where), counts_params
     else:
         counts_where, counts_params = _filters(gateway, None, mode)
         counts = FLEET_COUNTS.format(where=counts_where), counts_params
@@ -353,7 +347,7 @@ async def fleet(conn: psycopg.AsyncConnection, gateway: str | None, state: str |
     counts = dict(await (await conn.execute(*queries["counts"])).fetchall())
     gateways = (await (await conn.execute(*queries["gateways"])).fetchone())[0]
     counts = {s: counts.get(s, 0) for s in STATES}
-    modes = [mode_words(m) for m in manifest().outputs.modes]
+    modes = [mode_of(m) for m in manifest().outputs.modes]
     return (f'{{"counts":{_json(counts)},"shown":{shown},'
             f'"machines":{rows},"gateways":{gateways},"modes":{_json(modes)},'
             f'"silent_after_s":{int(SILENT_AFTER.total_seconds())}}}')
@@ -403,11 +397,11 @@ async def machine(conn: psycopg.AsyncConnection, gateway: str, machine_id: str, 
         "gateway": gateway, "machine_id": machine_id, "state": state, "health": health, "p_failure": p_failure,
         "since": (entered or first_seen).isoformat(), "window_start": window_start.isoformat(),
         "window_end": window_end.isoformat(), "model": {"name": model_name, "version": model_version},
-        "dominant": {**mode_words(dominant), "risk": risk.get(dominant)} if dominant else None,
+        "dominant": {**mode_of(dominant), "risk": risk.get(dominant)} if dominant else None,
         "range": {"since": span["since"].isoformat(), "until": span["until"].isoformat(),
                   "bucket_s": span["bucket"].total_seconds()},
         "health_bands": {"warning": health_at(thresholds.warning), "alarm": health_at(thresholds.alarm)},
-        "modes": [{**mode_words(m), "threshold": thresholds.modes.get(m), "latest": risk.get(m)}
+        "modes": [{**mode_of(m), "threshold": thresholds.modes.get(m), "latest": risk.get(m)}
                   for m in manifest().outputs.modes],
         "inputs": _inputs(inputs or {}),
     }
