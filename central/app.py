@@ -33,7 +33,7 @@ from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
-from pydantic import AwareDatetime
+from pydantic import AwareDatetime, BeforeValidator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
@@ -66,6 +66,18 @@ State = Literal["ok", "warning", "alarm"]
 Name = Annotated[str, Query(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
 NameInPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,64}$")]  # what no gateway or machine is named: 422
 Limit = Annotated[int, Query(ge=1, le=10_000)]
+
+
+def _iso_only(value: object) -> object:
+    """pydantic also reads a number as epoch seconds (or milliseconds): the document promises ISO 8601 only."""
+    try:
+        float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return value
+    raise ValueError("expected an ISO 8601 time with its UTC offset, e.g. 2026-03-01T08:00:00Z")
+
+
+Time = Annotated[AwareDatetime, BeforeValidator(_iso_only)]
 
 
 class SecurityHeaders:
@@ -294,14 +306,14 @@ def _routes(api: FastAPI, settings: Settings) -> None:
     @ops_api.get("/gateways/{gateway}/machines/{machine_id}/summaries", responses={
         404: {"description": "no gateway of that name, or it has sent nothing about the machine"}})
     async def machine_summaries(request: Request, gateway: NameInPath, machine_id: NameInPath,
-                                since: AwareDatetime | None = None, until: AwareDatetime | None = None,
+                                since: Time | None = None, until: Time | None = None,
                                 limit: Limit = 1000, cursor: str | None = None) -> Response:
         async with connection(request) as conn:
             return Response(await ops.summaries(conn, gateway, machine_id, since, until, limit, cursor),
                             media_type=JSON)
 
     @ops_api.get("/events")
-    async def events(request: Request, since: AwareDatetime | None = None, until: AwareDatetime | None = None,
+    async def events(request: Request, since: Time | None = None, until: Time | None = None,
                      gateway: Name | None = None, machine_id: Name | None = None,
                      state: Annotated[list[State] | None, Query()] = None, limit: Limit = 1000,
                      cursor: str | None = None) -> Response:

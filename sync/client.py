@@ -159,11 +159,15 @@ class SyncClient:
         raise _Transient(f"unexpected answer {response.status_code} from central: {_reason(response)}")
 
     def _post(self, records: list[Record]) -> requests.Response:
+        body = gzip.compress(self._body(records), 5)
         try:
-            return self._session.post(self._url, data=gzip.compress(self._body(records), 5),
-                                      timeout=self._config.timeout_s)
+            # No redirects: central never redirects an ingest, and following one would send the batch and the token
+            # elsewhere.
+            return self._session.post(self._url, data=body, timeout=self._config.timeout_s, allow_redirects=False)
         except requests.RequestException as exc:
             raise _Transient(f"cannot reach central: {exc.__class__.__name__}: {exc}") from exc
+        except ValueError as exc:  # e.g. UnicodeDecodeError: requests reads a Location that is not UTF-8 even then
+            raise _Transient(f"central's answer cannot be read: {exc.__class__.__name__}: {exc}") from exc
 
     def _body(self, records: list[Record]) -> bytes:
         """The IngestBatch as JSON, assembled from the stored records' JSON without parsing them again."""

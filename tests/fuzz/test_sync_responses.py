@@ -207,3 +207,13 @@ def test_a_round_cut_short_after_a_split_reports_what_it_set_aside(central, stor
     assert (result.outcome, result.set_aside) == (Outcome.RETRY, 1)
     with store._guard("test") as db:
         assert db.execute("SELECT count(*) FROM dead_letters").fetchone() == (1,)
+
+
+@pytest.mark.parametrize("location", [b"\x80", b"https://elsewhere.example/api/v1/ingest", b"/api/v1/ingest"])
+def test_a_redirect_is_not_followed_and_keeps_everything(central, store, location):
+    """Regression (long run): requests raised UnicodeDecodeError out of sync_once on a Location that is not UTF-8
+    (even with redirects off), which ended the sync thread; following a redirect also re-sent the batch elsewhere."""
+    central.script, central.requests = [answer(b"302", b"", (b"Location", location))], 0
+    result = client(store, central.url).sync_once()
+    assert result.outcome is Outcome.RETRY and ("302" in result.error or "cannot be read" in result.error)
+    assert central.requests == 1 and len(store.pending(100)) == len(store.outbox(pending=False))
