@@ -127,7 +127,7 @@ def demo(machines: int, drift: Drift | None, seed: int | None, central: str | No
 
     from agent import logs
     from agent.service import Agent
-    from agent.status import _machines
+    from agent.status import Trends, machine_infos
     from agent.status_cli import table
     from drivers.simulator_modbus import ModbusSimulator
 
@@ -158,9 +158,9 @@ def demo(machines: int, drift: Drift | None, seed: int | None, central: str | No
                   f"{drifting}; sync {'to ' + central if central else 'off'}\n"
                   f"status page http://127.0.0.1:{status_port}  ·  data in {data_dir}  ·  Ctrl-C to stop")
         print(header, flush=True)
-        started = time.monotonic()
+        started, trends = time.monotonic(), Trends()
         while not stop.wait(REFRESH_S - (time.monotonic() - started) % REFRESH_S):
-            rows = [m.model_dump(mode="json") for m in _machines(agent, time.time())]
+            rows = [m.model_dump(mode="json") for m in machine_infos(agent, trends, time.time())]
             clock = datetime.now(UTC).strftime("%H:%M:%S")
             text = f"{clock} UTC, {time.monotonic() - started:.0f} s after start\n{table(rows, color)}"
             if color:

@@ -448,7 +448,7 @@ def create_app(agent: Agent) -> FastAPI:
     def machines() -> Response:
         """Every machine that sent a reading, the worst first (alarm, warning, ok), then by id."""
         now = time.time()
-        listed = MachineList(now=_at(now), machines=_machines(agent, trends, now))
+        listed = MachineList(now=_at(now), machines=machine_infos(agent, trends, now))
         # Encoded here by pydantic, not validated again and encoded by FastAPI: with 500 machines, half the time.
         return Response(MACHINE_LIST.dump_json(listed), media_type="application/json")
 
@@ -712,7 +712,9 @@ def _rounded(health: float) -> float:
     return round(health, 1)  # plenty for a sparkline, and a third of the bytes of a full float
 
 
-def _machines(agent: Agent, trends: Trends, now: float) -> list[MachineInfo]:
+def machine_infos(agent: Agent, trends: Trends, now: float) -> list[MachineInfo]:
+    """Every machine with its latest reading, alarm state and trend, the worst first (the page's and `pdm-edge demo`'s
+    list)."""
     store, pipeline = _running(agent)
     model = pipeline.scorer.model
     states = _alarm_states(store)
