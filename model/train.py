@@ -45,6 +45,7 @@ WARNING_MAX_HEALTHY = 0.02  # share of healthy out-of-fold readings allowed at o
 HEALTH_AT_WARNING = 70.0
 HEALTH_AT_ALARM = 40.0
 P_FAILURE, P_MODE = "p_failure", "p_mode"
+TRAINING_PACKAGES = ("scikit-learn", "skl2onnx", "onnx", "onnxruntime", "numpy", "scipy")  # recorded in the manifest
 ESTIMATORS = {
     "failure": "RandomForestClassifier(n_estimators=60, max_depth=12), sigmoid-calibrated",
     **{m: "GradientBoostingClassifier(n_estimators=60, max_depth=4, learning_rate=0.15, min_samples_leaf=20), sigmoid-calibrated" for m in FAILURE_MODES},
@@ -260,7 +261,6 @@ def _manifest(fitted: Fitted, command: str, onnx_sha256: str) -> Manifest:
             split="stratified on machine failure, 80/20, random_state=42",
             estimators=ESTIMATORS,
             derived_features={name: text for name, _, text in features.DERIVED_FEATURES},
-            versions={"python": platform.python_version(),
-                      **{p: version(p) for p in ("scikit-learn", "skl2onnx", "onnx", "onnxruntime", "numpy")}},
+            versions={"python": platform.python_version(), **{p: version(p) for p in TRAINING_PACKAGES}},
         ),
     )
