@@ -26,14 +26,13 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Literal
+from typing import Annotated
 
 import psycopg
-from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
-from pydantic import AwareDatetime, BeforeValidator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
@@ -41,6 +40,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from central import __version__, dashboard, db, ingest, ops
 from central.auth import GatewayCache, bearer_token, find_gateway, same_secret
 from central.errors import ApiError, body
+from central.params import Limit, Name, NameInPath, State, Time
 from central.settings import Settings, SettingsError
 from sync.protocol import IngestBatch, IngestResult
 
@@ -62,22 +62,6 @@ STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: 
                 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type",
                 422: "invalid_request", 429: "too_many_requests"}
 
-State = Literal["ok", "warning", "alarm"]
-Name = Annotated[str, Query(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
-NameInPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,64}$")]  # what no gateway or machine is named: 422
-Limit = Annotated[int, Query(ge=1, le=10_000)]
-
-
-def _iso_only(value: object) -> object:
-    """pydantic also reads a number as epoch seconds (or milliseconds): the document promises ISO 8601 only."""
-    try:
-        float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return value
-    raise ValueError("expected an ISO 8601 time with its UTC offset, e.g. 2026-03-01T08:00:00Z")
-
-
-Time = Annotated[AwareDatetime, BeforeValidator(_iso_only)]
 
 
 class SecurityHeaders:

@@ -48,17 +48,17 @@ from functools import cache
 from importlib import resources
 from itertools import pairwise
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 from urllib.parse import parse_qs, urlsplit
 
 import psycopg
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from pydantic import AwareDatetime
 
 import model.manifest
 from central.auth import same_secret
 from central.errors import ApiError
+from central.params import Mode, Name, NameInPath, State, Time
 from central.settings import Settings
 from model.modes import mode_words
 
@@ -71,9 +71,6 @@ MAX_FORM_BYTES = 4096
 # "no-referrer" (the API's default) makes browsers send `Origin: null` on the page's own form POSTs.
 PAGE_HEADERS = {"Referrer-Policy": "same-origin"}
 STATES = ("alarm", "warning", "ok")  # the fleet view's order: pdm_state_rank() in SQL
-State = Literal["ok", "warning", "alarm"]
-Name = Annotated[str, Query(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
-Mode = Annotated[str, Query(pattern=r"^[A-Za-z0-9_]{1,32}$")]
 
 
 # --- the model's words and ranges ------------------------------------------------------------------------------------
@@ -497,8 +494,8 @@ def routes(api: FastAPI, settings: Settings, connection: Callable, require_ops: 
             return Response(await fleet(conn, gateway, state, mode, limit), media_type=JSON)
 
     @data.get("/gateways/{gateway}/machines/{machine_id}")
-    async def machine_view(request: Request, gateway: str, machine_id: str, since: AwareDatetime | None = None,
-                           until: AwareDatetime | None = None,
+    async def machine_view(request: Request, gateway: NameInPath, machine_id: NameInPath, since: Time | None = None,
+                           until: Time | None = None,
                            points: Annotated[int, Query(ge=10, le=2000)] = 400) -> Response:
         async with connection(request) as conn:
             return Response(await machine(conn, gateway, machine_id, since, until, points), media_type=JSON)

@@ -198,3 +198,12 @@ def test_machine_view_refuses_unknown_machines_and_bad_ranges(client, plant):
     assert machine(client, plant[0], "press-ok", points=5).status_code == 422
     early = {"since": "0001-01-01T00:00:00+05:00", "until": "0001-03-01T00:00:00+05:00"}
     assert machine(client, plant[0], "press-ok", **early).status_code == 422
+
+
+def test_machine_view_refuses_names_no_machine_has_and_numbers_for_times(client, plant):
+    """Found by fuzzing the ops routes: a NUL byte reached PostgreSQL (a 500), and a number was read as epoch
+    seconds though the document promises ISO 8601 times."""
+    assert machine(client, plant[0], "press%00ok").status_code == 422  # percent-encoded: a URL holds no raw NUL
+    assert machine(client, "gw%00", "press-ok").status_code == 422
+    assert machine(client, plant[0], "press-ok", since="1764000000").status_code == 422
+    assert machine(client, plant[0], "press-ok", since=T0.isoformat()).status_code == 200
