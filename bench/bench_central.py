@@ -5,9 +5,9 @@ Run: python -m bench.bench_central [--quick] [--repeats N]   (writes the `centra
 PostgreSQL: the machine's own on 127.0.0.1:5432 when it lets `postgres` in without a password, else a throwaway
 server (tests/services.py); either way a new database, dropped at the end. Each run uses a new gateway, so every row
 is new. The same summaries, in batches of BATCH (the agent's default batch size):
-  - raw: one `INSERT INTO summaries (...) SELECT * FROM unnest(<an array per column>) ON CONFLICT DO NOTHING` per
-    batch, one transaction each, rows already as Python values: the database's own cost (with the table's indexes
-    and triggers, the triggers fired once per batch as for central's one INSERT per batch), the floor of any ingest;
+  - raw: central's own `INSERT INTO summaries (...) SELECT ... FROM jsonb_to_recordset(<the batch as JSON>) ON
+    CONFLICT DO NOTHING`, alone, one per batch, one transaction each, the JSON built before the clock starts: the
+    database's cost of these rows (indexes and triggers included), the floor of any ingest;
   - central: `pdm-central serve` (one uvicorn process) on 127.0.0.1; one client posts the gzipped JSON bodies (built
     before the clock starts) one after another and waits for each answer: HTTP, gunzip, validation, token lookup,
     the insert, the machines' latest state and the gateway's status;
@@ -30,7 +30,6 @@ import threading
 import time
 import uuid
 from contextlib import ExitStack
-from datetime import datetime
 from pathlib import Path
 
 import psycopg
@@ -55,9 +54,15 @@ RAW_INSERT = """
 INSERT INTO summaries (gateway_id, summary_id, machine_id, window_start, window_end, model_name, model_version,
                        model_sha256, readings, rejected, out_of_distribution, health_min, health_mean, health_last,
                        p_failure_max, p_failure_mean, worst_state, mode_risk_max, inputs, batch_id)
-SELECT * FROM unnest(%s::bigint[], %s::uuid[], %s::text[], %s::timestamptz[], %s::timestamptz[], %s::text[],
-                     %s::text[], %s::text[], %s::integer[], %s::integer[], %s::integer[], %s::float8[], %s::float8[],
-                     %s::float8[], %s::float8[], %s::float8[], %s::text[], %s::jsonb[], %s::jsonb[], %s::uuid[])
+SELECT %(gateway_id)s, s.summary_id, s.machine_id, s.window_start, s.window_end, s.model->>'name',
+       s.model->>'version', s.model->>'sha256', s.readings, s.rejected, s.out_of_distribution, s.health_min,
+       s.health_mean, s.health_last, s.p_failure_max, s.p_failure_mean, s.worst_state, s.mode_risk_max, s.inputs,
+       %(batch_id)s
+FROM jsonb_to_recordset(%(rows)s::jsonb) AS s(
+    summary_id uuid, machine_id text, window_start timestamptz, window_end timestamptz, model jsonb,
+    readings integer, rejected integer, out_of_distribution integer, health_min double precision,
+    health_mean double precision, health_last double precision, p_failure_max double precision,
+    p_failure_mean double precision, worst_state text, mode_risk_max jsonb, inputs jsonb)
 ON CONFLICT DO NOTHING
 """
 
@@ -71,15 +76,6 @@ def bodies(gateway: str, rows: list[dict]) -> list[bytes]:
             for i in range(0, len(rows), BATCH)]
 
 
-def raw_rows(gateway_id: int, rows: list[dict]) -> list[tuple]:
-    batch_id = uuid.uuid4()
-    return [(gateway_id, uuid.UUID(s["summary_id"]), s["machine_id"], datetime.fromisoformat(s["window_start"]),
-             datetime.fromisoformat(s["window_end"]), s["model"]["name"], s["model"]["version"], s["model"]["sha256"],
-             s["readings"], s["rejected"], s["out_of_distribution"], s["health_min"], s["health_mean"],
-             s["health_last"], s["p_failure_max"], s["p_failure_mean"], s["worst_state"],
-             json.dumps(s["mode_risk_max"]), json.dumps(s["inputs"]), batch_id) for s in rows]
-
-
 def add_gateway(url: str, name: str) -> tuple[int, str]:
     with psycopg.connect(url, autocommit=True) as conn:
         token = auth.add_gateway(conn, name)
@@ -88,15 +84,16 @@ def add_gateway(url: str, name: str) -> tuple[int, str]:
 
 def run_raw(url: str, rows: list[dict], batch: int = BATCH) -> float:
     gateway_id, _ = add_gateway(url, f"raw-{uuid.uuid4().hex[:8]}")
-    tuples = raw_rows(gateway_id, rows)
-    # One statement per batch (the rows as one array per column), as central's ingest does: the table's
-    # statement-level triggers (the hourly roll-up, the per-gateway machine counts) fire once per batch, not per row.
-    columns = [[list(column) for column in zip(*tuples[i:i + batch])] for i in range(0, len(tuples), batch)]
+    # The statement central's ingest runs for the summaries (one per batch, the rows as one JSON parameter), alone:
+    # the database's own cost of these rows, triggers included, without HTTP, validation or the token lookup.
+    batch_id = uuid.uuid4()
+    params = [{"gateway_id": gateway_id, "batch_id": batch_id, "rows": json.dumps(rows[i:i + batch])}
+              for i in range(0, len(rows), batch)]
     with psycopg.connect(url) as conn:
         start = time.perf_counter()
-        for arrays in columns:
+        for batch_params in params:
             with conn.transaction():
-                conn.execute(RAW_INSERT, arrays)
+                conn.execute(RAW_INSERT, batch_params)
         elapsed = time.perf_counter() - start
     return len(rows) / elapsed
 

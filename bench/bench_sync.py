@@ -131,8 +131,8 @@ def main() -> None:
 machines, synced by `SyncClient.sync_once()` (one keep-alive session, gzip level 5, {args.batch_size:,} records per
 POST, each batch marked synced in SQLite after central's 200) to `pdm-central serve` (one uvicorn process) on
 {where} (PostgreSQL {version}, fsync {fsync}), all on 127.0.0.1 sharing the machine's cores. Central's ingest
-rate against a raw INSERT is also in the `central` section (`python -m bench.bench_central`). Raw: one
-INSERT … SELECT FROM unnest(arrays) … ON CONFLICT DO NOTHING of the same summaries' rows into the same table per
+rate against a raw INSERT is also in the `central` section (`python -m bench.bench_central`). Raw: central's
+own INSERT … SELECT FROM jsonb_to_recordset(…) ON CONFLICT DO NOTHING of the same summaries, alone, one per
 {args.batch_size:,}, each its own transaction, in the same run."""
     print(body)
     write_section("sync", "python -m bench.bench_sync" + (" --quick" if args.quick else ""), body,

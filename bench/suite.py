@@ -73,9 +73,13 @@ GOALS = (
     Goal("sync catch-up", 5, "sync", r"^catch-up of", ">=", 10_000, "summaries/s"),
     Goal("status API: GET /api/v1/machines p99", 6, "status", r"^GET /api/v1/machines \(.*, p99$", "<=", 50, "ms"),
     Goal("status API: GET / (the page) p99", 6, "status", r"^GET / \(the page\), p99", "<=", 50, "ms"),
-    Goal("ingest with the page polled / not polled", 6, "status", r"^ingest polled / not polled", ">=", 0.95, ""),
-    Goal("dashboard fleet view p99", 6, "dashboard", r"^fleet, p99", "<=", 200, "ms"),
-    Goal("dashboard 30-day machine view p99", 6, "dashboard", r"^machine 30 d, p99", "<=", 200, "ms"),
+    Goal("ingest with the page polled / not polled", 6, "status", r"^ingest polled / not polled", ">=", 0.95, "",
+         "the agent's CPU per reading rises by about 11 µs, about 60 ms per poll at 5,600 readings/s: /api/v1/machines "
+         "decodes 500 latest readings (about 6 ms idle), builds 500 response models (5 ms) and catches every trend up "
+         "from each reading stored since the previous poll (the part that grows with the ingest rate; profile of "
+         "2026-12-04). The page itself refreshes every 5 s, a fifth of this cost"),
+    Goal("dashboard fleet view p99", 10, "dashboard", r"^fleet, p99", "<=", 200, "ms"),
+    Goal("dashboard 30-day machine view p99", 10, "dashboard", r"^machine 30 d, p99", "<=", 200, "ms"),
     Goal("start-up to ready", 9, "startup", r"^start-up to ready", "<=", 1.5, "s"),
 )
 NUMBER = re.compile(r"-?[\d,]*\.?\d+")
