@@ -145,10 +145,13 @@ def run_central(url: str, base: str, machines: int, windows: int, clients: int =
     return total / elapsed, total / again
 
 
-def start_server(url: str, workdir: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(url: str, workdir: Path, port: int | None = None, **settings: str) -> tuple[subprocess.Popen, str]:
+    """`pdm-central serve` on `url`, with PDM_CENTRAL_<NAME> = value for each of `settings`; returns its base URL
+    once /readyz answers."""
     port = port or free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PDM_CENTRAL_")}
     env.update({"PDM_CENTRAL_DATABASE_URL": url, "PDM_CENTRAL_LOG_LEVEL": "WARNING"})
+    env.update({f"PDM_CENTRAL_{name.upper()}": value for name, value in settings.items()})
     log = (workdir / "central.log").open("ab")
     process = subprocess.Popen([sys.executable, "-m", "central.cli", "serve", "--port", str(port)], env=env,
                                stdout=log, stderr=log, stdin=subprocess.DEVNULL)

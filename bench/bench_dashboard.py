@@ -26,7 +26,6 @@ import argparse
 import random
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ from pathlib import Path
 import psycopg
 import requests
 
+from bench.bench_central import start_server
 from bench.report import median_spread, write_section
 from central import dashboard, db
 from tests.central.support import OPS_TOKEN
@@ -47,7 +47,6 @@ from tests.services import (
     ThrowawayPostgres,
     create_database,
     drop_database,
-    free_port,
     postgres_answers,
 )
 
@@ -205,28 +204,6 @@ def check_plans(url: str, tracked: str, gateway: str, strict: bool) -> list[tupl
 
 # --- timing -----------------------------------------------------------------------------------------------------------
 
-def start_server(url: str, workdir: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {"PATH": "/usr/bin:/bin", "PDM_CENTRAL_DATABASE_URL": url, "PDM_CENTRAL_OPS_TOKEN": OPS_TOKEN,
-           "PDM_CENTRAL_LOG_LEVEL": "WARNING", "PDM_CENTRAL_SESSION_COOKIE_SECURE": "false"}
-    log = (workdir / "central.log").open("ab")
-    process = subprocess.Popen([sys.executable, "-m", "central.cli", "serve", "--port", str(port)], env=env,
-                               stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-    base = f"http://{LOCALHOST}:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"pdm-central serve exited: {(workdir / 'central.log').read_text()}")
-        try:
-            if requests.get(base + "/readyz", timeout=1).status_code == 200:
-                return process, base
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("pdm-central serve was not ready within 30 s")
-
-
 def signed_in(base: str) -> requests.Session:
     session = requests.Session()
     response = session.post(base + "/login", data={"token": OPS_TOKEN}, headers={"Origin": base},
@@ -300,7 +277,7 @@ def main() -> None:
         print(f"loaded {loaded}", file=sys.stderr)
         plans = check_plans(url, loaded["tracked"][0], f"gw-{gateways // 2:04d}", not args.quick)
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        process, base = start_server(url, workdir)
+        process, base = start_server(url, workdir, ops_token=OPS_TOKEN, session_cookie_secure="false")
 
         def stop() -> None:
             process.send_signal(signal.SIGTERM)
