@@ -15,7 +15,7 @@ import requests
 from pydantic import SecretStr
 
 from central.settings import Settings
-from tests.services import LOCALHOST
+from tests.services import LOCALHOST, free_port
 
 OPS_TOKEN = "ops-7Hq2Lm9XvB4nR8tK1wZc5Yd3Fs6Gj0PaUe"  # 38 characters, 36 distinct: strong enough for production
 
@@ -52,6 +52,14 @@ class Server:
         with log.open("wb") as out:
             self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL)
+
+    @classmethod
+    def central(cls, central_url: str, log: Path, port: int | None = None) -> Server:
+        """`pdm-central serve` on the database at `central_url` (on `port`, else a free one), once /readyz answers."""
+        port = port or free_port()
+        server = cls([PDM_CENTRAL, "serve", "--port", str(port)], environment(central_url), port, log)
+        server.wait_ready()
+        return server
 
     def wait_ready(self, timeout: float = 30.0, path: str = "/readyz") -> None:
         """Until `path` answers 200 (/healthz: the process serves, whether or not the database is there)."""

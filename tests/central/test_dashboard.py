@@ -13,8 +13,7 @@ from selenium.webdriver.support.ui import Select
 
 from tests.browser import chromium, console_errors, screenshot, wait_for
 from tests.central import batches
-from tests.central.support import OPS_TOKEN, PDM_CENTRAL, Server, bearer, environment
-from tests.services import free_port
+from tests.central.support import OPS_TOKEN, Server, bearer
 
 RISK = {"TWF": 0.01, "HDF": 0.002, "PWF": 0.0, "OSF": 0.001}
 INPUTS = {"air_temperature": {"min": 298.1, "mean": 298.4, "max": 298.9},
@@ -42,9 +41,7 @@ def ingest(server: Server, gateway: tuple[str, str], summaries: list[dict], even
 @pytest.fixture
 def served(central_url, gateways, conn, tmp_path):
     """`pdm-central serve` with two plants' gateways, one of them silent, and a mill drifting into an OSF alarm."""
-    port = free_port()
-    server = Server([PDM_CENTRAL, "serve", "--port", str(port)], environment(central_url), port, tmp_path / "log")
-    server.wait_ready()
+    server = Server.central(central_url, tmp_path / "log")
     north, south = gateways.add("north"), gateways.add("south")
     now = datetime.now(UTC).replace(second=0, microsecond=0)
     history = []

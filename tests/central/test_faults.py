@@ -98,10 +98,7 @@ def test_agent_killed_9_at_random_moments_while_syncing_stores_every_window_once
     rng = random.Random(int(os.environ.get("PDM_CRASH_SEED", "23")))
     machines, windows, per_window = 5, 150, 4
     name, token = gateways.add("kill-agent")
-    port = free_port()
-    central = Server([PDM_CENTRAL, "serve", "--port", str(port)], environment(central_url), port,
-                     tmp_path / "central.log")
-    central.wait_ready()
+    central = Server.central(central_url, tmp_path / "central.log")
     # Batches of 5 records: a round is tens of posts, so a kill lands in the middle of one most of the time.
     # A short grace: a window restored at start-up must wait for the readings the broker still holds for it
     # (regression: it used to close by the clock before they were redelivered, and they became late).
@@ -268,9 +265,7 @@ def test_buffer_cap_with_central_down_drops_oldest_readings_counts_them_and_repo
         assert kinds["summary"] == windows  # every closed window is kept
         assert peak[0] <= cap, f"peak {peak[0] / 2**20:.2f} MB"
 
-        central = Server([PDM_CENTRAL, "serve", "--port", str(port)], environment(central_url), port,
-                         tmp_path / "central.log")
-        central.wait_ready()
+        central = Server.central(central_url, tmp_path / "central.log", port)
 
         def reported() -> bool:
             status = last_status(central_url, name)

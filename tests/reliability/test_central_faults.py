@@ -26,7 +26,7 @@ from sync.client import BACKOFF_MAX_S, BACKOFF_MIN_S, Outcome, SyncClient
 from sync.config import CentralConfig
 from sync.protocol import GatewayStatus
 from tests.agent.test_summaries import stored
-from tests.central.support import PDM_CENTRAL, Server, environment
+from tests.central.support import Server
 from tests.scale import scaled
 from tests.services import LOCALHOST, free_port
 
@@ -147,10 +147,6 @@ def assert_exactly_once_at_central(store: Store, central_url: str, gateway: str)
     assert store.outbox_backlog()[0] == 0
 
 
-def start_central(central_url: str, port: int, log) -> Server:
-    server = Server([PDM_CENTRAL, "serve", "--port", str(port)], environment(central_url), port, log)
-    server.wait_ready()
-    return server
 
 
 @pytest.fixture
@@ -185,7 +181,7 @@ def test_central_answering_500s_slowly_garbage_or_cut_mid_body_keeps_everything_
         client.close()
 
         port = free_port()
-        central = start_central(central_url, port, tmp_path / "central.log")
+        central = Server.central(central_url, tmp_path / "central.log", port)
         try:
             client = sync_client(store, central.base, name, token)
             assert client.sync_once().outcome is Outcome.SYNCED
@@ -217,7 +213,7 @@ def test_central_unreachable_for_a_day_of_compressed_time_backs_off_within_the_c
         pending = store.outbox_backlog()[0]
         assert pending == len(store.outbox(pending=False)) >= 3 * windows  # nothing lost, nothing sent
 
-        central = start_central(central_url, port, tmp_path / "central.log")
+        central = Server.central(central_url, tmp_path / "central.log", port)
         try:
             caught_up = time.monotonic()
             assert client.sync_once().outcome is Outcome.SYNCED  # the first round once it is back

@@ -21,7 +21,7 @@ from itertools import pairwise
 import pytest
 
 from tests.agent.test_run import AgentProcess, wait_for
-from tests.central.support import PDM_CENTRAL, Server, environment
+from tests.central.support import Server
 from tests.central.test_faults import stored
 from tests.reliability.plant import (
     ALARMING,
@@ -34,7 +34,7 @@ from tests.reliability.plant import (
     set_values,
 )
 from tests.scale import scaled
-from tests.services import ModbusServers, free_port
+from tests.services import ModbusServers
 
 MACHINES = 5
 POLL_S = 0.05  # 20 readings a second per machine: 100 a second in all
@@ -46,10 +46,7 @@ def test_kill_9_under_modbus_ingest_while_windows_close_and_sync_runs_loses_and_
     rng = random.Random(int(os.environ.get("PDM_CRASH_SEED", "31")))
     wanted = scaled(10, 200)
     name, token = gateways.add("kill-modbus")
-    port = free_port()
-    central = Server([PDM_CENTRAL, "serve", "--port", str(port)], environment(central_url), port,
-                     tmp_path / "central.log")
-    central.wait_ready()
+    central = Server.central(central_url, tmp_path / "central.log")
     agent = AgentProcess(tmp_path, private_broker.url, gateway_id=name,
                          central={"url": central.base, "token": token, "sync_interval_s": 0.1, "batch_size": 5},
                          summary={"window_s": 1, "grace_s": 0.5})

@@ -18,10 +18,10 @@ import pytest
 import requests
 
 from tests.agent.test_run import AgentProcess, reading, wait_for
-from tests.central.support import PDM_CENTRAL, Server, environment
+from tests.central.support import Server
 from tests.reliability.plant import accepted, add_modbus, error_lines, healthy_unit, process_figures, status_base
 from tests.scale import LONG, scaled
-from tests.services import ModbusServers, Publisher, ServiceError, free_port
+from tests.services import ModbusServers, Publisher, ServiceError
 
 DURATION_S = scaled(75, 3600)
 WARM_UP_S = scaled(25, 600)
@@ -59,10 +59,7 @@ def growth(samples: list[dict], key: str) -> tuple[float, float, float]:
 def test_soak_rss_fds_and_threads_stay_flat_and_nothing_is_logged_at_error_level(
         tmp_path, private_broker, central_url, gateways):
     name, token = gateways.add("soak")
-    port = free_port()
-    central = Server([PDM_CENTRAL, "serve", "--port", str(port)], environment(central_url), port,
-                     tmp_path / "central.log")
-    central.wait_ready()
+    central = Server.central(central_url, tmp_path / "central.log")
     agent = AgentProcess(tmp_path, private_broker.url, gateway_id=name,
                          central={"url": central.base, "token": token, "sync_interval_s": 2},
                          summary={"window_s": 60, "grace_s": 5})
