@@ -145,6 +145,21 @@ def run_central(url: str, base: str, machines: int, windows: int, clients: int =
     return total / elapsed, total / again
 
 
+def bench_database(stack: ExitStack, prefix: str = "pdm_bench") -> tuple[str, str]:
+    """A fresh migrated database for one bench, dropped when `stack` closes: on the machine's PostgreSQL when it lets
+    `postgres` in, else on a throwaway server. Returns its URL and where it is, in words for the report."""
+    if postgres_answers(LOCALHOST, POSTGRES_PORT):
+        server, where = Postgres(LOCALHOST, POSTGRES_PORT), "the machine's PostgreSQL on 127.0.0.1:5432"
+    else:
+        server, where = stack.enter_context(ThrowawayPostgres.create()), "a throwaway PostgreSQL (fsync off)"
+    name = create_database(server, prefix=prefix)
+    stack.callback(drop_database, server, name)
+    url = server.url(name)
+    with psycopg.connect(url, autocommit=True) as conn:
+        db.migrate(conn)
+    return url, where
+
+
 def start_server(url: str, workdir: Path, port: int | None = None, **settings: str) -> tuple[subprocess.Popen, str]:
     """`pdm-central serve` on `url`, with PDM_CENTRAL_<NAME> = value for each of `settings`; returns its base URL
     once /readyz answers."""
@@ -179,17 +194,8 @@ def main() -> None:
     repeats = 1 if args.quick else args.repeats
     rows = machines * windows
     with ExitStack() as stack:
-        if postgres_answers(LOCALHOST, POSTGRES_PORT):
-            server = Postgres(LOCALHOST, POSTGRES_PORT)
-            where = "the machine's PostgreSQL on 127.0.0.1:5432"
-        else:
-            server = stack.enter_context(ThrowawayPostgres.create())
-            where = "a throwaway PostgreSQL (fsync off)"
-        name = create_database(server, prefix="pdm_bench")
-        stack.callback(drop_database, server, name)
-        url = server.url(name)
+        url, where = bench_database(stack)
         with psycopg.connect(url, autocommit=True) as conn:
-            db.migrate(conn)
             version = conn.execute("SHOW server_version").fetchone()[0]
             fsync = conn.execute("SHOW fsync").fetchone()[0]
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))

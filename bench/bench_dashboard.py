@@ -36,19 +36,10 @@ from pathlib import Path
 import psycopg
 import requests
 
-from bench.bench_central import start_server
+from bench.bench_central import bench_database, start_server
 from bench.report import median_spread, write_section
-from central import dashboard, db
+from central import dashboard
 from tests.central.support import OPS_TOKEN
-from tests.services import (
-    LOCALHOST,
-    POSTGRES_PORT,
-    Postgres,
-    ThrowawayPostgres,
-    create_database,
-    drop_database,
-    postgres_answers,
-)
 
 TRACKED_DAYS = 30
 INPUTS = ('{"air_temperature": {"min": 298.1, "mean": 298.4, "max": 298.9}, '
@@ -260,17 +251,8 @@ def main() -> None:
     repeats = 1 if args.quick else args.repeats
     rng = random.Random(7)
     with ExitStack() as stack:
-        if postgres_answers(LOCALHOST, POSTGRES_PORT):
-            server = Postgres(LOCALHOST, POSTGRES_PORT)
-            where = "the machine's PostgreSQL on 127.0.0.1:5432"
-        else:
-            server = stack.enter_context(ThrowawayPostgres.create())
-            where = "a throwaway PostgreSQL (fsync off)"
-        name = create_database(server, prefix="pdm_bench_dashboard")
-        stack.callback(drop_database, server, name)
-        url = server.url(name)
+        url, where = bench_database(stack, "pdm_bench_dashboard")
         with psycopg.connect(url, autocommit=True) as conn:
-            db.migrate(conn)
             version = conn.execute("SHOW server_version").fetchone()[0]
             shared_buffers = conn.execute("SHOW shared_buffers").fetchone()[0]
         loaded = load(url, gateways, machines, history, tracked)

@@ -14,7 +14,6 @@ HTTP, central's validation and insert, and marking the records synced in SQLite.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,21 +24,12 @@ from pathlib import Path
 import psycopg
 
 from agent.store import OutboxRecord, Store
-from bench.bench_central import add_gateway, run_raw, start_server
+from bench.bench_central import add_gateway, bench_database, run_raw, start_server
 from bench.report import median_spread, table, write_section
 from sync.client import Outcome, SyncClient
 from sync.config import CentralConfig
 from sync.protocol import GatewayStatus, Summary
 from tests.central import batches
-from tests.services import (
-    LOCALHOST,
-    POSTGRES_PORT,
-    Postgres,
-    ThrowawayPostgres,
-    create_database,
-    drop_database,
-    postgres_answers,
-)
 
 BACKLOG = 100_000
 MACHINES = 50
@@ -89,17 +79,7 @@ def main() -> None:
     count = 10_000 if args.quick else BACKLOG
     repeats = 1 if args.quick else args.repeats
     with ExitStack() as stack:
-        if postgres_answers(LOCALHOST, POSTGRES_PORT):
-            server = Postgres(LOCALHOST, POSTGRES_PORT)
-            where = "the machine's PostgreSQL on 127.0.0.1:5432"
-        else:
-            server = stack.enter_context(ThrowawayPostgres.create())
-            where = "a throwaway PostgreSQL (fsync off)"
-        name = create_database(server, prefix="pdm_bench")
-        stack.callback(drop_database, server, name)
-        url = server.url(name)
-        subprocess.run([sys.executable, "-m", "central.cli", "migrate"], check=True, capture_output=True,
-                       env={"PDM_CENTRAL_DATABASE_URL": url, "PATH": "/usr/bin:/bin"})
+        url, where = bench_database(stack)
         with psycopg.connect(url, autocommit=True) as conn:
             version = conn.execute("SHOW server_version").fetchone()[0]
             fsync = conn.execute("SHOW fsync").fetchone()[0]
