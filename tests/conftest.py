@@ -98,3 +98,13 @@ def private_postgres():
     """A throwaway PostgreSQL server for this test alone; it may be stopped and started again."""
     with ThrowawayPostgres.create() as server:
         yield server
+
+
+@pytest.fixture
+def isolated_config(monkeypatch, tmp_path):
+    """Configuration tests: no PDM_ variable, credential or .env of the machine running the tests leaks in, and the
+    working folder (where a .env would be read) is the test's own."""
+    for name in list(os.environ):
+        if name.upper().startswith("PDM_") or name in ("CREDENTIALS_DIRECTORY", "STATE_DIRECTORY"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -33,13 +32,7 @@ host = "127.0.0.1"
 TORQUE = f"[modbus.registers.torque]\naddress = {INPUT_NAMES.index('torque')}\n"
 
 
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch, tmp_path):
-    """No PDM_ variable, credential or .env of the machine running the tests leaks in."""
-    for name in list(os.environ):
-        if name.upper().startswith("PDM_") or name in ("CREDENTIALS_DIRECTORY", "STATE_DIRECTORY"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("isolated_config")  # tests/conftest.py
 
 
 @pytest.fixture

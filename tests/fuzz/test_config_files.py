@@ -8,7 +8,6 @@ import copy
 import itertools
 import json
 import math
-import os
 from datetime import date, datetime, time
 
 import pytest
@@ -139,13 +138,7 @@ files = st.one_of(
 )
 
 
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch, tmp_path):
-    """No PDM_ variable, credential or .env of the machine running the tests leaks in."""
-    for name in list(os.environ):
-        if name.upper().startswith("PDM_") or name in ("CREDENTIALS_DIRECTORY", "STATE_DIRECTORY"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("isolated_config")  # tests/conftest.py
 
 
 def load(path) -> AgentConfig | list[str]:
