@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from agent.config import AlarmsConfig, PipelineConfig, SummaryConfig
 from agent.machines import Machines
 from agent.pipeline import Pipeline

@@ -12,7 +12,7 @@ import signal
 import psycopg
 
 from tests.agent.test_run import VALUES, AgentProcess, wait_for
-from tests.central.support import PDM_CENTRAL, Server, environment
+from tests.central.support import Server
 from tests.services import Publisher, free_port
 
 T0 = 1_790_000_000  # window-aligned for 1 s windows
@@ -47,12 +47,9 @@ def test_every_window_reaches_postgresql_exactly_once_across_a_central_outage(
         tmp_path, private_broker, central_url, gateways):
     name, token = gateways.add("e2e")
     port = free_port()
-    command = [PDM_CENTRAL, "serve", "--port", str(port)]
 
     def start_central(log: str) -> Server:
-        server = Server(command, environment(central_url), port, tmp_path / log)
-        server.wait_ready()
-        return server
+        return Server.central(central_url, tmp_path / log, port)
 
     central = start_central("central-1.log")
     agent = AgentProcess(tmp_path, private_broker.url, gateway_id=name,

@@ -22,7 +22,7 @@ from contextlib import closing
 import psycopg
 
 from tests.agent.test_run import VALUES, AgentProcess, wait_for
-from tests.central.support import PDM_CENTRAL, Server, environment
+from tests.central.support import Server
 from tests.services import Publisher, ServiceError, free_port
 
 T0 = 1_790_000_000  # window-aligned for 1 s and 60 s windows, in the past: every window can close by the clock
@@ -140,15 +140,12 @@ def test_central_killed_9_mid_request_loses_and_duplicates_nothing(tmp_path, pri
     machines, windows, per_window = 5, 60, 4
     name, token = gateways.add("kill-central")
     port = free_port()
-    command = [PDM_CENTRAL, "serve", "--port", str(port)]
     starts = 0
 
     def start_central() -> Server:
         nonlocal starts
         starts += 1
-        server = Server(command, environment(central_url), port, tmp_path / f"central-{starts}.log")
-        server.wait_ready()
-        return server
+        return Server.central(central_url, tmp_path / f"central-{starts}.log", port)
 
     central = start_central()
     agent = AgentProcess(tmp_path, private_broker.url, gateway_id=name,

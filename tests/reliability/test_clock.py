@@ -27,7 +27,8 @@ from drivers.base import RawReading
 from sync.client import BACKOFF_MAX_S, BACKOFF_MIN_S, Outcome
 from sync.protocol import Summary
 from tests.agent.test_pipeline import VALUES
-from tests.reliability.test_central_faults import fill_outbox, start_central, sync_client
+from tests.central.support import Server
+from tests.reliability.test_central_faults import fill_outbox, sync_client
 from tests.services import LOCALHOST, free_port
 
 T0 = 1_790_000_000.0
@@ -146,7 +147,7 @@ def test_sync_backoff_is_bounded_and_a_year_off_clock_still_syncs(tmp_path, monk
             delays.append(result.retry_after)
         assert all(BACKOFF_MIN_S / 2 <= d <= BACKOFF_MAX_S for d in delays), delays
         assert not any(math.isnan(d) for d in delays)
-        central = start_central(central_url, port, tmp_path / "central.log")
+        central = Server.central(central_url, tmp_path / "central.log", port)
         try:
             _Skewed.offset = timedelta(days=skew_days)
             result = client.sync_once()

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from agent.store import OutboxRecord, Store
+from agent.store import Store
 from sync.client import Outcome, SyncClient
 from sync.config import CentralConfig
 from sync.protocol import GatewayStatus, IngestBatch
@@ -74,10 +74,10 @@ def store(tmp_path):
 
 
 def records(store, n_events=0, n_summaries=0):
-    from tests.agent.test_summaries import stored
     from agent.config import AlarmsConfig, SummaryConfig
     from agent.machines import Machines
     from model.package import load
+    from tests.agent.test_summaries import stored
 
     machines = Machines("gw-1", SummaryConfig(window_s=60), AlarmsConfig(), load(), {})
     outbox = []
