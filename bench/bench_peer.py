@@ -418,27 +418,9 @@ def run_side(side: Side, load: Load, phases: Phases, down, up, settle=dict) -> d
 def run_agent(tmp: Path, stack: ExitStack, phases: Phases) -> dict:
     import psycopg
 
-    from bench.bench_central import add_gateway, start_server
-    from central import db
-    from tests.services import (
-        LOCALHOST,
-        POSTGRES_PORT,
-        Postgres,
-        ThrowawayPostgres,
-        create_database,
-        drop_database,
-        postgres_answers,
-    )
+    from bench.bench_central import add_gateway, bench_database, start_server
 
-    if postgres_answers(LOCALHOST, POSTGRES_PORT):
-        server = Postgres(LOCALHOST, POSTGRES_PORT)
-    else:
-        server = stack.enter_context(ThrowawayPostgres.create())
-    name = create_database(server, prefix="pdm_bench")
-    stack.callback(drop_database, server, name)
-    url = server.url(name)
-    with psycopg.connect(url, autocommit=True) as conn:
-        db.migrate(conn)
+    url, _ = bench_database(stack)
     _, token = add_gateway(url, "bench-peer")
     port = free_port()
     central = [start_server(url, tmp, port)[0]]
