@@ -3,7 +3,7 @@
 Run: python -m bench.bench_central [--quick] [--repeats N]   (writes the `central` section of BENCHMARKS.md)
 
 PostgreSQL: the machine's own on 127.0.0.1:5432 when it lets `postgres` in without a password, else a throwaway
-server (tests/services.py); either way a new database, dropped at the end. Each run uses a new gateway, so every row
+server (testkit/postgres.py); either way a new database, dropped at the end. Each run uses a new gateway, so every row
 is new. The same summaries, in batches of BATCH (the agent's default batch size):
   - raw: central's own `INSERT INTO summaries (...) SELECT ... FROM jsonb_to_recordset(<the batch as JSON>) ON
     CONFLICT DO NOTHING`, alone, one per batch, one transaction each, the JSON built before the clock starts: the
@@ -37,15 +37,14 @@ import requests
 
 from bench.report import median_spread, write_section
 from central import auth, db
-from tests.central import batches
-from tests.services import (
-    LOCALHOST,
+from testkit import batches
+from testkit.net import LOCALHOST, free_port
+from testkit.postgres import (
     POSTGRES_PORT,
     Postgres,
     ThrowawayPostgres,
     create_database,
     drop_database,
-    free_port,
     postgres_answers,
 )
 

@@ -3,7 +3,7 @@
 Run: python -m bench.bench_dashboard [--quick] [--repeats N]   (writes the `dashboard` section of BENCHMARKS.md)
 
 PostgreSQL: the machine's own on 127.0.0.1:5432 when it lets `postgres` in without a password, else a throwaway
-server (tests/services.py); either way a new database, dropped at the end. The data is bulk-loaded inside PostgreSQL
+server (testkit/postgres.py); either way a new database, dropped at the end. The data is bulk-loaded inside PostgreSQL
 (INSERT … SELECT over generate_series, no HTTP; the hourly roll-up's trigger runs as for ingest): 1,000 gateways ×
 100 machines, each with 60 one-minute windows of summaries ending now, about 1 % of the machines in alarm and 4 % in
 warning with their events, some gateways silent with a backlog; plus 10 tracked machines with 30 days of one-minute
@@ -39,7 +39,7 @@ import requests
 from bench.bench_central import bench_database, start_server
 from bench.report import median_spread, write_section
 from central import dashboard
-from tests.central.support import OPS_TOKEN
+from testkit.central import OPS_TOKEN
 
 TRACKED_DAYS = 30
 INPUTS = ('{"air_temperature": {"min": 298.1, "mean": 298.4, "max": 298.9}, '

@@ -30,7 +30,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bench.report import median_spread, write_section
-from tests.services import Mosquitto, Publisher, free_port
+from testkit.mqtt import Mosquitto, Publisher
+from testkit.net import free_port
 
 MACHINES = 20
 T0 = 1_790_000_000

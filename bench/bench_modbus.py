@@ -34,6 +34,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -242,22 +243,55 @@ def paced(server: ServerProcess, seconds: int, stack: ExitStack) -> dict:
     }
 
 
+class LoopProfile:
+    """A cProfile of the driver's event-loop thread, switched from inside that thread through the driver's public
+    `clock`: the driver calls it on its loop (the "modbus" thread of drivers/modbus.py) when it stamps a reading, and
+    cProfile's enable() and disable() act on the thread that calls them."""
+
+    def __init__(self) -> None:
+        self.profiler = cProfile.Profile()
+        self._want = self._on = False
+        self._thread = ""
+        self._switched = threading.Event()
+
+    def clock(self) -> float:
+        if self._want != self._on:
+            (self.profiler.enable if self._want else self.profiler.disable)()
+            self._on, self._thread = self._want, threading.current_thread().name
+            self._switched.set()
+        return time.time()
+
+    def switch(self, on: bool, timeout: float = 10.0) -> None:
+        self._switched.clear()
+        self._want = on
+        if not self._switched.wait(timeout):
+            raise RuntimeError(f"the driver did not call its clock within {timeout:g} s: no profile")
+        if self._thread != "modbus":
+            raise RuntimeError(f"the driver called its clock on thread {self._thread!r}, not its event loop's")
+
+    def report(self, lines: int = 25) -> str:
+        out = io.StringIO()
+        pstats.Stats(self.profiler, stream=out).sort_stats("tottime").print_stats(lines)
+        return out.getvalue()
+
+
 def driver_rate(server: ServerProcess, k: int, seconds: float, interval_s: float, stack: ExitStack,
                 profile: bool = False) -> dict:
     """The driver's readings/s with K devices polling back to back; optionally a cProfile of its loop thread."""
     sink = Sink(keep=False)
-    driver = ModbusDriver(devices(server.ports[:k], interval_s), TYPE_KEY)
+    profiler = LoopProfile() if profile else None
+    driver = ModbusDriver(devices(server.ports[:k], interval_s), TYPE_KEY,
+                          clock=profiler.clock if profiler is not None else time.time)
     stack.callback(driver.close)
     driver.start(sink)
     time.sleep(1.0)  # connected and polling
-    profiler = cProfile.Profile() if profile else None
-    if profiler is not None:  # enable() profiles the thread that calls it: the driver's event loop
-        asyncio.run_coroutine_threadsafe(_call(profiler.enable), driver._loop).result()
+    if profiler is not None:
+        profiler.switch(on=True)
     count0, cpu0, server0, wall0 = sink.count, cpu_s(), server.cpu_s(), time.monotonic()
     time.sleep(seconds)
     count1, cpu1, server1, wall1 = sink.count, cpu_s(), server.cpu_s(), time.monotonic()
     if profiler is not None:
-        asyncio.run_coroutine_threadsafe(_call(profiler.disable), driver._loop).result()
+        profiler.switch(on=False)
     status = driver.status()
     driver.close()
     failed = sum(d["failed_polls"] for d in status["devices"].values())
@@ -267,14 +301,8 @@ def driver_rate(server: ServerProcess, k: int, seconds: float, interval_s: float
     result = {"rate": n / wall, "cpu": (cpu1 - cpu0) / wall, "server_cpu": (server1 - server0) / wall,
               "cpu_us": (cpu1 - cpu0) / n * 1e6}
     if profiler is not None:
-        out = io.StringIO()
-        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
-        result["profile"] = out.getvalue()
+        result["profile"] = profiler.report()
     return result
-
-
-async def _call(fn) -> None:
-    fn()
 
 
 LADDER = ("bare read_holding_registers", "+ Link.read_timed (lock, a task per request, wait for answer / lost / timeout)",

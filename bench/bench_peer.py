@@ -43,7 +43,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.bench_ingest import percentile, stop_process
 from bench.report import ROOT, save_results, write_section
-from tests.services import Mosquitto, Publisher, free_port
+from testkit.mqtt import Mosquitto, Publisher
+from testkit.net import free_port
 
 PEER_PACKAGE = "thingsboard-gateway"
 PEER_VERSION = "3.8.5"

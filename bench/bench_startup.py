@@ -30,7 +30,8 @@ import requests
 
 from bench.bench_ingest import stop_process
 from bench.report import median_spread, table, write_section
-from tests.services import Mosquitto, free_port
+from testkit.mqtt import Mosquitto
+from testkit.net import free_port
 
 GOAL_S = 1.5
 SETTLE_S = 2.0

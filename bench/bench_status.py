@@ -31,7 +31,7 @@ import requests
 
 from bench.bench_ingest import AgentProcess, percentile, publish, telemetry
 from bench.report import median_spread, table, write_section
-from tests.services import Mosquitto
+from testkit.mqtt import Mosquitto
 
 MACHINES = 500
 POLL_S = 1.0

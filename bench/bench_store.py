@@ -4,7 +4,9 @@ sizes, on the same disk, with the same schema and pragmas (WAL, synchronous = FU
 Run: python -m bench.bench_store [--quick] [--repeats N]   (writes the `store` section of BENCHMARKS.md)
 
 Raw: `BEGIN IMMEDIATE; executemany(INSERT … ON CONFLICT DO NOTHING, rows already serialised); COMMIT` on a file
-created by `Store.open()` (so the schema and indexes are the agent's) through a plain sqlite3 connection. Store:
+created by `Store.open()` (so the schema and indexes are the agent's) through a plain sqlite3 connection; the INSERT
+and the rows (values, risk and ood as JSON, as the store keeps them) are written here, as a user of plain SQLite
+would write them, not taken from the store. Store:
 `Store.write(batch)`, which also serialises each reading (json.dumps of values, risk and ood) and updates the
 counters in the same transaction. Each run writes into new files.
 """
@@ -12,16 +14,21 @@ counters in the same transaction. Each run writes into new files.
 from __future__ import annotations
 
 import argparse
+import json
 import sqlite3
 import tempfile
 import time
 from pathlib import Path
 
-from agent.store import _INSERT_READING, Store, StoredReading, _reading_row
+from agent.store import Store, StoredReading
 from bench.report import median_spread, output_root, table, write_section
 
 SIZES = (1, 50, 500)  # readings per transaction; 500 is the pipeline's batch_max
 MACHINES = 20
+RAW_INSERT = (
+    'INSERT INTO readings (machine_id, ts, "values", machine_type, p_failure, risk, health, state, ood, '
+    "model_version, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING"
+)
 
 
 def readings(n: int) -> list[StoredReading]:
@@ -32,6 +39,11 @@ def readings(n: int) -> list[StoredReading]:
                           (), "1.0.0", time.time()) for i in range(n)]
 
 
+def raw_row(r: StoredReading) -> tuple:
+    return (r.machine_id, r.ts, json.dumps(r.values), r.machine_type, r.p_failure, json.dumps(r.risk), r.health,
+            r.state, json.dumps(r.ood), r.model_version, r.received_at)
+
+
 def raw_rate(path: Path, rows: list[tuple], size: int) -> float:
     Store.open(path, synchronous="FULL").close()
     connection = sqlite3.connect(path, isolation_level=None)
@@ -40,7 +52,7 @@ def raw_rate(path: Path, rows: list[tuple], size: int) -> float:
     start = time.perf_counter()
     for i in range(0, len(rows), size):
         connection.execute("BEGIN IMMEDIATE")
-        connection.executemany(_INSERT_READING, rows[i:i + size])
+        connection.executemany(RAW_INSERT, rows[i:i + size])
         connection.execute("COMMIT")
     elapsed = time.perf_counter() - start
     stored = connection.execute("SELECT count(*) FROM readings").fetchone()[0]
@@ -76,7 +88,7 @@ def main() -> None:
         for r in range(repeats):
             for size in SIZES:
                 batch = readings(counts[size])
-                rows = [_reading_row(reading) for reading in batch]
+                rows = [raw_row(reading) for reading in batch]
                 # Alternate which goes first, so neither always gets the warmer disk cache.
                 order = ("raw", "store") if r % 2 == 0 else ("store", "raw")
                 for name in order:

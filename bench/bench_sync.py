@@ -4,7 +4,7 @@
 Run: python -m bench.bench_sync [--quick] [--repeats N] [--batch-size N]   (writes the `sync` section of BENCHMARKS.md)
 
 PostgreSQL: the machine's own on 127.0.0.1:5432 when it lets `postgres` in without a password, else a throwaway
-server (tests/services.py); either way a new database, migrated with `pdm-central migrate`, dropped at the end.
+server (testkit/postgres.py); either way a new database, migrated with `pdm-central migrate`, dropped at the end.
 Each run: a new gateway and a new agent store whose outbox holds BACKLOG summaries (50 machines, one-minute windows,
 the protocol's Summary JSON as the agent writes it, written with Store.write before the clock starts); the clock
 covers `SyncClient.sync_once()` until the outbox is empty: reading the outbox, building and gzipping the batches,
@@ -29,7 +29,7 @@ from bench.report import median_spread, table, write_section
 from sync.client import Outcome, SyncClient
 from sync.config import CentralConfig
 from sync.protocol import GatewayStatus, Summary
-from tests.central import batches
+from testkit import batches
 
 BACKLOG = 100_000
 MACHINES = 50

@@ -10,16 +10,14 @@ import pytest
 from model import data
 from model.package import SHIPPED, load
 from model.score import Scorer
-from tests.services import (
-    LOCALHOST,
+from testkit.mqtt import Broker, Mosquitto
+from testkit.net import LOCALHOST, port_open
+from testkit.postgres import (
     POSTGRES_PORT,
-    Broker,
-    Mosquitto,
     Postgres,
     ThrowawayPostgres,
     create_database,
     drop_database,
-    port_open,
     postgres_answers,
 )
 

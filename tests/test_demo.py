@@ -27,7 +27,7 @@ from agent.alarms import Alarms
 from agent.cli import main
 from agent.config import AlarmsConfig
 from drivers.simulator import Drift, Plant
-from tests.services import free_port
+from testkit.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,7 +11,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.services import Publisher, ServiceError, free_port, port_open
+from testkit.mqtt import Publisher
+from testkit.net import ServiceError, free_port, port_open
 
 PROTOCOLS = [MQTTProtocolVersion.MQTTv311, MQTTProtocolVersion.MQTTv5]
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from testkit.mqtt import Publisher
 from tests.agent.test_run import reading, wait_for
 from tests.drivers.test_mqtt_broker import Agent
-from tests.services import Publisher
 
 
 @pytest.fixture

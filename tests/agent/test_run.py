@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from model.package import SHIPPED
-from tests.services import Publisher, free_port
+from testkit.mqtt import Publisher
+from testkit.net import free_port
 
 VALUES = {"air_temperature": 300.0, "process_temperature": 310.0, "rotational_speed": 1500, "torque": 40.0}
 T0 = 1_790_000_000

@@ -29,8 +29,9 @@ from agent.service import Agent
 from agent.status import TREND_POINTS, StatusServer
 from drivers.base import Availability, RawReading
 from model.validate import Reason, Rejection
+from testkit.modbus import ModbusServers
+from testkit.net import free_port
 from tests.reliability.plant import healthy_unit, modbus_devices
-from tests.services import ModbusServers, free_port
 
 TOKEN = "status-token-for-tests-0123456789"
 HEALTHY = {"air_temperature": 300.0, "process_temperature": 310.0, "rotational_speed": 1500.0, "torque": 40.0,

@@ -15,9 +15,8 @@ import requests
 from pydantic import SecretStr
 
 from central.settings import Settings
-from tests.services import LOCALHOST, free_port
-
-OPS_TOKEN = "ops-7Hq2Lm9XvB4nR8tK1wZc5Yd3Fs6Gj0PaUe"  # 38 characters, 36 distinct: strong enough for production
+from testkit.central import OPS_TOKEN
+from testkit.net import LOCALHOST, free_port
 
 
 def make_settings(url: str, **overrides) -> Settings:

@@ -62,7 +62,7 @@ def test_the_gateway_cache_expires_and_is_bounded(monkeypatch):
 
 
 def test_a_revoked_token_in_the_cache_is_refused_every_time(client, gateways, conn):
-    from tests.central import batches
+    from testkit import batches
     from tests.central.support import bearer
 
     name, token = gateways.add()

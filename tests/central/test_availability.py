@@ -8,9 +8,10 @@ import psycopg
 import pytest
 
 from central import auth, db
-from tests.central import batches
+from testkit import batches
+from testkit.net import free_port
+from testkit.postgres import create_database, drop_database
 from tests.central.support import OPS, bearer
-from tests.services import create_database, drop_database, free_port
 
 INGEST = "/api/v1/ingest"
 

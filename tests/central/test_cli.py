@@ -15,7 +15,8 @@ import psycopg
 import pytest
 
 from central.auth import TOKEN_PREFIX
-from tests.services import create_database, drop_database, free_port
+from testkit.net import free_port
+from testkit.postgres import create_database, drop_database
 
 COMMAND = shutil.which("pdm-central", path=str(Path(sys.executable).parent)) or "pdm-central"
 

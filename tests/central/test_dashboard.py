@@ -11,9 +11,10 @@ import requests
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 
+from testkit import batches
+from testkit.central import OPS_TOKEN
 from tests.browser import chromium, console_errors, screenshot, wait_for
-from tests.central import batches
-from tests.central.support import OPS_TOKEN, Server, bearer
+from tests.central.support import Server, bearer
 
 RISK = {"TWF": 0.01, "HDF": 0.002, "PWF": 0.0, "OSF": 0.001}
 INPUTS = {"air_temperature": {"min": 298.1, "mean": 298.4, "max": 298.9},

@@ -9,7 +9,8 @@ import re
 import pytest
 
 from central.settings import Settings, SettingsError, load_settings
-from tests.central.support import OPS, OPS_TOKEN
+from testkit.central import OPS_TOKEN
+from tests.central.support import OPS
 
 SITE = "https://testserver"
 SAME_SITE = {"Origin": SITE}

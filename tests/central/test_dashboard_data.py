@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.central import batches
+from testkit import batches
 from tests.central.support import OPS, bearer
 
 T0 = datetime(2026, 6, 1, 0, 0, tzinfo=UTC)

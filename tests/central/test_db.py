@@ -8,7 +8,7 @@ import psycopg
 import pytest
 
 from central import db
-from tests.services import create_database, drop_database
+from testkit.postgres import create_database, drop_database
 
 TABLES = {"schema_migrations", "gateways", "summaries", "events", "machines", "dashboard_sessions",
           "summaries_hourly", "machine_states"}

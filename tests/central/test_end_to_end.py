@@ -11,9 +11,10 @@ import signal
 
 import psycopg
 
+from testkit.mqtt import Publisher
+from testkit.net import free_port
 from tests.agent.test_run import VALUES, AgentProcess, wait_for
 from tests.central.support import Server
-from tests.services import Publisher, free_port
 
 T0 = 1_790_000_000  # window-aligned for 1 s windows
 MACHINES, WINDOWS, PER_WINDOW = 5, 12, 5

@@ -21,9 +21,10 @@ from contextlib import closing
 
 import psycopg
 
+from testkit.mqtt import Publisher
+from testkit.net import ServiceError, free_port
 from tests.agent.test_run import VALUES, AgentProcess, wait_for
 from tests.central.support import Server
-from tests.services import Publisher, ServiceError, free_port
 
 T0 = 1_790_000_000  # window-aligned for 1 s and 60 s windows, in the past: every window can close by the clock
 DRIFTING = "m03"

@@ -13,8 +13,8 @@ import pytest
 from central import db, ingest
 from central.auth import Gateway
 from sync.protocol import IngestBatch, IngestResult
-from tests.central import batches
-from tests.central.batches import event, summary
+from testkit import batches
+from testkit.batches import event, summary
 from tests.central.support import bearer, make_settings
 
 INGEST = "/api/v1/ingest"

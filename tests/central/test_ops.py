@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.central import batches
-from tests.central.batches import event, summary
+from testkit import batches
+from testkit.batches import event, summary
 from tests.central.support import OPS, bearer
 
 ENDPOINTS = ["/api/v1/fleet", "/api/v1/machines", "/api/v1/events",

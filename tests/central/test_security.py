@@ -16,10 +16,11 @@ from starlette.requests import Request
 
 from central import ingest
 from central.errors import ApiError
-from tests.central import batches
-from tests.central.batches import event, summary
-from tests.central.support import OPS, OPS_TOKEN, bearer
-from tests.services import free_port
+from testkit import batches
+from testkit.batches import event, summary
+from testkit.central import OPS_TOKEN
+from testkit.net import free_port
+from tests.central.support import OPS, bearer
 
 INGEST = "/api/v1/ingest"
 JSON = {"Content-Type": "application/json"}

@@ -12,9 +12,10 @@ import pytest
 import requests
 
 from central import auth
-from tests.central import batches
-from tests.central.support import GUNICORN, OPS, OPS_TOKEN, PDM_CENTRAL, Server, bearer, environment
-from tests.services import LOCALHOST, free_port
+from testkit import batches
+from testkit.central import OPS_TOKEN
+from testkit.net import LOCALHOST, free_port
+from tests.central.support import GUNICORN, OPS, PDM_CENTRAL, Server, bearer, environment
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 
 from central.app import create_app
 from central.settings import DEFAULT_DATABASE_URL, Settings, SettingsError, load_settings
-from tests.central.support import OPS_TOKEN
+from testkit.central import OPS_TOKEN
 
 STRONG = {"PDM_CENTRAL_MODE": "production", "PDM_CENTRAL_OPS_TOKEN": OPS_TOKEN,
           "PDM_CENTRAL_DATABASE_URL": "postgresql://pdm@db.internal:5432/pdm_central"}

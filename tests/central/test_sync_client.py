@@ -10,9 +10,9 @@ import pytest
 from sync.client import Outcome, SyncClient
 from sync.config import CentralConfig
 from sync.protocol import GatewayStatus
-from tests.central import batches
+from testkit import batches
+from testkit.net import free_port
 from tests.central.support import PDM_CENTRAL, Server, environment
-from tests.services import free_port
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The Modbus driver against real pymodbus servers: over TCP on 127.0.0.1, and over RTU on a serial line made of a
-pseudo-terminal pair (tests/services.py).
+pseudo-terminal pair (testkit/modbus.py).
 
 - A map with every type in every order, both tables, scale and offset: each reading holds exactly the values the
   server holds, read in as few requests as the map allows.
@@ -43,7 +43,8 @@ from drivers.modbus import (
 )
 from drivers.probe import ProbeError, format_rows, matches, probe
 from drivers.registers import encode, plan_reads
-from tests.services import LOCALHOST, ModbusServers, ModbusUnit, free_port
+from testkit.modbus import ModbusServers, ModbusUnit
+from testkit.net import LOCALHOST, free_port
 
 TYPE_KEY = "Type"
 

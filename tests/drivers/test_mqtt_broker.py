@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 from paho.mqtt.enums import MQTTProtocolVersion
 
+from testkit.mqtt import Mosquitto, Publisher
 from tests.agent.test_run import T0, AgentProcess, reading, wait_for
-from tests.services import Mosquitto, Publisher
 
 PUBLISHER_PROTOCOL = {"5": MQTTProtocolVersion.MQTTv5, "3.1.1": MQTTProtocolVersion.MQTTv311}
 

@@ -21,7 +21,7 @@ from drivers.registers import decode, decode_raw
 from drivers.simulator import INPUTS, MODES, RESOLUTION, Drift, Plant, failure_modes, power_w
 from drivers.simulator_modbus import POWER, REGISTERS, TOOL_CHANGES_ADDRESS, ModbusSimulator, unit_words
 from drivers.simulator_mqtt import MqttSimulator
-from tests.services import free_port, wait_until
+from testkit.net import free_port, wait_until
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -15,7 +15,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from sync.protocol import IngestResult
-from tests.central import batches
+from testkit import batches
 from tests.central.conftest import central_url, gateways, make_client, no_central_environment  # noqa: F401
 from tests.central.support import bearer
 from tests.fuzz.strategies import bad_utf8, fuzz_settings, json_values, nested, spoil_utf8, to_json

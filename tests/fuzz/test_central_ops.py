@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.central import batches
+from testkit import batches
 from tests.central.conftest import central_url, gateways, make_client, no_central_environment  # noqa: F401
 from tests.central.support import OPS, bearer
 from tests.fuzz.strategies import fuzz_settings, json_values, to_json

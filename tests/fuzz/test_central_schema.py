@@ -14,11 +14,12 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
 from sync.protocol import IngestBatch
-from tests.central import batches
+from testkit import batches
+from testkit.central import OPS_TOKEN
+from testkit.net import free_port
 from tests.central.conftest import Gateways, central_url  # noqa: F401
-from tests.central.support import OPS_TOKEN, PDM_CENTRAL, Server, bearer, environment
+from tests.central.support import PDM_CENTRAL, Server, bearer, environment
 from tests.scale import scaled
-from tests.services import free_port
 
 INGEST = "/api/v1/ingest"
 

@@ -20,6 +20,7 @@ from drivers.mqtt import EARLIEST_TS, LATEST_TS, MqttConfig, PayloadDecoder
 from model.features import INPUT_NAMES, MACHINE_TYPE_INPUT
 from model.score import Score
 from model.validate import Reason, Rejection
+from testkit.mqtt import Publisher
 from tests.agent.test_run import AgentProcess, reading, wait_for
 from tests.fuzz.strategies import (
     bad_utf8,
@@ -31,7 +32,6 @@ from tests.fuzz.strategies import (
     spoil_utf8,
     to_json,
 )
-from tests.services import Publisher
 
 # Payloads up to 70 KB make hypothesis warn that their repr is large: expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")

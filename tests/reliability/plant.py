@@ -12,8 +12,8 @@ import requests
 
 from drivers.modbus import Register
 from drivers.registers import encode
+from testkit.modbus import ModbusUnit
 from tests.agent.test_run import AgentProcess
-from tests.services import ModbusUnit
 
 # The simulator's register layout (README, examples/simulator-modbus.toml): (register, a healthy machine's value).
 LAYOUT = {

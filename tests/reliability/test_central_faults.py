@@ -25,10 +25,10 @@ from model.package import load
 from sync.client import BACKOFF_MAX_S, BACKOFF_MIN_S, Outcome, SyncClient
 from sync.config import CentralConfig
 from sync.protocol import GatewayStatus
+from testkit.net import LOCALHOST, free_port
 from tests.agent.test_summaries import stored
 from tests.central.support import Server
 from tests.scale import scaled
-from tests.services import LOCALHOST, free_port
 
 T0 = 1_790_000_000.0
 TIMEOUT_S = 0.5  # the client's; the slow server answers later than this

@@ -26,10 +26,10 @@ from agent.store import Store
 from drivers.base import RawReading
 from sync.client import BACKOFF_MAX_S, BACKOFF_MIN_S, Outcome
 from sync.protocol import Summary
+from testkit.net import LOCALHOST, free_port
 from tests.agent.test_pipeline import VALUES
 from tests.central.support import Server
 from tests.reliability.test_central_faults import fill_outbox, sync_client
-from tests.services import LOCALHOST, free_port
 
 T0 = 1_790_000_000.0
 WINDOW_S, GRACE_S, EVERY_S = 60, 10, 5.0

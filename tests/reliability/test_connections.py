@@ -16,11 +16,13 @@ import threading
 import time
 
 from drivers.modbus import ModbusDriver, Register
+from testkit.modbus import ModbusServers, ModbusUnit
+from testkit.mqtt import Publisher
+from testkit.net import ServiceError
 from tests.agent.test_run import AgentProcess, reading, wait_for
 from tests.drivers.test_modbus_driver import TYPE_KEY, Recorder, device_status, log_lines, tcp, until
 from tests.reliability.plant import error_lines, readings
 from tests.scale import scaled
-from tests.services import ModbusServers, ModbusUnit, Publisher, ServiceError
 
 
 def publish_until(broker_url: str, stop: threading.Event, start: int, rate: float = 400) -> list[int]:

@@ -19,10 +19,10 @@ import requests
 from agent.config import PipelineConfig
 from agent.pipeline import Pipeline
 from agent.store import Store
+from testkit.mqtt import Publisher
 from tests.agent.test_pipeline import raw
 from tests.agent.test_run import AgentProcess, reading, wait_for
 from tests.reliability.plant import agent_status, error_lines, integrity, status_base
-from tests.services import Publisher
 
 DISK_MB, ROOMY_MB = 3, 64
 TOTAL = 12_000

@@ -20,6 +20,7 @@ from itertools import pairwise
 
 import pytest
 
+from testkit.modbus import ModbusServers
 from tests.agent.test_run import AgentProcess, wait_for
 from tests.central.support import Server
 from tests.central.test_faults import stored
@@ -34,7 +35,6 @@ from tests.reliability.plant import (
     set_values,
 )
 from tests.scale import scaled
-from tests.services import ModbusServers
 
 MACHINES = 5
 POLL_S = 0.05  # 20 readings a second per machine: 100 a second in all

@@ -17,11 +17,13 @@ from pathlib import Path
 import pytest
 import requests
 
+from testkit.modbus import ModbusServers
+from testkit.mqtt import Publisher
+from testkit.net import ServiceError
 from tests.agent.test_run import AgentProcess, reading, wait_for
 from tests.central.support import Server
 from tests.reliability.plant import accepted, add_modbus, error_lines, healthy_unit, process_figures, status_base
 from tests.scale import LONG, scaled
-from tests.services import ModbusServers, Publisher, ServiceError
 
 DURATION_S = scaled(75, 3600)
 WARM_UP_S = scaled(25, 600)
