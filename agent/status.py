@@ -318,8 +318,13 @@ def _error(status: int, code: str, message: str, details: list | None = None,
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
 
 
+RETRY_AFTER = {"Retry-After": {"description": "seconds until this address may present a token again",
+                               "schema": {"type": "integer", "minimum": 1}}}
+
+
 def _documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {status: {"model": ErrorResponse} for status in statuses}
+    return {status: {"model": ErrorResponse, **({"headers": RETRY_AFTER} if status == 429 else {})}
+            for status in statuses}
 
 
 # The guard answers any route with 400 (a Host not this machine's, without a token), 401 and 429 (with a token,
