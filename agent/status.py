@@ -978,7 +978,7 @@ class StatusServer:
         self._server: _Uvicorn | None = None
         self._socket: socket.socket | None = None
         self._thread: threading.Thread | None = None
-        self.limits = ConnectionLimits()  # per address and per request head (agent/http_server.py)
+        self.limits = ConnectionLimits()  # per address and per request (agent/http_server.py)
 
     @property
     def url(self) -> str:
