@@ -184,3 +184,18 @@ def test_a_hot_reloaded_manifest_change_reports_a_new_package_digest(tmp_path, p
         assert agent.signal(signal.SIGTERM) == 0
     finally:
         agent.stop()
+
+
+def test_a_data_folder_the_operator_made_keeps_its_mode_with_a_warning_when_others_can_reach_it(tmp_path, caplog):
+    """The judgement call of item 9: the agent tightens what it creates, never what it finds."""
+    from agent.service import _prepare_data_dir
+
+    made, shared = tmp_path / "deep" / "made", tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    with caplog.at_level("WARNING", logger="agent.service"):
+        _prepare_data_dir(made)
+        _prepare_data_dir(shared)
+    assert stat.S_IMODE(made.stat().st_mode) == 0o700 and stat.S_IMODE(shared.stat().st_mode) == 0o755
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{shared} is open to other users (mode drwxr-xr-x); the buffer holds plant data: chmod o-rwx {shared}"]
