@@ -116,8 +116,8 @@ def test_the_package_digest_is_the_documented_one(package):
 
 
 def test_a_threshold_without_its_health_point_is_refused(package):
-    """A manifest whose alarm threshold is no health point loaded, then broke /api/v1/status (500) and the
-    machines' health bands on the first batch."""
+    """A manifest whose alarm threshold is no health point loaded, then /api/v1/status answered 500 (the health
+    bands are read at the thresholds' points, by the machines' alarms too)."""
     edit_manifest(package, lambda m: m["thresholds"].update(alarm=0.999))
     with pytest.raises(PackageError, match=r"health.points must have a point at the alarm \(0.999\) threshold"):
         load(package)
