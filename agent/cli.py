@@ -106,7 +106,8 @@ def _model_verify(args: argparse.Namespace) -> int:
     from model.package import load
 
     model = load(args.package)
-    print(f"ok: {model.name} {model.version}, sha256 {model.sha256}, {len(model.manifest.inputs)} inputs")
+    print(f"ok: {model.name} {model.version}, sha256 {model.sha256}, package digest {model.package_digest}, "
+          f"{len(model.manifest.inputs)} inputs")
     return 0
 
 

@@ -61,10 +61,15 @@ from agent.secrets import (
 from drivers.modbus import TRANSPORTS, ModbusDevice, check_lines
 from drivers.mqtt import MqttConfig
 from sync.config import CentralConfig, is_loopback
+from web.tokens import weakness
 
 DEFAULT_CONFIG_FILE = Path("/etc/pdm-edge/agent.toml")
 DOTENV_FILE = Path(".env")  # relative to the working directory
 DEFAULT_DATA_DIR = Path("/var/lib/pdm-edge")
+# The status token guards read-only plant data on a LAN, behind a limit of a few guesses a minute per address
+# (web/throttle.py): 64 bits is out of reach online. Central's ops token (128) is reachable from anywhere and guards
+# writes and every gateway's data.
+STATUS_TOKEN_BITS = 64
 
 # The sources load_config built, while it validates an AgentConfig in this context; see settings_customise_sources.
 _loading: ContextVar[tuple[PydanticBaseSettingsSource, ...]] = ContextVar("_loading", default=())
@@ -142,8 +147,9 @@ class StatusConfig(_Section):
     @field_validator("token")
     @classmethod
     def _strong(cls, token: SecretStr | None) -> SecretStr | None:
-        if token is not None and len(token.get_secret_value()) < 16:
-            raise ValueError("shorter than 16 characters; generate one with `openssl rand -hex 32`")
+        problem = weakness(token.get_secret_value(), min_bits=STATUS_TOKEN_BITS) if token is not None else None
+        if problem:
+            raise ValueError(problem)
         return token
 
     @field_validator("bind")

@@ -44,7 +44,8 @@ class Machines:
         points = dict(model.manifest.health.points)
         thresholds = model.manifest.thresholds
         self.alarms.set_bands(points[thresholds.warning], points[thresholds.alarm])
-        self.model = ModelRef(name=model.name, version=model.version, sha256=model.sha256)
+        self.model = ModelRef(name=model.name, version=model.version, sha256=model.sha256,
+                              package_digest=model.package_digest or None)
 
     def update(self, readings: Sequence[StoredReading], rejected: Iterable[tuple[str | None, float]],
                now: float) -> tuple[list[OutboxRecord], list[MachineRecord]]:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import signal
+import stat
 import threading
 import time
 from collections import Counter
@@ -63,7 +65,7 @@ class Agent:
     def start(self) -> None:
         """Raises PackageError, StoreError or OSError on what keeps the agent from running at all."""
         config = self.config
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        _prepare_data_dir(config.data_dir)
         scorer = self._scorer(self.package)
         self.store = Store.open(config.data_dir / DATABASE_FILE, synchronous=config.buffer.synchronous,
                                 quarantine_cap=config.buffer.quarantine_max_rows)
@@ -85,8 +87,9 @@ class Agent:
         self._scheduler.add_job(self._retention, "interval", seconds=RETENTION_EVERY_S)
         self._scheduler.start()
         model = scorer.model
-        log.info("pdm-edge %s started: gateway %s, model %s %s, %d driver(s), data in %s", __version__,
-                 config.gateway_id, model.name, model.version, len(self.drivers), config.data_dir)
+        log.info("pdm-edge %s started: gateway %s, model %s %s (package digest %s), %d driver(s), data in %s",
+                 __version__, config.gateway_id, model.name, model.version, model.package_digest, len(self.drivers),
+                 config.data_dir)
 
     def stop(self) -> bool:
         """Safe to call twice or after a failed start. False if queued readings could not be committed."""
@@ -121,8 +124,9 @@ class Agent:
                           running.version, exc)
                 return False
             self.pipeline.swap_scorer(scorer)
-            log.info("model reloaded: %s %s (was %s %s)", scorer.model.name, scorer.model.version, running.name,
-                     running.version)
+            log.info("model reloaded: %s %s, package digest %s (was %s %s, %s)", scorer.model.name,
+                     scorer.model.version, scorer.model.package_digest, running.name, running.version,
+                     running.package_digest)
             return True
 
     def reload_model_if_changed(self) -> None:
@@ -173,6 +177,28 @@ class Agent:
         if deleted or forgotten:
             log.info("retention: deleted %d readings older than %g h and %d synced records older than %g h",
                      deleted, buffer.reading_retention_h, forgotten, buffer.synced_retention_h)
+
+
+def _prepare_data_dir(data_dir: Path) -> None:
+    """Create the data folder for the agent's user only (0700; the store creates its files 0600). A folder that
+    already exists keeps its mode, which may be the operator's choice (systemd's StateDirectoryMode, a backup
+    group): a warning says so when other users can reach into it."""
+    try:
+        data_dir.mkdir(mode=0o700)
+    except FileExistsError:
+        for path in (data_dir, data_dir / DATABASE_FILE):
+            try:
+                mode = path.stat().st_mode
+            except FileNotFoundError:
+                continue
+            if mode & stat.S_IRWXO:
+                log.warning("%s is open to other users (mode %s); the buffer holds plant data: "
+                            "chmod o-rwx %s", path, stat.filemode(mode), path)
+    except FileNotFoundError:
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(mode=0o700, exist_ok=True)
+    if not os.path.isdir(data_dir):
+        raise NotADirectoryError(f"data_dir {data_dir} is not a folder")
 
 
 def _stamp(package: Path) -> tuple:

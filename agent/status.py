@@ -64,11 +64,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent import __version__
+from agent.http_server import ConnectionLimits, limited_h11
 from agent.store import Store, StoredReading, StoreError
 from model.modes import mode_words
 from sync.client import Outcome
 from sync.config import is_loopback
 from sync.protocol import Event
+from web.throttle import FailedAuth
 
 if TYPE_CHECKING:
     from agent.pipeline import Pipeline
@@ -92,7 +94,7 @@ EPOCH_MAX_S = 2e10  # pydantic reads a larger number as milliseconds; in seconds
 SINCE_SCHEMA = [{"type": "string", "format": "date-time"}, {"type": "number", "minimum": 0, "maximum": EPOCH_MAX_S}]
 
 STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                405: "method_not_allowed", 422: "invalid_request", 503: "not_ready"}
+                405: "method_not_allowed", 422: "invalid_request", 429: "too_many_requests", 503: "not_ready"}
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
@@ -141,7 +143,8 @@ class Health(BaseModel):
 class ModelInfo(BaseModel):
     name: str
     version: str
-    sha256: str
+    sha256: str  # the ONNX file's
+    package_digest: str  # the whole package's, manifest included (README: the model package)
     package: str
     modes: list[str]
     health_at_warning: float  # health at the warning threshold: below it a reading is in warning
@@ -315,19 +318,26 @@ def _error(status: int, code: str, message: str, details: list | None = None,
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
 
 
+RETRY_AFTER = {"Retry-After": {"description": "seconds until this address may present a token again",
+                               "schema": {"type": "integer", "minimum": 1}}}
+
+
 def _documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {status: {"model": ErrorResponse} for status in statuses}
+    return {status: {"model": ErrorResponse, **({"headers": RETRY_AFTER} if status == 429 else {})}
+            for status in statuses}
 
 
-# The guard answers any route with 400 (a Host not this machine's, without a token), 401 (with a token, except
-# /healthz and /) or 500: each route documents those it can give.
-ERRORS = _documented(400, 401, 404, 422, 500, 503)
+# The guard answers any route with 400 (a Host not this machine's, without a token), 401 and 429 (with a token,
+# except /healthz and /) or 500: each route documents those it can give.
+ERRORS = _documented(400, 401, 404, 422, 429, 500, 503)
 
 
 # --- the outermost layer --------------------------------------------------------------------------------------------
 
 class _Guard:
-    """Security headers on every response; the Host check without a token; the bearer token; JSON 500s.
+    """Security headers on every response; the Host check without a token; the bearer token, with at most
+    `FailedAuth`'s few refused tokens a minute per client address (then 429 with Retry-After, and warnings naming
+    the address, never the token); JSON 500s.
 
     It sits inside Starlette's ServerErrorMiddleware, which would answer an unhandled exception with a plain-text
     500 without our headers: so an exception is answered here, and never reaches it."""
@@ -335,6 +345,7 @@ class _Guard:
     def __init__(self, app: ASGIApp, token: str | None, bind_host: str, cors: bool) -> None:
         self.app = app
         self._token_digest = hashlib.sha256(token.encode()).digest() if token else None
+        self.failed_auth = FailedAuth("status token")
         self._hosts = {"localhost", "127.0.0.1", "::1", bind_host.lower()}
         self._cors = cors
 
@@ -378,13 +389,21 @@ class _Guard:
             return None
         if self._cors and scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
             return None  # a CORS preflight carries no credentials; CORSMiddleware answers it
+        address = scope["client"][0] if scope.get("client") else "an unknown address"
+        wait = self.failed_auth.retry_after(address)
+        if wait is not None:
+            return _error(429, "too_many_requests", f"too many wrong tokens from {address}; try again in {wait} s",
+                          headers={"Retry-After": str(wait)})
         scheme, _, given = headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
+        if not given.strip():  # no credential at all: nothing guessed, nothing counted
             return _error(401, "unauthorized", "this endpoint needs Authorization: Bearer <status.token>",
                           headers={"WWW-Authenticate": "Bearer"})
         # Compare digests: constant time, and independent of the length of what was sent.
-        if not hmac.compare_digest(hashlib.sha256(given.strip().encode()).digest(), self._token_digest):
-            return _error(401, "unauthorized", "wrong token",
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                hashlib.sha256(given.strip().encode("utf-8", "surrogatepass")).digest(), self._token_digest):
+            self.failed_auth.failed(address)
+            return _error(401, "unauthorized", "wrong token" if scheme.lower() == "bearer" else
+                          "this endpoint needs Authorization: Bearer <status.token>",
                           headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
         return None
 
@@ -470,7 +489,7 @@ def create_app(agent: Agent) -> FastAPI:
         return EventList(events=_events(store, machine_id, _aware(since) if since else None, limit))
 
     @app.get("/metrics", response_class=Response, tags=["gateway"],
-             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, **_documented(400, 401, 500)})
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, **_documented(400, 401, 429, 500)})
     def metrics() -> Response:
         """Prometheus metrics, read from the agent at scrape time."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
@@ -601,7 +620,8 @@ def _prefixed(counters: dict[str, int], prefix: str) -> dict[str, int]:
 def _model_info(model: Model) -> ModelInfo:
     manifest = model.manifest
     points = dict(manifest.health.points)
-    return ModelInfo(name=model.name, version=model.version, sha256=model.sha256, package=str(model.package),
+    return ModelInfo(name=model.name, version=model.version, sha256=model.sha256,
+                     package_digest=model.package_digest, package=str(model.package),
                      modes=list(manifest.outputs.modes), health_at_warning=points[manifest.thresholds.warning],
                      health_at_alarm=points[manifest.thresholds.alarm])
 
@@ -958,6 +978,7 @@ class StatusServer:
         self._server: _Uvicorn | None = None
         self._socket: socket.socket | None = None
         self._thread: threading.Thread | None = None
+        self.limits = ConnectionLimits()  # per address and per request (agent/http_server.py)
 
     @property
     def url(self) -> str:
@@ -974,7 +995,7 @@ class StatusServer:
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
             create_app(self.agent), log_config=None, log_level="warning", access_log=False, lifespan="off",
-            http="h11", ws="none", loop="asyncio", server_header=False, proxy_headers=False,
+            http=limited_h11(self.limits), ws="none", loop="asyncio", server_header=False, proxy_headers=False,
             limit_concurrency=64, timeout_keep_alive=15, timeout_graceful_shutdown=int(STOP_TIMEOUT_S),
         )
         server = _Uvicorn(config)

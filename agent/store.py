@@ -33,6 +33,7 @@ Invalid arguments to `open()` raise `ValueError`.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -205,9 +206,10 @@ class Store:
             raise ValueError(f"quarantine_cap must be at least 1, not {quarantine_cap}")
         path = Path(path)
         try:
+            _create_private(path)
             connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise StoreError(f"{exc} opening {path}") from exc
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"{getattr(exc, 'strerror', None) or exc} opening {path}") from exc
         store = cls(path, connection, quarantine_cap)
         try:
             with store._guard("opening"):
@@ -525,3 +527,9 @@ def _quarantine_row(reading: QuarantinedReading) -> tuple:
     # Cut on a byte boundary and drop a character split by the cut; undecodable text is kept as escapes.
     payload = reading.payload.encode("utf-8", "backslashreplace")[:PAYLOAD_LIMIT_BYTES].decode("utf-8", "ignore")
     return (reading.received_at, reading.source, reading.machine_id, reading.reason, reading.message, payload)
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file readable by its owner only, whatever the umask: SQLite gives its -wal and -shm files
+    the database file's mode. An existing file keeps the mode it has (the operator's choice)."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600))

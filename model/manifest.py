@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MANIFEST_FILE = "manifest.json"
 SCHEMA_VERSION = 1
@@ -89,10 +89,17 @@ class GraphInputs(_Strict):
 
 
 class OnnxFile(_Strict):
-    file: str
+    file: str  # a plain file name in the package folder
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     inputs: GraphInputs
     opset: dict[str, int]
+
+    @field_validator("file")
+    @classmethod
+    def _plain_name(cls, file: str) -> str:
+        if not file or file in (".", "..") or any(c in file for c in "/\\\x00"):
+            raise ValueError("must be a plain file name in the package folder (no folder, no absolute path)")
+        return file
 
 
 class Dataset(_Strict):
@@ -131,6 +138,11 @@ class Manifest(_Strict):
     def _consistent(self) -> Manifest:
         if set(self.thresholds.modes) != set(self.outputs.modes):
             raise ValueError("thresholds.modes must name exactly the outputs' modes")
+        at = {p for p, _ in self.health.points}  # the agent reads the health bands of the states at these points
+        missing = [f"{name} ({p})" for name, p in (("warning", self.thresholds.warning),
+                                                   ("alarm", self.thresholds.alarm)) if p not in at]
+        if missing:
+            raise ValueError(f"health.points must have a point at the {' and '.join(missing)} threshold")
         return self
 
     @property
@@ -141,9 +153,16 @@ class Manifest(_Strict):
     def load(cls, package: Path) -> Manifest:
         path = Path(package) / MANIFEST_FILE
         try:
-            return cls.model_validate_json(path.read_bytes())
+            raw = path.read_bytes()
         except OSError as exc:
             raise PackageError(f"cannot read {path}: {exc.strerror}") from exc
+        return cls.parse(raw, path)
+
+    @classmethod
+    def parse(cls, raw: bytes, path: Path) -> Manifest:
+        """The manifest in `raw` (read from `path`, named in errors)."""
+        try:
+            return cls.model_validate_json(raw)
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg']}" for e in exc.errors())
             raise PackageError(f"{path} is not a valid manifest: {problems}") from exc

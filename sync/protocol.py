@@ -29,10 +29,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
 class ModelRef(_Strict):
     name: Text
     version: Text
-    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    sha256: Sha256  # the ONNX file's
+    # The whole package's, manifest included (model/package.py). Optional: records an older agent buffered before
+    # it was upgraded still validate.
+    package_digest: Sha256 | None = None
 
 
 class Spread(_Strict):

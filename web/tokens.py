@@ -26,7 +26,7 @@ def estimated_bits(token: str) -> float:
         return 0.0
     counts = Counter(token)
     n = len(token)
-    shannon = -sum(c / n * math.log2(c / n) for c in counts.values())
+    shannon = max(0.0, -sum(c / n * math.log2(c / n) for c in counts.values()))  # one symbol: -0.0
     alphabet = sum(len(cls) for cls in _CLASSES if any(ch in cls for ch in counts))
     alphabet += 32 if any(not any(ch in cls for cls in _CLASSES) for ch in counts) else 0
     packer = zlib.compressobj(9, zlib.DEFLATED, -15)

@@ -162,7 +162,7 @@ def test_priority_of_sources(highest, config_file, tmp_path, monkeypatch):
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
     for layer in LAYERS[: LAYERS.index(highest) + 1]:
         if layer in setters:
-            setters[layer](f"token-from-{layer:-<16}")
+            setters[layer](f"token-from-{layer:-<16}Xq7vR2pL9sKd")
     overrides = {"status": {"token": "token-from-argument-----"}} if highest == "argument" else {}
 
     config = load_config(tmp_path / "agent.toml", **overrides)
@@ -325,7 +325,10 @@ BROKEN = [
     case("status bind without port", MINIMAL + "[status]\nbind = '127.0.0.1'\n",
          "status.bind ({file})", '"host:port"'),
     case("weak status token", MINIMAL + "[status]\ntoken = 'short'\n",
-         "status.token ({file})", "16 characters"),
+         "status.token ({file})", "too weak (about"),
+    # issue 22: 16 characters passed the length rule with no entropy at all
+    case("long status token without entropy", MINIMAL + "[status]\ntoken = 'aaaaaaaaaaaaaaaa'\n",
+         "status.token ({file})", "too weak (about 0 bits of entropy, needs 64); generate one with"),
     case("CORS wildcard", MINIMAL + "[status]\ncors_origins = ['*']\n",
          "status.cors_origins[0] ({file})", "pattern"),
     case("rtu device without serial_port", MINIMAL + RTU_DEVICE + TORQUE,

@@ -39,14 +39,17 @@ def wait_for(condition, timeout: float, what: str) -> None:
 class AgentProcess:
     """`pdm-edge run` with a config written for the test; its log is a JSON-lines file."""
 
-    def __init__(self, tmp_path: Path, broker_url: str, gateway_id: str = "gw-test", **sections) -> None:
+    def __init__(self, tmp_path: Path, broker_url: str, gateway_id: str = "gw-test", status: dict | None = None,
+                 **sections) -> None:
         self.data = tmp_path / "data"
         self.log = tmp_path / "agent.log"
         self.config = tmp_path / "agent.toml"
+        self.status_port = free_port()
         lines = [f'gateway_id = "{gateway_id}"', f'data_dir = "{self.data}"', 'log_format = "json"',
                  "[mqtt]", f'url = "{broker_url}"', f'client_id = "pdm-test-{tmp_path.name}"',
                  'default_machine_type = "M"', "max_payload_bytes = 2048",
-                 "[status]", f'bind = "127.0.0.1:{free_port()}"']
+                 "[status]", f'bind = "127.0.0.1:{self.status_port}"',
+                 *(f"{k} = {json.dumps(v)}" for k, v in (status or {}).items())]
         for section, values in sections.items():
             lines += [f"[{section}]", *(f"{k} = {json.dumps(v)}" for k, v in values.items())]
         self.config.write_text("\n".join(lines) + "\n")

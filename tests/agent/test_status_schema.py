@@ -60,8 +60,10 @@ def test_regression_every_route_documents_the_errors_its_guard_gives(token_api):
                             timeout=10).json()
     assert token_api.get("/metrics").status_code == 401
     for path, item in document["paths"].items():
-        guarded = {"400", "500"} if path == "/healthz" else {"400", "401", "500"}
+        guarded = {"400", "500"} if path == "/healthz" else {"400", "401", "429", "500"}
         assert guarded <= set(item["get"]["responses"]), path
+        if path != "/healthz":  # issue 22: wrong tokens are throttled per address
+            assert "Retry-After" in item["get"]["responses"]["429"]["headers"], path
 
 
 # One test per operation and mode, with schemathesis' strategies under Hypothesis (its pytest loader for a schema

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
+import numpy as np
+import onnxruntime
 import pytest
 
 from model.manifest import PackageError
@@ -87,3 +90,71 @@ def test_thresholds_out_of_order_are_refused(package):
     edit_manifest(package, lambda m: m["thresholds"].update(warning=0.9, alarm=0.5))
     with pytest.raises(PackageError, match="warning threshold 0.9 must be below alarm threshold 0.5"):
         load(package)
+
+
+# --- issue 22 item 8: authenticity, not only integrity ---------------------------------------------------------------
+
+def move_alarm(manifest, p=0.999):
+    manifest["thresholds"]["alarm"] = p
+    manifest["health"]["points"][2][0] = p
+
+
+def test_a_changed_manifest_changes_the_package_digest_though_not_the_onnx_sha256(package):
+    """Moving the alarm threshold 0.584 -> 0.999 (alarm suppression) kept every reported hash the same."""
+    before = load(package)
+    edit_manifest(package, move_alarm)
+    after = load(package)
+    assert after.manifest.thresholds.alarm == 0.999 and after.sha256 == before.sha256
+    assert after.package_digest != before.package_digest
+
+
+def test_the_package_digest_is_the_documented_one(package):
+    manifest, onnx = (package / "manifest.json").read_bytes(), (package / "model.onnx").read_bytes()
+    documented = hashlib.sha256(hashlib.sha256(manifest).digest() + hashlib.sha256(onnx).digest()).hexdigest()
+    model = load(package)
+    assert model.package_digest == documented and model.manifest_bytes == manifest
+
+
+def test_a_threshold_without_its_health_point_is_refused(package):
+    """A manifest whose alarm threshold is no health point loaded, then /api/v1/status answered 500 (the health
+    bands are read at the thresholds' points, by the machines' alarms too)."""
+    edit_manifest(package, lambda m: m["thresholds"].update(alarm=0.999))
+    with pytest.raises(PackageError, match=r"health.points must have a point at the alarm \(0.999\) threshold"):
+        load(package)
+
+
+@pytest.mark.parametrize("name", ["../model.onnx", "/etc/hostname", "sub/model.onnx", "..", "a\\b.onnx"])
+def test_an_onnx_file_name_that_is_not_a_plain_name_in_the_package_is_refused(package, tmp_path, name):
+    """The ONNX file name accepted `../` and absolute paths: a manifest could point the agent at any file."""
+    outside = tmp_path / "model.onnx"
+    shutil.copy(package / "model.onnx", outside)
+    (package / "sub").mkdir()
+    shutil.copy(package / "model.onnx", package / "sub" / "model.onnx")
+    edit_manifest(package, lambda m: m["onnx"].update(file=name))
+    with pytest.raises(PackageError, match="onnx.file: .*must be a plain file name in the package folder"):
+        load(package)
+
+
+def test_an_onnx_file_that_is_a_symlink_is_refused(package, tmp_path):
+    """A symlink with the right hash was followed out of the package."""
+    elsewhere = tmp_path / "elsewhere.onnx"
+    (package / "model.onnx").rename(elsewhere)
+    (package / "model.onnx").symlink_to(elsewhere)
+    with pytest.raises(PackageError, match="model.onnx is a symlink"):
+        load(package)
+
+
+def test_the_bytes_hashed_are_the_bytes_that_run(package, monkeypatch):
+    """The file was hashed, then reopened by path: a file swapped in between ran unverified. Fault injected: the
+    file is replaced by garbage just as onnxruntime is asked to load the graph."""
+    real = onnxruntime.InferenceSession
+
+    def swap_then_load(model, *args, **kwargs):
+        (package / "model.onnx").write_bytes(b"not the verified graph")
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", swap_then_load)
+    model = load(package)  # the old load handed onnxruntime the path, and the garbage behind it
+    p_failure, _ = model.predict(np.array([[300.0, 310.0, 1500.0, 40.0, 10.0]], dtype=np.float32),
+                                 np.array([["M"]], dtype=object))
+    assert 0.0 <= p_failure[0] <= 1.0
