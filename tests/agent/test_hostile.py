@@ -18,7 +18,7 @@ import pytest
 
 from model.package import SHIPPED
 from tests.agent.test_run import AgentProcess, reading, wait_for
-from tests.services import Publisher
+from testkit.mqtt import Publisher
 
 TOKEN = "hostile-test-token-Xq7vR2pL9sKd3mWz"
 IDLE_CONNECTIONS = 70  # above uvicorn's limit_concurrency (64): what locked the API
