@@ -12,7 +12,7 @@ above it. Two packages reproduce each other when every number agrees to within o
 from __future__ import annotations
 
 import math
-from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from decimal import ROUND_FLOOR, Decimal
 
 THRESHOLD_DIGITS = 6  # significant digits of each threshold (and health point) in the manifest
 METRIC_DECIMALS = 4  # decimals of each reported metric
@@ -28,10 +28,12 @@ def unit(value: float, digits: int = THRESHOLD_DIGITS) -> float:
     return 10.0 ** (math.floor(math.log10(abs(value))) - digits + 1) if value else 10.0 ** -digits
 
 
+def _step(value: float, digits: int) -> Decimal:
+    return Decimal(1).scaleb(math.floor(math.log10(abs(value))) - digits + 1)
+
+
 def _rounded(value: float, rounding: str, digits: int) -> float:
-    exact = Decimal(value)  # the binary value itself, not its shortest repr
-    step = Decimal(1).scaleb(math.floor(math.log10(abs(value))) - digits + 1)
-    return float(exact.quantize(step, rounding=rounding))
+    return float(Decimal(value).quantize(_step(value, digits), rounding=rounding))  # the binary value, not its repr
 
 
 def threshold_at_or_below(chosen: float, below: float, digits: int = THRESHOLD_DIGITS) -> float:
@@ -46,9 +48,11 @@ def threshold_at_or_below(chosen: float, below: float, digits: int = THRESHOLD_D
 def threshold_above(highest_unflagged: float, next_score: float, digits: int = THRESHOLD_DIGITS) -> float:
     """The lowest threshold at `digits` significant digits above highest_unflagged, which must not pass
     next_score (the lowest score to stay flagged)."""
-    stated = _rounded(highest_unflagged, ROUND_CEILING, digits)
-    if stated <= highest_unflagged:  # already on the grid: the next step up
-        stated = float(Decimal(stated) + Decimal(str(unit(stated, digits))))
+    step = _step(highest_unflagged, digits)
+    grid = Decimal(highest_unflagged).quantize(step, rounding=ROUND_FLOOR)
+    stated = float(grid + step)
+    if stated <= highest_unflagged:  # the float nearest a grid point can sit a hair below it
+        stated = float(grid + 2 * step)
     if not highest_unflagged < stated <= next_score:
         raise PrecisionError(f"scores {highest_unflagged!r} and {next_score!r} are closer than {digits} "
                              "significant digits")

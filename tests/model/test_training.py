@@ -12,7 +12,7 @@ from model import evaluate, train
 from model.features import FEATURE_NAMES
 from model.manifest import Manifest
 from model.package import SHIPPED, load
-from model.precision import THRESHOLD_DIGITS, differences
+from model.precision import THRESHOLD_DIGITS, PrecisionError, differences, threshold_above, threshold_at_or_below
 
 
 @pytest.fixture(scope="session")
@@ -98,3 +98,13 @@ def test_the_shipped_model_meets_its_acceptance_figures(shipped_model):
         assert metrics["test"]["modes"][mode]["at_threshold"]["f1"] >= 0.93, mode
     assert metrics["out_of_fold"]["alarm"]["precision"] >= 0.90
     assert metrics["out_of_fold"]["healthy_in_warning_or_alarm"] <= 0.02
+
+
+def test_a_threshold_is_rounded_towards_the_side_that_keeps_its_readings():
+    assert threshold_at_or_below(0.5841370533898261, below=0.58) == 0.584137  # the chosen score stays flagged
+    assert threshold_above(0.014321682586090363, next_score=0.015) == 0.0143217  # the highest unflagged stays out
+    assert threshold_above(0.0143217, next_score=0.015) == 0.0143218  # on the grid already: the next step up
+    with pytest.raises(PrecisionError):  # a reading between the rounded and the exact value would change sides
+        threshold_at_or_below(0.5841370533898261, below=0.5841370001)
+    with pytest.raises(PrecisionError):
+        threshold_above(0.014321682586090363, next_score=0.01432169)
