@@ -61,7 +61,7 @@ class Alarms:
         """Feed one reading's state and health (and what to show of it); the (from, to) states when the machine
         changed state."""
         machine = self.machines.setdefault(machine_id, MachineAlarm())
-        seen = None if shown is None else {"health": health, "p_failure": shown.p_failure, "risk": shown.risk}
+        seen = None if shown is None else asdict(shown)
         current, own = LEVELS.index(machine.state), LEVELS.index(state)
         if own > current:
             self._streak(machine, +1, own, min, own, seen)
