@@ -4,15 +4,30 @@ A machine enters a worse state after `enter_after` consecutive readings worse th
 those readings share), and leaves it after `leave_after` consecutive readings better than its state by at least
 `leave_margin` health points (to the worst state those readings share). A machine hovering at a threshold
 therefore does not flap. Each transition is an event.
+
+What a technician sees of a machine is its state and the reading that holds it (`Shown`): the latest reading whose
+own state is the machine's state. While the hysteresis holds a state the latest reading does not share (a few
+readings into a change, or readings back in ok but not yet safely), the health and main risk shown stay those of
+that reading, so health below the warning band always comes with warning or alarm, and never with ok.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 
 from agent.config import AlarmsConfig
 
 LEVELS = ("ok", "warning", "alarm")
+
+
+@dataclass(frozen=True, slots=True)
+class Shown:
+    """Of the reading that holds a machine's state: what the status API, the page and `pdm-edge status` show."""
+
+    health: float
+    p_failure: float
+    risk: dict[str, float]
 
 
 @dataclass(slots=True)
@@ -21,6 +36,8 @@ class MachineAlarm:
     direction: int = 0  # +1 a streak of worse readings, -1 of better ones, 0 none
     streak: int = 0
     target: int = 0  # the level the streak would move the machine to
+    shown: dict | None = None  # Shown of the latest reading whose own state is `state`
+    candidate: dict | None = None  # Shown of the streak's latest reading whose own state is `target`
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -40,29 +57,76 @@ class Alarms:
         self._leave_ok = health_at_warning + self._margin
         self._leave_warning = health_at_alarm + self._margin
 
-    def update(self, machine_id: str, state: str, health: float) -> tuple[str, str] | None:
-        """Feed one reading's state and health; the (from, to) states when the machine changed state."""
+    def update(self, machine_id: str, state: str, health: float, shown: Shown | None = None) -> tuple[str, str] | None:
+        """Feed one reading's state and health (and what to show of it); the (from, to) states when the machine
+        changed state."""
         machine = self.machines.setdefault(machine_id, MachineAlarm())
-        current, level = LEVELS.index(machine.state), LEVELS.index(state)
-        if level > current:
-            self._streak(machine, +1, level, min)
+        seen = None if shown is None else asdict(shown)
+        current, own = LEVELS.index(machine.state), LEVELS.index(state)
+        if own > current:
+            self._streak(machine, +1, own, min, own, seen)
             needed = self._enter_after
         else:
             level = 0 if health >= self._leave_ok else 1 if health >= self._leave_warning else 2
             if level >= current:
-                machine.direction, machine.streak = 0, 0
+                machine.direction, machine.streak, machine.candidate = 0, 0, None
+                machine.shown = seen if own == current and seen else machine.shown
                 return None
-            self._streak(machine, -1, level, max)
+            self._streak(machine, -1, level, max, own, seen)
             needed = self._leave_after
         if machine.streak < needed:
             return None
-        before = machine.state
-        machine.state, machine.direction, machine.streak = LEVELS[machine.target], 0, 0
+        before, machine.state = machine.state, LEVELS[machine.target]
+        machine.shown = machine.candidate or (seen and self._within_band(seen, machine.target))
+        machine.direction, machine.streak, machine.candidate = 0, 0, None
         return before, machine.state
 
-    @staticmethod
-    def _streak(machine: MachineAlarm, direction: int, level: int, keep) -> None:
+    def _streak(self, machine: MachineAlarm, direction: int, level: int, keep, own: int, seen: dict | None) -> None:
         if machine.direction != direction:
-            machine.direction, machine.streak, machine.target = direction, 0, level
+            machine.direction, machine.streak, machine.target, machine.candidate = direction, 0, level, None
         machine.streak += 1
-        machine.target = keep(machine.target, level)
+        target = keep(machine.target, level)
+        if target != machine.target:
+            machine.target, machine.candidate = target, None
+        if own == target and seen:
+            machine.candidate = seen
+
+    def _within_band(self, seen: dict, level: int) -> dict:
+        """What to show when no reading of the streak shares the state it moved to (leaving alarm on readings
+        already in ok, but within the margin): the latest, its health limited to that state's band."""
+        health = within_band(seen["health"], level, self._leave_ok - self._margin, self._leave_warning - self._margin)
+        return {**seen, "health": health}
+
+
+def within_band(health: float, level: int, at_warning: float, at_alarm: float) -> float:
+    """Health limited to the band of state LEVELS[level]: ok at or above at_warning, alarm at or below at_alarm."""
+    low, high = ((at_warning, 100.0), (at_alarm, at_warning), (0.0, at_alarm))[level]
+    return min(max(health, low), high)
+
+
+def saved_alarm(text: object) -> dict | None:
+    """A machine's alarm as saved (the JSON of MachineAlarm.to_json()); None when unreadable."""
+    try:
+        alarm = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    return alarm if isinstance(alarm, dict) else None
+
+
+def technician_view(alarm: object, reading_state: str, latest: Shown, at_warning: float,
+                    at_alarm: float) -> tuple[str, Shown]:
+    """A machine's state and what to show with it, from its saved alarm (MachineAlarm.to_json(), None when not
+    saved yet) and its latest reading: the reading that holds the state; without one saved (a machine new to the
+    hysteresis, a state saved by an older agent), the latest reading, its health limited to the state's band."""
+    saved = alarm if isinstance(alarm, dict) else {}
+    state = saved["state"] if saved.get("state") in LEVELS else reading_state
+    held = saved.get("shown")
+    if isinstance(held, dict):
+        try:
+            return state, Shown(float(held["health"]), float(held["p_failure"]), dict(held["risk"]))
+        except (KeyError, TypeError, ValueError):
+            pass  # unreadable: as if none was saved
+    if state == reading_state:
+        return state, latest
+    return state, Shown(within_band(latest.health, LEVELS.index(state), at_warning, at_alarm), latest.p_failure,
+                        latest.risk)

@@ -16,6 +16,7 @@ from pathlib import Path
 from agent import __version__
 
 SCORE_BATCH = 256
+MAX_LINE_CHARS = 10_000  # a reading is a few hundred; a longer line is not one
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -114,6 +115,7 @@ def _model_verify(args: argparse.Namespace) -> int:
 def _model_evaluate(args: argparse.Namespace) -> int:
     from model import data, evaluate
     from model.package import load
+    from model.precision import differences
 
     model = load(args.package)
     dataset = data.load(args.data)
@@ -123,10 +125,11 @@ def _model_evaluate(args: argparse.Namespace) -> int:
     _, test_idx = data.split(dataset, model.manifest.training.seed)
     metrics = evaluate.evaluate(model, dataset, test_idx)
     print(json.dumps(metrics, indent=2))
-    if metrics != model.manifest.metrics.get("test"):
-        print("these metrics differ from the manifest's", file=sys.stderr)
+    differ = differences(model.manifest.metrics.get("test"), metrics)
+    if differ:
+        print(f"these metrics differ from the manifest's: {'; '.join(differ)}", file=sys.stderr)
         return 1
-    print("these are the manifest's metrics", file=sys.stderr)
+    print("these are the manifest's metrics (at its stated precision)", file=sys.stderr)
     return 0
 
 
@@ -141,28 +144,73 @@ class UnusableStream(Exception):
     """The input as a whole cannot be scored (a CSV without the model's columns)."""
 
 
+def _lines(stream: io.TextIOBase) -> Iterator[str]:
+    """The stream's lines, a byte-order mark at a line's start dropped; a line longer than MAX_LINE_CHARS is read
+    no further (its first MAX_LINE_CHARS + 1 characters stand for it, so no line can fill the memory)."""
+    while line := stream.readline(MAX_LINE_CHARS + 1):
+        if len(line) > MAX_LINE_CHARS and not line.endswith("\n"):
+            while (rest := stream.readline(MAX_LINE_CHARS)) and not rest.endswith("\n"):
+                pass
+        yield line.lstrip("\ufeff")
+
+
+def _too_long(line: str) -> MalformedLine | None:
+    if len(line.rstrip("\r\n")) > MAX_LINE_CHARS:
+        return MalformedLine(f"line longer than {MAX_LINE_CHARS:,} characters: not a reading")
+    return None
+
+
+def _json_line(line: str) -> object:
+    text = line.rstrip("\r\n")
+    try:
+        return _too_long(line) or json.loads(text)
+    except json.JSONDecodeError as exc:  # not its line and column: the reading is one line
+        where = "the end of the line" if exc.pos >= len(text) else f"character {exc.pos + 1}"
+        return MalformedLine(f"not JSON: {exc.msg} at {where}")
+    except ValueError as exc:
+        return MalformedLine(f"not JSON: {exc}")
+    except RecursionError:
+        return MalformedLine("not JSON: nested too deeply")
+
+
+def _csv_row(line: str) -> list[str] | MalformedLine:
+    try:
+        return _too_long(line) or next(csv.reader([line.rstrip("\r\n")]), [])
+    except csv.Error as exc:
+        return MalformedLine(f"not CSV: {exc}")
+
+
 def _readings(stream: io.TextIOBase, fmt: str, column_map: dict[str, str]) -> Iterator[object]:
-    """Raw readings from JSON lines or CSV; a line that cannot be parsed becomes a MalformedLine."""
-    lines = iter(stream)
+    """Raw readings from JSON lines or CSV, one a line; a line that cannot be parsed becomes a MalformedLine. In
+    auto format the input is CSV when its first line reads as a header of two or more columns, else JSON lines."""
+    lines = _lines(stream)
     first = next(lines, "")
     while first and not first.strip():
         first = next(lines, "")
     if not first:
         return
-    if fmt == "jsonl" or (fmt == "auto" and first.lstrip().startswith("{")):
+    header = _csv_row(first) if fmt != "jsonl" else None
+    if fmt == "jsonl" or (fmt == "auto" and (first.lstrip().startswith(("{", "[")) or isinstance(header, MalformedLine)
+                                             or len(header) < 2)):
         for line in itertools.chain([first], lines):
             if line.strip():
-                try:
-                    yield json.loads(line)
-                except ValueError as exc:
-                    yield MalformedLine(f"not JSON: {exc}")
+                yield _json_line(line)
         return
-    header = next(csv.reader([first]))
+    if isinstance(header, MalformedLine):
+        raise UnusableStream(f"the CSV header is unreadable: {header.message}")
     missing = sorted(set(column_map) - set(header))
     if missing:
         raise UnusableStream(f"the CSV header lacks the columns {', '.join(missing)}")
-    for row in csv.DictReader(lines, fieldnames=header):
-        yield {column_map.get(k, k): _cell(v) for k, v in row.items() if k is not None}
+    for line in lines:
+        if not line.strip():
+            continue
+        row = _csv_row(line)
+        if isinstance(row, MalformedLine):
+            yield row
+        elif len(row) > len(header):
+            yield MalformedLine(f"{len(row)} CSV fields, the header has {len(header)}")
+        else:
+            yield {column_map.get(k, k): _cell(v) for k, v in zip(header, row)}
 
 
 def _cell(text: str | None) -> object:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 
-from agent.alarms import Alarms, MachineAlarm
+from agent.alarms import Alarms, MachineAlarm, Shown
 from agent.config import AlarmsConfig, SummaryConfig
 from agent.store import MachineRecord, OutboxRecord, StoredReading
 from agent.summaries import Summariser, Window
@@ -55,7 +55,8 @@ class Machines:
         touched: set[str] = set()
         for reading in readings:
             closed += self.summaries.add(reading, now)
-            change = self.alarms.update(reading.machine_id, reading.state, reading.health)
+            change = self.alarms.update(reading.machine_id, reading.state, reading.health,
+                                        Shown(reading.health, reading.p_failure, reading.risk))
             if change is not None:
                 events.append(self._event(reading, *change, now))
             touched.add(reading.machine_id)

@@ -64,6 +64,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent import __version__
+from agent.alarms import Shown, saved_alarm, technician_view
 from agent.http_server import ConnectionLimits, limited_h11
 from agent.store import Store, StoredReading, StoreError
 from model.modes import mode_words
@@ -236,7 +237,8 @@ class MachineInfo(BaseModel):
     machine_type: str
     state: str  # the alarm state, after the hysteresis: what events report
     reading_state: str  # the latest reading's own state
-    health: float
+    health: float  # health, p_failure, dominant and risk: of the reading that holds the state (agent/alarms.py)
+    reading_health: float  # the latest reading's own health
     p_failure: float
     dominant: ModeRisk | None  # the mode with the highest risk
     risk: dict[str, float]
@@ -679,13 +681,25 @@ def _mode(mode: str, risk: float, model: Model) -> ModeRisk:
                     elevated=threshold is not None and risk >= threshold)
 
 
-def _machine_info(reading: StoredReading, alarm_state: str | None, model: Model, now: float,
+def _alarms(store: Store) -> dict[str, object]:
+    """Each machine's saved alarm (MachineAlarm.to_json()), as the pipeline last committed it."""
+    alarms = {machine_id: saved_alarm(text) for machine_id, text in store.machines("$.alarm").items()}
+    for machine_id in [m for m, alarm in alarms.items() if alarm is None]:
+        log.warning("machine %s: saved state unreadable", machine_id)
+    return alarms
+
+
+def _machine_info(reading: StoredReading, alarm: object, model: Model, now: float,
                   trend: list[float], cls: type[MachineInfo] = MachineInfo, **extra: Any) -> MachineInfo:
-    dominant = max(reading.risk, key=reading.risk.__getitem__) if reading.risk else None
+    points = dict(model.manifest.health.points)
+    thresholds = model.manifest.thresholds
+    state, shown = technician_view(alarm, reading.state, Shown(reading.health, reading.p_failure, reading.risk),
+                                   points[thresholds.warning], points[thresholds.alarm])
+    dominant = max(shown.risk, key=shown.risk.__getitem__) if shown.risk else None
     return cls(
-        machine_id=reading.machine_id, machine_type=reading.machine_type, state=alarm_state or reading.state,
-        reading_state=reading.state, health=reading.health, p_failure=reading.p_failure,
-        dominant=_mode(dominant, reading.risk[dominant], model) if dominant else None, risk=reading.risk,
+        machine_id=reading.machine_id, machine_type=reading.machine_type, state=state,
+        reading_state=reading.state, health=shown.health, reading_health=reading.health, p_failure=shown.p_failure,
+        dominant=_mode(dominant, shown.risk[dominant], model) if dominant else None, risk=shown.risk,
         ood=list(reading.ood), values=reading.values, last_reading_at=_at(reading.ts),
         last_received_at=_at(reading.received_at), last_reading_age_s=round(max(0.0, now - reading.received_at), 3),
         model_version=reading.model_version, trend=trend, **extra,
@@ -737,8 +751,8 @@ def machine_infos(agent: Agent, trends: Trends, now: float) -> list[MachineInfo]
     list)."""
     store, pipeline = _running(agent)
     model = pipeline.scorer.model
-    states = _alarm_states(store)
-    machines = [_machine_info(reading, states.get(reading.machine_id), model, now, trend)
+    alarms = _alarms(store)
+    machines = [_machine_info(reading, alarms.get(reading.machine_id), model, now, trend)
                 for reading, trend in trends.latest(store)]
     machines.sort(key=lambda m: (-LEVELS.get(m.state, 0), m.machine_id))
     return machines
@@ -757,13 +771,13 @@ def _machine(agent: Agent, machine_id: str, history: int, now: float) -> Machine
                    physical_min=i.physical_range.min, physical_max=i.physical_range.max, ood=i.name in latest.ood)
         for i in model.manifest.inputs
     ]
-    modes = [_mode(mode, risk, model) for mode, risk in latest.risk.items()]
-    return _machine_info(
-        latest, _alarm_states(store).get(machine_id), model, now, [r.health for r in readings[-TREND_POINTS:]],
-        cls=MachineDetail, inputs=inputs, modes=modes,
+    detail = _machine_info(
+        latest, _alarms(store).get(machine_id), model, now, [r.health for r in readings[-TREND_POINTS:]],
+        cls=MachineDetail, inputs=inputs, modes=[],
         history=[HistoryPoint(ts=_at(r.ts), health=r.health, p_failure=r.p_failure, state=r.state) for r in readings],
         events=_events(store, machine_id, None, MACHINE_EVENTS),
     )
+    return detail.model_copy(update={"modes": [_mode(mode, risk, model) for mode, risk in detail.risk.items()]})
 
 
 def _events(store: Store, machine_id: str | None, since: datetime | None, limit: int) -> list[EventInfo]:

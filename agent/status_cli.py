@@ -113,7 +113,8 @@ def table(machines: list[dict], color: bool = False) -> str:
         if m["ood"]:
             notes.append("outside training range: " + ", ".join(m["ood"]))
         if m.get("reading_state") and m["reading_state"] != m["state"]:
-            notes.append(f"latest reading {m['reading_state']}")
+            alone = f", health {m['reading_health']:.0f}" if "reading_health" in m else ""
+            notes.append(f"latest reading alone: {m['reading_state']}{alone}")
         if stale:
             notes.append("stale")
         rows.append((m["machine_id"], m["state"], f"{m['health']:.0f}", _risk(m),

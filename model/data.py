@@ -16,6 +16,8 @@ NAME = "AI4I 2020 Predictive Maintenance Dataset"
 SHA256 = "ec4ed737b27c4e65730e3b875626ddb4db005d79733f0fc1f59d72db467cd670"
 LICENSE = "CC BY 4.0"
 SOURCE = "https://archive.ics.uci.edu/dataset/601"
+FILE_NAME = "ai4i2020.csv"
+PUBLISHER = "the UCI Machine Learning Repository"
 TYPE_COLUMN = "Type"
 TARGETS = {"failure": "Machine failure", "TWF": "TWF", "HDF": "HDF", "PWF": "PWF", "OSF": "OSF"}
 DATA_ENV = "PDM_AI4I_CSV"
@@ -36,6 +38,12 @@ class Dataset:
 def default_path() -> Path:
     """The data set's path: $PDM_AI4I_CSV, else ../shared/data/ai4i2020.csv beside the checkout."""
     return Path(os.environ.get(DATA_ENV) or DEFAULT_PATH)
+
+
+def where_to_get_it() -> str:
+    """One sentence for a user without the file: what it is, where it is published, how to check it."""
+    return (f'the "{NAME}" from {PUBLISHER}, file {FILE_NAME} ({LICENSE}, sha256 {SHA256}); put it at '
+            f"../shared/data/{FILE_NAME} beside the checkout or set {DATA_ENV} to its path")
 
 
 def load(path: Path) -> Dataset:

@@ -7,12 +7,13 @@ import numpy as np
 from model.data import Dataset
 from model.manifest import Thresholds
 from model.package import Model
+from model.precision import METRIC_DECIMALS
 
 MAX_FALSE_POSITIVE_RATE = 0.01
 
 
 def _r(value: float) -> float:
-    return round(float(value), 4)
+    return round(float(value), METRIC_DECIMALS)
 
 
 def _at_threshold(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:

@@ -33,6 +33,7 @@ from model.manifest import (
     Training,
 )
 from model.package import load, sha256_of
+from model.precision import THRESHOLD_DIGITS, threshold_above, threshold_at_or_below
 
 NAME = "ai4i-failure"
 VERSION = "1.0.0"
@@ -91,7 +92,8 @@ def fit_calibrated(base, x: np.ndarray, y: np.ndarray):
 
 
 def best_threshold(y: np.ndarray, p: np.ndarray, min_precision: float, beta: float = 1.0) -> float:
-    """The threshold of best F-beta among those with precision >= min_precision (if none has, of best F-beta)."""
+    """The threshold of best F-beta among those with precision >= min_precision (if none has, of best F-beta), at
+    the manifest's precision (model.precision): it flags the same out-of-fold readings as the exact one."""
     from sklearn.metrics import precision_recall_curve
 
     precision, recall, thresholds = precision_recall_curve(y, p)
@@ -99,14 +101,19 @@ def best_threshold(y: np.ndarray, p: np.ndarray, min_precision: float, beta: flo
     b2 = beta * beta
     f = (1 + b2) * precision * recall / np.maximum(b2 * precision + recall, 1e-12)
     allowed = precision >= min_precision
-    return float(thresholds[np.argmax(np.where(allowed, f, -1.0) if allowed.any() else f)])
+    chosen = float(thresholds[np.argmax(np.where(allowed, f, -1.0) if allowed.any() else f)])
+    unflagged = p[p < chosen]
+    return threshold_at_or_below(chosen, float(unflagged.max()) if unflagged.size else 0.0)
 
 
 def warning_threshold(y: np.ndarray, p: np.ndarray, max_healthy: float = WARNING_MAX_HEALTHY) -> float:
-    """The lowest threshold that puts at most max_healthy of the healthy readings at or above it."""
+    """The lowest threshold at the manifest's precision that puts at most max_healthy of the healthy readings at or
+    above it (and flags the same out-of-fold readings as the lowest exact one)."""
     healthy = np.sort(p[y == 0])
     allowed = int(np.floor(max_healthy * len(healthy)))
-    return float(np.nextafter(healthy[len(healthy) - allowed - 1], 1.0))
+    highest_unflagged = float(healthy[len(healthy) - allowed - 1])
+    flagged = p[p > highest_unflagged]
+    return threshold_above(highest_unflagged, float(flagged.min()) if flagged.size else 1.0)
 
 
 def export(models: dict) -> bytes:
@@ -183,7 +190,8 @@ def fit(dataset: data.Dataset, log=print) -> Fitted:
             f"On out-of-fold ({FOLDS}-fold) calibrated probabilities of the training part only. alarm: best F1 "
             f"among thresholds with precision >= {ALARM_MIN_PRECISION}; warning: the lowest threshold with at most "
             f"{WARNING_MAX_HEALTHY:.0%} of healthy readings at or above it; each mode: best F{MODE_BETA:g} among "
-            f"thresholds with precision >= {MODE_MIN_PRECISION} (TWF reaches none: best F{MODE_BETA:g})."
+            f"thresholds with precision >= {MODE_MIN_PRECISION} (TWF reaches none: best F{MODE_BETA:g}). Each at "
+            f"{THRESHOLD_DIGITS} significant digits, rounded so that it flags the same out-of-fold readings."
         ),
     )
     return Fitted(dataset, x, train_idx, test_idx, models, out_of_fold, thresholds)

@@ -26,7 +26,7 @@ from testkit.postgres import (
 def ai4i_path():
     path = data.default_path()
     if not path.is_file():
-        message = (f"the AI4I 2020 data set is not at {path}: set {data.DATA_ENV} to its path "
+        message = (f"the AI4I 2020 data set is not at {path}: the model tests need {data.where_to_get_it()} "
                    "(it is never committed to this repository)")
         if os.environ.get("CI"):
             pytest.fail(message)

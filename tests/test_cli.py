@@ -64,6 +64,40 @@ def test_model_score_reads_csv_with_the_ai4i_column_names():
     assert out[2]["state"] == "alarm" and out[2]["dominant_mode"] == "PWF"
 
 
+def test_model_score_reports_hostile_lines_inline_and_goes_on():
+    """A huge line, a deeply nested array, a byte-order mark, an unfinished line: each is one rejection with a
+    one-line reason (no traceback), and the readings around them are scored."""
+    lines = ["\ufeff" + HEALTHY, "x" * 200_000, "[" * 4_000 + "]" * 4_000, '{"machine_type": "M"', HEALTHY]
+    run = pdm_edge("model", "score", stdin="\n".join(lines) + "\n")
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == ""
+    out = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [o.get("state") or o["rejected"]["reason"] for o in out] == ["ok", "malformed", "malformed", "malformed",
+                                                                       "ok"]
+    assert "longer than 10,000 characters" in out[1]["rejected"]["message"]
+    assert out[2]["rejected"]["message"] == "not JSON: nested too deeply"
+    assert out[3]["rejected"]["message"] == "not JSON: Expecting ',' delimiter at the end of the line"
+
+
+def test_model_score_takes_input_starting_with_garbage_as_json_lines():
+    run = pdm_edge("model", "score", stdin="\x00garbage \xff\n" + HEALTHY + "\n")
+    assert run.returncode == 0, run.stderr
+    out = [json.loads(line) for line in run.stdout.splitlines()]
+    assert out[0]["rejected"]["reason"] == "malformed" and out[1]["state"] == "ok"
+
+
+def test_model_score_reports_a_huge_csv_field_inline():
+    from model.manifest import Manifest
+
+    manifest = Manifest.load(SHIPPED)
+    header = ",".join([manifest.machine_type.source_column, *(i.source_column for i in manifest.inputs)])
+    rows = ["L,300.0,310.0,1500,40.0,10", "L," + "9" * 200_000 + ",310.0,1500,40.0,10", "L,300.0,310.0,1500,40.0,10"]
+    run = pdm_edge("model", "score", stdin="\ufeff" + "\n".join([header, *rows]) + "\n")
+    assert run.returncode == 0, run.stderr
+    out = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [o.get("state") or o["rejected"]["reason"] for o in out] == ["ok", "malformed", "ok"]
+
+
 def test_model_score_exits_2_when_the_csv_lacks_model_columns():
     run = pdm_edge("model", "score", stdin="a,b\n1,2\n")
     assert run.returncode == 2

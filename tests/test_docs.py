@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,3 +46,26 @@ def test_every_documented_command_exists(command):
 
 def test_every_command_is_documented():
     assert cli_commands() == set(documented_commands())
+
+
+def test_the_readme_says_where_the_data_set_comes_from_and_how_to_check_it():
+    from model import data
+
+    text = " ".join(README.read_text().split())
+    for fact in (data.NAME, "UCI Machine Learning Repository", data.FILE_NAME, data.LICENSE, data.SHA256,
+                 data.DATA_ENV):
+        assert fact in text, fact
+
+
+def test_a_missing_data_set_is_explained_where_the_tests_skip():
+    from model import data
+
+    env = {k: v for k, v in os.environ.items() if k != "CI"} | {data.DATA_ENV: "/nonexistent/ai4i2020.csv"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                          "tests/model/test_training.py::test_the_shipped_model_meets_its_acceptance_figures",
+                          "tests/model/test_training.py::test_the_shipped_figures_are_recomputed_from_the_onnx_file"],
+                         cwd=README.parent, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert "1 passed, 1 skipped" in run.stdout, run.stdout
+    said = " ".join(run.stdout.split())
+    for fact in (data.NAME, "UCI Machine Learning Repository", data.FILE_NAME, data.SHA256, data.DATA_ENV):
+        assert fact in said, fact

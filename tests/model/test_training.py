@@ -12,6 +12,7 @@ from model import evaluate, train
 from model.features import FEATURE_NAMES
 from model.manifest import Manifest
 from model.package import SHIPPED, load
+from model.precision import THRESHOLD_DIGITS, PrecisionError, differences, threshold_above, threshold_at_or_below
 
 
 @pytest.fixture(scope="session")
@@ -27,11 +28,34 @@ def retrained(fitted, tmp_path_factory):
 
 
 def test_retraining_from_scratch_reproduces_the_shipped_package(retrained):
+    """On any CPU: the same ONNX bytes, and thresholds and metrics that agree at the manifest's stated precision
+    (BLAS kernels differ from one CPU to another in the 16th digit; model.precision)."""
     shipped, again = Manifest.load(SHIPPED), Manifest.load(retrained)
-    assert again.metrics == shipped.metrics
-    assert again.thresholds == shipped.thresholds
+    assert differences(shipped.metrics, again.metrics) == []
+    assert differences(shipped.thresholds.model_dump(), again.thresholds.model_dump()) == []
     assert again.inputs == shipped.inputs
     assert again.onnx.sha256 == shipped.onnx.sha256
+
+
+def test_thresholds_are_stated_at_the_manifest_precision_and_separate_like_the_exact_ones(fitted):
+    """Each threshold is a number of THRESHOLD_DIGITS significant digits (no float noise in the manifest) that flags
+    the same out-of-fold readings as the exact threshold it stands for."""
+    thresholds = fitted.thresholds
+    for value in (thresholds.warning, thresholds.alarm, *thresholds.modes.values()):
+        assert float(f"{value:.{THRESHOLD_DIGITS}g}") == value
+    y, p = fitted.dataset.labels["failure"][fitted.train_idx], fitted.out_of_fold["failure"]
+    healthy = np.sort(p[y == 0])
+    allowed = int(np.floor(train.WARNING_MAX_HEALTHY * len(healthy)))
+    assert (p >= thresholds.warning).sum() == (p > healthy[len(healthy) - allowed - 1]).sum()
+    assert thresholds.alarm <= p[p >= thresholds.alarm].min()
+    assert p[p < thresholds.alarm].max() < thresholds.alarm
+
+
+def test_figures_that_agree_at_the_stated_precision_are_the_same_and_others_are_not():
+    assert differences({"alarm": 0.584137, "f1": 0.8889}, {"alarm": 0.584138, "f1": 0.8888}) == []
+    assert differences({"alarm": 0.584137}, {"alarm": 0.584139}) == ["alarm: 0.584137 vs 0.584139"]
+    assert differences({"f1": 0.8889}, {"f1": 0.8887}) == ["f1: 0.8889 vs 0.8887"]
+    assert differences({"rows": 2000}, {"rows": 2001}) == ["rows: 2000 vs 2001"]
 
 
 def test_onnx_matches_the_training_pipeline_on_every_row(fitted, retrained):
@@ -60,7 +84,7 @@ def test_the_shipped_figures_are_recomputed_from_the_onnx_file(shipped_model, ai
     from model import data
 
     _, test_idx = data.split(ai4i)
-    assert evaluate.evaluate(shipped_model, ai4i, test_idx) == shipped_model.manifest.metrics["test"]
+    assert differences(shipped_model.manifest.metrics["test"], evaluate.evaluate(shipped_model, ai4i, test_idx)) == []
 
 
 def test_the_shipped_model_meets_its_acceptance_figures(shipped_model):
@@ -74,3 +98,13 @@ def test_the_shipped_model_meets_its_acceptance_figures(shipped_model):
         assert metrics["test"]["modes"][mode]["at_threshold"]["f1"] >= 0.93, mode
     assert metrics["out_of_fold"]["alarm"]["precision"] >= 0.90
     assert metrics["out_of_fold"]["healthy_in_warning_or_alarm"] <= 0.02
+
+
+def test_a_threshold_is_rounded_towards_the_side_that_keeps_its_readings():
+    assert threshold_at_or_below(0.5841370533898261, below=0.58) == 0.584137  # the chosen score stays flagged
+    assert threshold_above(0.014321682586090363, next_score=0.015) == 0.0143217  # the highest unflagged stays out
+    assert threshold_above(0.0143217, next_score=0.015) == 0.0143218  # on the grid already: the next step up
+    with pytest.raises(PrecisionError):  # a reading between the rounded and the exact value would change sides
+        threshold_at_or_below(0.5841370533898261, below=0.5841370001)
+    with pytest.raises(PrecisionError):
+        threshold_above(0.014321682586090363, next_score=0.01432169)
