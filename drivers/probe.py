@@ -16,7 +16,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from drivers.modbus import (
+from drivers.modbus_link import (
     ConnectFailed,
     ConnectionLost,
     DeviceException,
@@ -183,6 +183,8 @@ async def _read(address, count, table, unit_id, host, port, serial_port, baudrat
     try:
         return await link.read(table, address, count, unit_id, timeout_s)
     except ConnectFailed as exc:
+        if "check" in str(exc):  # it says already what to check
+            raise ProbeError(str(exc)) from None
         check = "the serial port's path and permissions" if serial_port else "the host, the port and the firewall"
         raise ProbeError(f"{exc}; check {check}") from None
     except RequestTimeout:
