@@ -679,3 +679,13 @@ def test_pdm_edge_modbus_probe_prints_every_decoding_and_marks_the_display_value
                             capture_output=True, text=True, timeout=60)
     assert closed.returncode == 1 and "pdm-edge modbus probe:" in closed.stderr
 
+
+def test_pdm_edge_modbus_probe_takes_scale_and_offset(servers, capsys):
+    from agent.cli import main
+
+    port = servers.tcp({1: ModbusUnit(holding={0: 202})})  # 20.2 °C in tenths
+    assert main(["modbus", "probe", "--host", LOCALHOST, "--port", str(port), "--address", "0", "--count", "1",
+                 "--scale", "0.1", "--offset", "273.15", "--expect", "293.35"]) == 0
+    out = capsys.readouterr().out
+    (marked,) = [line for line in out.splitlines() if line.split()[1] == "int16" and "<= matches" in line]
+    assert marked.split()[-3:] == ["293.35", "<=", "matches"]
