@@ -67,7 +67,8 @@ def _modbus_probe(args: argparse.Namespace) -> int:
     try:
         rows = probe(address=args.address, count=args.count, table=args.table, unit_id=args.unit_id,
                      host=args.host, port=args.port, serial_port=args.serial_port, baudrate=args.baudrate,
-                     parity=args.parity, stopbits=args.stopbits, timeout_s=args.timeout, scale=args.scale)
+                     parity=args.parity, stopbits=args.stopbits, timeout_s=args.timeout, scale=args.scale,
+                     offset=args.offset)
     except (ProbeError, ValueError) as exc:
         print(f"pdm-edge modbus probe: {exc}", file=sys.stderr)
         return 1
@@ -396,7 +397,8 @@ def parser() -> argparse.ArgumentParser:
     probe.add_argument("--address", type=int, required=True, help="first register (0-based)")
     probe.add_argument("--count", type=int, default=4, help="registers to read (1-125)")
     probe.add_argument("--table", choices=("holding", "input"), default="holding")
-    probe.add_argument("--scale", type=float, default=1.0)
+    probe.add_argument("--scale", type=float, default=1.0, help="value = register * scale + offset")
+    probe.add_argument("--offset", type=float, default=0.0, help="value = register * scale + offset")
     probe.add_argument("--timeout", type=float, default=2.0, help="seconds")
     probe.add_argument("--expect", type=float, help="the number the machine's display shows: matching rows are marked")
     probe.set_defaults(handler=_modbus_probe)

@@ -630,7 +630,7 @@ def _model_info(model: Model) -> ModelInfo:
 
 # Counters in a driver's status() that count errors. Drivers report different things; see `_driver`.
 ERROR_COUNTERS = ("connection_failures", "rejected", "failed_polls", "timeouts", "connect_failures",
-                  "connection_losses")
+                  "connection_losses", "internal_errors")
 
 
 def _driver(driver: Any) -> DriverInfo:
@@ -910,19 +910,21 @@ class AgentCollector:
                                labels=["driver"])
         device_up = GaugeMetricFamily("pdm_driver_device_up", "Whether one polled device is connected.",
                                       labels=["driver", "device"])
-        errors = CounterMetricFamily("pdm_driver_errors", "Driver errors since the agent started, by kind.",
-                                     labels=["driver", "kind"])
+        errors = CounterMetricFamily("pdm_driver_errors", "Driver errors since the agent started, by device (empty "
+                                     "for a driver's own connection) and kind.", labels=["driver", "device", "kind"])
         polls = CounterMetricFamily("pdm_driver_polls", "Polls of one device since the agent started.",
                                     labels=["driver", "device"])
         skips = CounterMetricFamily("pdm_driver_poll_skips", "Polls of one device skipped because the previous one "
                                     "was still running.", labels=["driver", "device"])
         for driver in map(_driver, self.agent.drivers):
             up.add_metric([driver.name], 1 if driver.connected else 0)
-            for kind, n in driver.errors.items():
-                errors.add_metric([driver.name, kind], n)
+            for kind, n in (driver.errors.items() if not driver.devices else ()):
+                errors.add_metric([driver.name, "", kind], n)
             for device in driver.devices:
                 device_up.add_metric([driver.name, device.device], int(device.connected))
                 details = driver.details["devices"][device.device]
+                for kind, n in _counts(details).items():
+                    errors.add_metric([driver.name, device.device, kind], n)
                 polls.add_metric([driver.name, device.device], details.get("polls", 0))
                 skips.add_metric([driver.name, device.device], details.get("skipped_overlaps", 0))
         yield from (up, device_up, errors, polls, skips)

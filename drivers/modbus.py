@@ -9,23 +9,21 @@ How the driver runs (who calls what, from which thread):
 - `start` runs one asyncio event loop in one thread ("modbus"): one task per device, each polling on an absolute
   grid of `interval_s` (multiples of it since the epoch, so readings of one interval line up across devices). A
   poll still running at the next tick makes that tick skipped and counted, never stacked.
-- Each TCP device has its own connection, opened at start (before the first tick) and again whenever it is lost.
-  Devices that share a serial port share one link: one request on the line at a time, with the inter-frame pause
-  between requests.
+- Devices that share a TCP host and port share one connection, and devices that share a serial port share one
+  line (drivers/modbus_link.py): one request on it at a time (on a serial line with the inter-frame pause between
+  requests). A Modbus TCP gateway in front of serial devices (one address, a unit id per device) often accepts only
+  1-4 connections. A connection is opened at start (before the first tick) and again whenever it is lost.
 - Each poll reads the device's planned requests (contiguous registers merged, see `largest_gap`), decodes them
   and hands one RawReading to the sink from a single "modbus-sink" thread: `sink.put()` may block (back-pressure),
   the event loop never does. A blocked sink makes polls overlap, so they are skipped and counted.
-- A device that stops answering is retried with exponential backoff and jitter, capped at `backoff_max_s`,
-  forever; it is logged once when it goes down and once when it is back. A dead or slow device delays no other
-  device (except on a shared serial line, where the bus itself is shared).
-
-Errors at the link (all `ModbusLinkError`, raised by `Link.read`, mapped from pymodbus and asyncio at the boundary):
-
-    ModbusLinkError
-    ├── ConnectFailed       the connection or the serial port could not be opened
-    ├── RequestTimeout      no answer within timeout_s
-    ├── ConnectionLost      the device closed the connection during the request (or sent garbage)
-    └── DeviceException     the device answered with a Modbus exception response (`code`, `code_name`)
+- A device is up while its polls yield readings. One that stops answering is down at once and retried with
+  exponential backoff and jitter, capped at `backoff_max_s`, forever; one that answers but yields no reading
+  (Modbus exception responses, words that do not decode) is down after DOWN_AFTER_POLLS such polls in a row and
+  polled on. Either is logged once when it goes down and once when it is back. A dead or slow device delays no
+  other device, except those sharing its serial line or TCP connection.
+- Nothing ends unseen: each device's task is supervised. Anything unexpected raised in it (a bug, a library
+  raising what it should not) is logged with its traceback once, counted (`internal_errors`), shows the device
+  down, and the device is retried with the same backoff; a task that ends anyway is logged and started again.
 
 `ModbusSetupError` (a ValueError) is raised by `ModbusDriver(...)` for what keeps the driver from running at all:
 devices on one serial port with different line settings, or RTU without pyserial installed.
@@ -40,7 +38,6 @@ import json
 import logging
 import math
 import random
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +46,19 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from drivers.base import Availability, MachineId, MachineType, RawReading, Sink
+from drivers.modbus_link import (  # noqa: F401 - Link's names are this module's too (probe, bench)
+    GATEWAY_EXCEPTIONS,
+    RETRYABLE_EXCEPTIONS,
+    ConnectFailed,
+    ConnectionLost,
+    DeviceException,
+    Link,
+    ModbusLinkError,
+    ModbusSetupError,
+    RequestTimeout,
+    frame_pause_s,
+    quiet_library,
+)
 from drivers.registers import MAX_READ_REGISTERS, REGISTER_WORDS, ReadRequest, decode_response, plan_reads
 
 log = logging.getLogger(__name__)
@@ -153,214 +163,10 @@ def check_lines(devices: Sequence[ModbusTcpDevice | ModbusRtuDevice]) -> list[st
     return problems
 
 
-def frame_pause_s(baudrate: int) -> float:
-    """The Modbus RTU inter-frame silence: 3.5 characters of 11 bits, 1.75 ms above 19200 baud."""
-    return 3.5 * 11 / baudrate if baudrate <= 19200 else 0.00175
-
-
-# --- the link: one connection, one request at a time ------------------------------------------------------------
-
-EXCEPTION_NAMES = {
-    1: "IllegalFunction", 2: "IllegalAddress", 3: "IllegalValue", 4: "DeviceFailure", 5: "Acknowledge",
-    6: "DeviceBusy", 7: "NegativeAcknowledge", 8: "MemoryParityError", 10: "GatewayPathUnavailable",
-    11: "GatewayTargetNoResponse",
-}
-_EXCEPTION_HINTS = {
-    1: "the device does not read this table with this function; try the other table (holding / input)",
-    2: "the device has no register at some address of the request: check address, table and type "
-       "(a request merged over a gap also covers the unmapped registers in between: lower largest_gap)",
-    3: "the device refused the request's size: check the type and lower largest_gap",
-    4: "the device reported an internal failure",
-}
-RETRYABLE_EXCEPTIONS = {5, 6}  # the device is busy: the same request may succeed a moment later
-GATEWAY_EXCEPTIONS = {10, 11}  # a gateway answered for the device: the device itself is not answering
-
-
-class ModbusLinkError(Exception):
-    """A request on a link failed; the subclass says how."""
-
-
-class ConnectFailed(ModbusLinkError):
-    pass
-
-
-class RequestTimeout(ModbusLinkError):
-    pass
-
-
-class ConnectionLost(ModbusLinkError):
-    pass
-
-
-class DeviceException(ModbusLinkError):
-    def __init__(self, code: int) -> None:
-        self.code = code
-        self.code_name = EXCEPTION_NAMES.get(code, f"Code{code}")
-        super().__init__(f"exception {code} ({self.code_name})")
-
-    @property
-    def key(self) -> str:
-        """The name as a status key: illegal_address, device_busy, code_12."""
-        return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", self.code_name).lower()
-
-    @property
-    def hint(self) -> str:
-        return _EXCEPTION_HINTS.get(self.code, "")
-
-
-class ModbusSetupError(ValueError):
-    """The driver cannot run with this configuration on this machine."""
-
-
-def quiet_library() -> None:
-    # pymodbus logs every failed connect and every lost frame at WARNING/ERROR. We log state changes and count the
-    # rest, so its own lines would repeat ours once per attempt. An operator who set its level keeps it.
-    library = logging.getLogger("pymodbus")
-    if library.level == logging.NOTSET:
-        library.setLevel(logging.CRITICAL)
-
-
-class Link:
-    """One Modbus connection: a TCP device's own, or a serial line shared by the devices on it.
-
-    `read()` runs on the event loop that created the link. Requests never overlap (an asyncio.Lock) and a serial
-    line stays silent for `pause_s` between a response and the next request. The connection is opened on the first
-    request and after it is lost; pymodbus's own retries and reconnection are off: each caller decides.
-    """
-
-    def __init__(self, name: str, make_client: Callable[[Callable[[bool], None]], Any], *, serial: bool,
-                 pause_s: float = 0.0) -> None:
-        self.name = name  # e.g. "10.0.0.5:502" or "/dev/ttyUSB0"
-        self.serial = serial
-        self.pause_s = pause_s
-        self._make_client = make_client  # (trace_connect callback) -> an unconnected pymodbus async client
-        self._client = None
-        self._lost: asyncio.Future | None = None  # resolved when the open connection is lost
-        self._lock = asyncio.Lock()
-        self._quiet_until = 0.0
-
-    @classmethod
-    def tcp(cls, host: str, port: int, max_timeout_s: float) -> Link:
-        from pymodbus.client import AsyncModbusTcpClient
-
-        return cls(f"{host}:{port}", lambda trace: AsyncModbusTcpClient(
-            host, port=port, timeout=max_timeout_s + 1, retries=0, reconnect_delay=0, trace_connect=trace,
-            name=f"{host}:{port}"), serial=False)
-
-    @classmethod
-    def rtu(cls, serial_port: str, baudrate: int, parity: str, stopbits: int, max_timeout_s: float,
-            pause_s: float | None = None) -> Link:
-        if importlib.util.find_spec("serial") is None:
-            raise ModbusSetupError(f"Modbus RTU on {serial_port} needs pyserial: pip install 'pymodbus[serial]'")
-        from pymodbus.client import AsyncModbusSerialClient
-
-        return cls(serial_port, lambda trace: AsyncModbusSerialClient(
-            serial_port, baudrate=baudrate, parity=parity, stopbits=stopbits, bytesize=8, timeout=max_timeout_s + 1,
-            retries=0, reconnect_delay=0, trace_connect=trace, name=serial_port),
-            serial=True, pause_s=frame_pause_s(baudrate) if pause_s is None else pause_s)
-
-    @property
-    def connected(self) -> bool:
-        return self._client is not None and self._client.connected
-
-    async def open(self, timeout: float) -> None:
-        """Connect now rather than at the first request, so that the first poll is on time; a failure is left for
-        that request to meet and report."""
-        async with self._lock:
-            try:
-                await self._connected(timeout)
-            except ModbusLinkError:
-                pass
-
-    async def read(self, table: str, address: int, count: int, unit_id: int, timeout: float) -> list[int]:
-        """`count` registers of `table` from `address`. Raises a ModbusLinkError."""
-        return (await self.read_timed(table, address, count, unit_id, timeout))[0]
-
-    async def read_timed(self, table: str, address: int, count: int, unit_id: int,
-                         timeout: float) -> tuple[list[int], float]:
-        """read(), and the loop time at which the request was sent (after waiting for the line and connecting)."""
-        loop = asyncio.get_running_loop()
-        async with self._lock:
-            delay = self._quiet_until - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            try:
-                response, sent = await self._request(table, address, count, unit_id, timeout)
-            finally:
-                self._quiet_until = loop.time() + self.pause_s
-        if response.isError():
-            raise DeviceException(int(getattr(response, "exception_code", 0)))
-        registers = list(response.registers)
-        if len(registers) < count:
-            raise ConnectionLost(f"the device sent {len(registers)} registers instead of {count}")
-        return registers[:count], sent
-
-    async def _request(self, table: str, address: int, count: int, unit_id: int, timeout: float):
-        client = await self._connected(timeout)
-        method = client.read_holding_registers if table == "holding" else client.read_input_registers
-        sent = asyncio.get_running_loop().time()
-        call = asyncio.ensure_future(method(address, count=count, device_id=unit_id))
-        lost = self._lost
-        try:
-            done, _ = await asyncio.wait((call, lost), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:  # the poll was cancelled (the driver stops)
-            call.cancel()
-            raise
-        if call in done:
-            try:
-                return call.result(), sent
-            except Exception as exc:  # pymodbus: not connected, wrong transaction id, a frame it cannot parse
-                self.close()
-                raise ConnectionLost(f"bad response: {exc}") from exc
-        call.cancel()
-        try:
-            await call
-        except asyncio.CancelledError:
-            if asyncio.current_task().cancelling():  # we are being cancelled too, not only the call
-                raise
-        except Exception:  # noqa: BLE001, S110 - the request is abandoned; why it ended does not matter
-            pass
-        if lost in done:
-            self.close()
-            raise ConnectionLost("the connection was closed during the request")
-        if not self.serial:
-            # A late answer on this connection could be taken for the next request's; and a device that rebooted
-            # leaves a connection that never answers again. A fresh connection clears both.
-            self.close()
-        raise RequestTimeout(f"no answer within {timeout:g} s")
-
-    async def _connected(self, timeout: float):
-        if self.connected:
-            return self._client
-        self.close()
-        loop = asyncio.get_running_loop()
-        lost = loop.create_future()
-
-        def trace(connected: bool) -> None:
-            if not connected and not lost.done():
-                lost.set_result(None)
-
-        client = self._make_client(trace)
-        try:
-            ok = await asyncio.wait_for(client.connect(), timeout)
-        except TimeoutError:
-            ok, why = False, f"no answer to the connection within {timeout:g} s"
-        else:
-            why = "no such serial port, or it is in use or not permitted" if self.serial \
-                else "connection refused or unreachable"
-        if not ok:
-            client.close()
-            raise ConnectFailed(f"cannot open {self.name}: {why}")
-        self._client, self._lost = client, lost
-        return client
-
-    def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            client.close()
-
-
 # --- the driver -----------------------------------------------------------------------------------------------------
+
+DOWN_AFTER_POLLS = 3  # polls in a row that yield no reading although the device answers: then it is down
+
 
 class _Poller:
     """One device's schedule, counters and state. Lives on the driver's event loop."""
@@ -374,10 +180,13 @@ class _Poller:
         self.schedule: asyncio.Task | None = None
         self.poll: asyncio.Task | None = None
         self.retry_at = 0.0  # loop time before which a device that stopped answering is not tried
-        self.failed_in_a_row = 0
+        self.failed_in_a_row = 0  # polls the device did not answer
+        self.empty_in_a_row = 0  # polls that yielded no reading although the device answered
         self.logged: set[tuple[int, int]] = set()  # (request index, exception code) logged, until that request works
+        self.unexpected_logged = False  # an unexpected error's traceback was logged, until the next reading
         self.polls = self.readings = self.failed_polls = self.skipped_overlaps = 0
         self.requests = self.retries = self.timeouts = self.connection_losses = self.connect_failures = 0
+        self.internal_errors = 0
         self.exceptions: dict[str, int] = {}
         self.last_reading_ts: float | None = None
         self.last_poll_s: float | None = None
@@ -390,8 +199,9 @@ class _Poller:
             "polls": self.polls, "readings": self.readings, "failed_polls": self.failed_polls,
             "skipped_overlaps": self.skipped_overlaps, "requests_per_poll": len(self.plan), "requests": self.requests,
             "retries": self.retries, "timeouts": self.timeouts, "connection_losses": self.connection_losses,
-            "connect_failures": self.connect_failures, "exceptions": dict(self.exceptions),
-            "retry_in_s": round(max(0.0, self.retry_at - now), 3), "last_reading_ts": self.last_reading_ts,
+            "connect_failures": self.connect_failures, "internal_errors": self.internal_errors,
+            "exceptions": dict(self.exceptions), "retry_in_s": round(max(0.0, self.retry_at - now), 3),
+            "last_reading_ts": self.last_reading_ts,
             "last_poll_ms": None if self.last_poll_s is None else round(self.last_poll_s * 1000, 1),
             "last_error": self.availability.last_error,
         }
@@ -407,6 +217,10 @@ def backoff_s(failed_in_a_row: int, interval_s: float, cap_s: float, jitter: flo
 
 class _DeviceDown(Exception):
     """The device did not answer a request, after the retries: the poll failed and the device backs off."""
+
+
+class _NoReading(Exception):
+    """The device answered, but the poll yields no reading (an exception response, words that do not decode)."""
 
 
 class ModbusDriver:
@@ -481,7 +295,7 @@ class ModbusDriver:
         links: dict[tuple, Link] = {}
         for device in self.devices:
             if isinstance(device, ModbusRtuDevice):
-                key = ("rtu", device.serial_port)
+                key: tuple = ("rtu", device.serial_port)
                 if key not in links:
                     line = [d for d in self.devices if isinstance(d, ModbusRtuDevice)
                             and d.serial_port == device.serial_port]
@@ -489,12 +303,38 @@ class ModbusDriver:
                     links[key] = Link.rtu(device.serial_port, device.baudrate, device.parity, device.stopbits,
                                           max(d.timeout_s for d in line), max(pauses) if pauses else None)
             else:
-                key = ("tcp", device.machine_id)  # a connection per device: no device waits for another's answer
-                links[key] = Link.tcp(device.host, device.port, device.timeout_s)
+                key = ("tcp", device.host, device.port)  # one connection per host and port: gateways limit them
+                if key not in links:
+                    timeout = max(d.timeout_s for d in self.devices if isinstance(d, ModbusTcpDevice)
+                                  and (d.host, d.port) == key[1:])
+                    links[key] = Link.tcp(device.host, device.port, timeout)
             poller = _Poller(device, links[key])
             self._pollers.append(poller)
-            poller.schedule = asyncio.create_task(self._schedule(poller), name=f"modbus {device.machine_id}")
+            self._supervise(poller)
         self._links = list(links.values())
+
+    def _supervise(self, poller: _Poller) -> None:
+        """Start the device's task, watched: if it ends while the driver runs, that is said and it starts again."""
+        poller.schedule = asyncio.get_running_loop().create_task(self._run(poller),
+                                                                 name=f"modbus {poller.config.machine_id}")
+        poller.schedule.add_done_callback(lambda task: self._ended(poller, task))
+
+    def _ended(self, poller: _Poller, task: asyncio.Task) -> None:
+        if self._stopped:
+            return
+        why = "it was cancelled" if task.cancelled() else f"{task.exception()!r}" if task.exception() else "no error"
+        self._unexpected(poller, RuntimeError(f"the device's task ended ({why}); started again"))
+        self._supervise(poller)
+
+    async def _run(self, poller: _Poller) -> None:
+        """The device's schedule, restarted after the backoff whenever something unexpected ends it."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(max(0.0, poller.retry_at - loop.time()))
+            try:
+                await self._schedule(poller)
+            except Exception as exc:  # noqa: BLE001 - said, counted and retried: see _unexpected
+                self._unexpected(poller, exc)
 
     async def _cancel(self) -> None:
         tasks = [t for p in self._pollers for t in (p.schedule, p.poll) if t is not None and not t.done()]
@@ -524,41 +364,51 @@ class ModbusDriver:
                 poller.skipped_overlaps += 1
             elif loop.time() >= poller.retry_at:
                 poller.poll = loop.create_task(self._poll(poller))
+                poller.poll.add_done_callback(lambda task: self._polled(poller, task))
+
+    def _polled(self, poller: _Poller, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:  # _poll handles its errors: this is a bug
+            self._unexpected(poller, task.exception())
 
     async def _poll(self, poller: _Poller) -> None:
-        config = poller.config
         loop = asyncio.get_running_loop()
         started = loop.time()
         poller.polls += 1
-        values: dict[str, Any] = {}
-        ts = None
         try:
-            for index, request in enumerate(poller.plan):
-                words, sent = await self._read(poller, index, request)
-                ts = sent if ts is None else ts
-                values.update(decode_response(request, words, config.registers))
+            reading = await self._read_all(poller)
         except _DeviceDown as exc:
             self._failed(poller, str(exc))
             return
-        except DeviceException:
-            poller.failed_polls += 1
+        except _NoReading as exc:
+            self._no_reading(poller, str(exc))
             return
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a bug: keep polling, but say it
-            log.exception("Modbus device %s: poll failed", config.machine_id)
-            self._failed(poller, f"internal error: {exc!r}")
+        except Exception as exc:  # noqa: BLE001 - a bug: keep polling, but say it
+            self._unexpected(poller, exc)
             return
         finally:
             poller.last_poll_s = loop.time() - started
         poller.availability.succeeded()
-        poller.failed_in_a_row, poller.retry_at = 0, 0.0
-        fields = {**values, self._type_key: config.machine_type}
-        reading = RawReading(config.machine_id, ts, fields, f"modbus:{config.machine_id}", self._clock(),
-                             json.dumps(fields))
+        poller.failed_in_a_row = poller.empty_in_a_row = 0
+        poller.retry_at, poller.unexpected_logged = 0.0, False
         if await loop.run_in_executor(self._sink_thread, self._hand, reading):
             poller.readings += 1
-            poller.last_reading_ts = ts
+            poller.last_reading_ts = reading.ts
+
+    async def _read_all(self, poller: _Poller) -> RawReading:
+        """One reading of the device: every planned request, decoded."""
+        config = poller.config
+        values: dict[str, Any] = {}
+        ts = None
+        for index, request in enumerate(poller.plan):
+            words, sent = await self._read(poller, index, request)
+            ts = sent if ts is None else ts
+            try:
+                values.update(decode_response(request, words, config.registers))
+            except ValueError as exc:
+                raise _NoReading(f"{request.describe()}: cannot decode the answer: {exc}") from None
+        fields = {**values, self._type_key: config.machine_type}
+        return RawReading(config.machine_id, ts, fields, f"modbus:{config.machine_id}", self._clock(),
+                          json.dumps(fields))
 
     async def _read(self, poller: _Poller, index: int, request: ReadRequest) -> tuple[list[int], float]:
         """One planned request, retried `retries` times on a timeout, a lost connection, a busy device or a gateway
@@ -590,7 +440,7 @@ class ModbusDriver:
                 if exc.code in RETRYABLE_EXCEPTIONS and attempt + 1 < attempts:
                     continue
                 self._refused(poller, index, request, exc)
-                raise
+                raise _NoReading(error) from None
             else:
                 if poller.logged:
                     poller.logged = {key for key in poller.logged if key[0] != index}
@@ -601,7 +451,6 @@ class ModbusDriver:
         """The device answered with an exception: its link works, this request does not. Logged once per request
         and code (again only after the request has read well), counted always."""
         config = poller.config
-        poller.availability.succeeded()
         if (index, exc.code) in poller.logged:
             return
         poller.logged.add((index, exc.code))
@@ -611,12 +460,34 @@ class ModbusDriver:
                     extra={"connection": poller.availability.name})
 
     def _failed(self, poller: _Poller, error: str) -> None:
+        """The device did not answer: down now, and retried with backoff."""
         poller.failed_polls += 1
         poller.failed_in_a_row += 1
         poller.availability.failed(error)
         config = poller.config
         delay = backoff_s(poller.failed_in_a_row, config.interval_s, config.backoff_max_s, random.random())
         poller.retry_at = asyncio.get_running_loop().time() + delay  # the ticks before it are not polled
+
+    def _no_reading(self, poller: _Poller, error: str) -> None:
+        """The device answered but the poll yielded no reading: down after DOWN_AFTER_POLLS of them in a row (its
+        link works: polled on at its interval, no backoff)."""
+        poller.failed_polls += 1
+        poller.empty_in_a_row += 1
+        poller.failed_in_a_row, poller.retry_at = 0, 0.0
+        if poller.empty_in_a_row >= DOWN_AFTER_POLLS or not poller.availability.up:
+            poller.availability.failed(error)
+
+    def _unexpected(self, poller: _Poller, exc: BaseException) -> None:
+        """What no handler expected (a bug, a library raising what it should not): counted, its traceback logged
+        once until the device yields a reading again, the device down and retried with backoff."""
+        poller.internal_errors += 1
+        config = poller.config
+        if not poller.unexpected_logged:
+            poller.unexpected_logged = True
+            log.error("Modbus device %s (%s unit %d): unexpected error, counted and retried with backoff; logged "
+                      "again only after a reading: %r", config.machine_id, poller.link.name, config.unit_id, exc,
+                      exc_info=exc, extra={"connection": poller.availability.name})
+        self._failed(poller, f"unexpected error: {exc!r}")
 
     # --- on the sink thread ---
     def _hand(self, reading: RawReading) -> bool:

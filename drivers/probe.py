@@ -16,7 +16,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from drivers.modbus import (
+from drivers.modbus_link import (
     ConnectFailed,
     ConnectionLost,
     DeviceException,
@@ -25,7 +25,7 @@ from drivers.modbus import (
     RequestTimeout,
     quiet_library,
 )
-from drivers.registers import MAX_READ_REGISTERS, ORDERS, REGISTER_WORDS, decode_raw, order_name
+from drivers.registers import MAX_READ_REGISTERS, ORDERS, REGISTER_WORDS, decode_raw, order_name, scaled
 
 SCALES = (1.0, 0.1, 0.01, 0.001, 10.0, 100.0)  # tried by `matches`: the decimal scalings PLCs use
 
@@ -65,7 +65,7 @@ def interpretations(address: int, words: Sequence[int], table: str = "holding", 
             orders = [o for o in ORDERS if o[0] == "big"] if size == 1 else ORDERS
             for word_order, byte_order in orders:
                 raw = decode_raw(chunk, type_, word_order, byte_order)
-                value = raw if scale == 1 and offset == 0 else raw * scale + offset
+                value = scaled(raw, scale, offset)
                 rows.append(ProbeRow(table, address + start, type_, word_order, byte_order, chunk, raw, value))
     return rows
 
@@ -144,9 +144,9 @@ def map_entry(row: ProbeRow, name: str = "<input>", scale: float = 1.0, offset: 
     if row.byte_order != "big":
         lines.append(f'byte_order = "{row.byte_order}"')
     if scale != 1:
-        lines.append(f"scale = {scale:g}")
+        lines.append(f"scale = {scale:.15g}")
     if offset != 0:
-        lines.append(f"offset = {offset:g}")
+        lines.append(f"offset = {offset:.15g}")
     return "\n".join(lines)
 
 
@@ -183,6 +183,8 @@ async def _read(address, count, table, unit_id, host, port, serial_port, baudrat
     try:
         return await link.read(table, address, count, unit_id, timeout_s)
     except ConnectFailed as exc:
+        if "check" in str(exc):  # it says already what to check
+            raise ProbeError(str(exc)) from None
         check = "the serial port's path and permissions" if serial_port else "the host, the port and the firewall"
         raise ProbeError(f"{exc}; check {check}") from None
     except RequestTimeout:

@@ -104,9 +104,27 @@ def encode_raw(value: int | float, type_: str, word_order: Order = "big", byte_o
 def decode(words: Sequence[int], register: Register) -> int | float:
     """A model input's value: decoded * scale + offset. Integers stay integers when there is nothing to scale."""
     raw = decode_raw(words, register.type, register.word_order, register.byte_order)
-    if register.scale == 1 and register.offset == 0:
+    return scaled(raw, register.scale, register.offset)
+
+
+def scaled(raw: float, scale: float, offset: float) -> float:
+    """raw * scale + offset. An integer register's value is rounded to the decimals of its scale and offset, its
+    resolution: 423 * 0.1 is 42.3, not 42.300000000000004. A float register's value is left as it comes."""
+    if scale == 1 and offset == 0:
         return raw
-    return raw * register.scale + register.offset
+    value = raw * scale + offset
+    if isinstance(raw, int) and math.isfinite(value):
+        places = max(decimals(scale), decimals(offset))
+        if places <= 15:  # beyond, a double holds no more decimals to clean up
+            return round(value, places)
+    return value
+
+
+def decimals(number: float) -> int:
+    """The decimal places `number` is written with: 0.1 -> 1, 273.15 -> 2, 10.0 -> 0, 1.5e-07 -> 8."""
+    mantissa, _, exponent = repr(float(number)).partition("e")
+    places = len(mantissa.partition(".")[2].rstrip("0"))
+    return max(0, places - int(exponent or 0))
 
 
 def encode(value: float, register: Register) -> list[int]:

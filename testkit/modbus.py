@@ -118,6 +118,14 @@ class ModbusServers:
             raise ServiceError(f"cannot start a Modbus server on port {port}: {exc}") from exc
         return port
 
+    def connections(self, port: int) -> int:
+        """The client connections the Modbus TCP server on `port` has open now."""
+
+        async def count():
+            return len(self._servers[port].active_connections)
+
+        return self._call(count())
+
     def closer(self, port: int | None = None) -> int:
         """A TCP server that accepts, reads the first bytes of a request and closes the connection; return its port."""
         port = port or free_port()

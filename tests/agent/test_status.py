@@ -29,7 +29,7 @@ from agent.service import Agent
 from agent.status import TREND_POINTS, StatusServer
 from drivers.base import Availability, RawReading
 from model.validate import Reason, Rejection
-from testkit.modbus import ModbusServers
+from testkit.modbus import ModbusServers, ModbusUnit
 from testkit.net import free_port
 from tests.reliability.plant import healthy_unit, modbus_devices
 
@@ -539,6 +539,26 @@ def test_metrics_count_each_devices_polls_and_the_readings_of_each_machine(polli
     assert value(metrics, "pdm_machine_readings", machine="m1", outcome="accepted") >= 4  # the 5th may be in flight
     assert value(metrics, "pdm_pipeline_batch_size", sample="pdm_pipeline_batch_size_sum") \
         == sum(value(metrics, "pdm_machine_readings", machine=m, outcome="accepted") for m in ("m1", "m2"))
+
+
+def test_a_device_that_answers_but_yields_no_reading_is_down_and_named_in_the_error_metrics(tmp_path):
+    """m2's unit id has no register mapped: it answers IllegalAddress to every poll. Readiness is the agent's own
+    (model, store, pipeline): a device down does not make it unready."""
+    with ModbusServers() as servers:
+        port = servers.tcp({1: healthy_unit(), 2: ModbusUnit()})
+        with serving(tmp_path, tables=modbus_devices(port, 2, 0.1)) as polling:
+            def metric(family: str, **labels: str) -> float:
+                return value(families(polling.get("/metrics").text), family, driver="modbus", **labels)
+
+            wait_for(lambda: metric("pdm_driver_device_up", device="m2") == 0, "m2 down")
+            wait_for(lambda: metric("pdm_driver_errors", device="m2", kind="failed_polls") >= 3, "3 failed polls")
+            assert metric("pdm_driver_device_up", device="m1") == 1
+            assert metric("pdm_driver_errors", device="m1", kind="failed_polls") == 0
+            assert metric("pdm_driver_up") == 0
+            (modbus,) = polling.get("/api/v1/status").json()["drivers"]
+            assert modbus["connected"] is False
+            assert "exception 2 (IllegalAddress)" in modbus["last_error"]
+            assert polling.get("/readyz").status_code == 200
 
 
 def test_metrics_export_the_pipelines_scoring_histogram_when_it_has_one(served, monkeypatch):

@@ -24,6 +24,7 @@ import math
 import os
 import re
 import statistics
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ import pytest
 
 from drivers.base import RawReading
 from drivers.modbus import (
+    Link,
     ModbusDriver,
     ModbusRtuDevice,
     ModbusSetupError,
@@ -304,13 +306,25 @@ def test_an_exception_response_names_device_register_and_code_once_then_is_count
     driver, sink = driver_for([tcp("drill", port, registers)])
     until(lambda: device_status(driver, "drill")["exceptions"].get("illegal_address", 0) >= 5,
           what="5 exception responses")
-    (line,) = log_lines(caplog, "drill")
+    (line,) = log_lines(caplog, "drill", "answered")
     assert "drill" in line and "holding registers 50-51 (wear)" in line
     assert "exception 2 (IllegalAddress)" in line and "check address, table and type" in line
     status = device_status(driver, "drill")
-    assert status["available"] and status["readings"] == 0 and status["failed_polls"] >= 5
+    assert status["readings"] == 0 and status["failed_polls"] >= 5
     assert status["retries"] == 0  # an illegal address stays illegal: no retry
     assert sink.readings == []  # an incomplete reading is not handed on
+    # It answers, but yields no reading: down (after DOWN_AFTER_POLLS polls), saying why, logged once.
+    assert not status["available"]
+    assert status["last_error"] == "holding registers 50-51 (wear): exception 2 (IllegalAddress)"
+    assert driver.status()["available"] == 0
+    assert len(log_lines(caplog, "drill", "unavailable")) == 1
+
+    servers.stop(port)  # the device's program is fixed: register 50-51 exists
+    servers.tcp({1: ModbusUnit(holding={0: 1, 1: 2, 50: 0, 51: 7})}, port)
+    until(lambda: len(sink.of("drill")) >= 1, what="a reading once the register exists")
+    assert sink.of("drill")[0].fields["wear"] == 7
+    assert device_status(driver, "drill")["available"]
+    assert len(log_lines(caplog, "drill", "available again")) == 1
 
 
 def test_a_connection_closed_mid_request_is_retried_counted_and_recovers(servers, driver_for, caplog):
@@ -330,6 +344,158 @@ def test_a_connection_closed_mid_request_is_retried_counted_and_recovers(servers
     assert {r.fields["x"] for r in sink.of("saw")} == {9}
     assert len(log_lines(caplog, "saw", "unavailable")) == 1
     assert len(log_lines(caplog, "saw", "available again")) == 1
+
+
+# --- nothing ends unseen: faults the driver does not expect ---------------------------------------------------------
+
+class Fault:
+    """A test double for a library raising what the driver does not expect: `cls.method` raises `error` while
+    `on` is set (or for its first `times` calls), and otherwise does what it did."""
+
+    def __init__(self, monkeypatch, cls: type, method: str, error: BaseException, times: int | None = None) -> None:
+        original = getattr(cls, method)
+        self.on = threading.Event()
+        self.on.set()
+        self.raised = 0
+        fault = self
+
+        async def faulty(link, *args, **kwargs):
+            if fault.on.is_set() and (times is None or fault.raised < times):
+                fault.raised += 1
+                raise error
+            return await original(link, *args, **kwargs)
+
+        monkeypatch.setattr(cls, method, faulty)
+
+
+def error_lines(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("error", [termios.error(22, "Invalid argument"), RuntimeError("a library's bug")],
+                         ids=["termios.error", "RuntimeError"])
+@pytest.mark.parametrize("method", ["open", "read_timed"], ids=["in open", "in a poll"])
+def test_an_unexpected_error_is_logged_once_counted_shown_down_retried_with_backoff_and_recovers(
+        servers, driver_for, caplog, monkeypatch, method, error):
+    port = servers.tcp({1: ModbusUnit(holding={0: 5})})
+    fault = Fault(monkeypatch, Link, method, error)
+    driver, sink = driver_for([tcp("press", port, {"x": Register(address=0)}, backoff_max_s=0.4)])
+    until(lambda: device_status(driver, "press")["internal_errors"] >= 3, what="3 attempts")
+    status = device_status(driver, "press")
+    assert not status["available"] and driver.status()["available"] == 0
+    assert status["last_error"] == f"unexpected error: {error!r}"
+    until(lambda: device_status(driver, "press")["retry_in_s"] > 0.15, what="a wait longer than the interval")
+    (logged,) = error_lines(caplog)  # once, with its traceback, however often it happens
+    assert "press" in logged.getMessage() and "unexpected error" in logged.getMessage() and logged.exc_info
+    assert len(log_lines(caplog, "press", "unavailable")) == 1
+
+    fault.on.clear()
+    until(lambda: len(sink.of("press")) >= 2, what="readings once the fault is gone")
+    assert {r.fields["x"] for r in sink.of("press")} == {5}
+    assert device_status(driver, "press")["available"]
+    assert len(log_lines(caplog, "press", "available again")) == 1
+    assert len(error_lines(caplog)) == 1
+
+
+class Escaped(BaseException):
+    """What `except Exception` does not catch: it ends the task it is raised in."""
+
+
+def test_a_device_task_that_ends_is_logged_counted_and_started_again(servers, driver_for, caplog, monkeypatch):
+    port = servers.tcp({1: ModbusUnit(holding={0: 5})})
+    fault = Fault(monkeypatch, Link, "open", Escaped("gone"), times=1)
+    driver, sink = driver_for([tcp("press", port, {"x": Register(address=0)})])
+    until(lambda: len(sink.of("press")) >= 2, what="readings after the task was started again")
+    assert fault.raised == 1
+    assert device_status(driver, "press")["internal_errors"] == 1
+    (logged,) = error_lines(caplog)
+    assert "press" in logged.getMessage() and "task ended (Escaped('gone')); started again" in logged.getMessage()
+
+
+def refuse_even_parity(monkeypatch) -> None:
+    """The serial port refuses even parity as some USB adapters (and a pseudo-terminal, sometimes) do: pyserial
+    raises termios.error, which is no OSError."""
+    import serial.serialposix
+
+    original = serial.serialposix.Serial._reconfigure_port
+
+    def reconfigure(port, *args, **kwargs):
+        if port.parity == "E":
+            raise termios.error(22, "Invalid argument")
+        return original(port, *args, **kwargs)
+
+    monkeypatch.setattr(serial.serialposix.Serial, "_reconfigure_port", reconfigure)
+
+
+def test_a_serial_port_that_refuses_its_settings_shows_the_device_down_saying_why(servers, driver_for, caplog,
+                                                                                  monkeypatch):
+    needs_pyserial()
+    line = servers.rtu({2: ModbusUnit(holding={0: 1})})
+    refuse_even_parity(monkeypatch)
+    device = ModbusRtuDevice(transport="rtu", machine_id="grinder", machine_type="L", unit_id=2, serial_port=line,
+                             parity="E", interval_s=0.1, timeout_s=0.5, backoff_max_s=0.3,
+                             registers={"x": Register(address=0)})
+    driver, sink = driver_for([device])
+    until(lambda: device_status(driver, "grinder")["connect_failures"] >= 3, what="3 attempts to open the port")
+    status = device_status(driver, "grinder")
+    assert not status["available"] and status["internal_errors"] == 0
+    assert status["last_error"] == (f"cannot open {line}: the port refused its settings (Invalid argument): check "
+                                    "baudrate, parity and stop bits")
+    assert len(log_lines(caplog, "grinder", "unavailable")) == 1
+    assert error_lines(caplog) == []  # a setting the port refuses is no bug: said once, counted, tried again
+    attempts = status["connect_failures"]
+    until(lambda: device_status(driver, "grinder")["connect_failures"] > attempts, what="one more attempt")
+    assert sink.readings == []
+
+
+def test_probe_on_a_serial_port_that_refuses_its_settings_says_so_in_one_line(servers, monkeypatch, capsys):
+    needs_pyserial()
+    from agent.cli import main
+
+    line = servers.rtu({5: ModbusUnit(holding={0: 1})})
+    refuse_even_parity(monkeypatch)
+    assert main(["modbus", "probe", "--serial-port", line, "--parity", "E", "--address", "0", "--count", "1"]) == 1
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err == (f"pdm-edge modbus probe: cannot open {line}: the port refused its settings (Invalid "
+                       "argument): check baudrate, parity and stop bits\n")
+
+
+# --- devices behind one TCP gateway -------------------------------------------------------------------------------
+
+def test_devices_behind_one_tcp_gateway_share_one_connection(servers, driver_for):
+    """A serial-to-TCP gateway: one address, a unit id per device, and often only 1-4 connections allowed."""
+    units = {uid: ModbusUnit(holding={0: uid * 100}) for uid in (1, 2, 3)}
+    port = servers.tcp(units)
+    devices = [tcp(f"m{uid}", port, {"x": Register(address=0)}, unit_id=uid) for uid in units]
+    driver, sink = driver_for(devices)
+    most = 0
+
+    def five_readings_each() -> bool:
+        nonlocal most
+        most = max(most, servers.connections(port))
+        return all(len(sink.of(f"m{uid}")) >= 5 for uid in units)
+
+    until(five_readings_each, what="5 readings from each device")
+    assert most == 1
+    for uid in units:
+        assert {r.fields["x"] for r in sink.of(f"m{uid}")} == {uid * 100}
+    status = driver.status()
+    assert {d["link"] for d in status["devices"].values()} == {f"{LOCALHOST}:{port}"}
+    assert status["available"] == 3
+
+
+def test_a_silent_unit_behind_a_shared_connection_does_not_stop_the_others(servers, driver_for):
+    silent = ModbusUnit(holding={0: 0})
+    silent.delay_s = math.inf
+    units = {1: ModbusUnit(holding={0: 100}), 2: silent}
+    port = servers.tcp(units)
+    driver, sink = driver_for([tcp("live", port, {"x": Register(address=0)}, unit_id=1),
+                               tcp("dead", port, {"x": Register(address=0)}, unit_id=2, timeout_s=0.1, retries=0)])
+    until(lambda: device_status(driver, "dead")["timeouts"] >= 3, what="3 timeouts of the silent unit")
+    count = len(sink.of("live"))
+    until(lambda: len(sink.of("live")) >= count + 5, what="5 more readings of the live unit")
+    assert device_status(driver, "live")["available"] and not device_status(driver, "dead")["available"]
 
 
 # --- scheduling ---------------------------------------------------------------------------------------------------
@@ -513,3 +679,14 @@ def test_pdm_edge_modbus_probe_prints_every_decoding_and_marks_the_display_value
                              str(servers.closer()), "--address", "0", "--timeout", "0.5"],
                             capture_output=True, text=True, timeout=60)
     assert closed.returncode == 1 and "pdm-edge modbus probe:" in closed.stderr
+
+
+def test_pdm_edge_modbus_probe_takes_scale_and_offset(servers, capsys):
+    from agent.cli import main
+
+    port = servers.tcp({1: ModbusUnit(holding={0: 202})})  # 20.2 °C in tenths
+    assert main(["modbus", "probe", "--host", LOCALHOST, "--port", str(port), "--address", "0", "--count", "1",
+                 "--scale", "0.1", "--offset", "273.15", "--expect", "293.35"]) == 0
+    out = capsys.readouterr().out
+    (marked,) = [line for line in out.splitlines() if line.split()[1] == "int16" and "<= matches" in line]
+    assert marked.split()[-3:] == ["293.35", "<=", "matches"]

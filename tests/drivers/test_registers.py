@@ -139,6 +139,22 @@ def test_scale_and_offset(register, words, value):
     assert encode(value, register) == words
 
 
+@pytest.mark.parametrize("register, words, shown", [
+    (Register(address=0, type="int16", scale=0.1), [423], 42.3),  # 423 * 0.1 is 42.300000000000004 in binary
+    (Register(address=0, type="int16", scale=0.1, offset=273.15), [202], 293.35),  # 293.34999999999997
+    (Register(address=0, type="uint16", scale=0.01, offset=-40), [7123], 31.23),  # 31.230000000000004
+    (Register(address=0, type="int32", word_order="little", scale=0.001), [0x32EB, 0xF8A4], -123456.789),
+])
+def test_a_scaled_integer_is_rounded_to_its_resolution(register, words, shown):
+    value = decode(words, register)
+    assert value == shown and repr(value) == repr(shown)
+
+
+def test_a_float_register_is_not_rounded():
+    """Its resolution is its own, not the scale's: 123.456 * 0.1 stays 12.3456..., not 12.3."""
+    assert decode([0x42F6, 0xE979], Register(address=0, type="float32", scale=0.1)) == 123.456 * 0.1
+
+
 def test_unscaled_integers_stay_integers():
     assert decode([7], Register(address=0)) == 7 and isinstance(decode([7], Register(address=0)), int)
 
@@ -257,6 +273,14 @@ def test_interpretations_with_scale_and_a_match():
     assert "raw" in text and "value" in text and "<= matches" in text
 
 
+def test_interpretations_show_scaled_integers_at_their_resolution():
+    rows = interpretations(0, [423], scale=0.1)
+    (int16,) = [r for r in rows if r.type == "int16" and r.order == "AB"]
+    assert int16.value == 42.3
+    rows = interpretations(0, [202], scale=0.1, offset=273.15)
+    assert [r.value for r in rows if r.order == "AB"] == [293.35, 293.35]
+
+
 def test_matches_find_the_display_value_at_a_decimal_scale():
     rows = interpretations(0, [0x00EB, 0x42F6, 0xE979])  # 235 (tenths of a degree), then float32 123.456 CDAB..
     found = matches(rows, 23.5)
@@ -266,6 +290,11 @@ def test_matches_find_the_display_value_at_a_decimal_scale():
         '[modbus.registers.air_temperature]\naddress = 0\ntype = "int16"\nscale = 0.1')
     (float_row, _), *_ = matches(rows, 123.456)
     assert (float_row.address, float_row.type, float_row.order) == (1, "float32", "ABCD")
+
+
+def test_map_entry_writes_scale_and_offset_in_full():
+    (row,) = [r for r in interpretations(0, [0x00EB]) if r.type == "int16" and r.order == "AB"]
+    assert map_entry(row, "t", scale=0.0125, offset=1234.567).endswith("\nscale = 0.0125\noffset = 1234.567")
 
 
 def test_map_entry_round_trips_through_the_config_model():

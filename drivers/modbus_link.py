@@ -1,0 +1,238 @@
+"""The Modbus link: one connection (a TCP host:port, or a serial line) carrying one request at a time, and the
+errors a request on it can end with.
+
+    ModbusLinkError
+    ├── ConnectFailed       the connection or the serial port could not be opened (refused, unreachable, no such
+    │                       port, or a port that refuses its settings)
+    ├── RequestTimeout      no answer within timeout_s
+    ├── ConnectionLost      the device closed the connection during the request (or sent garbage)
+    └── DeviceException     the device answered with a Modbus exception response (`code`, `code_name`)
+
+Anything pymodbus or pyserial raises is mapped to one of these at the boundary (`Link`), so that callers (the
+driver, `pdm-edge modbus probe`) see a ModbusLinkError with a plain message, never a library's own exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import re
+from collections.abc import Callable
+from typing import Any
+
+
+def frame_pause_s(baudrate: int) -> float:
+    """The Modbus RTU inter-frame silence: 3.5 characters of 11 bits, 1.75 ms above 19200 baud."""
+    return 3.5 * 11 / baudrate if baudrate <= 19200 else 0.00175
+
+
+# --- the link: one connection, one request at a time ------------------------------------------------------------
+
+EXCEPTION_NAMES = {
+    1: "IllegalFunction", 2: "IllegalAddress", 3: "IllegalValue", 4: "DeviceFailure", 5: "Acknowledge",
+    6: "DeviceBusy", 7: "NegativeAcknowledge", 8: "MemoryParityError", 10: "GatewayPathUnavailable",
+    11: "GatewayTargetNoResponse",
+}
+_EXCEPTION_HINTS = {
+    1: "the device does not read this table with this function; try the other table (holding / input)",
+    2: "the device has no register at some address of the request: check address, table and type "
+       "(a request merged over a gap also covers the unmapped registers in between: lower largest_gap)",
+    3: "the device refused the request's size: check the type and lower largest_gap",
+    4: "the device reported an internal failure",
+}
+RETRYABLE_EXCEPTIONS = {5, 6}  # the device is busy: the same request may succeed a moment later
+GATEWAY_EXCEPTIONS = {10, 11}  # a gateway answered for the device: the device itself is not answering
+
+
+class ModbusLinkError(Exception):
+    """A request on a link failed; the subclass says how."""
+
+
+class ConnectFailed(ModbusLinkError):
+    pass
+
+
+class RequestTimeout(ModbusLinkError):
+    pass
+
+
+class ConnectionLost(ModbusLinkError):
+    pass
+
+
+class DeviceException(ModbusLinkError):
+    def __init__(self, code: int) -> None:
+        self.code = code
+        self.code_name = EXCEPTION_NAMES.get(code, f"Code{code}")
+        super().__init__(f"exception {code} ({self.code_name})")
+
+    @property
+    def key(self) -> str:
+        """The name as a status key: illegal_address, device_busy, code_12."""
+        return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", self.code_name).lower()
+
+    @property
+    def hint(self) -> str:
+        return _EXCEPTION_HINTS.get(self.code, "")
+
+
+class ModbusSetupError(ValueError):
+    """The driver cannot run with this configuration on this machine."""
+
+
+def quiet_library() -> None:
+    # pymodbus logs every failed connect and every lost frame at WARNING/ERROR. We log state changes and count the
+    # rest, so its own lines would repeat ours once per attempt. An operator who set its level keeps it.
+    library = logging.getLogger("pymodbus")
+    if library.level == logging.NOTSET:
+        library.setLevel(logging.CRITICAL)
+
+
+class Link:
+    """One Modbus connection: a TCP host and port, or a serial line, shared by the devices behind it (unit ids).
+
+    `read()` runs on the event loop that created the link. Requests never overlap (an asyncio.Lock) and a serial
+    line stays silent for `pause_s` between a response and the next request. The connection is opened on the first
+    request and after it is lost; pymodbus's own retries and reconnection are off: each caller decides.
+    """
+
+    def __init__(self, name: str, make_client: Callable[[Callable[[bool], None]], Any], *, serial: bool,
+                 pause_s: float = 0.0) -> None:
+        self.name = name  # e.g. "10.0.0.5:502" or "/dev/ttyUSB0"
+        self.serial = serial
+        self.pause_s = pause_s
+        self._make_client = make_client  # (trace_connect callback) -> an unconnected pymodbus async client
+        self._client = None
+        self._lost: asyncio.Future | None = None  # resolved when the open connection is lost
+        self._lock = asyncio.Lock()
+        self._quiet_until = 0.0
+
+    @classmethod
+    def tcp(cls, host: str, port: int, max_timeout_s: float) -> Link:
+        from pymodbus.client import AsyncModbusTcpClient
+
+        return cls(f"{host}:{port}", lambda trace: AsyncModbusTcpClient(
+            host, port=port, timeout=max_timeout_s + 1, retries=0, reconnect_delay=0, trace_connect=trace,
+            name=f"{host}:{port}"), serial=False)
+
+    @classmethod
+    def rtu(cls, serial_port: str, baudrate: int, parity: str, stopbits: int, max_timeout_s: float,
+            pause_s: float | None = None) -> Link:
+        if importlib.util.find_spec("serial") is None:
+            raise ModbusSetupError(f"Modbus RTU on {serial_port} needs pyserial: pip install 'pymodbus[serial]'")
+        from pymodbus.client import AsyncModbusSerialClient
+
+        return cls(serial_port, lambda trace: AsyncModbusSerialClient(
+            serial_port, baudrate=baudrate, parity=parity, stopbits=stopbits, bytesize=8, timeout=max_timeout_s + 1,
+            retries=0, reconnect_delay=0, trace_connect=trace, name=serial_port),
+            serial=True, pause_s=frame_pause_s(baudrate) if pause_s is None else pause_s)
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None and self._client.connected
+
+    async def open(self, timeout: float) -> None:
+        """Connect now rather than at the first request, so that the first poll is on time; a failure is left for
+        that request to meet and report."""
+        async with self._lock:
+            try:
+                await self._connected(timeout)
+            except ModbusLinkError:
+                pass
+
+    async def read(self, table: str, address: int, count: int, unit_id: int, timeout: float) -> list[int]:
+        """`count` registers of `table` from `address`. Raises a ModbusLinkError."""
+        return (await self.read_timed(table, address, count, unit_id, timeout))[0]
+
+    async def read_timed(self, table: str, address: int, count: int, unit_id: int,
+                         timeout: float) -> tuple[list[int], float]:
+        """read(), and the loop time at which the request was sent (after waiting for the line and connecting)."""
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            delay = self._quiet_until - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            try:
+                response, sent = await self._request(table, address, count, unit_id, timeout)
+            finally:
+                self._quiet_until = loop.time() + self.pause_s
+        if response.isError():
+            raise DeviceException(int(getattr(response, "exception_code", 0)))
+        registers = list(response.registers)
+        if len(registers) < count:
+            raise ConnectionLost(f"the device sent {len(registers)} registers instead of {count}")
+        return registers[:count], sent
+
+    async def _request(self, table: str, address: int, count: int, unit_id: int, timeout: float):
+        client = await self._connected(timeout)
+        method = client.read_holding_registers if table == "holding" else client.read_input_registers
+        sent = asyncio.get_running_loop().time()
+        call = asyncio.ensure_future(method(address, count=count, device_id=unit_id))
+        lost = self._lost
+        try:
+            done, _ = await asyncio.wait((call, lost), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the poll was cancelled (the driver stops)
+            call.cancel()
+            raise
+        if call in done:
+            try:
+                return call.result(), sent
+            except Exception as exc:  # pymodbus: not connected, wrong transaction id, a frame it cannot parse
+                self.close()
+                raise ConnectionLost(f"bad response: {exc}") from exc
+        call.cancel()
+        try:
+            await call
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # we are being cancelled too, not only the call
+                raise
+        except Exception:  # noqa: BLE001, S110 - the request is abandoned; why it ended does not matter
+            pass
+        if lost in done:
+            self.close()
+            raise ConnectionLost("the connection was closed during the request")
+        if not self.serial:
+            # A late answer on this connection could be taken for the next request's; and a device that rebooted
+            # leaves a connection that never answers again. A fresh connection clears both.
+            self.close()
+        raise RequestTimeout(f"no answer within {timeout:g} s")
+
+    async def _connected(self, timeout: float):
+        if self.connected:
+            return self._client
+        self.close()
+        loop = asyncio.get_running_loop()
+        lost = loop.create_future()
+
+        def trace(connected: bool) -> None:
+            if not connected and not lost.done():
+                lost.set_result(None)
+
+        client = self._make_client(trace)
+        try:
+            ok = await asyncio.wait_for(client.connect(), timeout)
+        except TimeoutError:
+            ok, why = False, f"no answer to the connection within {timeout:g} s"
+        except Exception as exc:  # noqa: BLE001 - pyserial raises termios.error (no OSError) for refused settings
+            ok, why = False, self._refused_why(exc)
+        else:
+            why = "no such serial port, or it is in use or not permitted" if self.serial \
+                else "connection refused or unreachable"
+        if not ok:
+            client.close()
+            raise ConnectFailed(f"cannot open {self.name}: {why}")
+        self._client, self._lost = client, lost
+        return client
+
+    def _refused_why(self, exc: Exception) -> str:
+        reason = exc.args[1] if len(exc.args) == 2 and isinstance(exc.args[1], str) else str(exc)  # (errno, text)
+        reason = reason or "refused"
+        if self.serial:
+            return f"the port refused its settings ({reason}): check baudrate, parity and stop bits"
+        return reason
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
