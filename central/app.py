@@ -10,12 +10,15 @@ Routes:
   GET  /healthz                 the process answers (no database access)
   GET  /readyz                  PostgreSQL answers and the schema is the one this code needs; else 503
   POST /api/v1/ingest           a gateway's batch (SPEC §6), gateway token
+  GET  /api/v1/gateways/{gateway_id}/desired   the gateway's desired state (SPEC §9; revision 0 until the downlink
+                                exists), gateway token, ETag/If-None-Match: the agent's cheap token check each round
   GET  /api/v1/fleet            per gateway: last seen, machines by state, worst state, buffer backlog; ops token
   GET  /api/v1/machines         each machine's latest window, ?state=warning&state=alarm&gateway=...; ops token
   GET  /api/v1/gateways/{gateway}/machines/{machine_id}/summaries   ?since=&until=&limit=&cursor=; ops token
   GET  /api/v1/events           state changes, ?since=&until=&gateway=&machine_id=&state=&limit=&cursor=; ops token
   GET  /, /login; POST /login, /logout; GET /api/v1/dashboard/...   the fleet dashboard (central/dashboard.py)
-Ops routes take the ops token as a bearer header, or the dashboard's session cookie.
+Ops routes take the ops token as a bearer header, or the dashboard's session cookie. Refused credentials are
+limited per client address (central/guard.py): 429 with Retry-After beyond 10 a minute.
 
 The pool opens without waiting for PostgreSQL: the API starts while the database is down, /readyz says so, and
 every route that needs the database answers 503 {"error": {"code": "database_unavailable"}} with Retry-After.
@@ -37,8 +40,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from central import __version__, dashboard, db, ingest, ops
-from central.auth import GatewayCache, bearer_token, find_gateway, same_secret
+from central import __version__, dashboard, db, guard, ingest, ops
+from central.auth import Gateway, GatewayCache, bearer_token, find_gateway, same_secret
 from central.errors import ApiError, body
 from central.params import Limit, Name, NameInPath, State, Time
 from central.settings import Settings, SettingsError
@@ -195,17 +198,28 @@ def _unauthorized(message: str) -> ApiError:
     return ApiError(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
 
 
+# SPEC §9's desired state before the downlink exists: nothing to apply. Its ETag lets the agent's check each round be
+# a 304 without a body.
+NOTHING_DESIRED = ('{"revision":0,"model":null,"shadow":null,"config":{"revision":0,"overrides":{}},'
+                   '"acknowledgements":[]}')
+NOTHING_DESIRED_ETAG = '"desired-0"'
+
+
 def _routes(api: FastAPI, settings: Settings) -> None:
     limit = settings.max_body_bytes
     gateways = GatewayCache()
+    guards = guard.Guards()
     ops_token = settings.ops_token.get_secret_value() if settings.ops_token else None
 
     async def require_ops(request: Request) -> None:
         token = bearer_token(request.headers.get("authorization"))
         if ops_token is None:
             raise _unauthorized("the ops API is off: no PDM_CENTRAL_OPS_TOKEN is configured")
-        if token is not None and same_secret(token, ops_token):
-            return
+        if token is not None:
+            guard.check(guards.ops, request)
+            if same_secret(token, ops_token):
+                return
+            guard.refused(guards.ops, request)
         if token is None and dashboard.cookie_name(settings) in request.cookies:
             async with connection(request) as conn:
                 if await dashboard.session_valid(conn, request, settings):
@@ -226,6 +240,38 @@ def _routes(api: FastAPI, settings: Settings) -> None:
                                     f"{db.latest_version()}: run `pdm-central migrate`")
         return {"status": "ready", "schema_version": version}
 
+    async def gateway_of(request: Request, token: str, fresh: bool = False) -> Gateway:
+        """The active gateway holding `token`; 401 (and a refusal counted against the client) when none does.
+        `fresh`: ask the database, not the cache (a revoked token is refused at once, not after the cache's TTL)."""
+        guard.check(guards.gateway, request)
+        gateway = None if fresh else gateways.get(token)
+        if gateway is None:
+            async with connection(request) as conn:
+                gateway = await find_gateway(conn, token)
+            if gateway is not None:
+                gateways.put(token, gateway)
+        if gateway is None:
+            gateways.drop(token)
+            guard.refused(guards.gateway, request)
+            raise _unauthorized("unknown or revoked gateway token")
+        return gateway
+
+    @api.get("/api/v1/gateways/{gateway_id}/desired", responses={
+        304: {"description": "If-None-Match holds the current ETag: nothing changed"},
+        401: {"description": "missing, unknown or revoked gateway token"},
+        403: {"description": "gateway_id is not the token's gateway"}})
+    async def desired(request: Request, gateway_id: NameInPath) -> Response:
+        token = bearer_token(request.headers.get("authorization"))
+        if token is None:
+            raise _unauthorized("missing gateway token (Authorization: Bearer <token>)")
+        gateway = await gateway_of(request, token, fresh=True)  # one index probe: the check must be current
+        if gateway.name != gateway_id:
+            raise ApiError(403, "forbidden", f"this token belongs to another gateway than {gateway_id!r}")
+        etag = {"ETag": NOTHING_DESIRED_ETAG}
+        if NOTHING_DESIRED_ETAG in request.headers.get("if-none-match", ""):
+            return Response(status_code=304, headers=etag)
+        return Response(NOTHING_DESIRED, media_type=JSON, headers=etag)
+
     @api.post("/api/v1/ingest", response_model=IngestResult, responses={
         401: {"description": "missing, unknown or revoked gateway token"},
         403: {"description": "gateway_id is not the token's gateway"},
@@ -240,15 +286,7 @@ def _routes(api: FastAPI, settings: Settings) -> None:
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type != JSON:
             raise ApiError(415, "unsupported_media_type", f"send Content-Type: {JSON}")
-        gateway = gateways.get(token)
-        if gateway is None:
-            async with connection(request) as conn:
-                gateway = await find_gateway(conn, token)
-            if gateway is not None:
-                gateways.put(token, gateway)
-        if gateway is None:
-            log.info("ingest refused: unknown or revoked token", extra={"client": _client(request)})
-            raise _unauthorized("unknown or revoked gateway token")
+        gateway = await gateway_of(request, token)
         raw = ingest.decode(await ingest.read_body(request, limit), request.headers.get("content-encoding"), limit)
         batch = ingest.parse(raw)
         if batch.gateway_id != gateway.name:
@@ -306,7 +344,7 @@ def _routes(api: FastAPI, settings: Settings) -> None:
                             media_type=JSON)
 
     api.include_router(ops_api)
-    dashboard.routes(api, settings, connection, require_ops)
+    dashboard.routes(api, settings, connection, require_ops, guards.login)
 
 
 def _client(request: Request) -> str | None:

@@ -48,10 +48,11 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from web.tokens import weakness
-
+import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from web.tokens import weakness
 
 PREFIX = "PDM_CENTRAL_"
 CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
@@ -189,7 +190,7 @@ def _password(conninfo: str) -> str | None:
     `password=`); "" when it cannot be parsed (then it may hold one: treat it as secret)."""
     try:
         return conninfo_to_dict(conninfo).get("password")
-    except Exception:  # psycopg.ProgrammingError, or anything libpq's parser refuses
+    except (psycopg.Error, ValueError):  # what libpq's parser refuses
         return ""
 
 

@@ -1,0 +1,48 @@
+"""`GET /api/v1/gateways/{gateway_id}/desired` (SPEC §9, minimal): the gateway token's cheap check each sync round,
+and the limit on refused gateway tokens per address (issue 22 item 9)."""
+
+from __future__ import annotations
+
+import logging
+
+from central import guard
+from tests.central import batches
+from tests.central.support import bearer
+
+NOTHING = {"revision": 0, "model": None, "shadow": None, "config": {"revision": 0, "overrides": {}},
+           "acknowledgements": []}
+
+
+def desired(client, gateway_id: str, token: str, **headers: str):
+    return client.get(f"/api/v1/gateways/{gateway_id}/desired", headers={**bearer(token), **headers})
+
+
+def test_desired_state_answers_the_tokens_gateway_and_304_when_unchanged(client, gateway):
+    name, token = gateway
+    first = desired(client, name, token)
+    assert first.status_code == 200 and first.json() == NOTHING and first.headers["etag"]
+    again = desired(client, name, token, **{"If-None-Match": first.headers["etag"]})
+    assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == first.headers["etag"]
+
+
+def test_desired_state_refuses_unknown_revoked_and_other_gateways_tokens(client, gateways):
+    (name, token), (other, _) = gateways.add(), gateways.add()
+    assert desired(client, other, token).status_code == 403
+    assert desired(client, name, "pdmgw_not-a-token").status_code == 401
+    assert client.get(f"/api/v1/gateways/{name}/desired").status_code == 401
+    gateways.revoke(name)
+    refused = desired(client, name, token)
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
+
+
+def test_refused_gateway_tokens_are_limited_per_address_and_logged_once(make_client, gateway, caplog):
+    name, token = gateway
+    client = make_client(peer="198.51.100.7")
+    with caplog.at_level(logging.WARNING, logger="pdm.auth"):
+        answers = [client.post("/api/v1/ingest", json=batches.batch(name), headers=bearer(f"pdmgw_guess{i}"))
+                   .status_code for i in range(guard.MAX_FAILURES + 3)]
+        throttled = desired(client, name, token)
+    assert answers == [401] * guard.MAX_FAILURES + [429] * 3
+    assert throttled.status_code == 429 and int(throttled.headers["retry-after"]) >= 1
+    assert [r.getMessage() for r in caplog.records] == ["refused gateway token from 198.51.100.7"]
+    assert desired(make_client(peer="198.51.100.8"), name, token).status_code == 200  # others go on
