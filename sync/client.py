@@ -152,6 +152,7 @@ class SyncClient:
         if response.status_code == 429 or response.status_code >= 500:
             raise _Transient(f"central answered {response.status_code}: {_reason(response)}", _retry_after(response))
         if response.status_code == 200:
+            _check_desired(response)
             self._desired_etag = response.headers.get("ETag")
 
     def _send(self, records: list[Record], done: _Tally) -> None:
@@ -219,6 +220,16 @@ def _check_answer(response: requests.Response, records: list[Record]) -> None:
         + result.duplicates.events
     if answered != len(records):
         raise _Transient(f"central answered for {answered} records, not the {len(records)} sent")
+
+
+def _check_desired(response: requests.Response) -> None:
+    """A 200 is central's desired state only when it reads as one (a captive portal's page is not: transient)."""
+    try:
+        answer = response.json()
+    except (ValueError, RecursionError):
+        answer = None
+    if not isinstance(answer, dict) or not isinstance(answer.get("revision"), int):
+        raise _Transient(f"central answered 200 with something that is not its desired state: {_reason(response)}")
 
 
 def _reason(response: requests.Response) -> str:
