@@ -7,6 +7,8 @@ Layers, outermost first:
   FastAPI                 CORS (only when origins are configured), the routes, the JSON error handlers
 
 Routes:
+  GET  /api/v1/openapi.json     the OpenAPI document, development mode only (the agent's status API serves its own at
+                                the same path); /openapi.json redirects there
   GET  /healthz                 the process answers (no database access)
   GET  /readyz                  PostgreSQL answers and the schema is the one this code needs; else 503
   POST /api/v1/ingest           a gateway's batch (SPEC §6), gateway token
@@ -35,20 +37,21 @@ import psycopg
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from central import __version__, dashboard, db, guard, ingest, ops
 from central.auth import Gateway, GatewayCache, bearer_token, find_gateway, same_secret
-from central.errors import ApiError, body
+from central.errors import ApiError, Error, body
 from central.params import Limit, Name, NameInPath, State, Time
 from central.settings import Settings, SettingsError
 from sync.protocol import IngestBatch, IngestResult
 
 log = logging.getLogger("central")
 
+OPENAPI = "/api/v1/openapi.json"  # both servers' documents: central's (development mode) and the agent's status API
 RETRY_AFTER_S = "5"
 READY_TIMEOUT_S = 1.5
 JSON = "application/json"
@@ -112,36 +115,58 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
 
     development = not settings.production
     api = FastAPI(title="pdm-central", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url="/openapi.json" if development else None)
+                  openapi_url=OPENAPI if development else None)
     api.state.settings = settings
     if settings.cors_origins:
         api.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET"],
                            allow_headers=["Authorization"], max_age=600)
     _handlers(api)
     _routes(api, settings)
-    _document_ingest_body(api)
+    if development:
+        api.add_api_route("/openapi.json", lambda: RedirectResponse(OPENAPI, status_code=308), include_in_schema=False)
+    _document(api)
     app: ASGIApp = SecurityHeaders(api, hsts=settings.production)
     if settings.trusted_proxies:
         app = ProxyHeadersMiddleware(app, trusted_hosts=[str(n) for n in settings.trusted_proxies])
     return app
 
 
-def _document_ingest_body(api: FastAPI) -> None:
-    """Put the ingest body's schema (sync.protocol.IngestBatch) in the OpenAPI document: the route reads its body
-    itself (size limits, gzip), so FastAPI cannot see it."""
+def _document(api: FastAPI) -> None:
+    """Complete the OpenAPI document: the ingest body's schema (sync.protocol.IngestBatch; the route reads its body
+    itself for size limits and gzip, so FastAPI cannot see it); the one error envelope (central.errors.Error) on
+    every 4xx and 5xx, in place of FastAPI's `{"detail": [...]}` for 422 that the API never answers; and 429 on
+    every route that takes a credential (central/guard.py)."""
     generate = api.openapi
 
     def openapi() -> dict:
         if api.openapi_schema is None:
             document = generate()
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
             schema = IngestBatch.model_json_schema(ref_template="#/components/schemas/{model}")
-            document.setdefault("components", {}).setdefault("schemas", {}).update(schema.pop("$defs"),
-                                                                                     IngestBatch=schema)
+            schemas.update(schema.pop("$defs"), IngestBatch=schema)
             document["paths"]["/api/v1/ingest"]["post"]["requestBody"] = {"required": True, "content": {
                 JSON: {"schema": {"$ref": "#/components/schemas/IngestBatch"}}}}
+            error = Error.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(error.pop("$defs"), Error=error)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(name, None)
+            for item in document["paths"].values():
+                for operation in item.values():
+                    _error_responses(operation["responses"])
         return api.openapi_schema
 
     api.openapi = openapi
+
+
+def _error_responses(responses: dict) -> None:
+    if "401" in responses:
+        responses["429"] = {"description": "too many refused credentials from this address: wait Retry-After "
+                                           "seconds (the credential was not checked)"}
+    for status, response in responses.items():
+        if status[0] in "45":
+            response["content"] = {JSON: {"schema": {"$ref": "#/components/schemas/Error"}}}
+            if response.get("description") == "Validation Error":  # FastAPI's own, for its {"detail": ...}
+                response["description"] = "invalid request; error.details lists the problems"
 
 
 def error(status: int, code: str, message: str, details: list | None = None,
@@ -259,7 +284,8 @@ def _routes(api: FastAPI, settings: Settings) -> None:
     @api.get("/api/v1/gateways/{gateway_id}/desired", responses={
         304: {"description": "If-None-Match holds the current ETag: nothing changed"},
         401: {"description": "missing, unknown or revoked gateway token"},
-        403: {"description": "gateway_id is not the token's gateway"}})
+        403: {"description": "gateway_id is not the token's gateway"},
+        503: {"description": "database unavailable; retry later"}})
     async def desired(request: Request, gateway_id: NameInPath) -> Response:
         token = bearer_token(request.headers.get("authorization"))
         if token is None:
@@ -273,6 +299,7 @@ def _routes(api: FastAPI, settings: Settings) -> None:
         return Response(NOTHING_DESIRED, media_type=JSON, headers=etag)
 
     @api.post("/api/v1/ingest", response_model=IngestResult, responses={
+        400: {"description": "invalid Content-Length, or a body that is not valid gzip"},
         401: {"description": "missing, unknown or revoked gateway token"},
         403: {"description": "gateway_id is not the token's gateway"},
         413: {"description": "body or decompressed body over PDM_CENTRAL_MAX_BODY_BYTES"},

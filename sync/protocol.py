@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic_core import PydanticCustomError
 
 NAMESPACE = uuid.UUID("5b0f2f0e-8f53-4c1e-9a53-2b1f6a3c9d10")  # pdm-edge's namespace for UUIDv5 ids
 MAX_SUMMARIES = 5_000
@@ -29,7 +30,8 @@ def _printable(text: str) -> str:
     """Free text is shown on terminals (`pdm-central list-gateways`) and pages: no control or format characters
     (ESC sequences rewrite lines and window titles, bidi overrides reorder what is shown), no line breaks."""
     if not text.isprintable():
-        raise ValueError("must be printable text: no control characters, line breaks or invisible format characters")
+        raise PydanticCustomError("printable_text", "must be printable text: no control characters, line breaks or "
+                                  "invisible format characters")
     return text
 
 
