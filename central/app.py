@@ -42,7 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from central import __version__, dashboard, db, guard, ingest, ops
+from central import __version__, conflicts, dashboard, db, guard, ingest, ops
 from central.auth import Gateway, GatewayCache, bearer_token, find_gateway, same_secret
 from central.errors import ApiError, Error, body
 from central.params import Limit, Name, NameInPath, State, Time
@@ -322,6 +322,8 @@ def _routes(api: FastAPI, settings: Settings) -> None:
         try:
             async with connection(request) as conn:
                 result = await ingest.store(conn, gateway, batch, _client(request))
+                if result.duplicates.summaries:  # a resend; or a conflicting duplicate, which must not pass silently
+                    await conflicts.record(conn, gateway, batch)
         except ingest.Revoked:
             gateways.drop(token)
             raise _unauthorized("unknown or revoked gateway token") from None
