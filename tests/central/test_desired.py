@@ -46,3 +46,22 @@ def test_refused_gateway_tokens_are_limited_per_address_and_logged_once(make_cli
     assert throttled.status_code == 429 and int(throttled.headers["retry-after"]) >= 1
     assert [r.getMessage() for r in caplog.records] == ["refused gateway token from 198.51.100.7"]
     assert desired(make_client(peer="198.51.100.8"), name, token).status_code == 200  # others go on
+
+
+def test_the_limit_follows_x_forwarded_for_from_trusted_proxies_only(make_client, gateway, caplog):
+    """Behind nginx every request comes from 127.0.0.1: the limit must count the client's address, and only a
+    trusted proxy may name it (a forged header from elsewhere neither dodges nor moves the limit)."""
+    name, token = gateway
+    behind_nginx = make_client(trusted_proxies=["127.0.0.1"])
+    direct = make_client(peer="192.0.2.77", trusted_proxies=["127.0.0.1"])
+    with caplog.at_level(logging.WARNING, logger="pdm.auth"):
+        for i in range(guard.MAX_FAILURES):
+            assert desired(behind_nginx, name, f"pdmgw_guess{i}", **{"X-Forwarded-For": "203.0.113.9"}
+                           ).status_code == 401
+            assert desired(direct, name, f"pdmgw_guess{i}", **{"X-Forwarded-For": "203.0.113.10"}
+                           ).status_code == 401
+        assert desired(behind_nginx, name, token, **{"X-Forwarded-For": "203.0.113.9"}).status_code == 429
+        assert desired(behind_nginx, name, token, **{"X-Forwarded-For": "203.0.113.11"}).status_code == 200
+        assert desired(direct, name, token, **{"X-Forwarded-For": "203.0.113.12"}).status_code == 429
+    refused = sorted(r.getMessage() for r in caplog.records)
+    assert refused == ["refused gateway token from 192.0.2.77", "refused gateway token from 203.0.113.9"]
