@@ -267,9 +267,13 @@ def _routes(api: FastAPI, settings: Settings) -> None:
 
     async def gateway_of(request: Request, token: str, fresh: bool = False) -> Gateway:
         """The active gateway holding `token`; 401 (and a refusal counted against the client) when none does.
-        `fresh`: ask the database, not the cache (a revoked token is refused at once, not after the cache's TTL)."""
-        guard.check(guards.gateway, request)
-        gateway = None if fresh else gateways.get(token)
+        `fresh`: ask the database, not the cache (a revoked token is refused at once, not after the cache's TTL).
+        A token found valid within the cache's TTL is not held back by the address's limit: gateways behind one NAT
+        keep syncing while a mis-provisioned neighbour collects refusals."""
+        cached = gateways.get(token)
+        if cached is None:
+            guard.check(guards.gateway, request)
+        gateway = None if fresh else cached
         if gateway is None:
             async with connection(request) as conn:
                 gateway = await find_gateway(conn, token)

@@ -65,3 +65,15 @@ def test_the_limit_follows_x_forwarded_for_from_trusted_proxies_only(make_client
         assert desired(direct, name, token, **{"X-Forwarded-For": "203.0.113.12"}).status_code == 429
     refused = sorted(r.getMessage() for r in caplog.records)
     assert refused == ["refused gateway token from 192.0.2.77", "refused gateway token from 203.0.113.9"]
+
+
+def test_a_working_gateway_is_not_held_back_by_a_neighbour_behind_the_same_address(make_client, gateways):
+    """Gateways of a plant often share one NAT address: a mis-provisioned one must not stop the others."""
+    (name, token), (_, revoked_token) = gateways.add(), gateways.add()
+    plant = make_client(peer="198.51.100.40")
+    assert plant.post("/api/v1/ingest", json=batches.batch(name), headers=bearer(token)).status_code == 200
+    for _ in range(guard.MAX_FAILURES + 2):
+        plant.post("/api/v1/ingest", json=batches.batch(name), headers=bearer(revoked_token + "x"))
+    assert desired(plant, name, revoked_token + "x").status_code == 429
+    assert plant.post("/api/v1/ingest", json=batches.batch(name), headers=bearer(token)).status_code == 200
+    assert desired(plant, name, token).status_code == 200
