@@ -7,15 +7,20 @@ Layers, outermost first:
   FastAPI                 CORS (only when origins are configured), the routes, the JSON error handlers
 
 Routes:
+  GET  /api/v1/openapi.json     the OpenAPI document, development mode only (the agent's status API serves its own at
+                                the same path); /openapi.json redirects there
   GET  /healthz                 the process answers (no database access)
   GET  /readyz                  PostgreSQL answers and the schema is the one this code needs; else 503
   POST /api/v1/ingest           a gateway's batch (SPEC §6), gateway token
+  GET  /api/v1/gateways/{gateway_id}/desired   the gateway's desired state (SPEC §9; revision 0 until the downlink
+                                exists), gateway token, ETag/If-None-Match: the agent's cheap token check each round
   GET  /api/v1/fleet            per gateway: last seen, machines by state, worst state, buffer backlog; ops token
   GET  /api/v1/machines         each machine's latest window, ?state=warning&state=alarm&gateway=...; ops token
   GET  /api/v1/gateways/{gateway}/machines/{machine_id}/summaries   ?since=&until=&limit=&cursor=; ops token
   GET  /api/v1/events           state changes, ?since=&until=&gateway=&machine_id=&state=&limit=&cursor=; ops token
   GET  /, /login; POST /login, /logout; GET /api/v1/dashboard/...   the fleet dashboard (central/dashboard.py)
-Ops routes take the ops token as a bearer header, or the dashboard's session cookie.
+Ops routes take the ops token as a bearer header, or the dashboard's session cookie. Refused credentials are
+limited per client address (central/guard.py): 429 with Retry-After beyond 10 a minute.
 
 The pool opens without waiting for PostgreSQL: the API starts while the database is down, /readyz says so, and
 every route that needs the database answers 503 {"error": {"code": "database_unavailable"}} with Retry-After.
@@ -32,20 +37,21 @@ import psycopg
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from central import __version__, dashboard, db, ingest, ops
-from central.auth import GatewayCache, bearer_token, find_gateway, same_secret
-from central.errors import ApiError, body
+from central import __version__, conflicts, dashboard, db, guard, ingest, ops
+from central.auth import Gateway, GatewayCache, bearer_token, find_gateway, same_secret
+from central.errors import ApiError, Error, body
 from central.params import Limit, Name, NameInPath, State, Time
 from central.settings import Settings, SettingsError
 from sync.protocol import IngestBatch, IngestResult
 
 log = logging.getLogger("central")
 
+OPENAPI = "/api/v1/openapi.json"  # both servers' documents: central's (development mode) and the agent's status API
 RETRY_AFTER_S = "5"
 READY_TIMEOUT_S = 1.5
 JSON = "application/json"
@@ -109,36 +115,58 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
 
     development = not settings.production
     api = FastAPI(title="pdm-central", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url="/openapi.json" if development else None)
+                  openapi_url=OPENAPI if development else None)
     api.state.settings = settings
     if settings.cors_origins:
         api.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET"],
                            allow_headers=["Authorization"], max_age=600)
     _handlers(api)
     _routes(api, settings)
-    _document_ingest_body(api)
+    if development:
+        api.add_api_route("/openapi.json", lambda: RedirectResponse(OPENAPI, status_code=308), include_in_schema=False)
+    _document(api)
     app: ASGIApp = SecurityHeaders(api, hsts=settings.production)
     if settings.trusted_proxies:
         app = ProxyHeadersMiddleware(app, trusted_hosts=[str(n) for n in settings.trusted_proxies])
     return app
 
 
-def _document_ingest_body(api: FastAPI) -> None:
-    """Put the ingest body's schema (sync.protocol.IngestBatch) in the OpenAPI document: the route reads its body
-    itself (size limits, gzip), so FastAPI cannot see it."""
+def _document(api: FastAPI) -> None:
+    """Complete the OpenAPI document: the ingest body's schema (sync.protocol.IngestBatch; the route reads its body
+    itself for size limits and gzip, so FastAPI cannot see it); the one error envelope (central.errors.Error) on
+    every 4xx and 5xx, in place of FastAPI's `{"detail": [...]}` for 422 that the API never answers; and 429 on
+    every route that takes a credential (central/guard.py)."""
     generate = api.openapi
 
     def openapi() -> dict:
         if api.openapi_schema is None:
             document = generate()
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
             schema = IngestBatch.model_json_schema(ref_template="#/components/schemas/{model}")
-            document.setdefault("components", {}).setdefault("schemas", {}).update(schema.pop("$defs"),
-                                                                                     IngestBatch=schema)
+            schemas.update(schema.pop("$defs"), IngestBatch=schema)
             document["paths"]["/api/v1/ingest"]["post"]["requestBody"] = {"required": True, "content": {
                 JSON: {"schema": {"$ref": "#/components/schemas/IngestBatch"}}}}
+            error = Error.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(error.pop("$defs"), Error=error)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(name, None)
+            for item in document["paths"].values():
+                for operation in item.values():
+                    _error_responses(operation["responses"])
         return api.openapi_schema
 
     api.openapi = openapi
+
+
+def _error_responses(responses: dict) -> None:
+    if "401" in responses:
+        responses["429"] = {"description": "too many refused credentials from this address: wait Retry-After "
+                                           "seconds (the credential was not checked)"}
+    for status, response in responses.items():
+        if status[0] in "45":
+            response["content"] = {JSON: {"schema": {"$ref": "#/components/schemas/Error"}}}
+            if response.get("description") == "Validation Error":  # FastAPI's own, for its {"detail": ...}
+                response["description"] = "invalid request; error.details lists the problems"
 
 
 def error(status: int, code: str, message: str, details: list | None = None,
@@ -195,17 +223,28 @@ def _unauthorized(message: str) -> ApiError:
     return ApiError(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
 
 
+# SPEC §9's desired state before the downlink exists: nothing to apply. Its ETag lets the agent's check each round be
+# a 304 without a body.
+NOTHING_DESIRED = ('{"revision":0,"model":null,"shadow":null,"config":{"revision":0,"overrides":{}},'
+                   '"acknowledgements":[]}')
+NOTHING_DESIRED_ETAG = '"desired-0"'
+
+
 def _routes(api: FastAPI, settings: Settings) -> None:
     limit = settings.max_body_bytes
     gateways = GatewayCache()
+    guards = guard.Guards()
     ops_token = settings.ops_token.get_secret_value() if settings.ops_token else None
 
     async def require_ops(request: Request) -> None:
         token = bearer_token(request.headers.get("authorization"))
         if ops_token is None:
             raise _unauthorized("the ops API is off: no PDM_CENTRAL_OPS_TOKEN is configured")
-        if token is not None and same_secret(token, ops_token):
-            return
+        if token is not None:
+            guard.check(guards.ops, request)
+            if same_secret(token, ops_token):
+                return
+            guard.refused(guards.ops, request)
         if token is None and dashboard.cookie_name(settings) in request.cookies:
             async with connection(request) as conn:
                 if await dashboard.session_valid(conn, request, settings):
@@ -226,7 +265,45 @@ def _routes(api: FastAPI, settings: Settings) -> None:
                                     f"{db.latest_version()}: run `pdm-central migrate`")
         return {"status": "ready", "schema_version": version}
 
+    async def gateway_of(request: Request, token: str, fresh: bool = False) -> Gateway:
+        """The active gateway holding `token`; 401 (and a refusal counted against the client) when none does.
+        `fresh`: ask the database, not the cache (a revoked token is refused at once, not after the cache's TTL).
+        A token found valid within the cache's TTL is not held back by the address's limit: gateways behind one NAT
+        keep syncing while a mis-provisioned neighbour collects refusals."""
+        cached = gateways.get(token)
+        if cached is None:
+            guard.check(guards.gateway, request)
+        gateway = None if fresh else cached
+        if gateway is None:
+            async with connection(request) as conn:
+                gateway = await find_gateway(conn, token)
+            if gateway is not None:
+                gateways.put(token, gateway)
+        if gateway is None:
+            gateways.drop(token)
+            guard.refused(guards.gateway, request)
+            raise _unauthorized("unknown or revoked gateway token")
+        return gateway
+
+    @api.get("/api/v1/gateways/{gateway_id}/desired", responses={
+        304: {"description": "If-None-Match holds the current ETag: nothing changed"},
+        401: {"description": "missing, unknown or revoked gateway token"},
+        403: {"description": "gateway_id is not the token's gateway"},
+        503: {"description": "database unavailable; retry later"}})
+    async def desired(request: Request, gateway_id: NameInPath) -> Response:
+        token = bearer_token(request.headers.get("authorization"))
+        if token is None:
+            raise _unauthorized("missing gateway token (Authorization: Bearer <token>)")
+        gateway = await gateway_of(request, token, fresh=True)  # one index probe: the check must be current
+        if gateway.name != gateway_id:
+            raise ApiError(403, "forbidden", f"this token belongs to another gateway than {gateway_id!r}")
+        etag = {"ETag": NOTHING_DESIRED_ETAG}
+        if NOTHING_DESIRED_ETAG in request.headers.get("if-none-match", ""):
+            return Response(status_code=304, headers=etag)
+        return Response(NOTHING_DESIRED, media_type=JSON, headers=etag)
+
     @api.post("/api/v1/ingest", response_model=IngestResult, responses={
+        400: {"description": "invalid Content-Length, or a body that is not valid gzip"},
         401: {"description": "missing, unknown or revoked gateway token"},
         403: {"description": "gateway_id is not the token's gateway"},
         413: {"description": "body or decompressed body over PDM_CENTRAL_MAX_BODY_BYTES"},
@@ -240,15 +317,7 @@ def _routes(api: FastAPI, settings: Settings) -> None:
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type != JSON:
             raise ApiError(415, "unsupported_media_type", f"send Content-Type: {JSON}")
-        gateway = gateways.get(token)
-        if gateway is None:
-            async with connection(request) as conn:
-                gateway = await find_gateway(conn, token)
-            if gateway is not None:
-                gateways.put(token, gateway)
-        if gateway is None:
-            log.info("ingest refused: unknown or revoked token", extra={"client": _client(request)})
-            raise _unauthorized("unknown or revoked gateway token")
+        gateway = await gateway_of(request, token)
         raw = ingest.decode(await ingest.read_body(request, limit), request.headers.get("content-encoding"), limit)
         batch = ingest.parse(raw)
         if batch.gateway_id != gateway.name:
@@ -257,6 +326,8 @@ def _routes(api: FastAPI, settings: Settings) -> None:
         try:
             async with connection(request) as conn:
                 result = await ingest.store(conn, gateway, batch, _client(request))
+                if result.duplicates.summaries:  # a resend; or a conflicting duplicate, which must not pass silently
+                    await conflicts.record(conn, gateway, batch)
         except ingest.Revoked:
             gateways.drop(token)
             raise _unauthorized("unknown or revoked gateway token") from None
@@ -306,7 +377,7 @@ def _routes(api: FastAPI, settings: Settings) -> None:
                             media_type=JSON)
 
     api.include_router(ops_api)
-    dashboard.routes(api, settings, connection, require_ops)
+    dashboard.routes(api, settings, connection, require_ops, guards.login)
 
 
 def _client(request: Request) -> str | None:

@@ -1,5 +1,8 @@
 """`pdm-central`: the central API's command line. Settings come from PDM_CENTRAL_ variables (central/settings.py).
 
+Everything printed goes through `say`: control characters (from a gateway's agent_version stored before the
+protocol refused them, a database error, an argument) are shown escaped, never sent to the terminal raw.
+
 Exit codes: 0 done; 1 the operation failed (database unreachable, unknown gateway, migration refused); 2 unusable
 settings or usage.
 """
@@ -12,6 +15,12 @@ import sys
 
 from central import __version__
 from central.settings import Settings, SettingsError, load_settings
+from sync.protocol import escape_controls
+
+
+def say(text: str, file=None) -> None:
+    """print(), with control characters escaped (terminal escape injection, issue 22)."""
+    print("\n".join(escape_controls(line) for line in str(text).split("\n")), file=file or sys.stdout)
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
@@ -21,8 +30,8 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
         applied = db.migrate(conn)
         version = db.schema_version(conn)
     for migration in applied:
-        print(f"applied {migration.version:04d}_{migration.name}", file=sys.stderr)
-    print(f"schema at version {version}" + ("" if applied else " (already up to date)"), file=sys.stderr)
+        say(f"applied {migration.version:04d}_{migration.name}", file=sys.stderr)
+    say(f"schema at version {version}" + ("" if applied else " (already up to date)"), file=sys.stderr)
     return 0
 
 
@@ -32,8 +41,8 @@ def _add_gateway(settings: Settings, args: argparse.Namespace) -> int:
     with db.connect(settings) as conn:
         token = auth.add_gateway(conn, args.name)
     # The token alone on stdout, so that TOKEN=$(pdm-central add-gateway NAME) works; it is not stored anywhere.
-    print(token)
-    print(f"gateway {args.name!r} is active. Its token was printed once and cannot be shown again: put it in the "
+    say(token)
+    say(f"gateway {args.name!r} is active. Its token was printed once and cannot be shown again: put it in the "
           "gateway's central.token (e.g. the systemd credential central.token). Lost? revoke-gateway, then "
           "add-gateway again.", file=sys.stderr)
     return 0
@@ -44,7 +53,7 @@ def _revoke_gateway(settings: Settings, args: argparse.Namespace) -> int:
 
     with db.connect(settings) as conn:
         when = auth.revoke_gateway(conn, args.name)
-    print(f"gateway {args.name!r} revoked at {when.isoformat()}: its token is refused from now on", file=sys.stderr)
+    say(f"gateway {args.name!r} revoked at {when.isoformat()}: its token is refused from now on", file=sys.stderr)
     return 0
 
 
@@ -55,12 +64,12 @@ def _list_gateways(settings: Settings, args: argparse.Namespace) -> int:
         rows = auth.list_gateways(conn)
     keys = ("name", "created_at", "revoked_at", "last_seen_at", "agent_version")
     if args.json:
-        print(json.dumps([dict(zip(keys, row, strict=True)) for row in rows], default=str, indent=2))
+        say(json.dumps([dict(zip(keys, row, strict=True)) for row in rows], default=str, indent=2))
         return 0
-    print(f"{'name':<24}{'state':<9}{'last seen':<27}agent")
+    say(f"{'name':<24}{'state':<9}{'last seen':<27}agent")
     for name, _, revoked_at, last_seen_at, agent_version in rows:
         seen = last_seen_at.isoformat(timespec="seconds") if last_seen_at else "never"
-        print(f"{name:<24}{'revoked' if revoked_at else 'active':<9}{seen:<27}{agent_version or ''}")
+        say(f"{name:<24}{'revoked' if revoked_at else 'active':<9}{seen:<27}{agent_version or ''}")
     return 0
 
 
@@ -104,18 +113,18 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings()
         return args.handler(settings, args)
     except SettingsError as exc:
-        print(f"pdm-central: {len(exc.problems)} settings problem(s):", file=sys.stderr)
+        say(f"pdm-central: {len(exc.problems)} settings problem(s):", file=sys.stderr)
         for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+            say(f"  {problem}", file=sys.stderr)
         return 2
     except (db.DatabaseUnavailable, db.MigrationError, db.SchemaMismatch, auth.GatewayError) as exc:
-        print(f"pdm-central: {exc}", file=sys.stderr)
+        say(f"pdm-central: {exc}", file=sys.stderr)
         return 1
     except db.UNAVAILABLE as exc:
-        print(f"pdm-central: {db.unavailable(exc)}", file=sys.stderr)
+        say(f"pdm-central: {db.unavailable(exc)}", file=sys.stderr)
         return 1
     except db.psycopg.errors.UndefinedTable:
-        print("pdm-central: the database has no schema yet: run `pdm-central migrate`", file=sys.stderr)
+        say("pdm-central: the database has no schema yet: run `pdm-central migrate`", file=sys.stderr)
         return 1
 
 

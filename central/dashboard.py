@@ -12,8 +12,9 @@ Routes (added to the API by `routes()`):
                                    against the model's normal (training) ranges
 The two data routes are ops routes: the bearer ops token or a session cookie (central/app.py, require_ops).
 
-Sessions are server-side: the cookie holds 256 random bits, PostgreSQL holds their sha256 and the expiry
-(dashboard_sessions). Chosen over an HMAC-signed cookie because logout really ends the session (a copied cookie
+Sessions are server-side: the cookie holds 256 random bits, PostgreSQL holds their HMAC keyed by the ops token and
+the expiry (dashboard_sessions): a new ops token ends every session at once, since no cookie issued under the old
+one matches a row any more (a rotation after a leak must lock out whoever signed in with it). Chosen over an HMAC-signed cookie because logout really ends the session (a copied cookie
 dies with it), no extra server secret has to be managed, and every gunicorn worker sees the same sessions.
 The cookie is HttpOnly (no script reads it), SameSite=Strict (no other site's page sends it), Secure unless
 PDM_CENTRAL_SESSION_COOKIE_SECURE=false (refused in production and off loopback), and named `__Host-...` when
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import html
 import ipaddress
 import json
@@ -56,11 +58,13 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 import model.manifest
+from central import guard, ingest
 from central.auth import same_secret
 from central.errors import ApiError
 from central.params import Mode, Name, NameInPath, State, Time
 from central.settings import Settings
 from model.modes import mode_words
+from web.throttle import FailedAuth
 
 JSON = "application/json"
 SILENT_AFTER = timedelta(minutes=10)  # a gateway syncs every few seconds; 10 minutes without a batch is silent
@@ -161,8 +165,9 @@ def cookie_name(settings: Settings) -> str:
     return "__Host-pdm-session" if settings.session_cookie_secure else "pdm-session"
 
 
-def _digest(session_id: str) -> bytes:
-    return hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).digest()
+def _digest(session_id: str, settings: Settings) -> bytes:
+    key = settings.ops_token.get_secret_value().encode("utf-8", "surrogatepass") if settings.ops_token else b""
+    return hmac.new(key, session_id.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
 
 
 NEW_SESSION = """
@@ -177,7 +182,7 @@ async def session_valid(conn: psycopg.AsyncConnection, request: Request, setting
     session_id = request.cookies.get(cookie_name(settings))
     if not session_id or len(session_id) > 128:
         return False
-    return await (await conn.execute(VALID_SESSION, [_digest(session_id)])).fetchone() is not None
+    return await (await conn.execute(VALID_SESSION, [_digest(session_id, settings)])).fetchone() is not None
 
 
 def cross_site(request: Request, action: str) -> ApiError | None:
@@ -242,10 +247,11 @@ FLEET_STATE_COUNTS = ("SELECT c.worst_state, sum(c.machines)::bigint FROM machin
                       "GROUP BY c.worst_state")
 
 FLEET_GATEWAYS = """
-SELECT coalesce(json_agg(x ORDER BY x.silent DESC, x.alarm DESC, x.warning DESC, x.name), '[]')::text FROM (
+SELECT coalesce(json_agg(x ORDER BY x.silent DESC, x.never_connected DESC, x.alarm DESC, x.warning DESC, x.name), '[]')::text FROM (
     SELECT g.name, g.revoked_at, g.last_seen_at, g.agent_version,
            extract(epoch FROM now() - g.last_seen_at)::double precision AS last_seen_age_s,
-           g.revoked_at IS NULL AND (g.last_seen_at IS NULL OR g.last_seen_at < now() - %(silent)s) AS silent,
+           g.revoked_at IS NULL AND g.last_seen_at < now() - %(silent)s AS silent,
+           g.revoked_at IS NULL AND g.last_seen_at IS NULL AS never_connected,
            g.last_status->'buffer_pending' AS buffer_pending, g.last_status->'dropped_total' AS dropped_total,
            coalesce(c.machines, 0) AS machines, coalesce(c.alarm, 0) AS alarm, coalesce(c.warning, 0) AS warning
     FROM gateways g
@@ -429,8 +435,9 @@ def _json(value) -> str:
 
 # --- routes -----------------------------------------------------------------------------------------------------------
 
-def routes(api: FastAPI, settings: Settings, connection: Callable, require_ops: Callable) -> None:
-    """Add the page, login/logout and the dashboard's data routes to `api`."""
+def routes(api: FastAPI, settings: Settings, connection: Callable, require_ops: Callable,
+           throttle: FailedAuth) -> None:
+    """Add the page, login/logout and the dashboard's data routes to `api`; `throttle` limits refused sign-ins."""
     ops_token = settings.ops_token.get_secret_value() if settings.ops_token else None
     name = cookie_name(settings)
     lifetime = timedelta(seconds=settings.session_lifetime_s)
@@ -454,18 +461,22 @@ def routes(api: FastAPI, settings: Settings, connection: Callable, require_ops: 
     async def login(request: Request) -> Response:
         if refusal := cross_site(request, "a sign-in"):
             raise refusal
-        raw = await request.body()
-        if len(raw) > MAX_FORM_BYTES:
-            raise ApiError(413, "payload_too_large", "the login form is larger than any token")
+        address = guard.client_address(request)
+        if (wait := throttle.retry_after(address)) is not None:
+            page_ = login_page(f"Too many refused sign-ins from this address: try again in {wait} s.", 429)
+            page_.headers["Retry-After"] = str(wait)
+            return page_
+        raw = await _form(request)
         token = parse_qs(raw.decode("utf-8", "replace")).get("token", [""])[0].strip()
         if ops_token is None:
             return login_page("The dashboard is off: no PDM_CENTRAL_OPS_TOKEN is configured.", 401)
         if not token or not same_secret(token, ops_token):
+            throttle.failed(address)
             return login_page("That token was refused.", 401)
         session_id = secrets.token_urlsafe(32)
         client = request.client.host if request.client else None
         async with connection(request) as conn:
-            await conn.execute(NEW_SESSION, [_digest(session_id), lifetime, _address(client)])
+            await conn.execute(NEW_SESSION, [_digest(session_id, settings), lifetime, _address(client)])
         response = see_other("/")
         response.set_cookie(name, session_id, max_age=settings.session_lifetime_s, path="/",
                             secure=settings.session_cookie_secure, httponly=True, samesite="strict")
@@ -478,7 +489,7 @@ def routes(api: FastAPI, settings: Settings, connection: Callable, require_ops: 
         session_id = request.cookies.get(name)
         if session_id:
             async with connection(request) as conn:
-                await conn.execute(END_SESSION, [_digest(session_id)])
+                await conn.execute(END_SESSION, [_digest(session_id, settings)])
         response = see_other("/login")
         response.delete_cookie(name, path="/", secure=settings.session_cookie_secure, httponly=True,
                                samesite="strict")
@@ -501,6 +512,17 @@ def routes(api: FastAPI, settings: Settings, connection: Callable, require_ops: 
             return Response(await machine(conn, gateway, machine_id, since, until, points), media_type=JSON)
 
     api.include_router(data)
+
+
+async def _form(request: Request) -> bytes:
+    """The sign-in form's body: a Content-Length over MAX_FORM_BYTES is refused before reading, a body without one
+    is read only up to it (issue 22: reading it all first let one request grow central by the body's size)."""
+    try:
+        return await ingest.read_body(request, MAX_FORM_BYTES)
+    except ApiError as exc:
+        if exc.status == 413:
+            raise ApiError(413, "payload_too_large", "the login form is larger than any token") from None
+        raise
 
 
 def _address(host: str | None) -> str | None:

@@ -26,6 +26,9 @@ SELECT coalesce(json_agg(f ORDER BY f.name), '[]')::text FROM (
            g.last_status->'buffer_pending' AS buffer_pending,  -- as sent (JSON numbers have no size limit)
            g.last_status->'dropped_total' AS dropped_total,
            g.last_status AS status,
+           -- summaries sent again under a stored id with other content (central/conflicts.py)
+           (SELECT coalesce(sum(c.times), 0) FROM summary_conflicts c WHERE c.gateway_id = g.id)
+               AS conflicting_duplicates,
            count(m.machine_id) AS machines,
            json_build_object('ok', count(*) FILTER (WHERE m.worst_state = 'ok'),
                              'warning', count(*) FILTER (WHERE m.worst_state = 'warning'),

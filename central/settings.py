@@ -25,11 +25,13 @@ which ranks below the environment. Trailing newlines are stripped. An unknown `P
 are not ours and are ignored. There is no .env file: use systemd's EnvironmentFile= or docker's env_file.
 
 Production mode (`PDM_CENTRAL_MODE=production`) refuses to serve, listing every reason at once, when
-  - the ops token is missing or weak (under 32 characters, or fewer than 10 distinct characters);
+  - the ops token is missing or weak (under 128 bits of estimated entropy, web/tokens.py: length alone is not
+    strength, `0123456789` three times is 32 characters and guessable);
   - a CORS origin is `*` (and in any mode, an origin must be scheme://host[:port] without a path);
   - a trusted proxy network covers every address (0.0.0.0/0 or ::/0): anyone could forge X-Forwarded-For;
   - PDM_CENTRAL_DATABASE_URL is not set (the development default is never right in production);
-  - the database URL holds a password and came from the plain variable: environment variables leak through
+  - the database URL holds a password (in any form libpq reads: `user:password@`, `?password=`, or a keyword
+    conninfo's `password=`) and came from the plain variable: environment variables leak through
     `/proc/PID/environ`, `docker inspect` and crash reports; give the URL through PDM_CENTRAL_DATABASE_URL_FILE or a
     credential, or leave the password out and use libpq's ~/.pgpass (PGPASSFILE);
   - PDM_CENTRAL_SESSION_COOKIE_SECURE is false (the dashboard's session cookie would travel over plain http).
@@ -46,13 +48,16 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from web.tokens import weakness
 
 PREFIX = "PDM_CENTRAL_"
 CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
 SECRETS = ("database_url", "ops_token")
-MIN_OPS_TOKEN_LENGTH = 32
-MIN_OPS_TOKEN_DISTINCT = 10
+MIN_OPS_TOKEN_BITS = 128
 DEFAULT_DATABASE_URL = "postgresql://127.0.0.1:5432/pdm_central"
 LIST_SETTINGS = ("cors_origins", "trusted_proxies")
 
@@ -144,10 +149,8 @@ class Settings(BaseModel):
         if not token:
             problems.append(f"{PREFIX}OPS_TOKEN: required in production; generate one with "
                             "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
-        elif len(token) < MIN_OPS_TOKEN_LENGTH or len(set(token)) < MIN_OPS_TOKEN_DISTINCT:
-            problems.append(f"{PREFIX}OPS_TOKEN ({self.sources.get('ops_token')}): too weak (needs at least "
-                            f"{MIN_OPS_TOKEN_LENGTH} characters and {MIN_OPS_TOKEN_DISTINCT} distinct ones); generate "
-                            "one with `python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
+        elif reason := weakness(token, min_bits=MIN_OPS_TOKEN_BITS):
+            problems.append(f"{PREFIX}OPS_TOKEN ({self.sources.get('ops_token')}): {reason}")
         if "*" in self.cors_origins:
             problems.append(f"{PREFIX}CORS_ORIGINS: '*' lets any web page call the ops API; list the dashboard's "
                             "origins, e.g. https://ops.example.com")
@@ -159,7 +162,7 @@ class Settings(BaseModel):
         if source == "default":
             problems.append(f"{PREFIX}DATABASE_URL: required in production (the development default "
                             f"{DEFAULT_DATABASE_URL} is not assumed)")
-        elif source == "environment" and urlsplit(self.database_url.get_secret_value()).password:
+        elif source == "environment" and _password(self.database_url.get_secret_value()) is not None:
             problems.append(f"{PREFIX}DATABASE_URL: holds a password in a plain environment variable; give the URL "
                             f"through {PREFIX}DATABASE_URL_FILE or the systemd credential database_url, or use "
                             "~/.pgpass (PGPASSFILE) and leave the password out")
@@ -182,12 +185,28 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def _password(conninfo: str) -> str | None:
+    """The password a libpq connection string holds, in whichever form (URL userinfo, `?password=`, keyword
+    `password=`); "" when it cannot be parsed (then it may hold one: treat it as secret)."""
+    try:
+        return conninfo_to_dict(conninfo).get("password")
+    except (psycopg.Error, ValueError):  # what libpq's parser refuses
+        return ""
+
+
 def redact_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
+    """The connection string for logs, its password replaced by ***, whatever form it takes: a URL keeps its form
+    when its only password is in the userinfo; otherwise libpq's parse, rebuilt as keywords. One that libpq cannot
+    parse is not shown at all."""
+    password = _password(url)
+    if password is None:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    if password == "":
+        return "(not shown: libpq cannot parse it)"
+    parts = urlsplit(url)
+    if parts.scheme in ("postgresql", "postgres") and parts.password is not None and "password" not in parts.query:
+        return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
+    return make_conninfo("", **{**conninfo_to_dict(url), "password": "***"})
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:

@@ -1,6 +1,9 @@
 """The agent's sync client: outbox -> `POST {central.url}/api/v1/ingest` (SPEC §6).
 
-One round (`sync_once`) sends batches until the outbox is empty or central cannot take more: events first, then
+One round (`sync_once`) first checks the token with a conditional `GET {central.url}/api/v1/gateways/{id}/desired`
+(SPEC §9; a 304 after the first round): a wrong or revoked token shows as the sync error at once, at start and in
+every round, even with nothing to send (a 404, from a central without that route, leaves the check to the ingest).
+Then it sends batches until the outbox is empty or central cannot take more: events first, then
 summaries, oldest first, `batch_size` records a batch, gzip-compressed, over one keep-alive session. A record
 leaves the outbox only when central answered 200 for its batch, with its answer for exactly those records (a 200
 with anything else, e.g. a captive portal's page, is transient); a batch that was sent but not answered is simply
@@ -31,7 +34,7 @@ import requests
 from pydantic import ValidationError
 
 from sync.config import CentralConfig
-from sync.protocol import GatewayStatus, IngestResult
+from sync.protocol import GatewayStatus, IngestResult, escape_controls
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,8 @@ class SyncClient:
                  gateway_status: Callable[[], GatewayStatus], session: requests.Session | None = None) -> None:
         self._config = config
         self._url = str(config.url).rstrip("/") + "/api/v1/ingest"
+        self._desired_url = str(config.url).rstrip("/") + f"/api/v1/gateways/{gateway_id}/desired"
+        self._desired_etag: str | None = None
         self._gateway_id = gateway_id
         self._agent_version = agent_version
         self._outbox = outbox
@@ -107,6 +112,7 @@ class SyncClient:
         # Counted as it happens: a round that fails halfway through a split batch still reports what it did.
         done = _Tally()
         try:
+            self._check_token()
             while records := self._outbox.pending(self._config.batch_size):
                 self._send(records, done)
         except _Transient as exc:
@@ -128,6 +134,26 @@ class SyncClient:
     def _backoff(self) -> float:
         ceiling = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** min(self._failures, 16))
         return random.uniform(ceiling / 2, ceiling)  # "equal jitter": never hammers, never all gateways at once
+
+    def _check_token(self) -> None:
+        """_Refused on 401/403, _Transient when central cannot answer now; anything else goes on to the ingest."""
+        headers = {"Content-Type": None, "Content-Encoding": None}  # a GET without a body
+        if self._desired_etag:
+            headers["If-None-Match"] = self._desired_etag
+        try:
+            response = self._session.get(self._desired_url, headers=headers, timeout=self._config.timeout_s,
+                                         allow_redirects=False)
+        except requests.RequestException as exc:
+            raise _Transient(f"cannot reach central: {exc.__class__.__name__}: {exc}") from exc
+        except ValueError as exc:
+            raise _Transient(f"central's answer cannot be read: {exc.__class__.__name__}: {exc}") from exc
+        if response.status_code in (401, 403):
+            raise _Refused(f"{response.status_code}: {_reason(response)}")
+        if response.status_code == 429 or response.status_code >= 500:
+            raise _Transient(f"central answered {response.status_code}: {_reason(response)}", _retry_after(response))
+        if response.status_code == 200:
+            _check_desired(response)
+            self._desired_etag = response.headers.get("ETag")
 
     def _send(self, records: list[Record], done: _Tally) -> None:
         """Send, and count in `done` the records central now has and those set aside."""
@@ -196,13 +222,25 @@ def _check_answer(response: requests.Response, records: list[Record]) -> None:
         raise _Transient(f"central answered for {answered} records, not the {len(records)} sent")
 
 
+def _check_desired(response: requests.Response) -> None:
+    """A 200 is central's desired state only when it reads as one (a captive portal's page is not: transient)."""
+    try:
+        answer = response.json()
+    except (ValueError, RecursionError):
+        answer = None
+    if not isinstance(answer, dict) or not isinstance(answer.get("revision"), int):
+        raise _Transient(f"central answered 200 with something that is not its desired state: {_reason(response)}")
+
+
 def _reason(response: requests.Response) -> str:
+    """Central's error message, its control characters escaped: it ends up on terminals and the status page."""
     try:
         error = response.json()["error"]
         details = error.get("details")
-        return error["message"] + (f" ({json.dumps(details)[:500]})" if details else "")
+        reason = error["message"] + (f" ({json.dumps(details)[:500]})" if details else "")
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # RecursionError: deeply nested JSON
-        return response.text[:200] or response.reason or "no reason given"
+        reason = response.text[:200] or response.reason or "no reason given"
+    return escape_controls(str(reason))
 
 
 def _retry_after(response: requests.Response) -> float | None:

@@ -10,11 +10,13 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic_core import PydanticCustomError
 
 NAMESPACE = uuid.UUID("5b0f2f0e-8f53-4c1e-9a53-2b1f6a3c9d10")  # pdm-edge's namespace for UUIDv5 ids
 MAX_SUMMARIES = 5_000
 MAX_EVENTS = 5_000
+MAX_DROPPED_KINDS = 16  # the agent drops readings and summaries; the bound keeps a status object small
 
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
 State = Literal["ok", "warning", "alarm"]
@@ -22,7 +24,26 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Health = Annotated[float, Field(ge=0.0, le=100.0)]
 Count = Annotated[int, Field(ge=0, le=2**31 - 1)]  # per summary: PostgreSQL's integer
 Total = Annotated[int, Field(ge=0)]  # gateway-wide totals, kept as JSON: no upper bound
-Text = Annotated[str, StringConstraints(max_length=200, pattern=r"^[^\x00]*$")]  # PostgreSQL cannot store NUL
+
+
+def _printable(text: str) -> str:
+    """Free text is shown on terminals (`pdm-central list-gateways`) and pages: no control or format characters
+    (ESC sequences rewrite lines and window titles, bidi overrides reorder what is shown), no line breaks."""
+    if not text.isprintable():
+        raise PydanticCustomError("printable_text", "must be printable text: no control characters, line breaks or "
+                                  "invisible format characters")
+    return text
+
+
+Text = Annotated[str, StringConstraints(max_length=200, pattern=r"^[^\x00]*$"), AfterValidator(_printable)]
+
+
+def escape_controls(text: str) -> str:
+    """`text` with every non-printable character shown as a Python escape (\\x1b, \\n, \\u202e): safe to print on a
+    terminal, whatever a gateway or central sent before the protocol refused it."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 class _Strict(BaseModel):
@@ -87,7 +108,7 @@ class Event(_Strict):
 class GatewayStatus(_Strict):
     buffer_pending: Total  # summaries and events not yet accepted by central
     dropped_total: Total  # everything the buffer cap ever forced the agent to delete unsynced
-    dropped: dict[Name, Total] = {}  # the same, by kind: readings, summaries
+    dropped: Annotated[dict[Name, Total], Field(max_length=MAX_DROPPED_KINDS)] = {}  # the same, by kind
     uptime_s: Annotated[float, Field(ge=0)]
 
 

@@ -60,6 +60,7 @@ def served(central_url, gateways, conn, tmp_path):
     ingest(server, south, [window(south[0], "drill-11", now, "alarm", 18.0, "PWF", 0.97),
                            window(south[0], "saw-12", now, "ok", 93.0)], buffer_pending=0, dropped_total=0)
     conn.execute("UPDATE gateways SET last_seen_at = now() - interval '3 hours' WHERE name = %s", [south[0]])
+    server.never = gateways.add("unboxed")[0]  # added, never connected (issue 14 item 8)
     try:
         yield server, north[0], south[0]
     finally:
@@ -124,6 +125,9 @@ def test_fleet_and_machine_views_in_chromium(served):
         assert "silent" in silent.get_attribute("class") and "3 h" in silent.text
         busy = driver.find_element(By.CSS_SELECTOR, f'tr.gateway[data-gateway="{north}"]')
         assert "silent" not in busy.get_attribute("class") and "130" in busy.text and "4" in busy.text
+        unboxed = driver.find_element(By.CSS_SELECTOR, f'tr.gateway[data-gateway="{server.never}"]')
+        assert "silent" not in unboxed.get_attribute("class") and "never connected" in unboxed.text
+        assert driver.find_element(By.ID, "never-connected").text.endswith("never connected")
         screenshot(driver, "dashboard-fleet")
 
         # Filters: gateway, then state, then failure mode.

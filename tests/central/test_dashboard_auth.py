@@ -4,10 +4,14 @@ cannot read and other sites cannot send, sessions that end at logout and at expi
 from __future__ import annotations
 
 import hashlib
+import hmac
+import logging
 import re
 
 import pytest
+from pydantic import SecretStr
 
+from central import guard
 from central.settings import Settings, SettingsError, load_settings
 from testkit.central import OPS_TOKEN
 from tests.central.support import OPS
@@ -24,6 +28,10 @@ def browser(make_client):
     client = make_client()
     client.base_url = SITE
     return client
+
+
+def stored_digest(session_id: str, ops_token: str = OPS_TOKEN) -> bytes:
+    return hmac.new(ops_token.encode(), session_id.encode(), hashlib.sha256).digest()
 
 
 def sign_in(client, token: str = OPS_TOKEN, headers: dict | None = None):
@@ -69,7 +77,7 @@ def test_sign_in_gives_a_secure_httponly_strict_session_cookie(browser, conn):
     assert OPS_TOKEN not in cookie and len(session_id) >= 43
     # Only a digest is stored: the database does not hold what a browser could present.
     stored = conn.execute("SELECT id_hash FROM dashboard_sessions WHERE id_hash = %s",
-                          [hashlib.sha256(session_id.encode()).digest()]).fetchone()
+                          [stored_digest(session_id)]).fetchone()
     assert stored is not None
     assert conn.execute("SELECT count(*) FROM dashboard_sessions WHERE id_hash::text LIKE %s",
                         [f"%{session_id}%"]).fetchone()[0] == 0
@@ -99,7 +107,7 @@ def test_logout_ends_the_session_on_the_server(browser):
 
 def test_an_expired_session_is_refused(browser, conn):
     sign_in(browser)
-    digest = hashlib.sha256(browser.cookies.get(COOKIE).encode()).digest()
+    digest = stored_digest(browser.cookies.get(COOKIE))
     conn.execute("UPDATE dashboard_sessions SET expires_at = now() - interval '1 second' WHERE id_hash = %s",
                  [digest])
     assert browser.get("/api/v1/dashboard/fleet").status_code == 401
@@ -166,3 +174,35 @@ def test_an_insecure_cookie_is_refused_in_production_and_off_loopback():
     assert loaded.session_lifetime_s == 600 and not loaded.session_cookie_secure
     with pytest.raises(SettingsError, match="SESSION_LIFETIME_S"):
         load_settings({"PDM_CENTRAL_SESSION_LIFETIME_S": "5"})
+
+
+def test_a_new_ops_token_ends_every_session(browser, make_client):
+    """Issue 22 item 9: rotating the ops token (after a leak) must lock out whoever signed in with the old one."""
+    sign_in(browser)
+    session_id = browser.cookies.get(COOKIE)
+    assert browser.get("/api/v1/dashboard/fleet").status_code == 200
+    rotated = make_client(ops_token=SecretStr("ops-Zr4Kq8Vx2Nc6Bm1Tj9Wf5Hs3Ld7Pg0Ye"))
+    rotated.base_url = SITE
+    rotated.cookies.set(COOKIE, session_id)
+    assert rotated.get("/api/v1/dashboard/fleet").status_code == 401
+    assert rotated.get("/", follow_redirects=False).status_code == 303
+
+
+def test_refused_sign_ins_are_limited_and_logged_per_address(make_client, caplog):
+    """Issue 22 item 9: ~1,500 guesses a second were possible; now MAX_FAILURES a window, then 429 with
+    Retry-After (the right token included, not even checked), one warning line naming the address, never a token."""
+    browser = make_client(peer="192.0.2.31")
+    browser.base_url = SITE
+    with caplog.at_level(logging.WARNING, logger="pdm.auth"):
+        for i in range(guard.MAX_FAILURES):
+            assert sign_in(browser, f"guess-{i}").status_code == 401
+        throttled = sign_in(browser)
+    assert throttled.status_code == 429 and 1 <= int(throttled.headers["retry-after"]) <= guard.WINDOW_S + 1
+    assert "set-cookie" not in throttled.headers and "Too many refused sign-ins" in throttled.text
+    refusals = [r.getMessage() for r in caplog.records if "dashboard sign-in" in r.getMessage()]
+    assert refusals == ["refused dashboard sign-in from 192.0.2.31"]
+    assert not any("guess-" in r.getMessage() or OPS_TOKEN in r.getMessage() for r in caplog.records)
+    other = make_client(peer="192.0.2.32")  # another address is not held back
+    other.base_url = SITE
+    assert sign_in(other).status_code == 303
+

@@ -88,7 +88,10 @@ def test_gateways_show_backlog_drops_and_silence(client, plant, gateways, conn):
         42, 7, 4, 2, 1)
     assert not busy["silent"] and busy["last_seen_age_s"] < 60
     assert listed[quiet[0]]["silent"] and 7100 < listed[quiet[0]]["last_seen_age_s"] < 7300
-    assert listed[never[0]]["silent"] and listed[never[0]]["last_seen_at"] is None
+    # Issue 14 item 8: never seen is not "silent for over 10 min": it is counted apart, as never connected.
+    assert not listed[never[0]]["silent"] and listed[never[0]]["never_connected"]
+    assert listed[never[0]]["last_seen_at"] is None
+    assert not listed[quiet[0]]["never_connected"] and not busy["never_connected"]
     names = [g["name"] for g in fleet(client)["gateways"]]
     assert names.index(quiet[0]) < names.index(plant[0])  # silent ones first
 

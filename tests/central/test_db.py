@@ -11,7 +11,7 @@ from central import db
 from testkit.postgres import create_database, drop_database
 
 TABLES = {"schema_migrations", "gateways", "summaries", "events", "machines", "dashboard_sessions",
-          "summaries_hourly", "machine_states"}
+          "summaries_hourly", "machine_states", "summary_conflicts"}
 
 
 @pytest.fixture

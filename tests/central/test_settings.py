@@ -51,15 +51,18 @@ WEAK = "short-token"
     ({"PDM_CENTRAL_OPS_TOKEN": WEAK}, "PDM_CENTRAL_OPS_TOKEN (environment): too weak"),
     ({"PDM_CENTRAL_OPS_TOKEN": "a" * 64}, "PDM_CENTRAL_OPS_TOKEN (environment): too weak"),
     ({"PDM_CENTRAL_OPS_TOKEN": "0123456789" * 3 + "0"}, "too weak"),  # 31 characters
+    ({"PDM_CENTRAL_OPS_TOKEN": "abcdefghij" * 3 + "ab"}, "too weak"),  # issue 22: 32 characters, 10 distinct
     ({"PDM_CENTRAL_CORS_ORIGINS": "*"}, "PDM_CENTRAL_CORS_ORIGINS: '*'"),
     ({"PDM_CENTRAL_CORS_ORIGINS": "https://ops.example.com,*"}, "PDM_CENTRAL_CORS_ORIGINS: '*'"),
     ({"PDM_CENTRAL_TRUSTED_PROXIES": "0.0.0.0/0"}, "PDM_CENTRAL_TRUSTED_PROXIES: 0.0.0.0/0 trusts"),
     ({"PDM_CENTRAL_TRUSTED_PROXIES": "::/0"}, "PDM_CENTRAL_TRUSTED_PROXIES: ::/0 trusts"),
     ({"PDM_CENTRAL_DATABASE_URL": None}, "PDM_CENTRAL_DATABASE_URL: required in production"),
     ({"PDM_CENTRAL_DATABASE_URL": "postgresql://pdm:hunter2@db/pdm"}, "holds a password in a plain environment"),
-], ids=["ops-token-missing", "ops-token-short", "ops-token-one-character", "ops-token-31", "cors-wildcard",
-        "cors-wildcard-among-others", "proxies-all-ipv4", "proxies-all-ipv6", "database-url-default",
-        "database-password-inline"])
+    ({"PDM_CENTRAL_DATABASE_URL": "host=db dbname=pdm user=pdm password=hunter2"}, "holds a password in a plain"),
+    ({"PDM_CENTRAL_DATABASE_URL": "postgresql://pdm@db/pdm?password=hunter2"}, "holds a password in a plain"),
+], ids=["ops-token-missing", "ops-token-short", "ops-token-one-character", "ops-token-31", "ops-token-ten-distinct", "cors-wildcard", "cors-wildcard-among-others", "proxies-all-ipv4",
+        "proxies-all-ipv6", "database-url-default", "database-password-inline", "database-password-keyword",
+        "database-password-query"])
 def test_production_refuses(change, refusal):
     environ = {k: v for k, v in {**STRONG, **change}.items() if v is not None}
     settings = load_settings(environ)
@@ -96,6 +99,24 @@ def test_a_database_password_is_accepted_from_a_file_or_a_credential(tmp_path):
     assert from_credentials.serving_problems() == []
     assert from_credentials.redacted()["database_url"] == "postgresql://pdm:***@db.internal/pdm_central"
     assert from_credentials.redacted()["ops_token"] == "***"
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://pdm:hunter2@db.internal/pdm_central",
+    "host=db.internal dbname=pdm_central user=pdm password=hunter2",
+    "host=db.internal password='hunter2' sslmode=require",
+    "postgresql://pdm@db.internal/pdm_central?password=hunter2&sslmode=require",
+    "postgres://pdm:other@db.internal/pdm_central?password=hunter2",
+    "not a conninfo at all hunter2",
+])
+def test_no_form_of_database_password_reaches_the_settings_log(tmp_path, url):
+    """Issue 22 item 4: the start-up log's settings mask every password form libpq reads, from a _FILE too."""
+    (tmp_path / "url").write_text(url)
+    environ = {k: v for k, v in STRONG.items() if k != "PDM_CENTRAL_DATABASE_URL"}
+    settings = load_settings({**environ, "PDM_CENTRAL_DATABASE_URL_FILE": str(tmp_path / "url")})
+    shown = settings.redacted()["database_url"]
+    assert "hunter2" not in shown and "other" not in shown
+    assert "***" in shown or "not shown" in shown
 
 
 def test_the_environment_ranks_above_credentials(tmp_path):

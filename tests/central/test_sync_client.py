@@ -120,3 +120,24 @@ def test_a_database_outage_is_retried_after_centrals_retry_after(tmp_path, gatew
         server.terminate()
     assert result.outcome == Outcome.RETRY and result.retry_after == 5.0 and outbox.synced == []
     assert "503" in result.error
+
+
+@pytest.mark.parametrize("wrong", ["revoked", "unknown", "another gateway's"])
+def test_a_wrong_token_shows_at_the_first_round_with_nothing_to_send(central, gateways, wrong):
+    """Issue 22 item 9: a mis-provisioned gateway looked synced (a fresh last_success, no error) until it had data.
+    The round's token check (GET .../desired) makes it show at once."""
+    (name, token), (_, other_token) = gateways.add(), gateways.add()
+    if wrong == "revoked":
+        gateways.revoke(name)
+    sync = client(central, name, {"unknown": "pdmgw_" + "x" * 43, "another gateway's": other_token}.get(wrong, token),
+                  MemoryOutbox([]))
+    result = sync.sync_once()
+    assert result.outcome is Outcome.REFUSED, result
+    assert sync.last_success is None and sync.last_error and sync.last_error.startswith(("401", "403"))
+
+
+def test_a_good_token_is_checked_each_round_cheaply(central, gateway):
+    name, token = gateway
+    sync = client(central, name, token, MemoryOutbox([]))
+    assert sync.sync_once().outcome is Outcome.SYNCED and sync.last_error is None
+    assert sync.sync_once().outcome is Outcome.SYNCED and sync.last_success is not None

@@ -294,6 +294,27 @@ def test_nginx_configurations_agree() -> None:
         assert not locations_with_add_header(conf), conf.name
 
 
+def location(path: Path, name: str) -> list[str]:
+    """The directives of `location NAME { ... }` (one level, no nested blocks)."""
+    lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    start = lines.index(f"location {name} {{")
+    return lines[start + 1:lines.index("}", start)]
+
+
+@pytest.mark.parametrize("conf", [NGINX_SYSTEMD, NGINX_COMPOSE], ids=["systemd", "compose"])
+def test_nginx_keeps_bodies_small_and_limits_sign_in_attempts(conf: Path) -> None:
+    """Issue 22 item 3: 17 MB bodies were allowed everywhere and /login had no rate limit."""
+    text = conf.read_text()
+    sizes = directives(conf, "client_max_body_size")
+    assert sizes == ["client_max_body_size 16k;", "client_max_body_size 17m;", "client_max_body_size 4k;"], sizes
+    assert "client_max_body_size 17m;" in location(conf, "= /api/v1/ingest")  # the batches, and only them
+    login = location(conf, "= /login")
+    assert "client_max_body_size 4k;" in login and "limit_req zone=pdm_login burst=5 nodelay;" in login
+    assert "limit_req_status 429;" in login
+    assert "limit_req_zone $pdm_login_limit zone=pdm_login:10m rate=10r/m;" in text
+    assert "POST    $binary_remote_addr;" in text  # sign-in attempts, not the form, per client address
+
+
 def nginx_binary() -> str:
     found = tool("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
     if found is None:

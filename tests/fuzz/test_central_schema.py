@@ -42,8 +42,11 @@ def central(central_url, tmp_path_factory):  # noqa: F811
         server.terminate()
 
 
+DOCUMENT = "/api/v1/openapi.json"  # both servers' (the agent's status API too); /openapi.json redirects there
+
+
 def served_document(base: str) -> dict:
-    return requests.get(base + "/openapi.json", timeout=10).json()
+    return requests.get(base + DOCUMENT, timeout=10).json()
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +58,7 @@ def document(central):
 @pytest.fixture(scope="module")
 def schema(central):
     server, _, _ = central
-    return schemathesis.openapi.from_url(server.base + "/openapi.json")
+    return schemathesis.openapi.from_url(server.base + DOCUMENT)
 
 
 def operations(document: dict) -> list[str]:
@@ -63,8 +66,9 @@ def operations(document: dict) -> list[str]:
 
 
 SUMMARIES = "GET /api/v1/gateways/{gateway}/machines/{machine_id}/summaries"
+DESIRED = "GET /api/v1/gateways/{gateway_id}/desired"
 OPERATIONS = ["GET /healthz", "GET /readyz", f"POST {INGEST}", "GET /api/v1/fleet", "GET /api/v1/machines", SUMMARIES,
-              "GET /api/v1/events"]
+              "GET /api/v1/events", DESIRED]
 DASHBOARD = ["GET /api/v1/dashboard/fleet", "GET /api/v1/dashboard/gateways/{gateway}/machines/{machine_id}"]
 # Requests the document cannot tell from valid ones, rightly refused: a batch beyond the schema (a window that ends
 # before it starts, a time off the calendar once in UTC: central/ingest.py) and a cursor not of central's making.
@@ -91,6 +95,26 @@ def test_regression_the_ingest_body_and_the_ops_errors_are_documented(document):
     assert "404" in document["paths"][SUMMARIES.split(" ")[1]]["get"]["responses"]
 
 
+def test_regression_every_error_is_documented_as_the_envelope_the_api_answers(central, document):
+    """Issue 14 item 16: 422 was documented as FastAPI's {"detail": [...]}, the ingest's 401, 403, 413, 415 and 503
+    had no schema, and 429 was nowhere. The document is at /api/v1/openapi.json, as the agent's status API's."""
+    server, _, _ = central
+    schemas = document["components"]["schemas"]
+    assert "HTTPValidationError" not in schemas and set(schemas["Error"]["required"]) == {"error"}
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            for status, response in operation["responses"].items():
+                if status[0] in "45":
+                    assert response["content"]["application/json"]["schema"] == {
+                        "$ref": "#/components/schemas/Error"}, (method, path, status)
+            if "401" in operation["responses"]:
+                assert "429" in operation["responses"], (method, path)
+    ingest = document["paths"][INGEST]["post"]["responses"]
+    assert {"401", "403", "413", "415", "422", "429", "503"} <= set(ingest)
+    moved = requests.get(server.base + "/openapi.json", timeout=10, allow_redirects=False)
+    assert moved.status_code == 308 and moved.headers["location"] == DOCUMENT
+
+
 WITHOUT_INPUT = {"GET /healthz", "GET /readyz", "GET /api/v1/fleet"}  # nothing to get wrong: positive cases only
 
 
@@ -102,7 +126,7 @@ def test_the_central_api_keeps_its_documented_contract(central, schema, operatio
     server, name, token = central
     method, path = operation.split(" ")
     ingest = path == INGEST
-    headers = bearer(token if ingest else OPS_TOKEN)
+    headers = bearer(token if path in (INGEST, DESIRED.split(" ")[1]) else OPS_TOKEN)
     excluded = [schemathesis.checks.positive_data_acceptance] if operation in BEYOND_THE_DOCUMENT else []
 
     @given(case=schema[path][method].as_strategy(mode))
@@ -110,6 +134,8 @@ def test_the_central_api_keeps_its_documented_contract(central, schema, operatio
     def contract(case):
         if ingest and isinstance(case.body, dict) and mode is GenerationMode.POSITIVE:
             case.body["gateway_id"] = name  # the token's gateway: the batch reaches the database
+        if path == DESIRED.split(" ")[1] and mode is GenerationMode.POSITIVE:
+            case.path_parameters["gateway_id"] = name  # the token's gateway: 200 and 304, not only 403
         case.call_and_validate(base_url=server.base, headers=headers, excluded_checks=excluded, timeout=10)
 
     contract()

@@ -75,6 +75,11 @@ class ScriptedCentral(socketserver.ThreadingTCPServer):
 
         class Handler(socketserver.StreamRequestHandler):
             def handle(self):
+                if self.rfile.peek(4)[:4] == b"GET ":  # the token check: passes, the batches are what is fuzzed
+                    while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                        pass
+                    self.wfile.write(b"HTTP/1.1 304 Not Modified\r\nConnection: close\r\n\r\n")
+                    return
                 length = 0
                 while (line := self.rfile.readline(65537)) not in (b"\r\n", b"\n", b""):
                     name, _, value = line.partition(b":")

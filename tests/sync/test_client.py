@@ -18,16 +18,34 @@ TOKEN = "t0ken-for-tests-0123456789"
 
 
 class Central:
-    """Answers each POST with the next scripted (status, headers, body), or with `judge(batch)`; records batches."""
+    """Answers each POST with the next scripted (status, headers, body), or with `judge(batch)`; records batches.
+    The token check (GET .../desired) gets `desired` (status, body): 200 with an ETag, 304 when it matches."""
+
+    ETAG = '"desired-0"'
 
     def __init__(self) -> None:
         self.script: list[tuple[int, dict, dict]] = []
+        self.desired: tuple[int, dict] = (200, {"revision": 0})
+        self.checks: list[tuple[str, dict]] = []
         self.judge = None
         self.batches: list[dict] = []
         self.headers: list[dict] = []
         central = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                central.checks.append((self.path, dict(self.headers)))
+                status, body = central.desired
+                if status == 200 and self.headers.get("If-None-Match") == central.ETAG:
+                    status = 304
+                payload = json.dumps(body).encode() if status != 304 else b""
+                self.send_response(status)
+                self.send_header("ETag", central.ETAG)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
             def do_POST(self):
                 raw = self.rfile.read(int(self.headers["Content-Length"]))
                 batch = json.loads(gzip.decompress(raw))
@@ -169,3 +187,40 @@ def test_ids_do_not_depend_on_the_utc_offset_of_the_same_instant():
     cet = utc.astimezone(timezone(timedelta(hours=1)))
     assert summary_id("gw", "m1", utc) == summary_id("gw", "m1", cet)
     assert event_id("gw", "m1", utc, "alarm") == event_id("gw", "m1", cet, "alarm")
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refused_token_shows_at_once_even_with_nothing_to_send(store, central, status):
+    """Issue 22 item 9: with an empty outbox a round never asked central, so a revoked token looked synced."""
+    central.desired = (status, {"error": {"code": "unauthorized", "message": "unknown or revoked gateway token"}})
+    sync = client(store, central.url)
+    result = sync.sync_once()
+    assert result.outcome is Outcome.REFUSED and result.retry_after >= 600
+    assert sync.last_success is None and sync.last_error == f"{status}: unknown or revoked gateway token"
+    assert central.batches == []
+
+
+def test_the_token_check_runs_every_round_and_is_conditional(store, central):
+    records(store, n_events=1)
+    sync = client(store, central.url)
+    assert sync.sync_once().outcome is Outcome.SYNCED
+    assert sync.sync_once().outcome is Outcome.SYNCED  # nothing to send: still checked
+    (first_path, first), (_, second) = central.checks
+    assert first_path == "/api/v1/gateways/gw-1/desired" and first["Authorization"] == f"Bearer {TOKEN}"
+    assert "If-None-Match" not in first and second["If-None-Match"] == Central.ETAG  # answered 304
+    assert "Content-Encoding" not in first  # a GET without a body
+    central.desired = (401, {"error": {"code": "unauthorized", "message": "revoked"}})
+    assert sync.sync_once().outcome is Outcome.REFUSED and sync.last_error == "401: revoked"
+
+
+def test_central_without_the_desired_route_still_syncs(store, central):
+    records(store, n_events=1)
+    central.desired = (404, {"error": {"code": "not_found", "message": "Not Found"}})
+    assert client(store, central.url).sync_once().outcome is Outcome.SYNCED and store.pending(10) == []
+
+
+def test_central_error_text_is_escaped_before_it_reaches_a_terminal(store, central):
+    central.desired = (403, {"error": {"code": "forbidden", "message": "no\x1b]0;owned\x07 entry"}})
+    sync = client(store, central.url)
+    sync.sync_once()
+    assert sync.last_error == "403: no\\x1b]0;owned\\x07 entry"
