@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from tests.central import batches
+from testkit import batches
 from tests.central.support import OPS, bearer
 
 INGEST = "/api/v1/ingest"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 from central import guard
-from tests.central import batches
+from testkit import batches
 from tests.central.support import bearer
 
 NOTHING = {"revision": 0, "model": None, "shadow": None, "config": {"revision": 0, "overrides": {}},

@@ -7,7 +7,7 @@ import psycopg
 import pytest
 
 from sync.protocol import escape_controls
-from tests.central import batches
+from testkit import batches
 from tests.central.support import bearer
 from tests.central.test_cli import run
 

@@ -12,7 +12,7 @@ import requests
 
 from central import guard
 from sync.protocol import MAX_DROPPED_KINDS
-from tests.central import batches
+from testkit import batches
 from tests.central.support import OPS, OPS_TOKEN, Server, bearer
 
 MIB = 2**20
