@@ -30,16 +30,23 @@ class Roster:
         self.config = config
         self._listed = {p for p in config.allowed if not _is_pattern(p)} | set(configured)
         self._patterns = [p for p in config.allowed if _is_pattern(p)]
-        self._last_seen = dict(last_seen)  # machine id -> when its last reading was received
+        # The machines not listed, by when their last reading was received: the most recent max_machines of them
+        # (an agent upgraded with more already known keeps the newest).
+        unlisted = sorted(((m, t) for m, t in last_seen.items() if not self._allowed(m)), key=lambda mt: -mt[1])
+        self._last_seen = dict(unlisted[:config.max_machines])
         self._refused_unlogged = 0
         self._next_log = 0.0
 
     @property
     def known(self) -> int:
+        """Machines not listed that count toward max_machines."""
         return len(self._last_seen)
 
     def admit(self, machine_id: str, now: float) -> Rejection | None:
-        """None when the machine may send readings (it is then known as of `now`); else why not."""
+        """None when the machine may send readings (counted as heard at `now`); else why not. A machine counts
+        from its first reading the drivers could read, even if validation then rejects that reading."""
+        if self._allowed(machine_id):  # listed machines are expected: never refused, never counted
+            return None
         if machine_id in self._last_seen:
             self._last_seen[machine_id] = now
             return None
@@ -51,10 +58,8 @@ class Roster:
         return rejection
 
     def _refusal(self, machine_id: str, now: float) -> Rejection | None:
-        if self.config.allowed and not self._allowed(machine_id):
+        if self.config.allowed:
             return Rejection(Reason.UNKNOWN_MACHINE, f"machine {machine_id} is not in machines.allowed")
-        if self._allowed(machine_id):  # listed machines are expected: never refused for the count
-            return None
         if len(self._last_seen) >= self.config.max_machines:
             self._forget(now)
         if len(self._last_seen) >= self.config.max_machines:

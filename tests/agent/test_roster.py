@@ -31,3 +31,11 @@ def test_machines_known_before_a_restart_keep_their_places():
     roster = Roster(MachinesConfig(max_machines=1), configured=[], last_seen={"old": 0.0})
     assert roster.admit("new", 60.0) is not None
     assert roster.admit("old", 60.0) is None
+
+
+def test_listed_machines_do_not_count_and_an_upgrade_keeps_the_most_recent_known_ones():
+    seen = {f"old-{i}": float(i) for i in range(5)} | {"modbus-1": 100.0}
+    roster = Roster(MachinesConfig(max_machines=2), configured=["modbus-1"], last_seen=seen)
+    assert roster.known == 2  # old-3 and old-4, the most recent; modbus-1 is listed
+    assert roster.admit("old-4", 200.0) is None and roster.admit("old-0", 200.0) is not None
+    assert roster.admit("modbus-1", 200.0) is None and roster.known == 2
