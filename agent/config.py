@@ -123,6 +123,21 @@ class BufferConfig(_Section):
     synced_retention_h: float = Field(24, gt=0)  # summaries and events, once central has them
     synchronous: Literal["NORMAL", "FULL"] = "FULL"  # FULL: an accepted reading survives a power loss
     quarantine_max_rows: int = Field(10_000, ge=1)  # rejected readings kept with their reason; the oldest go first
+    quarantine_max_mb: int | None = Field(None, ge=1)  # and at most this much of them; None: a tenth of max_db_mb
+
+    @property
+    def quarantine_max_bytes(self) -> int:
+        return (self.quarantine_max_mb or max(1, self.max_db_mb // 10)) * 2**20
+
+
+class MachinesConfig(_Section):
+    """Which machines readings are taken from (agent/roster.py): a publisher must not create machines without end."""
+
+    max_machines: int = Field(1000, ge=1, le=100_000)  # known at once, besides the listed ones; more are quarantined
+    # Machine ids, or patterns such as "press-*": when set, only these machines (and the Modbus devices and
+    # mqtt.machines, always) are taken; the rest are quarantined as unknown_machine.
+    allowed: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._*?\[\]!-]{1,64}$")]] = []
+    forget_after_h: float = Field(72, gt=0)  # a machine silent this long leaves the status API, /metrics, the count
 
 
 class PipelineConfig(_Section):
@@ -200,6 +215,7 @@ class AgentConfig(BaseSettings):
     summary: SummaryConfig = Field(default_factory=SummaryConfig)
     alarms: AlarmsConfig = Field(default_factory=AlarmsConfig)
     buffer: BufferConfig = Field(default_factory=BufferConfig)
+    machines: MachinesConfig = Field(default_factory=MachinesConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     status: StatusConfig = Field(default_factory=StatusConfig)
 

@@ -21,6 +21,7 @@ from prometheus_client import Histogram
 
 from agent.config import PipelineConfig
 from agent.machines import Machines
+from agent.roster import MACHINE_LABELS_MAX, Roster
 from agent.store import MachineRecord, OutboxRecord, QuarantinedReading, Store, StoredReading, StoreError, WriteResult
 from drivers.base import Availability, RawReading
 from model.score import Scorer
@@ -32,21 +33,21 @@ LINGER_S = 0.002  # how long a batch waits for one more reading before it is com
 RETRY_MIN_S, RETRY_MAX_S = 0.1, 5.0
 CAP_HEADROOM_BYTES = 2**20  # room is made down to the cap minus this, so the next batches stay under the cap
 BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
-# Readings are counted by machine for this many machine ids, then under "other": a stream of invented ids (a
-# misconfigured publisher) must not grow /metrics without bound.
-MACHINE_LABELS_MAX = 1000
+# Readings are counted by machine for MACHINE_LABELS_MAX machine ids, then under "other": a stream of invented ids
+# (a misconfigured publisher) must not grow /metrics without bound.
 
 
 class Pipeline:
     def __init__(self, scorer: Scorer, store: Store, config: PipelineConfig, machines: Machines | None = None,
                  max_db_bytes: int | None = None, clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, roster: Roster | None = None) -> None:
         self._queue: queue.Queue[RawReading] = queue.Queue(config.queue_max)
         self._scorer = scorer
         self._store = store
         self._batch_max = config.batch_max
         self._batch_age_s = config.batch_max_age_ms / 1000
         self._machines = machines  # None: no alarms or summaries (tests of the pipeline alone)
+        self._roster = roster  # None: readings of any machine are taken
         self._max_db_bytes = max_db_bytes  # the buffer cap; None: none
         self._dropped_unlogged: Counter[str] = Counter()  # drops at the cap not yet logged
         self._next_drop_log = 0.0
@@ -164,6 +165,10 @@ class Pipeline:
         model = scorer.model
         model_version = f"{model.name}@{model.version}"
         inputs, type_key = model.manifest.input_names, model.manifest.machine_type.name
+        if self._roster is not None:
+            for reading in batch:
+                if reading.rejection is None:
+                    reading.rejection = self._roster.admit(reading.machine_id, reading.received_at)
         candidates = [r for r in batch if r.rejection is None]
         with self.score_seconds.time():
             results = iter(scorer.score([r.fields for r in candidates]))

@@ -25,6 +25,7 @@ from agent.config import AgentConfig, check_inputs
 from agent.machines import Machines
 from agent.notify import Notifier
 from agent.pipeline import Pipeline
+from agent.roster import Roster
 from agent.status import StatusServer
 from agent.store import Store, StoreError
 from drivers.base import Availability, Driver
@@ -68,9 +69,13 @@ class Agent:
         _prepare_data_dir(config.data_dir)
         scorer = self._scorer(self.package)
         self.store = Store.open(config.data_dir / DATABASE_FILE, synchronous=config.buffer.synchronous,
-                                quarantine_cap=config.buffer.quarantine_max_rows)
+                                quarantine_cap=config.buffer.quarantine_max_rows,
+                                quarantine_max_bytes=config.buffer.quarantine_max_bytes)
         machines = Machines(config.gateway_id, config.summary, config.alarms, scorer.model, self.store.machines())
-        self.pipeline = Pipeline(scorer, self.store, config.pipeline, machines, config.buffer.max_db_mb * 2**20)
+        configured = [device.machine_id for device in config.modbus] + list(config.mqtt.machines if config.mqtt else ())
+        last_seen = {machine_id: r.received_at for machine_id, r in self.store.latest_by_machine().items()}
+        self.pipeline = Pipeline(scorer, self.store, config.pipeline, machines, config.buffer.max_db_mb * 2**20,
+                                 roster=Roster(config.machines, configured, last_seen))
         self.pipeline.start()
         self.status = StatusServer(self)
         self.status.start()  # before the drivers: a port conflict fails the start before any device is touched

@@ -66,6 +66,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from agent import __version__
 from agent.alarms import Shown, saved_alarm, technician_view
 from agent.http_server import ConnectionLimits, limited_h11
+from agent.roster import heard, labelled
 from agent.store import Store, StoredReading, StoreError
 from model.modes import mode_words
 from sync.client import Outcome
@@ -752,8 +753,9 @@ def machine_infos(agent: Agent, trends: Trends, now: float) -> list[MachineInfo]
     store, pipeline = _running(agent)
     model = pipeline.scorer.model
     alarms = _alarms(store)
+    forget_after_h = agent.config.machines.forget_after_h
     machines = [_machine_info(reading, alarms.get(reading.machine_id), model, now, trend)
-                for reading, trend in trends.latest(store)]
+                for reading, trend in trends.latest(store) if heard(reading, forget_after_h, now)]
     machines.sort(key=lambda m: (-LEVELS.get(m.state, 0), m.machine_id))
     return machines
 
@@ -858,7 +860,7 @@ class AgentCollector:
                        counters.get("quarantine_evicted", 0))
         dropped = CounterMetricFamily("pdm_buffer_dropped", "Unsynced records the buffer cap forced out, by kind.",
                                       labels=["kind"])
-        for kind in ("readings", "summaries"):
+        for kind in ("quarantine", "readings", "summaries"):
             dropped.add_metric([kind], counters.get(f"dropped_{kind}", 0))
         yield dropped
         set_aside = CounterMetricFamily("pdm_sync_set_aside", "Records central refused as invalid, set aside.",
@@ -944,7 +946,8 @@ class AgentCollector:
                                 labels=["machine"])
         age = GaugeMetricFamily("pdm_machine_last_reading_age_seconds", "Since the latest reading was received.",
                                 labels=["machine"])
-        for machine_id, reading in sorted(store.latest_by_machine().items()):
+        for reading in labelled(store.latest_by_machine().values(), self.agent.config.machines.forget_after_h, now):
+            machine_id = reading.machine_id
             health.add_metric([machine_id], reading.health)
             level.add_metric([machine_id], LEVELS.get(states.get(machine_id, reading.state), 0))
             p_failure.add_metric([machine_id], reading.p_failure)

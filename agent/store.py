@@ -9,8 +9,10 @@ Guarantees
 - A reading is accepted once `write()` has returned: its transaction committed together with the quarantined
   readings and the counters of the same batch. A write that fails stores nothing of its batch.
 - A reading redelivered with the same (machine_id, ts) is stored once and counted as a duplicate.
-- The quarantine keeps the newest `quarantine_cap` rejected readings. The write that goes beyond the cap deletes
-  the oldest in its own transaction and adds them to the `quarantine_evicted` counter.
+- The quarantine keeps the newest `quarantine_cap` rejected readings, and no more than `quarantine_max_bytes` of
+  them (source, machine id, message and payload, each cut to its limit). The write that goes beyond either cap
+  deletes the oldest in its own transaction and adds them to the `quarantine_evicted` counter.
+- At the buffer cap (`enforce_cap`) the quarantine goes first: a rejected reading never costs a valid one.
 - Durability in WAL mode, chosen with `synchronous`:
   - "NORMAL" (default): every committed transaction survives a crash of the process (kill -9, OOM killer),
     because it is already in the WAL file in the OS page cache. On power loss or a kernel crash the transactions
@@ -20,7 +22,7 @@ Guarantees
     commits/s on the reference disk, and far fewer on gateway flash.
 
 Counters (durable, in the same transactions as the data they count): readings_accepted, readings_duplicate,
-rejected_<reason> per rejection reason, quarantine_evicted.
+rejected_<reason> per rejection reason, quarantine_evicted, dropped_<kind> (what the buffer cap dropped).
 
 Schema: `PRAGMA user_version` is the number of `MIGRATIONS` applied. `open()` applies the missing ones in order,
 one transaction each, so a database of any older version is upgraded in place; a newer one is refused.
@@ -44,9 +46,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from drivers.base import SOURCE_MAX_CHARS, cut
+
 SYNCHRONOUS_LEVELS = ("NORMAL", "FULL")
 DEFAULT_QUARANTINE_CAP = 10_000
+DEFAULT_QUARANTINE_MAX_BYTES = 50 * 2**20
 PAYLOAD_LIMIT_BYTES = 4096
+MESSAGE_MAX_CHARS = 1024  # of a rejection's message
+MACHINE_ID_MAX_CHARS = 64
 RETENTION_CHUNK_ROWS = 5_000
 CAP_CHUNK_ROWS = 1_000
 BUSY_TIMEOUT_MS = 5_000
@@ -109,6 +116,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # The status API reads a machine's events newest first; partial, so the many summaries cost it nothing.
     ("CREATE INDEX outbox_events ON outbox (machine_id, at) WHERE kind = 'event'",),
+    (
+        # Each rejected reading's size, so the quarantine is bounded in bytes without measuring it at every write.
+        "ALTER TABLE quarantine ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0",
+        (
+            "UPDATE quarantine SET bytes = length(CAST(source AS BLOB)) + coalesce(length(CAST(machine_id AS BLOB)), 0)"
+            " + length(CAST(message AS BLOB)) + length(CAST(payload AS BLOB))"
+        ),
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -117,8 +132,13 @@ _READING_COLUMNS = (
 )
 _INSERT_READING = f"INSERT INTO readings ({_READING_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING"
 _QUARANTINE_COLUMNS = "received_at, source, machine_id, reason, message, payload"
-_INSERT_QUARANTINE = f"INSERT INTO quarantine ({_QUARANTINE_COLUMNS}) VALUES (?,?,?,?,?,?)"
+_INSERT_QUARANTINE = f"INSERT INTO quarantine ({_QUARANTINE_COLUMNS}, bytes) VALUES (?,?,?,?,?,?,?)"
 _EVICT_QUARANTINE = "DELETE FROM quarantine WHERE id <= (SELECT id FROM quarantine ORDER BY id DESC LIMIT 1 OFFSET ?)"
+# The newest rows whose sizes add up to the budget stay; every older one goes.
+_EVICT_QUARANTINE_BYTES = (
+    "DELETE FROM quarantine WHERE id <= (SELECT id FROM (SELECT id, sum(bytes) OVER (ORDER BY id DESC) AS kept"
+    " FROM quarantine) WHERE kept > ? ORDER BY id DESC LIMIT 1)"
+)
 _INSERT_OUTBOX = (
     "INSERT INTO outbox (kind, record_id, machine_id, at, body, created_at) VALUES (?,?,?,?,?,?)"
     " ON CONFLICT (record_id) DO NOTHING"
@@ -154,10 +174,10 @@ class StoredReading:
 @dataclass(frozen=True, slots=True)
 class QuarantinedReading:
     received_at: float
-    source: str  # where it came from, e.g. "mqtt:pdm/m1/telemetry" or "modbus:m1"
+    source: str  # where it came from, e.g. "mqtt:pdm/m1/telemetry" or "modbus:m1"; stored cut to SOURCE_MAX_CHARS
     machine_id: str | None  # None when the payload did not say
     reason: str  # the stable rejection reason code
-    message: str
+    message: str  # stored cut to MESSAGE_MAX_CHARS
     payload: str  # stored truncated to PAYLOAD_LIMIT_BYTES of UTF-8
 
 
@@ -188,15 +208,18 @@ class WriteResult:
 class Store:
     """The SQLite buffer. Create with `Store.open()`; close with `close()` or a `with` block."""
 
-    def __init__(self, path: Path, connection: sqlite3.Connection, quarantine_cap: int) -> None:
+    def __init__(self, path: Path, connection: sqlite3.Connection, quarantine_cap: int,
+                 quarantine_max_bytes: int = DEFAULT_QUARANTINE_MAX_BYTES) -> None:
         self.path = path
         self.quarantine_cap = quarantine_cap
+        self.quarantine_max_bytes = quarantine_max_bytes
         self._connection: sqlite3.Connection | None = connection
         self._lock = threading.Lock()
 
     @classmethod
     def open(
-        cls, path: Path, *, synchronous: str = "NORMAL", quarantine_cap: int = DEFAULT_QUARANTINE_CAP
+        cls, path: Path, *, synchronous: str = "NORMAL", quarantine_cap: int = DEFAULT_QUARANTINE_CAP,
+        quarantine_max_bytes: int = DEFAULT_QUARANTINE_MAX_BYTES,
     ) -> Store:
         """Open or create the buffer at `path` and migrate its schema to SCHEMA_VERSION."""
         level = str(synchronous).upper()
@@ -204,13 +227,15 @@ class Store:
             raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_LEVELS)}, not {synchronous!r}")
         if quarantine_cap < 1:
             raise ValueError(f"quarantine_cap must be at least 1, not {quarantine_cap}")
+        if quarantine_max_bytes < 1:
+            raise ValueError(f"quarantine_max_bytes must be at least 1, not {quarantine_max_bytes}")
         path = Path(path)
         try:
             _create_private(path)
             connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"{getattr(exc, 'strerror', None) or exc} opening {path}") from exc
-        store = cls(path, connection, quarantine_cap)
+        store = cls(path, connection, quarantine_cap, quarantine_max_bytes)
         try:
             with store._guard("opening"):
                 _configure(connection, level)
@@ -402,11 +427,13 @@ class Store:
         return used
 
     def enforce_cap(self, max_bytes: int) -> dict[str, int]:
-        """Make room under `max_bytes`, in this order: forget synced records, drop the oldest raw readings, and
-        only as a last resort the oldest unsynced summaries. Unsynced events are never dropped. Every drop is
-        counted (`dropped_readings`, `dropped_summaries`); returns the drops of this call."""
+        """Make room under `max_bytes`, in this order: drop the oldest rejected readings (the quarantine), forget
+        synced records, drop the oldest raw readings, and only as a last resort the oldest unsynced summaries.
+        Unsynced events are never dropped. Every drop is counted (`dropped_quarantine`, `dropped_readings`,
+        `dropped_summaries`); returns the drops of this call."""
         dropped: Counter[str] = Counter()
         steps = (
+            ("quarantine", "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine ORDER BY id LIMIT ?)"),
             (None, "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE synced_at IS NOT NULL LIMIT ?)"),
             ("readings", "DELETE FROM readings WHERE id IN (SELECT id FROM readings ORDER BY ts LIMIT ?)"),
             ("summaries", "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE synced_at IS NULL"
@@ -421,7 +448,7 @@ class Store:
                 dropped[kind or "synced"] += deleted
                 if not deleted:
                     break
-        return {kind: n for kind, n in dropped.items() if kind != "synced"}
+        return {kind: n for kind, n in dropped.items() if kind != "synced" and n}
 
     def integrity_ok(self) -> bool:
         with self._guard("checking integrity of") as connection:
@@ -439,9 +466,10 @@ class Store:
                 return deleted
 
     def _quarantine(self, connection: sqlite3.Connection, rejected: Sequence[QuarantinedReading]) -> int:
-        """Insert rejected readings, then evict the oldest beyond the cap; returns how many were evicted."""
+        """Insert rejected readings, then evict the oldest beyond either cap; returns how many were evicted."""
         connection.executemany(_INSERT_QUARANTINE, map(_quarantine_row, rejected))
-        return connection.execute(_EVICT_QUARANTINE, (self.quarantine_cap,)).rowcount
+        evicted = connection.execute(_EVICT_QUARANTINE, (self.quarantine_cap,)).rowcount
+        return evicted + connection.execute(_EVICT_QUARANTINE_BYTES, (self.quarantine_max_bytes,)).rowcount
 
     def _migrate(self) -> None:
         while True:
@@ -526,7 +554,10 @@ def _stored_reading(row: tuple) -> StoredReading:
 def _quarantine_row(reading: QuarantinedReading) -> tuple:
     # Cut on a byte boundary and drop a character split by the cut; undecodable text is kept as escapes.
     payload = reading.payload.encode("utf-8", "backslashreplace")[:PAYLOAD_LIMIT_BYTES].decode("utf-8", "ignore")
-    return (reading.received_at, reading.source, reading.machine_id, reading.reason, reading.message, payload)
+    source, message = cut(reading.source, SOURCE_MAX_CHARS), cut(reading.message, MESSAGE_MAX_CHARS)
+    machine_id = None if reading.machine_id is None else cut(reading.machine_id, MACHINE_ID_MAX_CHARS)
+    size = sum(len(text.encode("utf-8", "backslashreplace")) for text in (source, machine_id or "", message, payload))
+    return (reading.received_at, source, machine_id, reading.reason, message, payload, size)
 
 
 def _create_private(path: Path) -> None:

@@ -42,7 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from central import __version__, conflicts, dashboard, db, guard, ingest, ops
+from central import __version__, conflicts, dashboard, db, guard, ingest, limits, ops
 from central.auth import Gateway, GatewayCache, bearer_token, find_gateway, same_secret
 from central.errors import ApiError, Error, body
 from central.params import Limit, Name, NameInPath, State, Time
@@ -308,7 +308,8 @@ def _routes(api: FastAPI, settings: Settings) -> None:
         403: {"description": "gateway_id is not the token's gateway"},
         413: {"description": "body or decompressed body over PDM_CENTRAL_MAX_BODY_BYTES"},
         415: {"description": "not JSON, or an encoding other than gzip"},
-        422: {"description": "invalid batch; error.details lists the problems"},
+        422: {"description": "invalid batch, or new machines beyond the gateway's limit (too_many_machines); "
+                            "error.details lists the problems"},
         503: {"description": "database unavailable; retry later"}})
     async def ingest_batch(request: Request) -> Response:
         token = bearer_token(request.headers.get("authorization"))
@@ -325,6 +326,7 @@ def _routes(api: FastAPI, settings: Settings) -> None:
             raise ApiError(403, "forbidden", f"this token belongs to another gateway than {batch.gateway_id!r}")
         try:
             async with connection(request) as conn:
+                await limits.refuse_machines_beyond_limit(conn, gateway, batch, settings.max_machines_per_gateway)
                 result = await ingest.store(conn, gateway, batch, _client(request))
                 if result.duplicates.summaries:  # a resend; or a conflicting duplicate, which must not pass silently
                     await conflicts.record(conn, gateway, batch)

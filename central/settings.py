@@ -7,6 +7,7 @@
     PDM_CENTRAL_CORS_ORIGINS        (none: no CORS headers)                 comma-separated https://host[:port]
     PDM_CENTRAL_TRUSTED_PROXIES     (none: X-Forwarded-* ignored)           comma-separated IPs or networks
     PDM_CENTRAL_MAX_BODY_BYTES      16777216                                ingest body, compressed and decompressed
+    PDM_CENTRAL_MAX_MACHINES_PER_GATEWAY  10000                             new machines beyond it: 422 per record
     PDM_CENTRAL_BIND                127.0.0.1:8000                          `serve` and gunicorn
     PDM_CENTRAL_WORKERS             number of CPUs                          gunicorn worker processes
     PDM_CENTRAL_POOL_MIN_SIZE       1                                       connections per worker process
@@ -81,6 +82,7 @@ class Settings(BaseModel):
     cors_origins: list[str] = []
     trusted_proxies: list[Network] = []
     max_body_bytes: int = Field(16 * 2**20, ge=1024)
+    max_machines_per_gateway: int = Field(10_000, ge=1)
     bind: Annotated[str, Field(pattern=r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$")] = "127.0.0.1:8000"
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     pool_min_size: int = Field(1, ge=0)

@@ -21,6 +21,13 @@ from model.validate import Rejection
 
 MachineId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
 MachineType = Literal["L", "M", "H"]
+SOURCE_MAX_CHARS = 256  # of a reading's source: an MQTT topic may be 65,535 bytes long
+CUT_MARK = "…[cut]"
+
+
+def cut(text: str, limit: int) -> str:
+    """`text`, or its first characters and CUT_MARK when it is longer than `limit` characters."""
+    return text if len(text) <= limit else text[:limit - len(CUT_MARK)] + CUT_MARK
 
 
 @dataclass(slots=True)

@@ -36,7 +36,7 @@ from pydantic import (
     field_validator,
 )
 
-from drivers.base import Availability, MachineId, MachineType, RawReading, Sink
+from drivers.base import SOURCE_MAX_CHARS, Availability, MachineId, MachineType, RawReading, Sink, cut
 from model.validate import Reason, Rejection
 
 log = logging.getLogger(__name__)
@@ -130,9 +130,17 @@ def is_topic_filter(topic: str) -> bool:
 # --- the driver ---------------------------------------------------------------------------------------------------
 
 PAYLOAD_KEPT_BYTES = 4096  # of a payload, for the quarantine
+# What a PUBLISH packet holds besides its payload, at most: fixed header (5), topic (2 + 65,535), packet id (2) and
+# room for properties. A payload within max_payload_bytes always fits; one a little over arrives and is quarantined.
+PACKET_OVERHEAD_BYTES = 5 + 2 + 65_535 + 2 + 16_384
 EARLIEST_TS, LATEST_TS = 946_684_800.0, 4_102_444_800.0  # 2000-01-01 .. 2100-01-01: anything else is a unit error
 _MACHINE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+
+
+def max_packet_bytes(config: MqttConfig) -> int:
+    """The Maximum Packet Size the agent announces in CONNECT (MQTT 5)."""
+    return min(config.max_payload_bytes + PACKET_OVERHEAD_BYTES, 268_435_455)  # MQTT's largest packet
 
 
 def parse_ts(value: Any, received_at: float) -> float:
@@ -170,10 +178,10 @@ class PayloadDecoder:
         config = self._config
         kept = payload[:PAYLOAD_KEPT_BYTES].decode("utf-8", "replace")
         machine_id = self._topic_machine_id(topic)
+        source = cut(f"mqtt:{topic}", SOURCE_MAX_CHARS)  # a topic may be 65,535 bytes: junk must stay small
 
         def rejected(reason: Reason, message: str) -> RawReading:
-            return RawReading(machine_id, received_at, {}, f"mqtt:{topic}", received_at, kept,
-                              Rejection(reason, message))
+            return RawReading(machine_id, received_at, {}, source, received_at, kept, Rejection(reason, message))
 
         if len(payload) > config.max_payload_bytes:
             return rejected(Reason.PAYLOAD_TOO_LARGE,
@@ -204,13 +212,16 @@ class PayloadDecoder:
             return rejected(Reason.UNKNOWN_MACHINE, f"no machine type for {machine_id}: add it to mqtt.machines, "
                                                     f"send {self._type_key} or set mqtt.default_machine_type")
         fields[self._type_key] = machine_type
-        return RawReading(machine_id, ts, fields, f"mqtt:{topic}", received_at, kept)
+        return RawReading(machine_id, ts, fields, source, received_at, kept)
 
     def _topic_machine_id(self, topic: str) -> str | None:
+        """The machine id in the topic; None when there is none or it is not a valid id."""
         if self._config.machine_id_from != "topic":
             return None
         levels = topic.split("/")
-        return levels[self._config.machine_id_segment] if self._config.machine_id_segment < len(levels) else None
+        segment = self._config.machine_id_segment
+        level = levels[segment] if segment < len(levels) else None
+        return level if level is not None and _MACHINE_ID.fullmatch(level) else None
 
 
 class MqttDriver:
@@ -259,6 +270,10 @@ class MqttDriver:
         if v5:
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = config.session_expiry_s
+            # paho reads a whole message into memory before we see its size: a 100 MB message would cost 300 MB
+            # and, redelivered after the OOM kill, crash-loop the agent. An MQTT 5 broker must not send a packet
+            # beyond this; Mosquitto drops it for this client (logged by the broker, invisible to the agent).
+            properties.MaximumPacketSize = max_packet_bytes(config)
         self._sink, self._client, self._stopped = sink, client, False
         client.connect_async(config.url.host, config.url.port or (8883 if config.url.scheme == "mqtts" else 1883),
                              keepalive=config.keepalive_s, clean_start=False if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,

@@ -15,6 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.store import (
+    MACHINE_ID_MAX_CHARS,
+    MESSAGE_MAX_CHARS,
     MIGRATIONS,
     PAYLOAD_LIMIT_BYTES,
     RETENTION_CHUNK_ROWS,
@@ -25,6 +27,7 @@ from agent.store import (
     StoreError,
     WriteResult,
 )
+from drivers.base import CUT_MARK, SOURCE_MAX_CHARS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -117,6 +120,41 @@ def test_quarantine_cap_evicts_oldest_and_counts(db: Path) -> None:
         }
 
 
+def test_a_junk_topic_and_message_are_stored_cut_and_marked(store: Store) -> None:
+    # Issue 22 item 1: 65 KB topics made 65 KB quarantine rows, which no cap trimmed.
+    store.write([], [rejected("m" * 70_000, source="mqtt:" + "x" * 65_000, machine_id="y" * 65_000)])
+
+    kept = store.quarantine(limit=1)[0]
+    assert len(kept.source) == SOURCE_MAX_CHARS and kept.source.startswith("mqtt:xxx") and kept.source.endswith(CUT_MARK)
+    assert len(kept.message) == MESSAGE_MAX_CHARS and kept.message.endswith(CUT_MARK)
+    assert len(kept.machine_id) == MACHINE_ID_MAX_CHARS
+
+
+def test_the_quarantine_is_bounded_in_bytes_keeping_the_newest(db: Path) -> None:
+    row = len("mqtt:pdm/m1/telemetry") + len("m1") + 1000 + 4000
+    with Store.open(db, quarantine_max_bytes=10 * row) as store:
+        for i in range(30):
+            store.write([], [rejected(f"{i:04d}" + "m" * 996, payload="p" * 4000)])
+
+        kept = store.quarantine(limit=100)
+        assert [r.message[:4] for r in kept] == [f"{i:04d}" for i in range(29, 19, -1)]
+        assert store.counters()["quarantine_evicted"] == 20
+
+
+def test_at_the_buffer_cap_the_quarantine_goes_before_any_reading(tmp_path) -> None:
+    with Store.open(tmp_path / "cap.db", quarantine_max_bytes=2**30) as store:
+        store.write([reading(ts=float(i)) for i in range(500)], [])
+        with_readings = store.used_bytes()
+        for _ in range(20):
+            store.write([], [rejected(payload="p" * 4000) for _ in range(100)])
+        assert store.used_bytes() > with_readings + 4_000_000
+
+        dropped = store.enforce_cap(with_readings + 1_000_000)
+
+        assert set(dropped) == {"quarantine"} and store.counters()["dropped_quarantine"] == dropped["quarantine"]
+        assert len(store.history("m1", 0, 10**6)) == 500  # no valid reading paid for the junk
+
+
 def test_quarantined_payload_is_truncated_to_4_kib_of_utf8(store: Store) -> None:
     store.write([], [rejected(payload="é" * PAYLOAD_LIMIT_BYTES)])
 
@@ -206,6 +244,21 @@ def test_file_that_is_not_a_database_is_a_store_error(db: Path) -> None:
 
     with pytest.raises(StoreError, match=f"file is not a database opening {db}"):
         Store.open(db)
+
+
+def test_quarantined_rows_from_before_the_byte_bound_count_toward_it(db: Path) -> None:
+    old = sqlite3.connect(db)
+    for statement in (s for migration in MIGRATIONS[:-1] for s in migration):
+        old.execute(statement)
+    old.executemany("INSERT INTO quarantine (received_at, source, machine_id, reason, message, payload)"
+                    " VALUES (?, 'mqtt:t', NULL, 'malformed', 'm', ?)", [(float(i), "p" * 3000) for i in range(10)])
+    old.execute(f"PRAGMA user_version = {len(MIGRATIONS) - 1}")
+    old.commit()
+    old.close()
+
+    with Store.open(db, quarantine_max_bytes=5 * 3010) as store:
+        store.write([], [rejected(payload="p" * 3000)])
+        assert len(store.quarantine(limit=100)) == 4  # the new one and the three newest old ones
 
 
 def test_retention_deletes_only_older_readings(store: Store) -> None:

@@ -38,8 +38,9 @@ class Agent(AgentProcess):
     """`AgentProcess` with more `[mqtt]` keys, variables added to its environment, and a start that can wait for
     another log line than "subscribed to" (an agent that cannot connect never subscribes)."""
 
-    def __init__(self, tmp_path: Path, broker_url: str, mqtt: dict | None = None, env: dict | None = None) -> None:
-        super().__init__(tmp_path, broker_url)
+    def __init__(self, tmp_path: Path, broker_url: str, mqtt: dict | None = None, env: dict | None = None,
+                 **sections) -> None:
+        super().__init__(tmp_path, broker_url, **sections)
         keys = "".join(f"{key} = {json.dumps(value)}\n" for key, value in (mqtt or {}).items())
         config = self.config.read_text()
         assert config.count("[mqtt]\n") == 1, config  # the table AgentProcess writes: the keys go at its top
