@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,7 @@ class AgentProcess:
         self.config = tmp_path / "agent.toml"
         self.status_port = free_port()
         lines = [f'gateway_id = "{gateway_id}"', f'data_dir = "{self.data}"', 'log_format = "json"',
-                 "[mqtt]", f'url = "{broker_url}"', f'client_id = "pdm-test-{tmp_path.name}"',
+                 "[mqtt]", f'url = "{broker_url}"', f'client_id = "pdm-test-{tmp_path.name}-{uuid.uuid4().hex[:8]}"',
                  'default_machine_type = "M"', "max_payload_bytes = 2048",
                  "[status]", f'bind = "127.0.0.1:{self.status_port}"',
                  *(f"{k} = {json.dumps(v)}" for k, v in (status or {}).items())]

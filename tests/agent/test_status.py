@@ -12,6 +12,7 @@ import re
 import socket
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -128,8 +129,8 @@ def feed(agent: Agent) -> float:
 @contextmanager
 def open_agent(directory: Path, broker) -> Iterator[Served]:
     """A fed agent without a status token (loopback only), with an MQTT driver on a topic of its own."""
-    mqtt = {"url": f"mqtt://{broker.host}:{broker.port}", "client_id": f"pdm-status-{directory.name}",
-            "topics": [f"pdm-status-{directory.name}/+/telemetry"], "default_machine_type": "M",
+    name = f"pdm-status-{directory.name}-{uuid.uuid4().hex[:8]}"  # unique on a broker other test runs share
+    mqtt = {"url": f"mqtt://{broker.host}:{broker.port}", "client_id": name, "topics": [f"{name}/+/telemetry"], "default_machine_type": "M",
             "session_expiry_s": 0}
     with serving(directory, mqtt=mqtt) as running:
         running.fed_at = feed(running.agent)
