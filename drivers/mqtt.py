@@ -214,6 +214,12 @@ class PayloadDecoder:
         fields[self._type_key] = machine_type
         return RawReading(machine_id, ts, fields, source, received_at, kept)
 
+    def undecodable(self, topic: str, payload: bytes, received_at: float) -> RawReading:
+        """The quarantined stand-in for a message `decode` failed on (a bug): kept, so nothing is lost unseen."""
+        kept = payload[:PAYLOAD_KEPT_BYTES].decode("utf-8", "replace")
+        return RawReading(None, received_at, {}, cut(f"mqtt:{topic}", SOURCE_MAX_CHARS), received_at, kept,
+                          Rejection(Reason.MALFORMED, "could not be decoded: an error in the agent (logged)"))
+
     def _topic_machine_id(self, topic: str) -> str | None:
         """The machine id in the topic; None when there is none or it is not a valid id."""
         if self._config.machine_id_from != "topic":
@@ -222,6 +228,28 @@ class PayloadDecoder:
         segment = self._config.machine_id_segment
         level = levels[segment] if segment < len(levels) else None
         return level if level is not None and _MACHINE_ID.fullmatch(level) else None
+
+
+def _never_raises(callback: Callable[..., None]) -> Callable[..., None]:
+    """paho's network thread ends with the first exception a callback raises, and all MQTT ingest with it, while
+    the driver would still look connected. A bug that reaches here is logged with its traceback (once per distinct
+    error), counted as an internal error, and the thread goes on; a message whose hand-off failed is not
+    acknowledged, so the broker delivers it again in the next session."""
+
+    @functools.wraps(callback)
+    def guarded(self: MqttDriver, *args: Any) -> None:
+        try:
+            callback(self, *args)
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            self.internal_errors += 1
+            key = f"{callback.__name__}: {exc!r}"
+            if key not in self._logged_errors:
+                if len(self._logged_errors) < 100:
+                    self._logged_errors.add(key)
+                log.exception("MQTT driver: unexpected error in %s (counted as internal_errors; ingest goes on)",
+                              callback.__name__.lstrip("_"))
+
+    return guarded
 
 
 class MqttDriver:
@@ -243,6 +271,8 @@ class MqttDriver:
         self._stopped = False
         self.messages = 0
         self.rejected = 0
+        self.internal_errors = 0
+        self._logged_errors: set[str] = set()
         self.link = Availability(f"MQTT broker {config.url.host}:{config.url.port or 1883}", log)
 
     def start(self, sink: Sink) -> None:
@@ -297,8 +327,10 @@ class MqttDriver:
     def status(self) -> dict[str, Any]:
         return {"driver": self.name, "broker": str(self.config.url), "connected": self.link.up,
                 "messages": self.messages, "rejected": self.rejected, "connection_failures": self.link.failures_total,
+                "internal_errors": self.internal_errors,
                 "last_error": self.link.last_error}
 
+    @_never_raises
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             self.link.failed(f"connection refused: {reason_code}")
@@ -306,6 +338,7 @@ class MqttDriver:
         self.link.succeeded()
         client.subscribe([(topic, self.config.qos) for topic in self.config.topics])
 
+    @_never_raises
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         refused = [str(code) for code in reason_codes if code.is_failure]
         if refused:
@@ -313,20 +346,30 @@ class MqttDriver:
         else:
             log.info("subscribed to %s on %s", ", ".join(self.config.topics), self.link.name)
 
+    @_never_raises
     def _on_connect_fail(self, client, userdata) -> None:
         # paho calls this inside its `except OSError`: the error says why (refused, TLS verification, timeout).
         error = sys.exc_info()[1]
         self.link.failed(f"cannot connect: {error}" if error else "cannot connect")
 
+    @_never_raises
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if not self._stopped:
             self.link.failed(f"disconnected: {reason_code}")
 
+    @_never_raises
     def _on_message(self, client, userdata, message) -> None:
         with self._receiving:
             if self._stopped:
                 return
-            reading = self._decoder.decode(message.topic, message.payload, self._clock())
+            received_at = self._clock()
+            try:
+                reading = self._decoder.decode(message.topic, message.payload, received_at)
+            except Exception:  # noqa: BLE001 - a decoder bug costs this message its reading, kept in the quarantine
+                self.internal_errors += 1
+                log.exception("MQTT driver: unexpected error decoding a message on %s (quarantined as malformed)",
+                              cut(message.topic, 200))
+                reading = self._decoder.undecodable(message.topic, message.payload, received_at)
             self.messages += 1
             self.rejected += reading.rejection is not None
             if message.qos:
