@@ -240,7 +240,7 @@ def _never_raises(callback: Callable[..., None]) -> Callable[..., None]:
     def guarded(self: MqttDriver, *args: Any) -> None:
         try:
             callback(self, *args)
-        except Exception as exc:  # noqa: BLE001 - see the docstring
+        except Exception as exc:  # see the docstring
             self.internal_errors += 1
             key = f"{callback.__name__}: {exc!r}"
             if key not in self._logged_errors:
@@ -365,7 +365,7 @@ class MqttDriver:
             received_at = self._clock()
             try:
                 reading = self._decoder.decode(message.topic, message.payload, received_at)
-            except Exception:  # noqa: BLE001 - a decoder bug costs this message its reading, kept in the quarantine
+            except Exception:  # a decoder bug costs this message its reading, kept in the quarantine
                 self.internal_errors += 1
                 log.exception("MQTT driver: unexpected error decoding a message on %s (quarantined as malformed)",
                               cut(message.topic, 200))
