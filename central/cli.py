@@ -1,7 +1,7 @@
 """`pdm-central`: the central API's command line. Settings come from PDM_CENTRAL_ variables (central/settings.py).
 
 Exit codes: 0 done; 1 the operation failed (database unreachable, unknown gateway, migration refused); 2 unusable
-settings or usage.
+settings or usage, or the central extra is not installed.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import sys
 
 from central import __version__
 from central.settings import Settings, SettingsError, load_settings
+from web.extras import missing_extra
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
@@ -97,9 +98,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from central import auth, db
-
     args = parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ModuleNotFoundError as exc:
+        return missing_extra(f"pdm-central {args.command}", exc)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from central import auth, db  # psycopg: the central extra, not needed for --help
+
     try:
         settings = load_settings()
         return args.handler(settings, args)
@@ -117,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     except db.psycopg.errors.UndefinedTable:
         print("pdm-central: the database has no schema yet: run `pdm-central migrate`", file=sys.stderr)
         return 1
-
 
 if __name__ == "__main__":
     sys.exit(main())
