@@ -1,5 +1,5 @@
 """`pdm-edge`: the command line. Each command is a small function; exit codes: 0 ok, 1 problems found, 2 unusable
-input or usage."""
+input or usage, or a command's extra (train, central) is not installed."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from agent import __version__
+from web.extras import missing_extra
 
 SCORE_BATCH = 256
 MAX_LINE_CHARS = 10_000  # a reading is a few hundred; a longer line is not one
@@ -280,12 +281,8 @@ def _result_json(line: int, raw: object, result, model_id: str) -> dict:
 
 
 def _train(args: argparse.Namespace) -> int:
-    try:
-        from model import train
-    except ImportError as exc:
-        print(f"pdm-edge train needs the training extra ({exc.name} is missing): pip install 'pdm-edge[train]'",
-              file=sys.stderr)
-        return 2
+    from model import train
+
     command = "pdm-edge " + shlex.join(sys.argv[1:])
     manifest = train.train(args.data, args.out, command, log=lambda m: print(m, file=sys.stderr))
     failure = manifest.metrics["test"]["failure"]
@@ -446,6 +443,14 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"pdm-edge: {exc.filename}: no such file", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        return missing_extra(_command_name(args), exc)
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    """`pdm-edge model evaluate`: the command and its sub-command as typed."""
+    words = [getattr(args, key, None) for key in ("command", "model_command", "modbus_command", "simulate_command")]
+    return " ".join(["pdm-edge", *(w for w in words if w)])
 
 
 if __name__ == "__main__":

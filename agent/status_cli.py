@@ -99,7 +99,10 @@ def _reason(exc: requests.RequestException) -> str:
         return "connection refused or no route"
     if isinstance(exc, requests.Timeout):
         return f"no answer within {TIMEOUT_S:g} s"
-    return type(exc).__name__
+    if isinstance(exc, (requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema,
+                        requests.exceptions.InvalidURL)):
+        return "not a URL such as http://127.0.0.1:8080"
+    return "the request failed"
 
 
 def table(machines: list[dict], color: bool = False) -> str:

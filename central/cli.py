@@ -4,7 +4,7 @@ Everything printed goes through `say`: control characters (from a gateway's agen
 protocol refused them, a database error, an argument) are shown escaped, never sent to the terminal raw.
 
 Exit codes: 0 done; 1 the operation failed (database unreachable, unknown gateway, migration refused); 2 unusable
-settings or usage.
+settings or usage, or the central extra is not installed.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import sys
 from central import __version__
 from central.settings import Settings, SettingsError, load_settings
 from sync.protocol import escape_controls
+from web.extras import missing_extra
 
 
 def say(text: str, file=None) -> None:
@@ -106,9 +107,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from central import auth, db
-
     args = parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ModuleNotFoundError as exc:
+        return missing_extra(f"pdm-central {args.command}", exc)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from central import auth, db  # psycopg: the central extra, not needed for --help
+
     try:
         settings = load_settings()
         return args.handler(settings, args)
@@ -126,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     except db.psycopg.errors.UndefinedTable:
         say("pdm-central: the database has no schema yet: run `pdm-central migrate`", file=sys.stderr)
         return 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

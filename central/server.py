@@ -30,11 +30,14 @@ def _stopped(signum: int, frame: object) -> None:
 def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:
     """Serve in the foreground until SIGINT/SIGTERM, then return (exit status 0) after a graceful shutdown;
     SettingsError when production mode refuses the settings."""
-    app = create_app(settings)
     default_host, default_port = settings.host_port
+    host, port = host or default_host, port or default_port
+    # --host/--port replace PDM_CENTRAL_BIND: the checks and the start-up log see where it really listens.
+    settings = settings.model_copy(update={"bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}"})
+    app = create_app(settings)
     # uvicorn handles the signal (graceful shutdown), then raises it again against the handlers it found: ours turn
     # it into a normal exit instead of death by signal.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _stopped)
-    uvicorn.run(app, host=host or default_host, port=port or default_port, proxy_headers=False, server_header=False,
+    uvicorn.run(app, host=host, port=port, proxy_headers=False, server_header=False,
                 log_config=None, timeout_graceful_shutdown=10)

@@ -52,7 +52,18 @@ _FAST_TYPES = (float, int)  # exact types; anything else (bool, str, numpy scala
 _NO_OOD: tuple[str, ...] = ()
 
 
+# How a value's kind is named to a user: in JSON's words (the payloads' language), never a Python type name.
+_KINDS = ((bool, "a boolean"), (type(None), "null"), (str, "a string"), (Real, "a number"),
+          (Mapping, "an object"), ((list, tuple), "an array"))
+
+
+def _kind(value: object) -> str:
+    return next((name for kind, name in _KINDS if isinstance(value, kind)), "another kind of value")
+
+
 def _show(value: object) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
@@ -72,7 +83,7 @@ class Validator:
     def check(self, reading: object) -> tuple[list[float], str] | Rejection:
         """One reading, carefully: (values, machine type) or the first problem found."""
         if not isinstance(reading, Mapping):
-            return Rejection(Reason.NOT_AN_OBJECT, f"a reading must be an object, got {type(reading).__name__}")
+            return Rejection(Reason.NOT_AN_OBJECT, f"a reading must be an object, got {_kind(reading)}")
         missing = [name for name in (*self._names, self._type_key) if reading.get(name) is None]
         if missing:
             return Rejection(Reason.MISSING_INPUT, f"missing {', '.join(missing)}", missing[0])

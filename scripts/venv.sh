@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the other scripts: make .venv with a Python >= 3.11 and install the project into it.
 # Usage: ensure_venv EXTRAS   (e.g. "" for the gateway agent, "dev,train" for the tests)
 
@@ -33,8 +34,37 @@ ensure_venv() {
             "$python" -m venv .venv
         fi
         .venv/bin/python -m pip install -q --upgrade pip
+        rm -f "$INSTALL_STAMP"
     fi
+    if installed "$extras"; then return 0; fi
     local target="."
     [ -n "$extras" ] && target=".[$extras]"
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e "$target"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e "$target" || return
+    record_install "$extras"
+}
+
+# The install is editable: a change of the code needs none, a change of pyproject.toml (dependencies, entry points,
+# package data) does. .venv/.installed holds pyproject.toml's sha256 and the extras installed with it.
+INSTALL_STAMP=.venv/.installed
+
+pyproject_hash() {
+    sha256sum pyproject.toml | cut -d' ' -f1
+}
+
+installed() {
+    local wanted="$1" hash extras extra
+    [ -f "$INSTALL_STAMP" ] || return 1
+    read -r hash extras <"$INSTALL_STAMP" || return 1
+    [ "$hash" = "$(pyproject_hash)" ] || return 1
+    for extra in ${wanted//,/ }; do
+        [[ ",$extras," == *",$extra,"* ]] || return 1
+    done
+}
+
+record_install() {
+    local extras="$1" hash previous=""
+    if [ -f "$INSTALL_STAMP" ] && read -r hash previous <"$INSTALL_STAMP" && [ "$hash" = "$(pyproject_hash)" ]; then
+        extras="$previous${previous:+${extras:+,}}$extras"
+    fi
+    echo "$(pyproject_hash) $extras" >"$INSTALL_STAMP"
 }

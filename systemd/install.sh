@@ -52,6 +52,18 @@ SETTLE_S=${PDM_SETTLE_S:-15}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 
 say() { printf 'pdm-install: %s\n' "$*" >&2; }
+# Temporary files and folders (copies of credentials among them): removed however the script ends, Ctrl-C included.
+TEMPORARY=()
+temporary() { # variable [mktemp options]: a new temporary path into the variable, remembered for removal
+    local path
+    path=$(mktemp "${@:2}")
+    TEMPORARY+=("$path")
+    printf -v "$1" '%s' "$path"
+}
+remove_temporary() { [ "${#TEMPORARY[@]}" = 0 ] || rm -rf -- "${TEMPORARY[@]}"; }
+trap remove_temporary EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 die() {
     say "error: $*"
     exit 1
@@ -397,7 +409,7 @@ ensure_config() {
         [ -z "$CONFIG_FROM" ] || say "kept the existing $CONF_FILE (--config $CONFIG_FROM not used)"
         return 0
     fi
-    tmp=$(mktemp)
+    temporary tmp
     if [ -n "$CONFIG_FROM" ]; then
         cp "$CONFIG_FROM" "$tmp"
     else
@@ -418,7 +430,7 @@ config_is_unedited_example() {
 # Run a command as the service would: its user, working directory, environment file and credentials.
 as_service() {
     local creds pair rc=0
-    creds=$(mktemp -d)
+    temporary creds -d
     for pair in $CREDENTIALS; do
         if [ -f "$(p "$CREDSTORE/${pair#*:}")" ]; then
             install -m 0400 "$(p "$CREDSTORE/${pair#*:}")" "$creds/${pair%%:*}"
@@ -428,14 +440,15 @@ as_service() {
     (
         if [ "$COMPONENT" = agent ]; then cd "$(p "$CONF_DIR")"; else cd "$(p "$PREFIX")"; fi
         export CREDENTIALS_DIRECTORY=$creds PYTHONDONTWRITEBYTECODE=1
+        local run=()
         if [ "$COMPONENT" = central ]; then
-            set -a
-            # shellcheck disable=SC1090
-            . "$(p "$CONF_FILE")"
-            set +a
-            export PDM_CENTRAL_MODE=${PDM_CENTRAL_MODE:-production}
+            # As the unit: Environment=PDM_CENTRAL_MODE=production, then EnvironmentFile= read as systemd reads it
+            # (never sourced: a shell would expand $ and run $(...) in it, as root).
+            export PDM_CENTRAL_MODE=production
+            run=("$PY" "$SCRIPT_DIR/envfile.py" "$(p "$CONF_FILE")" --)
         fi
-        if live; then exec runuser -u "$NAME" -- "$@"; else exec "$@"; fi
+        if live; then run+=(runuser -u "$NAME" --); fi
+        exec "${run[@]}" "$@"
     ) || rc=$?
     rm -rf "$creds"
     return "$rc"
@@ -553,7 +566,11 @@ do_install() {
         migrate "$release" || die "migration failed: $UNIT not started"
     fi
     sdctl start "$UNIT"
-    say "$NAME $(version_of "$release") installed and started"
+    if systemd_running; then
+        say "$NAME $(version_of "$release") installed and started"
+    else
+        say "$NAME $(version_of "$release") installed and enabled, not started: no systemd runs in $ROOT (the start is the \"would run\" line above)"
+    fi
 }
 
 do_upgrade() {

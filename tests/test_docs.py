@@ -69,3 +69,53 @@ def test_a_missing_data_set_is_explained_where_the_tests_skip():
     said = " ".join(run.stdout.split())
     for fact in (data.NAME, "UCI Machine Learning Repository", data.FILE_NAME, data.SHA256, data.DATA_ENV):
         assert fact in said, fact
+
+
+ROOT = README.parent
+DEPLOYMENT = ROOT / "DEPLOYMENT.md"
+
+
+def project_version() -> str:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+def test_every_version_deployment_names_is_the_project_version():
+    named = re.findall(r"pdm_edge-(\d[^-]*)-py3|pdm-(?:edge|central):(\d[\w.]*)", DEPLOYMENT.read_text())
+    versions = {wheel or image for wheel, image in named}
+    assert versions == {project_version()}
+
+
+def test_deployment_says_how_to_build_the_wheel_it_installs():
+    text = DEPLOYMENT.read_text()
+    assert "pip wheel --no-deps --wheel-dir dist ." in text
+    assert f"dist/pdm_edge-{project_version()}-py3-none-any.whl" in text
+
+
+def test_every_rejection_reason_is_in_the_readme_table():
+    from model.validate import Reason
+
+    table = set(re.findall(r"^\| `([a-z_]+)` \|", README.read_text(), flags=re.MULTILINE))
+    assert {reason.value for reason in Reason} <= table
+
+
+def test_the_readme_states_the_machine_id_rule_the_code_applies():
+    from drivers.base import MachineId
+    from drivers.mqtt import _MACHINE_ID
+
+    pattern = MachineId.__metadata__[0].pattern
+    assert pattern == f"^{_MACHINE_ID.pattern}$"
+    assert f"`{_MACHINE_ID.pattern}`" in README.read_text()
+
+
+def test_the_example_describes_the_quarantine_not_the_dead_letters():
+    [line] = [line for line in (ROOT / "examples/agent.toml").read_text().splitlines()
+              if line.startswith("quarantine_max_rows")]
+    assert "rejected readings" in line and "central rejected" not in line
+
+
+@pytest.mark.parametrize("doc", ["README.md", "DEPLOYMENT.md"])
+def test_mosquitto_advice_covers_bursts_and_names_the_setting(doc):
+    text = " ".join((ROOT / doc).read_text().split())
+    assert "max_queued_messages 0" in text and "burst" in text and "max_queued_bytes" in text

@@ -1,1 +1,2 @@
-"""What both HTTP servers (the agent's status API and central) share; imports neither agent nor central."""
+"""What both HTTP servers (the agent's status API and central) and their commands share; imports neither agent nor
+central."""

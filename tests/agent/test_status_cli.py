@@ -83,6 +83,14 @@ def test_an_unreachable_agent_exits_1_with_a_clear_message(capsys, as_json):
     assert f"the agent is not reachable at {url}" in captured.err and "--url" in captured.err
 
 
+@pytest.mark.parametrize("url", ["notaurl", "ftp://127.0.0.1:8080"])
+def test_a_url_that_is_not_one_is_said_so_in_words(capsys, url):
+    assert status_cli.main(url, None, as_json=False) == 1
+    err = capsys.readouterr().err
+    assert f"the agent is not reachable at {url} (not a URL such as http://127.0.0.1:8080)" in err
+    assert "Schema" not in err and "InvalidURL" not in err
+
+
 def test_a_token_is_sent_and_its_absence_explained(with_token, capsys):
     assert status_cli.main(with_token.url, None, as_json=True) == 1
     assert "needs the status token: set PDM_STATUS__TOKEN" in capsys.readouterr().err

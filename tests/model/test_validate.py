@@ -28,13 +28,14 @@ def reading(**changes):
 
 CASES = [
     # (reading, reason, input named, text in the message)
-    ([1, 2, 3], Reason.NOT_AN_OBJECT, None, "list"),
-    ("300.1", Reason.NOT_AN_OBJECT, None, "str"),
+    ([1, 2, 3], Reason.NOT_AN_OBJECT, None, "got an array"),
+    ("300.1", Reason.NOT_AN_OBJECT, None, "got a string"),
+    (None, Reason.NOT_AN_OBJECT, None, "got null"),
     (reading(torque=...), Reason.MISSING_INPUT, "torque", "missing torque"),
     (reading(tool_wear=None), Reason.MISSING_INPUT, "tool_wear", "missing tool_wear"),
     (reading(machine_type=...), Reason.MISSING_INPUT, "machine_type", "missing machine_type"),
     (reading(torque="40.0"), Reason.NOT_A_NUMBER, "torque", "torque is '40.0'"),
-    (reading(torque=True), Reason.NOT_A_NUMBER, "torque", "torque is True"),
+    (reading(torque=True), Reason.NOT_A_NUMBER, "torque", "torque is true, not a number"),
     (reading(torque=[40.0]), Reason.NOT_A_NUMBER, "torque", "torque is [40.0]"),
     (reading(air_temperature=math.nan), Reason.NOT_FINITE, "air_temperature", "air_temperature is nan"),
     (reading(rotational_speed=-math.inf), Reason.NOT_FINITE, "rotational_speed", "-inf"),
