@@ -49,8 +49,6 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from web.tokens import weakness
@@ -190,6 +188,9 @@ def _loopback(host: str) -> bool:
 def _password(conninfo: str) -> str | None:
     """The password a libpq connection string holds, in whichever form (URL userinfo, `?password=`, keyword
     `password=`); "" when it cannot be parsed (then it may hold one: treat it as secret)."""
+    import psycopg  # here, not at the top: `pdm-central --help` works without the central extra
+    from psycopg.conninfo import conninfo_to_dict
+
     try:
         return conninfo_to_dict(conninfo).get("password")
     except (psycopg.Error, ValueError):  # what libpq's parser refuses
@@ -208,6 +209,8 @@ def redact_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme in ("postgresql", "postgres") and parts.password is not None and "password" not in parts.query:
         return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
     return make_conninfo("", **{**conninfo_to_dict(url), "password": "***"})
 
 
