@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.deploy.conftest import REPO, SYSTEMD, exposure, manifest, minimal_root, need, run, verify
-from tests.services import wait_until
+from testkit.net import wait_until
 
 INSTALL = SYSTEMD / "install.sh"
 GATEWAY = "gw-test-1"
