@@ -42,9 +42,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from central import __version__, conflicts, dashboard, db, guard, ingest, ops
+from central import __version__, alarms, conflicts, dashboard, db, guard, ingest, ops
 from central.auth import Gateway, GatewayCache, bearer_token, find_gateway, same_secret
 from central.errors import ApiError, Error, body
+from central.notify.service import Notifications
 from central.params import Limit, Name, NameInPath, State, Time
 from central.settings import Settings, SettingsError
 from sync.protocol import IngestBatch, IngestResult
@@ -100,28 +101,32 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
     problems = settings.serving_problems()
     if problems:
         raise SettingsError(problems)
+    notifications = Notifications.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = db.make_pool(settings)
         await pool.open(wait=False)
         app.state.pool = pool
+        notifications.start(pool)
         log.info("pdm-central %s ready to serve (%s mode)", __version__, settings.mode,
                  extra={"settings": settings.redacted()})
         try:
             yield
         finally:
+            await notifications.stop()
             await pool.close()
 
     development = not settings.production
     api = FastAPI(title="pdm-central", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=OPENAPI if development else None)
     api.state.settings = settings
+    api.state.notifications = notifications
     if settings.cors_origins:
         api.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET"],
                            allow_headers=["Authorization"], max_age=600)
     _handlers(api)
-    _routes(api, settings)
+    _routes(api, settings, notifications)
     if development:
         api.add_api_route("/openapi.json", lambda: RedirectResponse(OPENAPI, status_code=308), include_in_schema=False)
     _document(api)
@@ -230,7 +235,7 @@ NOTHING_DESIRED = ('{"revision":0,"model":null,"shadow":null,"config":{"revision
 NOTHING_DESIRED_ETAG = '"desired-0"'
 
 
-def _routes(api: FastAPI, settings: Settings) -> None:
+def _routes(api: FastAPI, settings: Settings, notifications: Notifications) -> None:
     limit = settings.max_body_bytes
     gateways = GatewayCache()
     guards = guard.Guards()
@@ -325,7 +330,10 @@ def _routes(api: FastAPI, settings: Settings) -> None:
             raise ApiError(403, "forbidden", f"this token belongs to another gateway than {batch.gateway_id!r}")
         try:
             async with connection(request) as conn:
-                result = await ingest.store(conn, gateway, batch, _client(request))
+                async with conn.transaction():  # the events, their episodes and notifications: all or nothing
+                    new_events: list = []
+                    result = await ingest.store(conn, gateway, batch, _client(request), new_events)
+                    notified = await notifications.after_store(conn, gateway.id, gateway.name, new_events)
                 if result.duplicates.summaries:  # a resend; or a conflicting duplicate, which must not pass silently
                     await conflicts.record(conn, gateway, batch)
         except ingest.Revoked:
@@ -338,6 +346,8 @@ def _routes(api: FastAPI, settings: Settings) -> None:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ApiError(422, "invalid_batch", f"PostgreSQL refused a value of the batch: {reason}",
                            [{"loc": [], "msg": reason, "type": "database_refused"}]) from None
+        if notified:
+            notifications.wake()
         log.debug("gateway %s: batch %s stored", gateway.name, batch.batch_id,
                   extra={"accepted": result.accepted.model_dump(), "duplicates": result.duplicates.model_dump()})
         return Response(result.model_dump_json(), media_type=JSON)
@@ -377,6 +387,7 @@ def _routes(api: FastAPI, settings: Settings) -> None:
                             media_type=JSON)
 
     api.include_router(ops_api)
+    alarms.routes(api, settings, connection, require_ops)
     dashboard.routes(api, settings, connection, require_ops, guards.login)
 
 

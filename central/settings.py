@@ -17,6 +17,7 @@
     PDM_CENTRAL_LOG_FORMAT          auto                                    auto | json | text
     PDM_CENTRAL_SESSION_LIFETIME_S  28800                                   dashboard session, from login (60 s-7 days)
     PDM_CENTRAL_SESSION_COOKIE_SECURE  true                                 false: plain http, loopback bind only
+    PDM_CENTRAL_NOTIFY_CONFIG       (none: no notifications)                TOML routes and channels (central/notify)
 
 A secret can also come from a file: `PDM_CENTRAL_OPS_TOKEN_FILE=/run/secrets/ops-token` (setting both is an error),
 or from the systemd credential of the same name in lower case (`LoadCredential=ops_token:/etc/pdm-central/ops`),
@@ -91,6 +92,7 @@ class Settings(BaseModel):
     log_format: Literal["auto", "json", "text"] = "auto"
     session_lifetime_s: int = Field(8 * 3600, ge=60, le=7 * 24 * 3600)
     session_cookie_secure: bool = True
+    notify_config: Path | None = None  # notification routes and channels (central/notify/config.py)
 
     # Where each secret came from ("environment", "file", "credential", "default"): production rules depend on it.
     sources: dict[str, str] = {}
