@@ -33,6 +33,7 @@ and never shown (`repr` of a channel hides them).
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -125,7 +126,7 @@ class NotifyConfig(_Strict):
                     known = ", ".join(sorted(self.channels)) or "none"
                     problems.append(f"routes[{i}].channels: unknown channel {channel!r} (known: {known})")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n".join(problems))  # one line each: _lines() splits them again
         return self
 
 
@@ -135,7 +136,10 @@ def _where(loc: tuple[int | str, ...]) -> str:
         if isinstance(part, int):
             text += f"[{part}]"
         elif part not in ("webhook", "email"):  # the discriminator's branch, not a key of the file
-            text += f".{part}" if text else str(part)
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", part):
+                text += f"[{part!r}]"  # a key as typed, control characters escaped
+            else:
+                text += f".{part}" if text else part
     return text
 
 
@@ -144,7 +148,7 @@ def _lines(exc: ValidationError) -> list[str]:
     for error in exc.errors(include_url=False, include_input=False):
         message = error["msg"].removeprefix("Value error, ")
         where = _where(error["loc"])
-        for part in message.split("; ") if not where else [message]:
+        for part in message.splitlines() if not where else [" ".join(message.splitlines())]:
             lines.append(f"{where}: {part}" if where else part)
     return lines
 
