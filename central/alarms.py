@@ -27,9 +27,9 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import psycopg
-from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, Path, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from central import dashboard
 from central.errors import ApiError
@@ -60,15 +60,16 @@ class Assign(_Body):
     assignee: Person | None  # null: unassigned
 
 
-class Label(_Body):
-    label: Literal["failure", "false_alarm", "unsure"]
-    mode: Annotated[str, Field(pattern=r"^[A-Za-z0-9_]{1,32}$")] | None = None
+class FailureLabel(_Body):
+    label: Literal["failure"]  # a confirmed failure, of this mode
+    mode: Annotated[str, Field(pattern=r"^[A-Za-z0-9_]{1,32}$")]
 
-    @model_validator(mode="after")
-    def _mode(self) -> Label:
-        if (self.label == "failure") != (self.mode is not None):
-            raise ValueError("a `failure` label names its failure mode (e.g. TWF); the other labels take none")
-        return self
+
+class OtherLabel(_Body):
+    label: Literal["false_alarm", "unsure"]
+
+
+Label = Annotated[FailureLabel | OtherLabel, Body(discriminator="label")]
 
 
 EPISODE = """json_build_object(
@@ -175,7 +176,9 @@ def routes(api: FastAPI, settings: Settings, connection: Connection,
         401: {"description": "missing or invalid ops token, or no dashboard session"},
         503: {"description": "database unavailable; retry later"}})
     not_found: dict[int | str, dict[str, Any]] = {404: {"description": "no such episode"}}
-    acted: dict[int | str, dict[str, Any]] = {**not_found, 403: {"description": "a session's POST from another site's page"},
+    acted: dict[int | str, dict[str, Any]] = {
+        **not_found, 400: {"description": "the body is not JSON"},
+        403: {"description": "a session's POST from another site's page"},
              409: {"description": "the episode was merged into another: act on that one"}}
 
     @router.get("/alarms")
@@ -228,7 +231,7 @@ def routes(api: FastAPI, settings: Settings, connection: Connection,
 
     @router.post("/alarms/{episode_id}/label", responses=acted)
     async def label(request: Request, episode_id: EpisodeId, body: Label) -> Response:
-        return await act(request, episode_id, "label", body.model_dump())
+        return await act(request, episode_id, "label", {"mode": None, **body.model_dump()})
 
     @router.get("/notifications/deliveries")
     async def deliveries(request: Request,

@@ -19,8 +19,13 @@ Routes:
   GET  /api/v1/gateways/{gateway}/machines/{machine_id}/summaries   ?since=&until=&limit=&cursor=; ops token
   GET  /api/v1/events           state changes, ?since=&until=&gateway=&machine_id=&state=&limit=&cursor=; ops token
   GET  /, /login; POST /login, /logout; GET /api/v1/dashboard/...   the fleet dashboard (central/dashboard.py)
+  GET  /api/v1/alarms[/{id}]; POST /api/v1/alarms/{id}/acknowledge|comment|assign|label;
+  GET  /api/v1/notifications/deliveries    alarm episodes, their audit log, the notifications' log (central/alarms.py)
 Ops routes take the ops token as a bearer header, or the dashboard's session cookie. Refused credentials are
 limited per client address (central/guard.py): 429 with Retry-After beyond 10 a minute.
+
+An ingest stores its events, the alarm episodes they change (central/episodes.py) and the notifications those
+changes owe (central/notify/) in one transaction; the notification worker runs as a task of the lifespan.
 
 The pool opens without waiting for PostgreSQL: the API starts while the database is down, /readyz says so, and
 every route that needs the database answers 503 {"error": {"code": "database_unavailable"}} with Retry-After.

@@ -28,6 +28,9 @@ CREATE INDEX alarm_episodes_machine ON alarm_episodes (gateway_id, machine_id, o
 -- the list: open ones first, newest first
 CREATE INDEX alarm_episodes_list ON alarm_episodes ((closed_at IS NULL) DESC, opened_at DESC, id DESC)
     WHERE merged_into IS NULL;
+-- the notification worker's escalation check, every round: the open, unacknowledged ones only
+CREATE INDEX alarm_episodes_unacknowledged ON alarm_episodes (opened_at)
+    WHERE closed_at IS NULL AND acknowledged_at IS NULL AND merged_into IS NULL;
 
 -- Every action on an episode: who, when, what, from where.
 CREATE TABLE alarm_actions (
@@ -64,3 +67,4 @@ CREATE INDEX notify_outbox_due ON notify_outbox (due_at) WHERE state = 'pending'
 CREATE INDEX notify_outbox_held ON notify_outbox (route, created_at) WHERE state = 'held';
 CREATE INDEX notify_outbox_route_recent ON notify_outbox (route, created_at);
 CREATE INDEX notify_outbox_log ON notify_outbox (created_at DESC, delivery_id);
+CREATE INDEX notify_outbox_episode ON notify_outbox (episode_id, route, transition);
