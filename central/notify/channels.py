@@ -15,6 +15,7 @@ import hmac
 import json
 import smtplib
 import ssl
+import threading
 from email.message import EmailMessage
 from email.utils import formatdate
 from typing import Any
@@ -50,7 +51,7 @@ def post(channel: Webhook, delivery_id: str, payload: dict[str, Any]) -> None:
                "X-PDM-Delivery": delivery_id,
                "X-PDM-Signature": signature(channel.secret.get_secret_value(), raw)}
     try:
-        response = requests.post(channel.url, data=raw, headers=headers, timeout=channel.timeout_s,
+        response = _session().post(channel.url, data=raw, headers=headers, timeout=channel.timeout_s,
                                  allow_redirects=False)
     except requests.Timeout:
         raise DeliveryError(f"no answer within {channel.timeout_s:g} s") from None
@@ -58,6 +59,17 @@ def post(channel: Webhook, delivery_id: str, payload: dict[str, Any]) -> None:
         raise DeliveryError(f"connection failed: {type(exc).__name__}") from None
     if not 200 <= response.status_code < 300:
         raise DeliveryError(f"HTTP {response.status_code}")
+
+
+_local = threading.local()
+
+
+def _session() -> requests.Session:
+    """One session per worker thread: connections to a receiver are kept alive between deliveries."""
+    session: requests.Session | None = getattr(_local, "session", None)
+    if session is None:
+        session = _local.session = requests.Session()
+    return session
 
 
 def subject(payload: dict[str, Any]) -> str:

@@ -174,9 +174,10 @@ async def claim(conn: psycopg.AsyncConnection[Any], now: datetime, lease_s: floa
     return [(row[0], row[1], row[2], row[3], row[4]) for row in await cursor.fetchall()]
 
 
-async def delivered(conn: psycopg.AsyncConnection[Any], ident: uuid.UUID, now: datetime) -> None:
-    await conn.execute("UPDATE notify_outbox SET state = 'delivered', delivered_at = %s, last_error = NULL "
-                       "WHERE delivery_id = %s", [now, ident])
+async def delivered(conn: psycopg.AsyncConnection[Any], idents: list[uuid.UUID], now: datetime) -> None:
+    if idents:
+        await conn.execute("UPDATE notify_outbox SET state = 'delivered', delivered_at = %s, last_error = NULL "
+                           "WHERE delivery_id = ANY(%s)", [now, idents])
 
 
 def backoff_s(attempts: int) -> float:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +40,7 @@ class Worker:
         self.delivered = 0
         self.given_up = 0
         self._wake = asyncio.Event()
+        self._next_checks = 0.0
 
     def wake(self) -> None:
         """Deliver now: an ingest has just committed deliveries (saves up to a round's wait)."""
@@ -66,19 +68,24 @@ class Worker:
         """One round; True when it sent a full batch (more may be waiting)."""
         fixed = now
         now = now or self.clock()
+        # Escalations and digests are minutes-scale: checked once per interval, not at every ingest's wake-up.
+        checks_due = fixed is not None or time.monotonic() >= self._next_checks
         async with self.pool.connection() as conn:
-            await outbox.escalate(conn, self.config, now)
-            await outbox.flush_digests(conn, self.config, now)
+            if checks_due:
+                self._next_checks = time.monotonic() + self.interval_s
+                await outbox.escalate(conn, self.config, now)
+                await outbox.flush_digests(conn, self.config, now)
             claimed = await outbox.claim(conn, now, self.lease_s, self.batch)
         if not claimed:
             return False
         results = await asyncio.gather(*(self._send(channel, payload) for _, channel, payload, _, _ in claimed))
         done = fixed or self.clock()
         async with self.pool.connection() as conn:
+            sent = [ident for (ident, *_), error in zip(claimed, results, strict=True) if error is None]
+            self.delivered += len(sent)
+            await outbox.delivered(conn, sent, done)
             for (ident, channel, _, attempts, created_at), error in zip(claimed, results, strict=True):
                 if error is None:
-                    self.delivered += 1
-                    await outbox.delivered(conn, ident, done)
                     continue
                 if await outbox.failed(conn, ident, attempts, created_at, done, error):
                     self.given_up += 1
