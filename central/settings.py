@@ -137,7 +137,7 @@ class Settings(BaseModel):
     def serving_problems(self) -> list[str]:
         """What production mode refuses (in development only an insecure cookie off loopback; empty when all is
         well); see the module docstring."""
-        problems = []
+        problems = self._notify_problems()
         if not self.session_cookie_secure:
             if self.production:
                 problems.append(f"{PREFIX}SESSION_COOKIE_SECURE: false sends the dashboard's session cookie over "
@@ -169,6 +169,17 @@ class Settings(BaseModel):
                             f"through {PREFIX}DATABASE_URL_FILE or the systemd credential database_url, or use "
                             "~/.pgpass (PGPASSFILE) and leave the password out")
         return problems
+
+    def _notify_problems(self) -> list[str]:
+        """PDM_CENTRAL_NOTIFY_CONFIG's file, checked with the rest (gunicorn refuses to start on it too)."""
+        from central.notify.config import NotifyConfigError, load
+
+        try:
+            if self.notify_config is not None:
+                load(self.notify_config, production=self.production)
+        except NotifyConfigError as exc:
+            return [f"{PREFIX}NOTIFY_CONFIG: {line}" for line in exc.problems]
+        return []
 
     def redacted(self) -> dict:
         """The effective settings for logs: secrets and the database URL's password replaced by ***."""

@@ -114,21 +114,6 @@ class NotifyConfig(_Strict):
     channels: dict[Name, Channel] = {}
     routes: list[Route] = []
 
-    @model_validator(mode="after")
-    def _references(self) -> NotifyConfig:
-        problems = []
-        names = [route.name for route in self.routes]
-        for name in sorted({n for n in names if names.count(n) > 1}):
-            problems.append(f"route name {name!r} is used twice; give each route its own name")
-        for i, route in enumerate(self.routes):
-            for channel in route.channels:
-                if channel not in self.channels:
-                    known = ", ".join(sorted(self.channels)) or "none"
-                    problems.append(f"routes[{i}].channels: unknown channel {channel!r} (known: {known})")
-        if problems:
-            raise ValueError("\n".join(problems))  # one line each: _lines() splits them again
-        return self
-
 
 def _where(loc: tuple[int | str, ...]) -> str:
     text = ""
@@ -148,40 +133,74 @@ def _lines(exc: ValidationError) -> list[str]:
     for error in exc.errors(include_url=False, include_input=False):
         message = error["msg"].removeprefix("Value error, ")
         where = _where(error["loc"])
-        for part in message.splitlines() if not where else [" ".join(message.splitlines())]:
-            lines.append(f"{where}: {part}" if where else part)
+        lines.append(f"{where}: {' '.join(message.splitlines())}" if where else " ".join(message.splitlines()))
     return lines
 
 
 def parse(data: dict[str, Any], production: bool = False, base: Path | None = None) -> NotifyConfig:
     """The validated configuration of a parsed TOML document, its secrets read; NotifyConfigError listing every
-    problem. Relative secret paths are relative to `base` (the file's folder)."""
-    try:
-        config = NotifyConfig.model_validate(data)
-    except ValidationError as exc:
-        raise NotifyConfigError(_lines(exc)) from None
+    problem (the schema's, the references between routes and channels, the secret files, production's rules).
+    Relative secret paths are relative to `base` (the file's folder)."""
     problems: list[str] = []
-    channels: dict[str, Webhook | Email] = {}
-    for name, channel in config.channels.items():
-        where = f"channels.{name}"
-        if isinstance(channel, Webhook):
-            secret = _secret(channel.secret_file, base, f"{where}.secret_file", problems)
-            host = urlsplit(channel.url).hostname or ""
-            if production and urlsplit(channel.url).scheme == "http" and not loopback(host):
-                problems.append(f"{where}.url: plain http to {host} would send alarms readable and forgeable on the "
-                                "way; production needs https (or a loopback address)")
-            channels[name] = channel.model_copy(update={"secret": SecretStr(secret)})
-        else:
-            password = ""
-            if channel.password_file is not None:
-                password = _secret(channel.password_file, base, f"{where}.password_file", problems)
-            if production and not channel.starttls and not loopback(channel.host):
-                problems.append(f"{where}.starttls: false sends mail and the SMTP password in clear to "
-                                f"{channel.host}; production needs STARTTLS (or a loopback relay)")
-            channels[name] = channel.model_copy(update={"password": SecretStr(password)})
-    if problems:
+    try:
+        config: NotifyConfig | None = NotifyConfig.model_validate(data)
+    except ValidationError as exc:
+        config = None
+        problems += _lines(exc)
+    given = data.get("channels")
+    raw_channels: dict[str, Any] = given if isinstance(given, dict) else {}
+    problems += _references(data.get("routes"), raw_channels)
+    secrets: dict[str, str] = {}
+    for name, channel in raw_channels.items():
+        if isinstance(channel, dict):
+            secrets[name] = _channel_problems(name, channel, production, base, problems)
+    if problems or config is None:
         raise NotifyConfigError(problems)
+    channels: dict[str, Webhook | Email] = {}
+    for name, validated in config.channels.items():
+        field = "secret" if isinstance(validated, Webhook) else "password"
+        channels[name] = validated.model_copy(update={field: SecretStr(secrets.get(name, ""))})
     return config.model_copy(update={"channels": channels})
+
+
+def _references(routes: object, channels: dict[str, Any]) -> list[str]:
+    problems: list[str] = []
+    if not isinstance(routes, list):
+        return problems
+    names: list[str] = [r["name"] for r in routes if isinstance(r, dict) and isinstance(r.get("name"), str)]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"route name {name!r} is used twice; give each route its own name")
+    for i, route in enumerate(routes):
+        wanted = route.get("channels") if isinstance(route, dict) else None
+        for channel in wanted if isinstance(wanted, list) else []:
+            if isinstance(channel, str) and channel not in channels:
+                known = ", ".join(sorted(str(c) for c in channels)) or "none"
+                problems.append(f"routes[{i}].channels: unknown channel {channel!r} (known: {known})")
+    return problems
+
+
+def _channel_problems(name: str, channel: dict[str, Any], production: bool, base: Path | None,
+                      problems: list[str]) -> str:
+    """The channel's secret (read from its file), adding what is wrong with it or, in production, with its
+    transport to `problems`."""
+    where = f"channels.{name}" if re.fullmatch(NAME, name) else f"channels[{name!r}]"
+    secret = ""
+    if channel.get("type") == "webhook":
+        if isinstance(channel.get("secret_file"), str):
+            secret = _secret(Path(channel["secret_file"]), base, f"{where}.secret_file", problems)
+        url = channel.get("url")
+        parts = urlsplit(url) if isinstance(url, str) else None
+        if production and parts is not None and parts.scheme == "http" and not loopback(parts.hostname or ""):
+            problems.append(f"{where}.url: plain http to {parts.hostname} would send alarms readable and forgeable "
+                            "on the way; production needs https (or a loopback address)")
+    elif channel.get("type") == "email":
+        if isinstance(channel.get("password_file"), str):
+            secret = _secret(Path(channel["password_file"]), base, f"{where}.password_file", problems)
+        host = channel.get("host")
+        if production and channel.get("starttls", True) is False and isinstance(host, str) and not loopback(host):
+            problems.append(f"{where}.starttls: false sends mail and the SMTP password in clear to {host}; "
+                            "production needs STARTTLS (or a loopback relay)")
+    return secret
 
 
 def load(path: Path, production: bool = False) -> NotifyConfig:

@@ -74,19 +74,22 @@ def test_production_refuses_smtp_without_starttls_off_loopback(files):
     assert refused.value.problems[0].startswith("channels.mail.starttls: false sends")
 
 
-def test_every_problem_is_listed_once_with_where_it_is(files):
+def test_every_problem_is_listed_at_once_with_where_it_is(files):
     data = valid(files)
-    data["routes"].append({"name": "line-1", "channels": ["pager"]})
+    data["routes"].append({"name": "line-1", "channels": ["pager"], "digest_after": 0})
     data["channels"]["hook"]["secret_file"] = str(files / "missing")
+    data["channels"]["hook"]["url"] = "http://hooks.example.com"
+    data["channels"]["mail"]["port"] = "smtp"
     with pytest.raises(NotifyConfigError) as refused:
-        parse(data)
-    assert refused.value.problems == ["route name 'line-1' is used twice; give each route its own name",
-                                      "routes[1].channels: unknown channel 'pager' (known: hook, mail)"]
-    data["routes"].pop()
-    with pytest.raises(NotifyConfigError) as refused:
-        parse(data)
-    assert refused.value.problems == [(f"channels.hook.secret_file: cannot read {files / 'missing'}: "
-                                      "No such file or directory")]
+        parse(data, production=True)
+    assert refused.value.problems == [
+        "channels.mail.port: Input should be a valid integer, unable to parse string as an integer",
+        "routes[1].digest_after: Input should be greater than or equal to 1",
+        "route name 'line-1' is used twice; give each route its own name",
+        "routes[1].channels: unknown channel 'pager' (known: hook, mail)",
+        f"channels.hook.secret_file: cannot read {files / 'missing'}: No such file or directory",
+        ("channels.hook.url: plain http to hooks.example.com would send alarms readable and forgeable on the way; "
+        "production needs https (or a loopback address)")]
 
 
 def test_a_file_that_is_not_toml_is_one_line_naming_it(tmp_path):

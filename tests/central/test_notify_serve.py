@@ -4,6 +4,7 @@ delivers it again under the same delivery id (issue 18 item 3)."""
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 
 import psycopg
@@ -63,3 +64,18 @@ def test_kill_9_during_a_delivery_loses_nothing(central_url, gateways, tmp_path)
     finally:
         server.terminate()
         receiver.close()
+
+
+def test_serve_refuses_to_start_with_a_bad_notification_config_one_line_per_problem(central_url, tmp_path):
+    config = tmp_path / "notify.toml"
+    config.write_text('[channels.hook]\ntype = "webhook"\nurl = "ftp://x"\nsecret_file = "nope"\n'
+                      '[[routes]]\nname = "r"\nchannels = ["hook", "pager"]\n')
+    done = subprocess.run([PDM_CENTRAL, "serve", "--port", str(free_port())], capture_output=True, text=True, check=False,
+                          env=environment(central_url, PDM_CENTRAL_NOTIFY_CONFIG=str(config)), timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "pdm-central: 3 settings problem(s):",
+        f"  PDM_CENTRAL_NOTIFY_CONFIG: {config}: channels.hook.url: 'ftp://x' is not an http(s) URL",
+        f"  PDM_CENTRAL_NOTIFY_CONFIG: {config}: routes[0].channels: unknown channel 'pager' (known: hook)",
+        (f"  PDM_CENTRAL_NOTIFY_CONFIG: {config}: channels.hook.secret_file: cannot read {tmp_path / 'nope'}: "
+        "No such file or directory")]
