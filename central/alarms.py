@@ -9,7 +9,8 @@ this site's own page, as the dashboard's sign-in does):
   POST /api/v1/alarms/{id}/comment       {text, by?}
   POST /api/v1/alarms/{id}/assign        {assignee | null, by?}
   POST /api/v1/alarms/{id}/label         {label: failure|false_alarm|unsure, mode (failure only), by?}
-  GET  /api/v1/notifications/deliveries  ?state=&episode=&limit=&cursor=: the outbox, newest first
+  GET  /api/v1/notifications/deliveries  ?state=&episode=&limit=&cursor=: the outbox, newest first, with the counts
+                                         of what is not delivered and this process's worker (running, restarts...)
 Every POST writes an audit row: who (the credential: "ops token" or "dashboard session", and the name given as
 `by`), when, what, and from where (the client address, X-Forwarded-For's only from PDM_CENTRAL_TRUSTED_PROXIES).
 """
@@ -33,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from central import dashboard
 from central.errors import ApiError
+from central.notify import outbox
 from central.params import Name
 from central.settings import Settings
 
@@ -79,7 +81,8 @@ EPISODE = """json_build_object(
     'age_s', extract(epoch FROM coalesce(a.closed_at, now()) - a.opened_at),
     'dominant_mode', a.dominant_mode, 'p_failure_max', a.p_failure_max, 'events', a.events,
     'acknowledged_at', a.acknowledged_at, 'acknowledged_by', a.acknowledged_by, 'assignee', a.assignee,
-    'label', a.label, 'label_mode', a.label_mode, 'escalated_at', a.escalated_at, 'merged_into', a.merged_into)"""
+    'label', a.label, 'label_mode', a.label_mode, 'escalated_at', a.escalated_at, 'noticed_at', a.noticed_at,
+    'merged_into', a.merged_into)"""
 
 LIST = f"""
 SELECT {EPISODE}::text, (a.closed_at IS NULL)::int, a.opened_at, a.id
@@ -243,7 +246,10 @@ def routes(api: FastAPI, settings: Settings, connection: Connection,
                   "c_id": after[1] if after else None}
         async with connection(request) as conn:
             rows = await (await conn.execute(DELIVERIES, params)).fetchall()
-        return Response(_page("deliveries", rows, limit), media_type=JSON)
+            counts = await outbox.undelivered(conn)
+        worker = json.dumps(request.app.state.notifications.status())
+        page = _page("deliveries", rows, limit)
+        return Response(f'{{"outbox":{counts},"worker":{worker},{page[1:]}', media_type=JSON)
 
     api.include_router(router)
 

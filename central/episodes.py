@@ -107,9 +107,9 @@ ORDER BY opened_at, id
 """
 INSERT = """
 INSERT INTO alarm_episodes (gateway_id, machine_id, opened_at, closed_at, state, peak_state, dominant_mode,
-                            p_failure_max, events)
+                            p_failure_max, events, noticed_at)
 VALUES (%(gw)s, %(machine)s, %(opened_at)s, %(closed_at)s, %(state)s, %(peak_state)s, %(dominant_mode)s,
-        %(p_failure_max)s, %(events)s)
+        %(p_failure_max)s, %(events)s, %(now)s)
 RETURNING id
 """
 UPDATE = """
@@ -120,17 +120,17 @@ WHERE id = %(id)s
 """
 
 
-async def apply(conn: psycopg.AsyncConnection[Any], gateway_id: int, gateway: str,
-                event_ids: list[uuid.UUID]) -> list[Transition]:
+async def apply(conn: psycopg.AsyncConnection[Any], gateway_id: int, gateway: str, event_ids: list[uuid.UUID],
+                now: datetime) -> list[Transition]:
     """Bring the episodes of the machines these newly stored events belong to up to date; their transitions.
-    Call inside the transaction that stored the events."""
+    Call inside the transaction that stored the events; `now` is central's time (a new episode's noticed_at)."""
     if not event_ids:
         return []
     machines = await (await conn.execute(NEW_EVENTS_BY_MACHINE, [gateway_id, event_ids])).fetchall()
     transitions: list[Transition] = []
     for machine_id, since in machines:
         await conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", [gateway_id, machine_id])
-        transitions += await _rebuild(conn, gateway_id, gateway, machine_id, since)
+        transitions += await _rebuild(conn, gateway_id, gateway, machine_id, since, now)
     return transitions
 
 
@@ -153,7 +153,7 @@ def segments(rows: list[tuple[datetime, str, float, str]]) -> list[_Segment]:
 
 
 async def _rebuild(conn: psycopg.AsyncConnection[Any], gateway_id: int, gateway: str, machine_id: str,
-                   since: datetime) -> list[Transition]:
+                   since: datetime, now: datetime) -> list[Transition]:
     key = {"gw": gateway_id, "machine": machine_id, "since": since}
     start = (await (await conn.execute(START, key)).fetchone() or [since])[0]
     key["start"] = start
@@ -165,7 +165,7 @@ async def _rebuild(conn: psycopg.AsyncConnection[Any], gateway_id: int, gateway:
         values = {"gw": gateway_id, "machine": machine_id, "opened_at": segment.opened_at,
                   "closed_at": segment.closed_at, "state": segment.state, "peak_state": segment.peak_state,
                   "dominant_mode": segment.dominant_mode, "p_failure_max": segment.p_failure_max,
-                  "events": segment.events}
+                  "events": segment.events, "now": now}
         if not overlapping:
             episode_id = (await (await conn.execute(INSERT, values)).fetchone() or [0])[0]
             kinds = ["opened"] + (["to_alarm"] if segment.first_state != segment.peak_state else [])

@@ -22,6 +22,9 @@ CREATE TABLE alarm_episodes (
     label           text CHECK (label IN ('failure', 'false_alarm', 'unsure')),
     label_mode      text,
     escalated_at    timestamptz,
+    -- when central first heard of it: escalation counts from here (a gateway offline for hours must not send an
+    -- episode that escalates the moment it arrives)
+    noticed_at      timestamptz NOT NULL,
     updated_at      timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX alarm_episodes_machine ON alarm_episodes (gateway_id, machine_id, opened_at);
@@ -29,7 +32,7 @@ CREATE INDEX alarm_episodes_machine ON alarm_episodes (gateway_id, machine_id, o
 CREATE INDEX alarm_episodes_list ON alarm_episodes ((closed_at IS NULL) DESC, opened_at DESC, id DESC)
     WHERE merged_into IS NULL;
 -- the notification worker's escalation check, every round: the open, unacknowledged ones only
-CREATE INDEX alarm_episodes_unacknowledged ON alarm_episodes (opened_at)
+CREATE INDEX alarm_episodes_unacknowledged ON alarm_episodes (noticed_at)
     WHERE closed_at IS NULL AND acknowledged_at IS NULL AND merged_into IS NULL;
 
 -- Every action on an episode: who, when, what, from where.
@@ -68,3 +71,5 @@ CREATE INDEX notify_outbox_held ON notify_outbox (route, created_at) WHERE state
 CREATE INDEX notify_outbox_route_recent ON notify_outbox (route, created_at);
 CREATE INDEX notify_outbox_log ON notify_outbox (created_at DESC, delivery_id);
 CREATE INDEX notify_outbox_episode ON notify_outbox (episode_id, route, transition);
+-- the delivery log's counts of what is not (yet) delivered
+CREATE INDEX notify_outbox_undelivered ON notify_outbox (state) WHERE state IN ('pending', 'held', 'failed');

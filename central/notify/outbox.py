@@ -33,6 +33,7 @@ DIGEST_LIST_MAX = 200  # transitions listed in one digest; `count` says how many
 BACKOFF_FIRST_S = 15.0
 BACKOFF_MAX_S = 30 * 60.0
 RETRY_HORIZON = timedelta(hours=24)  # then a delivery is given up as failed (and logged)
+RETENTION = timedelta(days=90)  # delivered and digested rows are kept this long for the delivery log
 
 
 def delivery_id(*parts: object) -> uuid.UUID:
@@ -95,18 +96,19 @@ async def _insert(conn: psycopg.AsyncConnection[Any], route: Route, transition: 
 ESCALATION_DUE = """
 SELECT a.id, g.name, a.machine_id, a.opened_at, a.closed_at, a.state, a.peak_state, a.dominant_mode, a.p_failure_max
 FROM alarm_episodes a JOIN gateways g ON g.id = a.gateway_id
-WHERE a.closed_at IS NULL AND a.acknowledged_at IS NULL AND a.merged_into IS NULL AND a.opened_at <= %(cutoff)s
+WHERE a.closed_at IS NULL AND a.acknowledged_at IS NULL AND a.merged_into IS NULL AND a.noticed_at <= %(cutoff)s
   AND (%(gateways)s::text[] = '{}' OR g.name = ANY(%(gateways)s::text[]))
   AND (%(machines)s::text[] = '{}' OR a.machine_id = ANY(%(machines)s::text[]))
   AND (%(from_state)s = 'warning' OR a.peak_state = 'alarm')
   AND NOT EXISTS (SELECT 1 FROM notify_outbox o WHERE o.episode_id = a.id AND o.route = %(route)s
                   AND o.transition = 'escalation')
-ORDER BY a.opened_at LIMIT 500
+ORDER BY a.noticed_at LIMIT 500
 """
 
 
 async def escalate(conn: psycopg.AsyncConnection[Any], config: NotifyConfig, now: datetime) -> int:
-    """One escalation delivery per route for each episode left unacknowledged longer than its escalate_after_min."""
+    """One escalation delivery per route for each open episode left unacknowledged longer than its
+    escalate_after_min since central heard of it."""
     written = 0
     for route in config.routes:
         if route.escalate_after_min is None:
@@ -194,3 +196,24 @@ async def failed(conn: psycopg.AsyncConnection[Any], ident: uuid.UUID, attempts:
                        ["failed" if give_up else "pending", now + timedelta(seconds=backoff_s(attempts)),
                         reason[:500], ident])
     return give_up
+
+
+async def prune(conn: psycopg.AsyncConnection[Any], now: datetime) -> int:
+    """Forget deliveries done more than RETENTION ago (failed ones stay until someone looks: they are few)."""
+    cursor = await conn.execute("DELETE FROM notify_outbox WHERE state IN ('delivered', 'digested') "
+                                "AND created_at < %s", [now - RETENTION])
+    return cursor.rowcount
+
+
+UNDELIVERED = """
+SELECT json_build_object(
+    'pending', count(*) FILTER (WHERE state = 'pending'), 'held', count(*) FILTER (WHERE state = 'held'),
+    'failed', count(*) FILTER (WHERE state = 'failed'),
+    'oldest_pending_at', min(created_at) FILTER (WHERE state = 'pending'))::text
+FROM notify_outbox WHERE state IN ('pending', 'held', 'failed')
+"""
+
+
+async def undelivered(conn: psycopg.AsyncConnection[Any]) -> str:
+    row = await (await conn.execute(UNDELIVERED)).fetchone()
+    return str(row[0]) if row else "{}"

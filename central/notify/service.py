@@ -26,6 +26,8 @@ class Notifications:
         self.config, self.clock = config, clock
         self.worker: Worker | None = None
         self.background = True  # tests turn it off and drive worker.run_once on a fake clock
+        self.restarts = 0
+        self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -41,10 +43,11 @@ class Notifications:
     async def after_store(self, conn: psycopg.AsyncConnection[Any], gateway_id: int, gateway: str,
                           event_ids: list[uuid.UUID]) -> int:
         """In the ingest transaction: the episodes of the newly stored events, and their deliveries (how many)."""
-        transitions = await episodes.apply(conn, gateway_id, gateway, event_ids)
+        now = self.clock()
+        transitions = await episodes.apply(conn, gateway_id, gateway, event_ids, now)
         if not transitions or not self.config.routes:
             return 0
-        return await outbox.enqueue(conn, self.config, transitions, self.clock())
+        return await outbox.enqueue(conn, self.config, transitions, now)
 
     def start(self, pool: AsyncConnectionPool[Any], interval_s: float = 1.0) -> None:
         if not self.config.routes:
@@ -52,14 +55,33 @@ class Notifications:
         self.worker = Worker(pool, self.config, self.clock, interval_s)
         if not self.background:
             return
+        self._run()
+
+    def _run(self) -> None:
+        assert self.worker is not None
         self._task = asyncio.create_task(self.worker.run(), name="notification worker")
-        self._task.add_done_callback(_died)
+        self._task.add_done_callback(self._died)
+
+    def _died(self, task: asyncio.Task[None]) -> None:
+        """The worker's loop survives failed rounds; should it die all the same (a bug), log it and start it again."""
+        if task.cancelled() or self._stopping:
+            return
+        self.restarts += 1
+        log.error("the notification worker stopped (restart %d): %s", self.restarts, task.exception(),
+                  exc_info=task.exception())
+        asyncio.get_running_loop().call_later(min(60.0, 2.0 ** self.restarts), self._run)
+
+    def status(self) -> dict[str, Any]:
+        """This process's worker, for the delivery log."""
+        running = self._task is not None and not self._task.done()
+        return {"running": running, "restarts": self.restarts, **(self.worker.status() if self.worker else {})}
 
     def wake(self) -> None:
         if self.worker is not None:
             self.worker.wake()
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             try:
@@ -67,7 +89,3 @@ class Notifications:
             except asyncio.CancelledError:
                 pass
 
-
-def _died(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("the notification worker stopped: %s", task.exception(), exc_info=task.exception())

@@ -23,6 +23,7 @@ from central.notify import channels, outbox
 from central.notify.config import NotifyConfig
 
 log = logging.getLogger("central.notify")
+PRUNE_EVERY_S = 3600.0
 
 
 def utc_now() -> datetime:
@@ -41,6 +42,10 @@ class Worker:
         self.given_up = 0
         self._wake = asyncio.Event()
         self._next_checks = 0.0
+        self._next_prune = 0.0
+
+    def status(self) -> dict[str, int]:
+        return {"delivered": self.delivered, "given_up": self.given_up, "failed_rounds": self.failed_rounds}
 
     def wake(self) -> None:
         """Deliver now: an ingest has just committed deliveries (saves up to a round's wait)."""
@@ -75,6 +80,9 @@ class Worker:
                 self._next_checks = time.monotonic() + self.interval_s
                 await outbox.escalate(conn, self.config, now)
                 await outbox.flush_digests(conn, self.config, now)
+                if time.monotonic() >= self._next_prune:
+                    self._next_prune = time.monotonic() + PRUNE_EVERY_S
+                    await outbox.prune(conn, now)
             claimed = await outbox.claim(conn, now, self.lease_s, self.batch)
         if not claimed:
             return False

@@ -6,6 +6,7 @@ HMAC."""
 from __future__ import annotations
 
 import ssl
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -199,6 +200,21 @@ def test_an_unacknowledged_episode_escalates_once_and_an_acknowledged_one_not(ce
                                                      ("escalation", "m-left", "r")])
 
 
+def test_escalation_counts_from_when_central_heard_of_the_episode(central, receivers, secret_file, gateways):
+    """A gateway offline for two hours sends an episode opened then: nobody could acknowledge it before it arrived,
+    so it does not escalate on arrival."""
+    gateway = gateways.add()
+    receiver = receivers()
+    c = central(webhook("hook", receiver, secret_file) + route("r", gateway[0], ["hook"], escalate_after_min=30),
+                Clock(T0 + timedelta(hours=2)))
+    c.send(gateway, [event(gateway[0], "m-late", to_state="alarm")])
+    c.deliver()
+    c.deliver(timedelta(minutes=29))
+    assert receiver.transitions() == [("opened", "m-late", "r")]
+    c.deliver(timedelta(minutes=2))
+    assert receiver.transitions() == [("escalation", "m-late", "r"), ("opened", "m-late", "r")]
+
+
 def test_a_flood_of_transitions_becomes_one_digest(central, receivers, secret_file, gateways):
     gateway = gateways.add()
     receiver = receivers()
@@ -283,3 +299,41 @@ timeout_s = 3
     assert pending["last_error"].startswith("SMTP")  # aiosmtpd hangs up after refused logins
     assert mailbox.messages == []
     assert "wrong-pass-987" not in caplog.text and "wrong-pass-987" not in str(c.deliveries())
+
+
+def test_the_delivery_log_counts_what_is_not_delivered_and_shows_the_worker(central, receivers, secret_file,
+                                                                            gateways):
+    gateway = gateways.add()
+    receiver = receivers(fail=1)
+    c = central(webhook("hook", receiver, secret_file) + route("r", gateway[0], ["hook"]))
+    c.send(gateway, events_of(gateway[0])[:2])
+    c.deliver()
+    log = c.client.get(DELIVERIES, headers=OPS).json()
+    assert log["outbox"]["pending"] >= 1 and log["outbox"]["oldest_pending_at"]
+    assert log["worker"]["running"] is False  # driven by hand here
+    assert log["worker"]["delivered"] == 1
+
+
+def test_a_worker_that_dies_is_logged_and_started_again(central_url, tmp_path, secret_file, receivers, monkeypatch,
+                                                       caplog):
+    from central.notify.worker import Worker
+
+    receiver = receivers()
+    real_run, calls = Worker.run, []
+
+    async def dies_once(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        await real_run(self)
+
+    monkeypatch.setattr(Worker, "run", dies_once)
+    config = tmp_path / "notify.toml"
+    config.write_text(webhook("hook", receiver, secret_file) + route("r", "gw-none", ["hook"]))
+    with TestClient(create_app(make_settings(central_url, notify_config=config))) as client:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not client.get(DELIVERIES, headers=OPS).json()["worker"]["running"]:
+            time.sleep(0.2)
+        worker = client.get(DELIVERIES, headers=OPS).json()["worker"]
+    assert worker["running"] and worker["restarts"] == 1
+    assert "the notification worker stopped (restart 1): a bug" in caplog.text
