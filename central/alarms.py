@@ -99,12 +99,14 @@ LIMIT %(limit)s + 1
 
 DETAIL = f"""
 SELECT {EPISODE}::jsonb || jsonb_build_object(
-    'event_list', (SELECT coalesce(jsonb_agg(jsonb_build_object(
+    'event_list', (SELECT coalesce(jsonb_agg(x.doc ORDER BY x.ts, x.event_id), '[]') FROM (
+        SELECT e.ts, e.event_id, jsonb_build_object(
             'event_id', e.event_id, 'ts', e.ts, 'from_state', e.from_state, 'to_state', e.to_state,
             'p_failure', e.p_failure, 'health', e.health, 'dominant_mode', e.dominant_mode, 'mode_risk', e.mode_risk,
-            'reading', e.reading) ORDER BY e.ts, e.event_id), '[]')
+            'reading', e.reading) AS doc
         FROM events e WHERE e.gateway_id = a.gateway_id AND e.machine_id = a.machine_id AND e.ts >= a.opened_at
-          AND (a.closed_at IS NULL OR e.ts <= a.closed_at)),
+          AND (a.closed_at IS NULL OR e.ts <= a.closed_at)
+        ORDER BY e.ts, e.event_id LIMIT 1000) x),  -- a machine flapping for days: its first 1,000 ('events' counts all)
     'actions', (SELECT coalesce(jsonb_agg(jsonb_build_object(
             'at', x.at, 'actor', x.actor, 'action', x.action, 'detail', x.detail, 'client_addr', host(x.client_addr))
             ORDER BY x.id), '[]') FROM alarm_actions x WHERE x.episode_id = a.id))

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import itertools
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from central.notify.outbox import delivery_id
 from testkit import batches
@@ -205,3 +208,47 @@ def test_delivery_ids_are_stable_and_distinct_per_episode_transition_route_chann
     ids = {delivery_id(e, t, r, c) for e in (1, 2) for t in ("opened", "closed") for r in ("a",) for c in ("x", "y")}
     assert len(ids) == 8 and delivery_id(1, "opened", "a", "x") == delivery_id(1, "opened", "a", "x")
     assert isinstance(delivery_id(1, "opened", "a", "x"), uuid.UUID)
+
+
+STATES = ("ok", "warning", "alarm")
+
+
+@st.composite
+def histories(draw):
+    """A machine's transitions (each from the state the previous one reached), cut into batches sent in any order."""
+    steps = draw(st.lists(st.sampled_from(STATES), min_size=1, max_size=12))
+    story, state = [], "ok"
+    for minute, to_state in enumerate(steps):
+        if to_state != state:
+            story.append((state, to_state, minute))
+            state = to_state
+    cuts = sorted(draw(st.sets(st.integers(1, max(1, len(story) - 1)), max_size=4)))
+    parts = [story[a:b] for a, b in zip([0, *cuts], [*cuts, len(story)], strict=True) if story[a:b]]
+    return story, draw(st.permutations(parts))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(history=histories())
+def test_any_arrival_order_of_a_history_makes_the_episodes_of_its_time_order(client, gateways, history):
+    story, parts = history
+    in_order, shuffled = gateways.add(), gateways.add()
+    if story:
+        send(client, in_order, events_of(in_order[0], story))
+    for part in parts:
+        send(client, shuffled, events_of(shuffled[0], part))
+    assert shape(episodes(client, shuffled[0])) == shape(episodes(client, in_order[0]))
+    expected = sum(1 for a, _, _ in story if a == "ok")
+    assert len(episodes(client, in_order[0])) == expected
+
+
+def test_concurrent_batches_of_one_machine_neither_deadlock_nor_split_an_episode(client, gateways):
+    gateway = gateways.add()
+    name = gateway[0]
+    story = [("ok", "warning", 0), ("warning", "alarm", 1), ("alarm", "warning", 2), ("warning", "alarm", 3),
+             ("alarm", "ok", 4), ("ok", "alarm", 5), ("alarm", "ok", 6), ("ok", "warning", 7)]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda one: send(client, gateway, events_of(name, [one])), reversed(story)))
+    reference = gateways.add()
+    send(client, reference, events_of(reference[0], story))
+    assert shape(episodes(client, name)) == shape(episodes(client, reference[0]))
+    assert len(episodes(client, name)) == 3
