@@ -56,8 +56,19 @@ INSERT INTO notify_outbox (delivery_id, route, channel, episode_id, transition, 
 VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s)
 ON CONFLICT (delivery_id) DO NOTHING
 """
-RECENT = """
-SELECT count(*) FROM notify_outbox WHERE route = %s AND channel = %s AND created_at > %s AND transition <> 'digest'
+# One statement per route and batch: how many transitions the route had within its digest window decides, in order,
+# which of the new ones are sent and which are held for the digest.
+ENQUEUE = """
+WITH recent AS (
+    SELECT count(*) AS n FROM notify_outbox
+    WHERE route = %(route)s AND channel = %(first_channel)s AND created_at > %(since)s AND transition <> 'digest'
+)
+INSERT INTO notify_outbox (delivery_id, route, channel, episode_id, transition, payload, state, created_at, due_at)
+SELECT d.delivery_id, %(route)s, d.channel, d.episode_id, d.transition, d.payload,
+       CASE WHEN recent.n + d.ordinal >= %(digest_after)s THEN 'held' ELSE 'pending' END, %(now)s, %(now)s
+FROM recent, jsonb_to_recordset(%(rows)s::jsonb) AS d(delivery_id uuid, channel text, episode_id bigint,
+                                                     transition text, payload jsonb, ordinal integer)
+ON CONFLICT (delivery_id) DO NOTHING
 """
 
 
@@ -65,28 +76,33 @@ async def enqueue(conn: psycopg.AsyncConnection[Any], config: NotifyConfig, tran
                   now: datetime) -> int:
     """Write the deliveries of these transitions (in the caller's transaction); how many rows were written."""
     written = 0
-    recent: dict[str, int] = {}
-    for transition in transitions:
-        for route in config.routes:
-            if not wanted(route, transition):
-                continue
-            if route.name not in recent:
-                since = now - timedelta(seconds=route.digest_window_s)
-                row = await (await conn.execute(RECENT, [route.name, route.channels[0], since])).fetchone()
-                recent[route.name] = row[0] if row else 0
-            state = "held" if recent[route.name] >= route.digest_after else "pending"
-            recent[route.name] += 1
-            written += await _insert(conn, route, transition, transition.kind, state, now)
+    transitions = list(transitions)
+    for route in config.routes:
+        rows = []
+        for ordinal, transition in enumerate(t for t in transitions if wanted(route, t)):
+            for channel in route.channels:
+                ident, payload = _delivery(route, transition, transition.kind, channel)
+                rows.append({"delivery_id": str(ident), "channel": channel, "episode_id": transition.episode_id,
+                             "transition": transition.kind, "payload": payload, "ordinal": ordinal})
+        if rows:
+            cursor = await conn.execute(ENQUEUE, {
+                "route": route.name, "first_channel": route.channels[0], "digest_after": route.digest_after,
+                "since": now - timedelta(seconds=route.digest_window_s), "now": now, "rows": json.dumps(rows)})
+            written += cursor.rowcount
     return written
+
+
+def _delivery(route: Route, transition: Transition, kind: str, channel: str) -> tuple[uuid.UUID, dict[str, Any]]:
+    ident = delivery_id(transition.episode_id, kind, route.name, channel)
+    return ident, {"schema": SCHEMA, "delivery_id": str(ident), "route": route.name, **transition.document(),
+                   "transition": kind}
 
 
 async def _insert(conn: psycopg.AsyncConnection[Any], route: Route, transition: Transition, kind: str, state: str,
                   now: datetime) -> int:
     written = 0
     for channel in route.channels:
-        ident = delivery_id(transition.episode_id, kind, route.name, channel)
-        payload = {"schema": SCHEMA, "delivery_id": str(ident), "route": route.name,
-                   **transition.document(), "transition": kind}
+        ident, payload = _delivery(route, transition, kind, channel)
         cursor = await conn.execute(INSERT, [ident, route.name, channel, transition.episode_id, kind,
                                              json.dumps(payload), state, now, now])
         written += cursor.rowcount
