@@ -55,8 +55,14 @@ def post(channel: Webhook, delivery_id: str, payload: dict[str, Any]) -> None:
                                  allow_redirects=False)
     except requests.Timeout:
         raise DeliveryError(f"no answer within {channel.timeout_s:g} s") from None
-    except requests.RequestException as exc:
-        raise DeliveryError(f"connection failed: {type(exc).__name__}") from None
+    except requests.exceptions.SSLError:
+        raise DeliveryError("TLS failed (the receiver's certificate is not trusted, or no common protocol)") from None
+    except requests.exceptions.ChunkedEncodingError:
+        raise DeliveryError("the connection broke during the answer") from None
+    except requests.ConnectionError:
+        raise DeliveryError("cannot connect, or the connection broke before the answer") from None
+    except requests.RequestException:
+        raise DeliveryError("the request failed") from None
     if not 200 <= response.status_code < 300:
         raise DeliveryError(f"HTTP {response.status_code}")
 
@@ -101,10 +107,17 @@ def mail(channel: Email, delivery_id: str, payload: dict[str, Any]) -> None:
                 smtp.login(channel.username, channel.password.get_secret_value())
             smtp.send_message(message)
     except smtplib.SMTPAuthenticationError as exc:
-        raise DeliveryError(f"SMTP login refused ({exc.smtp_code})") from None
+        raise DeliveryError(f"SMTP: login refused ({exc.smtp_code})") from None
     except smtplib.SMTPResponseException as exc:
-        raise DeliveryError(f"SMTP {exc.smtp_code}") from None
+        raise DeliveryError(f"SMTP: the server answered {exc.smtp_code}") from None
     except ssl.SSLError as exc:
         raise DeliveryError(f"STARTTLS failed: {exc.reason}") from None
-    except (smtplib.SMTPException, OSError) as exc:
-        raise DeliveryError(f"SMTP failed: {type(exc).__name__}") from None
+    except smtplib.SMTPServerDisconnected:
+        raise DeliveryError("SMTP: the server hung up") from None
+    except smtplib.SMTPException:
+        raise DeliveryError("SMTP: the exchange failed") from None
+    except TimeoutError:
+        raise DeliveryError(f"SMTP: no answer within {channel.timeout_s:g} s") from None
+    except OSError as exc:
+        raise DeliveryError(f"SMTP: cannot reach {channel.host}:{channel.port} ({exc.strerror or 'refused'})") \
+            from None
