@@ -5,6 +5,7 @@ HMAC."""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import time
 from datetime import timedelta
@@ -13,8 +14,11 @@ from pathlib import Path
 import pytest
 from aiosmtpd.controller import Controller
 from fastapi.testclient import TestClient
+from psycopg_pool import AsyncConnectionPool
 
 from central.app import create_app
+from central.notify.config import parse
+from central.notify.worker import Worker
 from testkit import batches
 from testkit.batches import T0, event
 from testkit.net import LOCALHOST, free_port
@@ -318,8 +322,6 @@ def test_the_delivery_log_counts_what_is_not_delivered_and_shows_the_worker(cent
 
 def test_a_worker_that_dies_is_logged_and_started_again(central_url, tmp_path, secret_file, receivers, monkeypatch,
                                                        caplog):
-    from central.notify.worker import Worker
-
     receiver = receivers()
     real_run, calls = Worker.run, []
 
@@ -339,3 +341,26 @@ def test_a_worker_that_dies_is_logged_and_started_again(central_url, tmp_path, s
         worker = client.get(DELIVERIES, headers=OPS).json()["worker"]
     assert worker["running"] and worker["restarts"] == 1
     assert "the notification worker stopped (restart 1): a bug" in caplog.text
+
+
+def test_the_worker_outlives_a_database_it_cannot_reach_counting_and_logging_each_failed_round(secret_file, caplog):
+    config = parse({"channels": {"hook": {"type": "webhook", "url": "http://127.0.0.1:9/h",
+                                          "secret_file": str(secret_file)}},
+                    "routes": [{"name": "r", "channels": ["hook"]}]})
+
+    async def scenario() -> tuple[int, bool]:
+        pool = AsyncConnectionPool(f"postgresql://127.0.0.1:{free_port()}/none", open=False, timeout=0.3,
+                                   kwargs={"connect_timeout": 2})
+        await pool.open(wait=False)
+        worker = Worker(pool, config, interval_s=0.05)
+        task = asyncio.create_task(worker.run())
+        while worker.failed_rounds < 2:
+            await asyncio.sleep(0.05)
+        alive = not task.done()
+        task.cancel()
+        await pool.close()
+        return worker.failed_rounds, alive
+
+    failed_rounds, alive = asyncio.run(scenario())
+    assert alive and failed_rounds >= 2
+    assert "notification round failed (1 so far)" in caplog.text
