@@ -19,8 +19,13 @@ Routes:
   GET  /api/v1/gateways/{gateway}/machines/{machine_id}/summaries   ?since=&until=&limit=&cursor=; ops token
   GET  /api/v1/events           state changes, ?since=&until=&gateway=&machine_id=&state=&limit=&cursor=; ops token
   GET  /, /login; POST /login, /logout; GET /api/v1/dashboard/...   the fleet dashboard (central/dashboard.py)
+  GET  /api/v1/alarms[/{id}]; POST /api/v1/alarms/{id}/acknowledge|comment|assign|label;
+  GET  /api/v1/notifications/deliveries    alarm episodes, their audit log, the notifications' log (central/alarms.py)
 Ops routes take the ops token as a bearer header, or the dashboard's session cookie. Refused credentials are
 limited per client address (central/guard.py): 429 with Retry-After beyond 10 a minute.
+
+An ingest stores its events, the alarm episodes they change (central/episodes.py) and the notifications those
+changes owe (central/notify/) in one transaction; the notification worker runs as a task of the lifespan.
 
 The pool opens without waiting for PostgreSQL: the API starts while the database is down, /readyz says so, and
 every route that needs the database answers 503 {"error": {"code": "database_unavailable"}} with Retry-After.
@@ -42,9 +47,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from central import __version__, conflicts, dashboard, db, guard, ingest, limits, ops
+from central import __version__, alarms, conflicts, dashboard, db, guard, ingest, limits, ops
 from central.auth import Gateway, GatewayCache, bearer_token, find_gateway, same_secret
 from central.errors import ApiError, Error, body
+from central.notify.service import Notifications
 from central.params import Limit, Name, NameInPath, State, Time
 from central.settings import Settings, SettingsError
 from sync.protocol import IngestBatch, IngestResult
@@ -100,28 +106,32 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
     problems = settings.serving_problems()
     if problems:
         raise SettingsError(problems)
+    notifications = Notifications.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = db.make_pool(settings)
         await pool.open(wait=False)
         app.state.pool = pool
+        notifications.start(pool)
         log.info("pdm-central %s ready to serve (%s mode)", __version__, settings.mode,
                  extra={"settings": settings.redacted()})
         try:
             yield
         finally:
+            await notifications.stop()
             await pool.close()
 
     development = not settings.production
     api = FastAPI(title="pdm-central", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=OPENAPI if development else None)
     api.state.settings = settings
+    api.state.notifications = notifications
     if settings.cors_origins:
         api.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET"],
                            allow_headers=["Authorization"], max_age=600)
     _handlers(api)
-    _routes(api, settings)
+    _routes(api, settings, notifications)
     if development:
         api.add_api_route("/openapi.json", lambda: RedirectResponse(OPENAPI, status_code=308), include_in_schema=False)
     _document(api)
@@ -230,7 +240,7 @@ NOTHING_DESIRED = ('{"revision":0,"model":null,"shadow":null,"config":{"revision
 NOTHING_DESIRED_ETAG = '"desired-0"'
 
 
-def _routes(api: FastAPI, settings: Settings) -> None:
+def _routes(api: FastAPI, settings: Settings, notifications: Notifications) -> None:
     limit = settings.max_body_bytes
     gateways = GatewayCache()
     guards = guard.Guards()
@@ -326,8 +336,11 @@ def _routes(api: FastAPI, settings: Settings) -> None:
             raise ApiError(403, "forbidden", f"this token belongs to another gateway than {batch.gateway_id!r}")
         try:
             async with connection(request) as conn:
-                await limits.refuse_machines_beyond_limit(conn, gateway, batch, settings.max_machines_per_gateway)
-                result = await ingest.store(conn, gateway, batch, _client(request))
+                async with conn.transaction():  # the events, their episodes and notifications: all or nothing
+                    await limits.refuse_machines_beyond_limit(conn, gateway, batch, settings.max_machines_per_gateway)
+                    new_events: list = []
+                    result = await ingest.store(conn, gateway, batch, _client(request), new_events)
+                    notified = await notifications.after_store(conn, gateway.id, gateway.name, new_events)
                 if result.duplicates.summaries:  # a resend; or a conflicting duplicate, which must not pass silently
                     await conflicts.record(conn, gateway, batch)
         except ingest.Revoked:
@@ -340,6 +353,8 @@ def _routes(api: FastAPI, settings: Settings) -> None:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ApiError(422, "invalid_batch", f"PostgreSQL refused a value of the batch: {reason}",
                            [{"loc": [], "msg": reason, "type": "database_refused"}]) from None
+        if notified:
+            notifications.wake()
         log.debug("gateway %s: batch %s stored", gateway.name, batch.batch_id,
                   extra={"accepted": result.accepted.model_dump(), "duplicates": result.duplicates.model_dump()})
         return Response(result.model_dump_json(), media_type=JSON)
@@ -379,6 +394,7 @@ def _routes(api: FastAPI, settings: Settings) -> None:
                             media_type=JSON)
 
     api.include_router(ops_api)
+    alarms.routes(api, settings, connection, require_ops)
     dashboard.routes(api, settings, connection, require_ops, guards.login)
 
 

@@ -166,7 +166,7 @@ WITH gw AS (
         event_id uuid, machine_id text, ts timestamptz, from_state text, to_state text, p_failure double precision,
         health double precision, dominant_mode text, mode_risk jsonb, reading jsonb, model jsonb)
     ON CONFLICT DO NOTHING
-    RETURNING 1
+    RETURNING event_id
 ), new_summaries AS (
     INSERT INTO summaries (gateway_id, summary_id, machine_id, window_start, window_end, model_name, model_version,
                            model_sha256, readings, rejected, out_of_distribution, health_min, health_mean,
@@ -197,7 +197,8 @@ WITH gw AS (
         model_name = excluded.model_name, model_version = excluded.model_version, updated_at = now()
     WHERE m.window_start <= excluded.window_start
 )
-SELECT (SELECT count(*) FROM gw), (SELECT count(*) FROM new_events), (SELECT count(*) FROM new_summaries)
+SELECT (SELECT count(*) FROM gw), (SELECT count(*) FROM new_events), (SELECT count(*) FROM new_summaries),
+       (SELECT array_agg(event_id) FROM new_events)
 """
 
 
@@ -206,17 +207,20 @@ class Revoked(Exception):
 
 
 async def store(conn: psycopg.AsyncConnection, gateway: Gateway, batch: IngestBatch,
-                client_host: str | None) -> IngestResult:
+                client_host: str | None, new_events: list | None = None) -> IngestResult:
     """Write the batch atomically (`conn` in autocommit mode: STORE is its own transaction); Revoked, with nothing
-    written, when the token was revoked meanwhile."""
+    written, when the token was revoked meanwhile. `new_events` receives the ids of the events newly stored (not the
+    duplicates): the alarm episodes are built from these, in the caller's transaction (central/episodes.py)."""
     cursor = await conn.execute(STORE, {
         "gateway_id": gateway.id, "batch_id": batch.batch_id, "addr": _address(client_host),
         "agent_version": batch.agent_version, "status": batch.gateway.model_dump_json(),
         "events": _EVENTS.dump_json(batch.events).decode(),
         "summaries": _SUMMARIES.dump_json(batch.summaries).decode()})
-    active, events, summaries = await cursor.fetchone()
+    active, events, summaries, event_ids = await cursor.fetchone()
     if not active:
         raise Revoked()
+    if new_events is not None:
+        new_events.extend(event_ids or [])
     return IngestResult(
         accepted=Counts(summaries=summaries, events=events),
         duplicates=Counts(summaries=len(batch.summaries) - summaries, events=len(batch.events) - events))

@@ -18,6 +18,7 @@
     PDM_CENTRAL_LOG_FORMAT          auto                                    auto | json | text
     PDM_CENTRAL_SESSION_LIFETIME_S  28800                                   dashboard session, from login (60 s-7 days)
     PDM_CENTRAL_SESSION_COOKIE_SECURE  true                                 false: plain http, loopback bind only
+    PDM_CENTRAL_NOTIFY_CONFIG       (none: no notifications)                TOML routes and channels (central/notify)
 
 A secret can also come from a file: `PDM_CENTRAL_OPS_TOKEN_FILE=/run/secrets/ops-token` (setting both is an error),
 or from the systemd credential of the same name in lower case (`LoadCredential=ops_token:/etc/pdm-central/ops`),
@@ -91,6 +92,7 @@ class Settings(BaseModel):
     log_format: Literal["auto", "json", "text"] = "auto"
     session_lifetime_s: int = Field(8 * 3600, ge=60, le=7 * 24 * 3600)
     session_cookie_secure: bool = True
+    notify_config: Path | None = None  # notification routes and channels (central/notify/config.py)
 
     # Where each secret came from ("environment", "file", "credential", "default"): production rules depend on it.
     sources: dict[str, str] = {}
@@ -135,7 +137,7 @@ class Settings(BaseModel):
     def serving_problems(self) -> list[str]:
         """What production mode refuses (in development only an insecure cookie off loopback; empty when all is
         well); see the module docstring."""
-        problems = []
+        problems = self._notify_problems()
         if not self.session_cookie_secure:
             if self.production:
                 problems.append(f"{PREFIX}SESSION_COOKIE_SECURE: false sends the dashboard's session cookie over "
@@ -167,6 +169,17 @@ class Settings(BaseModel):
                             f"through {PREFIX}DATABASE_URL_FILE or the systemd credential database_url, or use "
                             "~/.pgpass (PGPASSFILE) and leave the password out")
         return problems
+
+    def _notify_problems(self) -> list[str]:
+        """PDM_CENTRAL_NOTIFY_CONFIG's file, checked with the rest (gunicorn refuses to start on it too)."""
+        from central.notify.config import NotifyConfigError, load
+
+        try:
+            if self.notify_config is not None:
+                load(self.notify_config, production=self.production)
+        except NotifyConfigError as exc:
+            return [f"{PREFIX}NOTIFY_CONFIG: {line}" for line in exc.problems]
+        return []
 
     def redacted(self) -> dict:
         """The effective settings for logs: secrets and the database URL's password replaced by ***."""

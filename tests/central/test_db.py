@@ -11,7 +11,8 @@ from central import db
 from testkit.postgres import create_database, drop_database
 
 TABLES = {"schema_migrations", "gateways", "summaries", "events", "machines", "dashboard_sessions",
-          "summaries_hourly", "machine_states", "summary_conflicts"}
+          "summaries_hourly", "machine_states", "summary_conflicts",
+          "alarm_episodes", "alarm_actions", "notify_outbox"}
 
 
 @pytest.fixture

@@ -69,10 +69,15 @@ SUMMARIES = "GET /api/v1/gateways/{gateway}/machines/{machine_id}/summaries"
 DESIRED = "GET /api/v1/gateways/{gateway_id}/desired"
 OPERATIONS = ["GET /healthz", "GET /readyz", f"POST {INGEST}", "GET /api/v1/fleet", "GET /api/v1/machines", SUMMARIES,
               "GET /api/v1/events", DESIRED]
+ALARMS = ["GET /api/v1/alarms", "GET /api/v1/alarms/{episode_id}", "POST /api/v1/alarms/{episode_id}/acknowledge",
+          "POST /api/v1/alarms/{episode_id}/comment", "POST /api/v1/alarms/{episode_id}/assign",
+          "POST /api/v1/alarms/{episode_id}/label", "GET /api/v1/notifications/deliveries"]
+OPERATIONS += ALARMS
 DASHBOARD = ["GET /api/v1/dashboard/fleet", "GET /api/v1/dashboard/gateways/{gateway}/machines/{machine_id}"]
 # Requests the document cannot tell from valid ones, rightly refused: a batch beyond the schema (a window that ends
 # before it starts, a time off the calendar once in UTC: central/ingest.py) and a cursor not of central's making.
-BEYOND_THE_DOCUMENT = {f"POST {INGEST}", SUMMARIES, "GET /api/v1/events"}
+BEYOND_THE_DOCUMENT = {f"POST {INGEST}", SUMMARIES, "GET /api/v1/events", "GET /api/v1/alarms",
+                       "GET /api/v1/notifications/deliveries"}
 
 
 def test_every_route_is_fuzzed(document):

@@ -1,0 +1,235 @@
+"""The notification outbox in PostgreSQL (table notify_outbox, migration 0004): what is written in the ingest
+transaction, what the worker claims, and how a delivery ends.
+
+A delivery is one (episode, transition, route, channel); its id is a UUIDv5 of those, so writing it twice (a rebuild
+that reports the same transition, two workers escalating the same episode) stores it once, and a receiver can drop
+a retry it has already seen by `X-PDM-Delivery`. Claiming sets a lease (due_at moves past the delivery's timeout)
+instead of holding a transaction open during the HTTP or SMTP exchange: a worker killed mid-delivery leaves the row
+pending, and another worker (or the restarted one) takes it once the lease ends. So a delivery is at least once on
+the wire and once in effect.
+
+Floods: when a route has already had `digest_after` transitions within `digest_window_s`, further ones are held;
+when the oldest held one is `digest_window_s` old, all held ones of the route become one digest delivery per channel.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+
+from central.episodes import Transition
+from central.notify.config import NotifyConfig, Route
+
+NAMESPACE = uuid.UUID("2b0e4a55-6f0c-5d7e-9a43-0d1f3c8e7b21")
+SCHEMA = "pdm-alarm/1"
+DIGEST_SCHEMA = "pdm-digest/1"
+DIGEST_LIST_MAX = 200  # transitions listed in one digest; `count` says how many it stands for
+BACKOFF_FIRST_S = 15.0
+BACKOFF_MAX_S = 30 * 60.0
+RETRY_HORIZON = timedelta(hours=24)  # then a delivery is given up as failed (and logged)
+RETENTION = timedelta(days=90)  # delivered and digested rows are kept this long for the delivery log
+
+
+def delivery_id(*parts: object) -> uuid.UUID:
+    return uuid.uuid5(NAMESPACE, "/".join(str(p) for p in parts))
+
+
+def wanted(route: Route, transition: Transition) -> bool:
+    """A route from `alarm` hears only of episodes that reach alarm; one from `warning` of every transition."""
+    if not route.matches(transition.gateway, transition.machine_id):
+        return False
+    if route.from_state == "warning":
+        return True
+    if transition.kind == "opened":
+        return transition.state == "alarm"
+    return transition.peak_state == "alarm"
+
+
+INSERT = """
+INSERT INTO notify_outbox (delivery_id, route, channel, episode_id, transition, payload, state, created_at, due_at)
+VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s)
+ON CONFLICT (delivery_id) DO NOTHING
+"""
+# One statement per route and batch: how many transitions the route had within its digest window decides, in order,
+# which of the new ones are sent and which are held for the digest.
+ENQUEUE = """
+WITH recent AS (
+    SELECT count(*) AS n FROM notify_outbox
+    WHERE route = %(route)s AND channel = %(first_channel)s AND created_at > %(since)s AND transition <> 'digest'
+)
+INSERT INTO notify_outbox (delivery_id, route, channel, episode_id, transition, payload, state, created_at, due_at)
+SELECT d.delivery_id, %(route)s, d.channel, d.episode_id, d.transition, d.payload,
+       CASE WHEN recent.n + d.ordinal >= %(digest_after)s THEN 'held' ELSE 'pending' END, %(now)s, %(now)s
+FROM recent, jsonb_to_recordset(%(rows)s::jsonb) AS d(delivery_id uuid, channel text, episode_id bigint,
+                                                     transition text, payload jsonb, ordinal integer)
+ON CONFLICT (delivery_id) DO NOTHING
+"""
+
+
+async def enqueue(conn: psycopg.AsyncConnection[Any], config: NotifyConfig, transitions: Iterable[Transition],
+                  now: datetime) -> int:
+    """Write the deliveries of these transitions (in the caller's transaction); how many rows were written."""
+    written = 0
+    transitions = list(transitions)
+    for route in config.routes:
+        rows = []
+        for ordinal, transition in enumerate(t for t in transitions if wanted(route, t)):
+            for channel in route.channels:
+                ident, payload = _delivery(route, transition, transition.kind, channel)
+                rows.append({"delivery_id": str(ident), "channel": channel, "episode_id": transition.episode_id,
+                             "transition": transition.kind, "payload": payload, "ordinal": ordinal})
+        if rows:
+            cursor = await conn.execute(ENQUEUE, {
+                "route": route.name, "first_channel": route.channels[0], "digest_after": route.digest_after,
+                "since": now - timedelta(seconds=route.digest_window_s), "now": now, "rows": json.dumps(rows)})
+            written += cursor.rowcount
+    return written
+
+
+def _delivery(route: Route, transition: Transition, kind: str, channel: str) -> tuple[uuid.UUID, dict[str, Any]]:
+    ident = delivery_id(transition.episode_id, kind, route.name, channel)
+    return ident, {"schema": SCHEMA, "delivery_id": str(ident), "route": route.name, **transition.document(),
+                   "transition": kind}
+
+
+async def _insert(conn: psycopg.AsyncConnection[Any], route: Route, transition: Transition, kind: str, state: str,
+                  now: datetime) -> int:
+    written = 0
+    for channel in route.channels:
+        ident, payload = _delivery(route, transition, kind, channel)
+        cursor = await conn.execute(INSERT, [ident, route.name, channel, transition.episode_id, kind,
+                                             json.dumps(payload), state, now, now])
+        written += cursor.rowcount
+    return written
+
+
+ESCALATION_DUE = """
+SELECT a.id, g.name, a.machine_id, a.opened_at, a.closed_at, a.state, a.peak_state, a.dominant_mode, a.p_failure_max
+FROM alarm_episodes a JOIN gateways g ON g.id = a.gateway_id
+WHERE a.closed_at IS NULL AND a.acknowledged_at IS NULL AND a.merged_into IS NULL AND a.noticed_at <= %(cutoff)s
+  AND (%(gateways)s::text[] = '{}' OR g.name = ANY(%(gateways)s::text[]))
+  AND (%(machines)s::text[] = '{}' OR a.machine_id = ANY(%(machines)s::text[]))
+  AND (%(from_state)s = 'warning' OR a.peak_state = 'alarm')
+  AND NOT EXISTS (SELECT 1 FROM notify_outbox o WHERE o.episode_id = a.id AND o.route = %(route)s
+                  AND o.transition = 'escalation')
+ORDER BY a.noticed_at LIMIT 500
+"""
+
+
+async def escalate(conn: psycopg.AsyncConnection[Any], config: NotifyConfig, now: datetime) -> int:
+    """One escalation delivery per route for each open episode left unacknowledged longer than its
+    escalate_after_min since central heard of it."""
+    written = 0
+    for route in config.routes:
+        if route.escalate_after_min is None:
+            continue
+        cutoff = now - timedelta(minutes=route.escalate_after_min)
+        rows = await (await conn.execute(ESCALATION_DUE, {
+            "cutoff": cutoff, "gateways": route.gateways, "machines": route.machines,
+            "from_state": route.from_state, "route": route.name})).fetchall()
+        for episode_id, gateway, machine, opened, closed, state, peak, mode, p_max in rows:
+            transition = Transition(episode_id, "escalation", gateway, machine, now, state, peak, opened, closed,
+                                    mode, p_max)
+            async with conn.transaction():
+                written += await _insert(conn, route, transition, "escalation", "pending", now)
+                await conn.execute("UPDATE alarm_episodes SET escalated_at = coalesce(escalated_at, %s) "
+                                   "WHERE id = %s", [now, episode_id])
+    return written
+
+
+HELD = """
+SELECT delivery_id, channel, payload FROM notify_outbox
+WHERE route = %s AND state = 'held' ORDER BY created_at, delivery_id FOR UPDATE SKIP LOCKED
+"""
+
+
+async def flush_digests(conn: psycopg.AsyncConnection[Any], config: NotifyConfig, now: datetime) -> int:
+    """Turn each route's held transitions into one digest per channel once the oldest is a window old."""
+    written = 0
+    for route in config.routes:
+        cutoff = now - timedelta(seconds=route.digest_window_s)
+        oldest = await (await conn.execute(
+            "SELECT min(created_at) FROM notify_outbox WHERE route = %s AND state = 'held'", [route.name])).fetchone()
+        if oldest is None or oldest[0] is None or oldest[0] > cutoff:
+            continue
+        async with conn.transaction():
+            rows = await (await conn.execute(HELD, [route.name])).fetchall()
+            by_channel: dict[str, list[tuple[uuid.UUID, dict[str, Any]]]] = {}
+            for ident, channel, payload in rows:
+                by_channel.setdefault(channel, []).append((ident, payload))
+            for channel, held in by_channel.items():
+                ident = delivery_id("digest", route.name, channel, held[0][0])
+                payload = {"schema": DIGEST_SCHEMA, "delivery_id": str(ident), "route": route.name,
+                           "transition": "digest", "count": len(held),
+                           "transitions": [p for _, p in held[:DIGEST_LIST_MAX]]}
+                cursor = await conn.execute(INSERT, [ident, route.name, channel, None, "digest",
+                                                     json.dumps(payload), "pending", now, now])
+                written += cursor.rowcount
+                await conn.execute("UPDATE notify_outbox SET state = 'digested', digest_id = %s "
+                                   "WHERE delivery_id = ANY(%s)", [ident, [i for i, _ in held]])
+    return written
+
+
+CLAIM = """
+UPDATE notify_outbox o SET due_at = %(lease_until)s, attempts = o.attempts + 1
+FROM (SELECT delivery_id FROM notify_outbox WHERE state = 'pending' AND due_at <= %(now)s
+      ORDER BY due_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED) c
+WHERE o.delivery_id = c.delivery_id
+RETURNING o.delivery_id, o.channel, o.payload::text, o.attempts, o.created_at
+"""
+
+
+async def claim(conn: psycopg.AsyncConnection[Any], now: datetime, lease_s: float,
+                limit: int = 20) -> list[tuple[uuid.UUID, str, str, int, datetime]]:
+    cursor = await conn.execute(CLAIM, {"now": now, "lease_until": now + timedelta(seconds=lease_s),
+                                        "limit": limit})
+    return [(row[0], row[1], row[2], row[3], row[4]) for row in await cursor.fetchall()]
+
+
+async def delivered(conn: psycopg.AsyncConnection[Any], idents: list[uuid.UUID], now: datetime) -> None:
+    if idents:
+        await conn.execute("UPDATE notify_outbox SET state = 'delivered', delivered_at = %s, last_error = NULL "
+                           "WHERE delivery_id = ANY(%s)", [now, idents])
+
+
+def backoff_s(attempts: int) -> float:
+    """15 s, 30 s, 1 min, ... up to 30 min between attempts, with jitter (receivers coming back are not stormed)."""
+    base = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** max(0, attempts - 1))
+    return float(base * random.uniform(0.8, 1.2))
+
+
+async def failed(conn: psycopg.AsyncConnection[Any], ident: uuid.UUID, attempts: int, created_at: datetime,
+                 now: datetime, reason: str) -> bool:
+    """Schedule the next attempt, or give the delivery up past RETRY_HORIZON; True when given up."""
+    give_up = now - created_at >= RETRY_HORIZON
+    await conn.execute("UPDATE notify_outbox SET state = %s, due_at = %s, last_error = %s WHERE delivery_id = %s",
+                       ["failed" if give_up else "pending", now + timedelta(seconds=backoff_s(attempts)),
+                        reason[:500], ident])
+    return give_up
+
+
+async def prune(conn: psycopg.AsyncConnection[Any], now: datetime) -> int:
+    """Forget deliveries done more than RETENTION ago (failed ones stay until someone looks: they are few)."""
+    cursor = await conn.execute("DELETE FROM notify_outbox WHERE state IN ('delivered', 'digested') "
+                                "AND created_at < %s", [now - RETENTION])
+    return cursor.rowcount
+
+
+UNDELIVERED = """
+SELECT json_build_object(
+    'pending', count(*) FILTER (WHERE state = 'pending'), 'held', count(*) FILTER (WHERE state = 'held'),
+    'failed', count(*) FILTER (WHERE state = 'failed'),
+    'oldest_pending_at', min(created_at) FILTER (WHERE state = 'pending'))::text
+FROM notify_outbox WHERE state IN ('pending', 'held', 'failed')
+"""
+
+
+async def undelivered(conn: psycopg.AsyncConnection[Any]) -> str:
+    row = await (await conn.execute(UNDELIVERED)).fetchone()
+    return str(row[0]) if row else "{}"

@@ -1,0 +1,116 @@
+"""The delivery worker: an asyncio task in each API process's lifespan.
+
+Each round (every `interval_s`, or at once when an ingest has written deliveries): escalations that are due, digests
+that are due, then up to `batch` pending deliveries claimed (`FOR UPDATE SKIP LOCKED` plus a lease: several gunicorn
+workers share the outbox without sending a row twice at a time) and sent concurrently, each in a thread. A round that
+fails (the database gone) is logged and counted, and the loop goes on: the worker never dies of it.
+`clock` is the time the outbox and escalations run on (tests pass a fake one and call `run_once`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+
+from central.notify import channels, outbox
+from central.notify.config import NotifyConfig
+
+log = logging.getLogger("central.notify")
+PRUNE_EVERY_S = 3600.0
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Worker:
+    def __init__(self, pool: AsyncConnectionPool[Any], config: NotifyConfig,
+                 clock: Callable[[], datetime] = utc_now, interval_s: float = 1.0, batch: int = 20) -> None:
+        self.pool, self.config, self.clock = pool, config, clock
+        self.interval_s, self.batch = interval_s, batch
+        timeouts = [c.timeout_s for c in config.channels.values()] or [10.0]
+        self.lease_s = 2 * max(timeouts) + 5  # past any attempt's end: a row is re-claimed only if its worker died
+        self.failed_rounds = 0
+        self.delivered = 0
+        self.given_up = 0
+        self._wake = asyncio.Event()
+        self._next_checks = 0.0
+        self._next_prune = 0.0
+
+    def status(self) -> dict[str, int]:
+        return {"delivered": self.delivered, "given_up": self.given_up, "failed_rounds": self.failed_rounds}
+
+    def wake(self) -> None:
+        """Deliver now: an ingest has just committed deliveries (saves up to a round's wait)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                busy = await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 (the database gone, a bug: logged, counted, the loop goes on)
+                self.failed_rounds += 1
+                log.warning("notification round failed (%d so far): %s", self.failed_rounds,
+                            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+                busy = False
+            if not busy:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.interval_s)
+                except TimeoutError:
+                    pass
+                self._wake.clear()
+
+    async def run_once(self, now: datetime | None = None) -> bool:
+        """One round; True when it sent a full batch (more may be waiting)."""
+        fixed = now
+        now = now or self.clock()
+        # Escalations and digests are minutes-scale: checked once per interval, not at every ingest's wake-up.
+        checks_due = fixed is not None or time.monotonic() >= self._next_checks
+        async with self.pool.connection() as conn:
+            if checks_due:
+                self._next_checks = time.monotonic() + self.interval_s
+                await outbox.escalate(conn, self.config, now)
+                await outbox.flush_digests(conn, self.config, now)
+                if time.monotonic() >= self._next_prune:
+                    self._next_prune = time.monotonic() + PRUNE_EVERY_S
+                    await outbox.prune(conn, now)
+            claimed = await outbox.claim(conn, now, self.lease_s, self.batch)
+        if not claimed:
+            return False
+        results = await asyncio.gather(*(self._send(channel, payload) for _, channel, payload, _, _ in claimed))
+        done = fixed or self.clock()
+        async with self.pool.connection() as conn:
+            sent = [ident for (ident, *_), error in zip(claimed, results, strict=True) if error is None]
+            self.delivered += len(sent)
+            await outbox.delivered(conn, sent, done)
+            for (ident, channel, _, attempts, created_at), error in zip(claimed, results, strict=True):
+                if error is None:
+                    continue
+                if await outbox.failed(conn, ident, attempts, created_at, done, error):
+                    self.given_up += 1
+                    log.error("notification %s to channel %s given up after %d attempts: %s", ident, channel,
+                              attempts, error)
+                else:
+                    log.info("notification %s to channel %s failed (attempt %d): %s", ident, channel, attempts,
+                             error)
+        return len(claimed) == self.batch
+
+    async def _send(self, name: str, payload: str) -> str | None:
+        channel = self.config.channels.get(name)
+        if channel is None:
+            return f"channel {name!r} is no longer configured"
+        document = json.loads(payload)
+        try:
+            await asyncio.to_thread(channels.send, channel, document["delivery_id"], document)
+        except channels.DeliveryError as exc:
+            return str(exc)
+        return None
