@@ -30,10 +30,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, DirectoryPath, Field, FilePath, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    DirectoryPath,
+    Field,
+    FilePath,
+    field_validator,
+    model_validator,
+)
 
 from drivers.base import MachineId, MachineType
 
@@ -88,19 +97,22 @@ class OpcuaNode(BaseModel):
         return value
 
 
+def _shorthand(value: Any) -> Any:
+    """`torque = "ns=2;s=T"` for `torque = { node = "ns=2;s=T" }`; a bad node is reported at `torque` itself."""
+    if isinstance(value, str):
+        problem = node_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return {"node": value}
+    return value
+
+
 class OpcuaMachine(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     machine_id: MachineId
     machine_type: MachineType
-    nodes: dict[str, OpcuaNode] = Field(min_length=1)  # model input name -> node
-
-    @field_validator("nodes", mode="before")
-    @classmethod
-    def _shorthand(cls, nodes: Any) -> Any:
-        if isinstance(nodes, dict):
-            return {name: {"node": value} if isinstance(value, str) else value for name, value in nodes.items()}
-        return nodes
+    nodes: dict[str, Annotated[OpcuaNode, BeforeValidator(_shorthand)]] = Field(min_length=1)  # input -> node
 
 
 class OpcuaServer(BaseModel):
