@@ -205,6 +205,7 @@ class OpcuaDriver:
                 log.exception("OPC UA server %s: its task failed; restarting it", state.config.label)
                 state.task_restarts += 1
                 state.connected = False
+                state.machines.clear()  # what it had not handed on comes again with the servers' current values
                 await self._wait_to_retry(state, f"internal error: {exc!r}")
 
     async def _connect_forever(self, state: _Server) -> None:

@@ -285,3 +285,60 @@ def test_a_wrong_password_is_a_clear_error_and_retried(servers, driver_for, pki)
     assert "right" not in error and "wrong" not in error
     password.write_text("right\n")  # read again at each attempt
     until(lambda: sink.of("m1"), what="a reading with the right password")
+
+
+class FailingOnce(Recorder):
+    """A sink whose first put raises: a bug behind the driver, injected."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    def put(self, reading: RawReading) -> None:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("injected")
+        super().put(reading)
+
+
+def test_a_task_that_dies_is_logged_counted_shown_down_and_restarted_losing_nothing(servers, caplog):
+    caplog.set_level(logging.WARNING, "drivers.opcua")
+    port = servers.serve({"m1": "L"})
+    driver, sink = OpcuaDriver([fast(node_config({"m1": "L"}, port))], TYPE_KEY), FailingOnce()
+    driver.start(sink)
+    try:
+        until(lambda: sink.of("m1"), what="a reading after the restart")
+        assert values(sink.of("m1")[0]) == HEALTHY  # the reading the failed put held, handed again
+        status = device(driver, f"127.0.0.1:{port}")
+        assert status["task_restarts"] == 1
+        assert f"127.0.0.1:{port} unavailable: internal error: RuntimeError('injected')" in caplog.text
+        assert [r.exc_info is not None for r in caplog.records if "task failed" in r.getMessage()] == [True]
+        servers.write(port, "m1", {"tool_wear": 5.0})
+        until(lambda: sink.of("m1")[-1].fields["tool_wear"] == 5.0, what="readings go on")
+    finally:
+        driver.close()
+
+
+def test_a_flapping_server_is_reconnected_every_time_and_leaks_no_thread_or_descriptor(servers, driver_for):
+    import os
+
+    machines = {"m1": "L"}
+    port = servers.serve(machines)
+    driver, _ = driver_for([fast(node_config(machines, port))])
+    label = f"127.0.0.1:{port}"
+    until(lambda: device(driver, label)["connected"], what="the first connection")
+
+    def resources() -> tuple[int, int]:
+        return threading.active_count(), len(os.listdir("/proc/self/fd"))
+
+    flaps = 6
+    for flap in range(flaps):
+        servers.stop(port)
+        until(lambda: not device(driver, label)["connected"], what="the loss")
+        servers.serve(machines, port=port, keep=True)
+        until(lambda: device(driver, label)["connected"], what="the reconnection")
+        if flap == 0:
+            before = resources()
+    after = resources()
+    assert after[0] <= before[0] and after[1] <= before[1] + 2, (before, after)
+    assert device(driver, label)["connection_losses"] == flaps
