@@ -76,6 +76,7 @@ class OpcuaServers:
         self._served: dict[int, _Served] = {}
         self._values: dict[int, dict[tuple[str, str], tuple[float, datetime]]] = {}  # survives a stop
         self._proxies: dict[int, asyncio.Server] = {}
+        self._cut: set[int] = set()
 
     def _call(self, coro, timeout: float = 30.0):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
@@ -143,19 +144,35 @@ class OpcuaServers:
             self._values.setdefault(port, {})[(machine, name)] = (value, stamp)
         return stamp
 
+    def expire_sessions(self, port: int) -> int:
+        """Close every client session on the server, as a session timeout does (their subscriptions go with them);
+        the connections stay open. Returns how many."""
+        served = self._served[port]
+
+        async def expire() -> int:
+            sessions = list(served.server.iserver._external_sessions.values())
+            for session in sessions:
+                await session.close_session(True)
+            return len(sessions)
+
+        return self._call(expire())
+
     def stop(self, port: int) -> None:
         served = self._served.pop(port, None)
         if served is not None:
             self._call(served.server.stop())
 
-    def slow_proxy(self, port: int, delay_s: float) -> int:
-        """A TCP proxy to `port` that holds every chunk `delay_s` seconds, both ways; returns its port."""
+    def slow_proxy(self, port: int, delay_s: float = 0.0) -> int:
+        """A TCP proxy to `port` that holds every chunk `delay_s` seconds, both ways; returns its port. `cut()` makes
+        it a black hole (a network cut: connections stay open, nothing gets through) until `cut(port, False)`."""
         proxy_port = free_port()
 
         async def pipe(reader, writer):
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 while data := await reader.read(65536):
                     await asyncio.sleep(delay_s)
+                    if proxy_port in self._cut:
+                        continue
                     writer.write(data)
                     await writer.drain()
             writer.close()
@@ -173,6 +190,13 @@ class OpcuaServers:
 
         self._proxies[proxy_port] = self._call(start())
         return proxy_port
+
+    def cut(self, proxy_port: int, cut: bool = True) -> None:
+        """Drop everything through the proxy (connections stay open), or let it through again."""
+        if cut:
+            self._cut.add(proxy_port)
+        else:
+            self._cut.discard(proxy_port)
 
     def close(self) -> None:
         for port in list(self._served):

@@ -342,3 +342,36 @@ def test_a_flapping_server_is_reconnected_every_time_and_leaks_no_thread_or_desc
     after = resources()
     assert after[0] <= before[0] and after[1] <= before[1] + 2, (before, after)
     assert device(driver, label)["connection_losses"] == flaps
+
+
+def test_a_network_cut_is_detected_by_the_watchdog_and_the_subscription_recreated(servers, driver_for, caplog):
+    caplog.set_level(logging.WARNING, "drivers.opcua")
+    machines = {"m1": "L"}
+    port = servers.serve(machines)
+    proxy = servers.slow_proxy(port)
+    driver, sink = driver_for([fast(node_config(machines, proxy), timeout_s=1.0)])
+    label = f"127.0.0.1:{proxy}"
+    until(lambda: sink.of("m1"), what="the first reading")
+    servers.cut(proxy)  # the connection stays open; nothing gets through, no FIN, no RST
+    until(lambda: not device(driver, label)["connected"], what="the cut detected")
+    assert "the server stopped answering" in device(driver, label)["last_error"] or \
+        "no answer" in device(driver, label)["last_error"]
+    servers.write(port, "m1", {"tool_wear": 42.0})  # changed while cut: the server keeps it
+    servers.cut(proxy, False)
+    until(lambda: device(driver, label)["connected"], what="the reconnection")
+    until(lambda: sink.of("m1")[-1].fields["tool_wear"] == 42.0, what="the value changed during the cut")
+    assert [r.fields["tool_wear"] for r in sink.of("m1")] == [10.0, 42.0]
+
+
+def test_a_session_the_server_dropped_is_replaced_and_the_readings_resume(servers, driver_for):
+    machines = {"m1": "L"}
+    port = servers.serve(machines)
+    driver, sink = driver_for([fast(node_config(machines, port), timeout_s=1.0)])
+    label = f"127.0.0.1:{port}"
+    until(lambda: sink.of("m1"), what="the first reading")
+    assert servers.expire_sessions(port) == 1  # as a session timeout on the server would
+    until(lambda: device(driver, label)["connection_losses"] == 1, what="the lost session seen")
+    until(lambda: device(driver, label)["connected"], what="a new session")
+    servers.write(port, "m1", {"tool_wear": 7.0})
+    until(lambda: sink.of("m1")[-1].fields["tool_wear"] == 7.0, what="readings on the new session")
+    assert [r.fields["tool_wear"] for r in sink.of("m1")] == [10.0, 7.0]
