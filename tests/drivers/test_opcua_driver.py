@@ -375,3 +375,18 @@ def test_a_session_the_server_dropped_is_replaced_and_the_readings_resume(server
     servers.write(port, "m1", {"tool_wear": 7.0})
     until(lambda: sink.of("m1")[-1].fields["tool_wear"] == 7.0, what="readings on the new session")
     assert [r.fields["tool_wear"] for r in sink.of("m1")] == [10.0, 7.0]
+
+
+def test_a_deadband_keeps_small_moves_from_making_readings(servers, driver_for):
+    port = servers.serve({"m1": "L"})
+    config = node_config({"m1": "L"}, port).model_dump()
+    config["machines"][0]["nodes"]["torque"]["deadband"] = 1.0
+    _, sink = driver_for([fast(OpcuaServer(**config))])
+    until(lambda: sink.of("m1"), what="the first reading")
+    servers.write(port, "m1", {"torque": 40.5})  # within the deadband of 40.0: not reported
+    servers.write(port, "m1", {"tool_wear": 11.0})  # no deadband on tool wear
+    until(lambda: sink.of("m1")[-1].fields["tool_wear"] == 11.0, what="the tool wear change")
+    servers.write(port, "m1", {"torque": 41.6})  # beyond it
+    until(lambda: sink.of("m1")[-1].fields["torque"] == 41.6, what="the torque change beyond the deadband")
+    assert [(r.fields["torque"], r.fields["tool_wear"]) for r in sink.of("m1")] == [
+        (40.0, 10.0), (40.0, 11.0), (41.6, 11.0)]
