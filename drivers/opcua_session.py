@@ -33,6 +33,19 @@ class NoEndpoint(Exception):
     pass
 
 
+class UnreadableFile(Exception):
+    """A certificate, key or password file named in the configuration cannot be read now."""
+
+
+def _read(what: str, path: Path, read):
+    try:
+        return read(path)
+    except OSError as exc:
+        raise UnreadableFile(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise UnreadableFile(f"{what} {path} is not a certificate or key asyncua can read: {exc}") from None
+
+
 def _key(path: Path) -> uacrypto.CertProperties:
     pem = path.read_bytes().lstrip().startswith(b"-----BEGIN")
     return uacrypto.CertProperties(str(path), extension="pem" if pem else "der")
@@ -46,7 +59,7 @@ async def connect(config: OpcuaServer, lost: asyncio.Future | None = None, timeo
         await _secure(client, config, timeout)
     if config.username is not None:
         client.set_user(config.username)
-        client.set_password(config.password() or "")
+        client.set_password(_read("password_file", config.password_file, lambda _: config.password()) or "")
     if lost is not None:
         async def on_lost(exc: Exception) -> None:
             if not lost.done():
@@ -72,11 +85,17 @@ async def _secure(client: Client, config: OpcuaServer, timeout: float) -> None:
         raise NoEndpoint(f"the server offers no Basic256Sha256 {config.security_mode} endpoint (it offers "
                          f"{', '.join(offered)}); set security_policy and security_mode to one of those")
     server_der = uacrypto.der_from_x509(uacrypto.x509_from_der(endpoint.ServerCertificate))
-    check_trusted(server_der, config.trusted_server_certs, config.label)
-    client.application_uri = certificate_uri(config.certificate) or client.application_uri
-    await client.set_security(security_policies.SecurityPolicyBasic256Sha256,
-                              certificate=load_der(config.certificate), private_key=_key(config.private_key),
-                              server_certificate=server_der, mode=mode)
+    _read("trusted_server_certs", config.trusted_server_certs,
+          lambda folder: check_trusted(server_der, folder, config.label))
+    client.application_uri = _read("certificate", config.certificate, certificate_uri) or client.application_uri
+    certificate = _read("certificate", config.certificate, load_der)
+    private_key = _read("private_key", config.private_key, _key)
+    try:
+        await client.set_security(security_policies.SecurityPolicyBasic256Sha256, certificate=certificate,
+                                  private_key=private_key, server_certificate=server_der, mode=mode)
+    except (ValueError, TypeError) as exc:
+        raise UnreadableFile(f"private_key {config.private_key} is not an unencrypted key asyncua can read: {exc}") \
+            from None
 
 
 async def disconnect(client: Client, timeout_s: float) -> None:
@@ -103,7 +122,7 @@ def _why(exc: BaseException | None) -> str:
 
 def describe_failure(exc: BaseException, config: OpcuaServer) -> str:
     """One line: what failed, and what to check."""
-    if isinstance(exc, UntrustedServer | NoEndpoint):
+    if isinstance(exc, UntrustedServer | NoEndpoint | UnreadableFile):
         return str(exc)
     if isinstance(exc, ua.UaStatusCodeError):
         name = type(exc).__name__ if type(exc) is not ua.UaStatusCodeError else _status_name(exc)

@@ -390,3 +390,17 @@ def test_a_deadband_keeps_small_moves_from_making_readings(servers, driver_for):
     until(lambda: sink.of("m1")[-1].fields["torque"] == 41.6, what="the torque change beyond the deadband")
     assert [(r.fields["torque"], r.fields["tool_wear"]) for r in sink.of("m1")] == [
         (40.0, 10.0), (40.0, 11.0), (41.6, 11.0)]
+
+
+def test_a_password_file_that_went_missing_is_named_not_taken_for_a_network_error(servers, driver_for, tmp_path):
+    port = servers.serve({"m1": "L"}, users={"pdm": "right"})
+    password = tmp_path / "password"
+    password.write_text("right\n")
+    config = fast(node_config({"m1": "L"}, port), username="pdm", password_file=password)  # validated: it exists
+    password.unlink()
+    driver, sink = driver_for([config])
+    label = f"127.0.0.1:{port}"
+    until(lambda: device(driver, label)["connect_failures"] >= 1, what="the failed attempt")
+    assert device(driver, label)["last_error"] == f"cannot read password_file {password}: No such file or directory"
+    password.write_text("right\n")
+    until(lambda: sink.of("m1"), what="a reading once the file is back")
