@@ -187,8 +187,9 @@ def demo(machines: int, drift: Drift | None, seed: int | None, central: str | No
         color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
         drifting = f"{drift.machine_id} drifts towards {drift.mode} over {drift.minutes:g} min" if drift \
             else "no machine drifts"
-        transport = "OPC UA opc.tcp" if protocol == "opcua" else "Modbus TCP"
-        header = (f"pdm-edge demo: {machines} simulated machines on {transport} 127.0.0.1:{simulator.port}; "
+        where = f"OPC UA opc.tcp://127.0.0.1:{simulator.port}" if protocol == "opcua" \
+            else f"Modbus TCP 127.0.0.1:{simulator.port}"
+        header = (f"pdm-edge demo: {machines} simulated machines on {where}; "
                   f"{drifting}; sync {'to ' + central if central else 'off'}\n"
                   f"status page http://127.0.0.1:{status_port}  ·  data in {data_dir}  ·  Ctrl-C to stop")
         print(header, flush=True)

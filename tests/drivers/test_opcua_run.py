@@ -139,7 +139,7 @@ def test_demo_over_opcua_scores_the_simulated_plant(tmp_path):
         process.send_signal(signal.SIGINT)
         out, _ = process.communicate(timeout=60)
         assert process.returncode == 0, out
-        assert "on OPC UA opc.tcp 127.0.0.1:" in out
+        assert "3 simulated machines on OPC UA opc.tcp://127.0.0.1:" in out
     finally:
         if process.poll() is None:
             process.kill()
