@@ -48,7 +48,7 @@ from model.validate import Reason, Rejection
 
 log = logging.getLogger(__name__)
 
-QUEUE_MAX = 200_000  # notifications waiting for the sink, per server
+QUEUE_MAX = 50_000  # notifications waiting for the sink, per server: 5 s of 10,000 items at 1 Hz, about 50 MB
 OVERFLOW = "overflow"  # what `lost` holds when the subscription's queue overflowed
 CLIENT_HANDLE_BASE = 1000
 
