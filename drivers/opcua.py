@@ -126,6 +126,7 @@ class OpcuaDriver:
     """Subscribes to OPC UA servers; see the module docstring for threads, readings and failure handling."""
 
     name = "opcua"
+    queue_max = QUEUE_MAX
 
     def __init__(self, servers: Sequence[OpcuaServer], type_key: str, clock: Callable[[], float] = time.time) -> None:
         try:
@@ -273,12 +274,13 @@ class OpcuaDriver:
             RequestedMaxKeepAliveCount=client.get_keepalive_count(config.publishing_interval_ms),
             MaxNotificationsPerPublish=0,  # no limit
             PublishingEnabled=True, Priority=0)
-        subscription = await client.create_subscription(params, None, queue_maxsize=QUEUE_MAX,
+        subscription = await client.create_subscription(params, None, queue_maxsize=self.queue_max,
                                                         overflow=OverflowPolicy.DISCONNECT)
 
-        def overflowed() -> None:
+        def overflowed() -> None:  # on the loop, while the consumer may wait for a blocked sink: count it now
             if not lost.done():
                 lost.set_result(OVERFLOW)
+                state.overflows += 1
             client.uaclient.notify_transport_lost()
 
         subscription.set_overflow_disconnect_handler(overflowed)
@@ -376,8 +378,7 @@ class OpcuaDriver:
                 raise ConnectionEnded(ended)
         state.connection_losses += 1
         if lost.result() == OVERFLOW:
-            state.overflows += 1
-            raise ConnectionEnded(f"more than {QUEUE_MAX} changes waited for the pipeline: reconnecting")
+            raise ConnectionEnded(f"more than {self.queue_max} changes waited for the pipeline: reconnecting")
         raise ConnectionEnded(f"connection lost: {lost.result()}")
 
     async def _hand_on(self, state: _Server, pending: list[RawReading]) -> None:

@@ -404,3 +404,41 @@ def test_a_password_file_that_went_missing_is_named_not_taken_for_a_network_erro
     assert device(driver, label)["last_error"] == f"cannot read password_file {password}: No such file or directory"
     password.write_text("right\n")
     until(lambda: sink.of("m1"), what="a reading once the file is back")
+
+
+class Blockable(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.open = threading.Event()
+        self.open.set()
+
+    def put(self, reading: RawReading) -> None:
+        self.open.wait()
+        super().put(reading)
+
+
+def test_changes_beyond_the_queue_while_the_pipeline_is_full_drop_the_connection_counted_then_resume(
+        servers, caplog):
+    caplog.set_level(logging.WARNING, "drivers.opcua")
+    port = servers.serve({"m1": "L"})
+    driver, sink = OpcuaDriver([fast(node_config({"m1": "L"}, port))], TYPE_KEY), Blockable()
+    driver.queue_max = 5
+    driver.start(sink)
+    label = f"127.0.0.1:{port}"
+    try:
+        until(lambda: sink.of("m1"), what="the first reading")
+        sink.open.clear()  # the pipeline is full: put() blocks
+        for n in range(1, 31):
+            servers.write(port, "m1", {"tool_wear": float(n)})
+            time.sleep(0.06)  # about one publish each
+        until(lambda: device(driver, label)["overflows"] == 1, what="the overflow counted while the sink blocks")
+        sink.open.set()
+        until(lambda: sink.of("m1")[-1].fields["tool_wear"] == 30.0, what="the current value after the reconnect")
+        assert "more than 5 changes waited for the pipeline: reconnecting" in caplog.text
+        assert device(driver, label)["connects"] == 2
+        seen = [r.fields["tool_wear"] for r in sink.of("m1")]
+        assert seen[0] == 10.0 and seen[1:] == sorted(set(seen[1:]))  # in order, none twice
+        assert len(seen) < 31  # the changes dropped with the queue are missing: counted, not hidden
+    finally:
+        sink.open.set()
+        driver.close()
