@@ -150,3 +150,24 @@ def test_the_opcua_example_validates(capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     assert main(["check-config", "--config", str(ROOT / "examples" / "simulator-opcua.toml")]) == 0
     assert "configuration valid" in capsys.readouterr().err
+
+
+def test_browse_saves_the_server_certificate_to_trust_then_browses_over_basic256sha256(tmp_path, capsys):
+    from testkit.opcua import make_cert
+
+    server_cert, server_key = make_cert(tmp_path / "server", "server")
+    client_cert, client_key = make_cert(tmp_path / "client", "client", server=False)
+    trusted = tmp_path / "trusted"
+    trusted.mkdir()
+    with OpcuaServers() as servers:
+        port = servers.serve({"m1": "L"}, cert=(server_cert, server_key))
+        url = f"opc.tcp://127.0.0.1:{port}"
+        secure = ["--security-policy", "Basic256Sha256", "--certificate", str(client_cert), "--private-key",
+                  str(client_key), "--trusted", str(trusted), "--node", "/Objects/2:Plant", "--depth", "2"]
+        assert main(["opcua", "browse", "--url", url, *secure]) == 1
+        assert "is not trusted" in capsys.readouterr().err
+        assert main(["opcua", "browse", "--url", url, "--save-cert", str(trusted / "server.der")]) == 0
+        assert (trusted / "server.der").read_bytes() == server_cert.read_bytes()
+        capsys.readouterr()
+        assert main(["opcua", "browse", "--url", url, *secure]) == 0
+    assert 'torque = "ns=2;s=m1.torque"' in capsys.readouterr().out
