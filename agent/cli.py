@@ -313,10 +313,23 @@ def _simulate_mqtt(args: argparse.Namespace) -> int:
     return simulate_mqtt(args.machines, args.url, _drift(args), args.seed, args.interval)
 
 
+def _simulate_opcua(args: argparse.Namespace) -> int:
+    from agent.demo import simulate_opcua
+    from agent.opcua_cli import missing_extra
+
+    if missing_extra("simulate opcua"):
+        return 2
+    return simulate_opcua(args.machines, args.port, args.host, _drift(args), args.seed, args.interval)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from agent.demo import demo
+    from agent.opcua_cli import missing_extra
 
-    return demo(args.machines, _drift(args), args.seed, args.central, args.data_dir, args.status_port)
+    if args.protocol == "opcua" and missing_extra("demo --protocol opcua"):
+        return 2
+    return demo(args.machines, _drift(args), args.seed, args.central, args.data_dir, args.status_port,
+                protocol=args.protocol)
 
 
 def _positive(text: str) -> float:
@@ -343,7 +356,7 @@ def _plant_options(sub: argparse.ArgumentParser, drift: str | None) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    from agent import status_cli
+    from agent import opcua_cli, status_cli
     from model import data
     from model.package import SHIPPED
 
@@ -378,6 +391,7 @@ def parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
 
     status_cli.add_command(commands)
+    opcua_cli.add_command(commands)
 
     modbus = commands.add_parser("modbus", help="Modbus tools")
     modbus_commands = modbus.add_subparsers(dest="modbus_command", required=True)
@@ -400,7 +414,8 @@ def parser() -> argparse.ArgumentParser:
     probe.add_argument("--expect", type=float, help="the number the machine's display shows: matching rows are marked")
     probe.set_defaults(handler=_modbus_probe)
 
-    simulate = commands.add_parser("simulate", help="the plant simulator: a Modbus TCP server or an MQTT publisher")
+    simulate = commands.add_parser(
+        "simulate", help="the plant simulator: a Modbus TCP server, an MQTT publisher or an OPC UA server")
     simulate_commands = simulate.add_subparsers(dest="simulate_command", required=True)
     sim_modbus = simulate_commands.add_parser(
         "modbus", help="serve N machines over Modbus TCP, one unit id each (layout: drivers/simulator_modbus.py)")
@@ -409,7 +424,11 @@ def parser() -> argparse.ArgumentParser:
     sim_mqtt = simulate_commands.add_parser(
         "mqtt", help="publish N machines' readings on pdm/<machine_id>/telemetry, QoS 1")
     sim_mqtt.add_argument("--url", default="mqtt://127.0.0.1:1883", help="the broker (default %(default)s)")
-    for sub, handler in ((sim_modbus, _simulate_modbus), (sim_mqtt, _simulate_mqtt)):
+    sim_opcua = simulate_commands.add_parser(
+        "opcua", help="serve N machines over OPC UA, ns=2;s=<machine>.<input> (extra `opcua`)")
+    sim_opcua.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    sim_opcua.add_argument("--port", type=int, default=4840, help="TCP port (default %(default)s)")
+    for sub, handler in ((sim_modbus, _simulate_modbus), (sim_mqtt, _simulate_mqtt), (sim_opcua, _simulate_opcua)):
         _plant_options(sub, None)
         sub.add_argument("--interval", type=_positive, default=1.0, help="seconds between readings (default 1)")
         sub.set_defaults(handler=handler)
@@ -420,6 +439,8 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--central", metavar="URL",
                       help="sync to this central API (token from PDM_CENTRAL__TOKEN[_FILE]); default: no sync")
     demo.add_argument("--data-dir", type=Path, help="keep the agent's data here (default: a temporary folder)")
+    demo.add_argument("--protocol", choices=("modbus", "opcua"), default="modbus",
+                      help="how the agent reads the simulator (default %(default)s; opcua: extra `opcua`)")
     demo.add_argument("--status-port", type=int, default=8080,
                       help="status page port on 127.0.0.1, or the next free one (default %(default)s)")
     demo.set_defaults(handler=_demo)

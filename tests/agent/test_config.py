@@ -6,7 +6,7 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import get_args
+from typing import get_args, get_origin
 
 import pytest
 from pydantic import BaseModel, SecretStr
@@ -79,7 +79,8 @@ def config_variables() -> set[str]:
     """Every variable the configuration reads, derived from the models."""
     names = {"PDM_CONFIG"} | {env_name(key) + "_FILE" for key in SECRET_KEYS}
     for name, field in AgentConfig.model_fields.items():
-        section = next((t for t in (field.annotation, *get_args(field.annotation)) if _is_model(t)), None)
+        section = None if get_origin(field.annotation) is list else next(  # a list of tables comes whole, as JSON
+            (t for t in (field.annotation, *get_args(field.annotation)) if _is_model(t)), None)
         keys = [(name, sub) for sub in section.model_fields] if section else [(name,)]
         names |= {env_name(key) for key in keys}
     return names

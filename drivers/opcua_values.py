@@ -1,0 +1,93 @@
+"""From OPC UA data-change notifications to readings: pure, no OPC UA library needed (the driver passes plain values).
+
+`convert(value, status_ok, status_name, scale, offset)` turns one node's value into a model input: a number
+(int or float, not bool) becomes value * scale + offset; anything else (text, a bool, an array, a bad status) is
+kept as a short description so the pipeline rejects the reading with the reason and quarantines it.
+
+`MachineReadings` keeps one machine's latest values and decides when a reading is due:
+- a reading carries every input's latest value; none is made before every input has had a value;
+- the notifications of one publish are applied together and make one reading (`flush()` after each batch);
+- an input that changes again before the flush first flushes the reading with its previous value, so every value
+  the server reported is in some reading (none lost, in order);
+- after a reconnect the server sends every node's current value again: a value whose (value, source timestamp)
+  is the one already handed on is not a change, so a reconnect alone makes no duplicate reading.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Unusable:
+    """A node's value that is not a number for the model; `why` says what it was."""
+
+    why: str
+
+
+def convert(value: Any, scale: float = 1.0, offset: float = 0.0, status: str | None = None) -> float | Unusable:
+    """One node's value as a model input. `status` is the OPC UA status name when it is not Good."""
+    if status is not None:
+        return Unusable(f"the server reported status {status}")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return Unusable(f"not a number: {_describe(value)}")
+    try:
+        result = float(value) * scale + offset
+    except OverflowError:  # an int beyond float range
+        return Unusable("a number beyond the float range")
+    if not math.isfinite(result):
+        return Unusable(f"not finite: {result}" if math.isfinite(float(value)) else f"not finite: {float(value)}")
+    return result
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "no value"
+    if isinstance(value, str | bytes | list | tuple):
+        text = repr(value)
+        return f"{type(value).__name__} {text[:37] + '...' if len(text) > 40 else text}"
+    return f"a value of type {type(value).__name__}"
+
+
+Emit = Callable[[dict[str, float | Unusable], float | None], None]  # (values, source timestamp) -> None
+
+
+class MachineReadings:
+    """One machine's latest values; see the module docstring. Lives on the driver's event loop."""
+
+    def __init__(self, inputs: tuple[str, ...], emit: Emit) -> None:
+        self.inputs = inputs
+        self._emit = emit
+        self._latest: dict[str, float | Unusable] = {}
+        self._stamp: dict[str, tuple[Any, Any]] = {}  # input -> (raw value, source timestamp) last applied
+        self._changed: set[str] = set()
+        self._ts: float | None = None  # the newest source timestamp among the changes not yet flushed
+        self.duplicates = 0  # values seen again after a reconnect, skipped
+
+    def update(self, name: str, raw: Any, value: float | Unusable, source_ts: float | None) -> None:
+        stamp = (raw, source_ts)
+        if self._stamp.get(name) == stamp and source_ts is not None:
+            self.duplicates += 1
+            return
+        if name in self._changed:
+            self.flush()
+        self._stamp[name] = stamp
+        self._latest[name] = value
+        self._changed.add(name)
+        if source_ts is not None and (self._ts is None or source_ts > self._ts):
+            self._ts = source_ts
+
+    def flush(self) -> None:
+        if not self._changed:
+            return
+        self._changed.clear()
+        ts, self._ts = self._ts, None
+        if len(self._latest) == len(self.inputs):
+            self._emit(dict(self._latest), ts)
+
+    @property
+    def complete(self) -> bool:
+        return len(self._latest) == len(self.inputs)

@@ -1,0 +1,205 @@
+"""The plant simulator served over OPC UA (`pdm-edge simulate opcua`, and `pdm-edge demo --protocol opcua`).
+
+One asyncua server (on 127.0.0.1 by default, security None: a lab tool) for the whole plant, stepped every
+`interval_s` of wall-clock time. Address space, namespace `urn:pdm-edge:simulator` (index 2):
+
+    Objects/Plant/<machine_id>                         an object per machine (m1..mN)
+        machine_type          String                   L, M or H
+        air_temperature       Double  K                NodeId ns=2;s=<machine_id>.air_temperature
+        process_temperature   Double  K
+        rotational_speed      Double  rpm
+        torque                Double  Nm
+        tool_wear             Double  min
+
+Each variable has an EngineeringUnits property (EUInformation, UNECE codes), as `pdm-edge opcua browse` shows.
+Values change only when the plant steps, with the step's time as their source timestamp. `node_config()` builds
+the agent's `[[opcua]]` table for it (examples/simulator-opcua.toml spells it out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any, Self
+
+from drivers.opcua_config import OpcuaServer
+from drivers.simulator import INPUTS, Plant
+
+LOOPBACK = "127.0.0.1"
+NAMESPACE = "urn:pdm-edge:simulator"
+UNECE = "http://www.opcfoundation.org/UA/units/un/cefact"
+UNITS = {"air_temperature": ("KEL", "K", "kelvin"), "process_temperature": ("KEL", "K", "kelvin"),
+         "rotational_speed": ("RPM", "rpm", "revolutions per minute"), "torque": ("NU", "Nm", "newton metre"),
+         "tool_wear": ("MIN", "min", "minute")}
+
+
+def unece_id(code: str) -> int:
+    """The UnitId of a UNECE common code, as OPC UA Part 8 computes it."""
+    value = 0
+    for char in code:
+        value = (value << 8) | ord(char)
+    return value
+
+
+def node_id(machine_id: str, name: str, ns: int = 2) -> str:
+    return f"ns={ns};s={machine_id}.{name}"
+
+
+def node_config(plant_machines: dict[str, str], port: int, host: str = LOOPBACK, sampling_ms: int = 1000,
+                **server: Any) -> OpcuaServer:
+    """The agent's `[[opcua]]` table for a simulated plant: {machine_id: machine_type} served on host:port."""
+    return OpcuaServer(url=f"opc.tcp://{host}:{port}", sampling_ms=sampling_ms, **server, machines=[
+        {"machine_id": machine_id, "machine_type": machine_type,
+         "nodes": {name: node_id(machine_id, name) for name in INPUTS}}
+        for machine_id, machine_type in plant_machines.items()])
+
+
+async def build_server(host: str, port: int, machines: dict[str, str], initial: dict[str, dict[str, float]],
+                       configure=None):
+    """An asyncua Server (not started) with the address space above; returns (server, {(machine, input): node})."""
+    from asyncua import Server, ua
+
+    server = Server()
+    await server.init()
+    server.set_endpoint(f"opc.tcp://{host}:{port}/")
+    server.set_server_name("pdm-edge plant simulator")
+    if configure is not None:
+        await configure(server)
+    else:
+        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+    ns = await server.register_namespace(NAMESPACE)
+    plant = await server.nodes.objects.add_object(ua.NodeId("Plant", ns), ua.QualifiedName("Plant", ns))
+    nodes = {}
+    for machine_id, machine_type in machines.items():
+        obj = await plant.add_object(ua.NodeId(machine_id, ns), ua.QualifiedName(machine_id, ns))
+        await obj.add_property(ua.NodeId(f"{machine_id}.machine_type", ns), ua.QualifiedName("machine_type", ns),
+                               machine_type)
+        for name in INPUTS:
+            variable = await obj.add_variable(ua.NodeId(f"{machine_id}.{name}", ns), ua.QualifiedName(name, ns),
+                                              ua.Variant(float(initial[machine_id][name]), ua.VariantType.Double))
+            code, symbol, description = UNITS[name]
+            await variable.add_property(ua.NodeId(f"{machine_id}.{name}.EngineeringUnits", ns),
+                                        ua.QualifiedName("EngineeringUnits", 0), ua.EUInformation(
+                                            NamespaceUri=UNECE, UnitId=unece_id(code),
+                                            DisplayName=ua.LocalizedText(symbol), Description=ua.LocalizedText(
+                                                description)))
+            nodes[(machine_id, name)] = variable
+    return server, nodes
+
+
+async def write(server, node, value: float, source_ts: datetime | None = None) -> None:
+    from asyncua import ua
+
+    stamp = source_ts or datetime.now(UTC)
+    await server.write_attribute_value(node.nodeid, ua.DataValue(
+        ua.Variant(float(value), ua.VariantType.Double), SourceTimestamp=stamp, ServerTimestamp=stamp))
+
+
+class OpcuaSimulator:
+    """Serves a Plant over OPC UA from a background thread with its own event loop.
+
+    `start()` returns once the server listens (raises OSError when the port is taken); `stop()` is idempotent.
+    `latest` holds the last values served per machine, read under `lock`."""
+
+    def __init__(self, plant: Plant, port: int, host: str = LOOPBACK, interval_s: float = 1.0) -> None:
+        self.plant, self.host, self.port, self.interval_s = plant, host, port, interval_s
+        self.lock = threading.Lock()
+        self.latest: dict[str, dict[str, float]] = plant.step(0.0)
+        self.steps = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: Any = None
+        self._nodes: dict = {}
+        self._stepper: asyncio.Task | None = None
+
+    @property
+    def url(self) -> str:
+        return f"opc.tcp://{self.host}:{self.port}"
+
+    def machines(self) -> dict[str, str]:
+        return {machine_id: self.plant.machine_type(machine_id) for machine_id in self.plant.machines}
+
+    def start(self) -> Self:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._thread = threading.Thread(target=loop.run_forever, name="opcua-simulator", daemon=True)
+        self._thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self._start(), loop).result(30)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    async def _start(self) -> None:
+
+        from drivers.opcua import quiet_library
+        from drivers.simulator_modbus import _socket_probe
+
+        quiet_library()
+        with _socket_probe(self.host, self.port):  # an OSError here when the port is taken
+            pass
+        self._server, self._nodes = await build_server(self.host, self.port, self.machines(), self.latest)
+        await self._server.start()
+        self._stepper = asyncio.create_task(self._step_forever())
+
+    async def _step_forever(self) -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(self.interval_s - (time.monotonic() - last) % self.interval_s)
+            now = time.monotonic()
+            readings = self.plant.step(now - last)
+            last = now
+            stamp = datetime.now(UTC)
+            for machine_id, values in readings.items():
+                for name, value in values.items():
+                    await write(self._server, self._nodes[(machine_id, name)], value, stamp)
+            with self.lock:
+                self.latest = readings
+                self.steps += 1
+
+    def stop(self) -> None:
+        loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
+        if loop is None:
+            return
+
+        async def shutdown():
+            if self._stepper is not None:
+                self._stepper.cancel()
+            if self._server is not None:
+                with contextlib.suppress(Exception):  # stopping anyway
+                    await self._server.stop()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        if loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
+            finally:
+                loop.call_soon_threadsafe(loop.stop)
+        if thread is not None:
+            thread.join(10)
+        loop.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def describe(simulator: OpcuaSimulator) -> str:
+    lines = [(f"OPC UA plant simulator on {simulator.url} (security None), stepping every {simulator.interval_s:g} "
+              "s (address space: drivers/simulator_opcua.py, agent config: examples/simulator-opcua.toml)")]
+    drift = simulator.plant.drift
+    for machine_id in simulator.plant.machines:
+        note = f", drifting towards {drift.mode} over {drift.minutes:g} min" if drift and \
+            drift.machine_id == machine_id else ""
+        lines.append(f"  {machine_id} (type {simulator.plant.machine_type(machine_id)}): "
+                     f"ns=2;s={machine_id}.<input>{note}")
+    return "\n".join(lines)
