@@ -27,6 +27,7 @@ COPY drivers ./drivers
 COPY model ./model
 COPY sync ./sync
 COPY central ./central
+COPY web ./web
 RUN /opt/venv/bin/pip install --no-cache-dir . \
     && /opt/venv/bin/pdm-edge model verify
 
