@@ -29,9 +29,11 @@ COPY sync ./sync
 COPY central ./central
 COPY web ./web
 RUN /opt/venv/bin/pip install --no-cache-dir . \
-    && /opt/venv/bin/pdm-edge model verify
+    && /opt/venv/bin/pdm-edge model verify \
+    && /opt/venv/bin/pip uninstall --yes --quiet pip setuptools \
+    && find /opt/venv -depth -name __pycache__ -type d -exec rm -rf {} +
 
-# --- runtime: the virtual environment alone, a non-root user, no compilers, no pip cache -----------------------
+# --- runtime: the virtual environment alone, a non-root user, no compilers, no pip, no caches --------------------
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="pdm-edge" \
       org.opencontainers.image.description="Predictive-maintenance agent for factory gateways" \

@@ -14,11 +14,14 @@ that reading, so health below the warning band always comes with warning or alar
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
-from agent.config import AlarmsConfig
+from model.states import SEVERITY, STATES, StateName
+from sync.remote import AlarmsConfig
 
-LEVELS = ("ok", "warning", "alarm")
+Seen = dict[str, Any]  # a Shown as JSON
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,14 +35,18 @@ class Shown:
 
 @dataclass(slots=True)
 class MachineAlarm:
-    state: str = "ok"
+    state: StateName = "ok"
     direction: int = 0  # +1 a streak of worse readings, -1 of better ones, 0 none
     streak: int = 0
     target: int = 0  # the level the streak would move the machine to
-    shown: dict | None = None  # Shown of the latest reading whose own state is `state`
-    candidate: dict | None = None  # Shown of the streak's latest reading whose own state is `target`
+    shown: Seen | None = None  # Shown of the latest reading whose own state is `state`
+    candidate: Seen | None = None  # Shown of the streak's latest reading whose own state is `target`
+    # The open alarm episode (SPEC §10), from the event out of ok to the return to ok: that event's id and time
+    # (agent/machines.py sets them). None while ok, and for an episode opened by an agent older than episodes.
+    episode: str | None = None
+    episode_at: float | None = None
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -49,20 +56,29 @@ class Alarms:
         self._leave_after = config.leave_after
         self._margin = config.leave_margin
         self._leave_ok = self._leave_warning = 0.0
+        self._bands = (0.0, 0.0)
         self.machines: dict[str, MachineAlarm] = {}
+
+    def configure(self, config: AlarmsConfig) -> None:
+        """New hysteresis (a remote override): streaks in progress go on, counted against the new numbers."""
+        self._enter_after, self._leave_after = config.enter_after, config.leave_after
+        self._margin = config.leave_margin
+        self.set_bands(*self._bands)
 
     def set_bands(self, health_at_warning: float, health_at_alarm: float) -> None:
         """The model's health at its warning and alarm thresholds: health at or above a band plus the margin is
         safely inside the better state."""
+        self._bands = (health_at_warning, health_at_alarm)
         self._leave_ok = health_at_warning + self._margin
         self._leave_warning = health_at_alarm + self._margin
 
-    def update(self, machine_id: str, state: str, health: float, shown: Shown | None = None) -> tuple[str, str] | None:
+    def update(self, machine_id: str, state: str, health: float,
+               shown: Shown | None = None) -> tuple[StateName, StateName] | None:
         """Feed one reading's state and health (and what to show of it); the (from, to) states when the machine
         changed state."""
         machine = self.machines.setdefault(machine_id, MachineAlarm())
         seen = None if shown is None else asdict(shown)
-        current, own = LEVELS.index(machine.state), LEVELS.index(state)
+        current, own = SEVERITY[machine.state], SEVERITY[state]
         if own > current:
             self._streak(machine, +1, own, min, own, seen)
             needed = self._enter_after
@@ -76,12 +92,13 @@ class Alarms:
             needed = self._leave_after
         if machine.streak < needed:
             return None
-        before, machine.state = machine.state, LEVELS[machine.target]
+        before, machine.state = machine.state, STATES[machine.target].value
         machine.shown = machine.candidate or (seen and self._within_band(seen, machine.target))
         machine.direction, machine.streak, machine.candidate = 0, 0, None
         return before, machine.state
 
-    def _streak(self, machine: MachineAlarm, direction: int, level: int, keep, own: int, seen: dict | None) -> None:
+    def _streak(self, machine: MachineAlarm, direction: int, level: int, keep: Callable[[int, int], int], own: int,
+                seen: Seen | None) -> None:
         if machine.direction != direction:
             machine.direction, machine.streak, machine.target, machine.candidate = direction, 0, level, None
         machine.streak += 1
@@ -91,7 +108,7 @@ class Alarms:
         if own == target and seen:
             machine.candidate = seen
 
-    def _within_band(self, seen: dict, level: int) -> dict:
+    def _within_band(self, seen: Seen, level: int) -> Seen:
         """What to show when no reading of the streak shares the state it moved to (leaving alarm on readings
         already in ok, but within the margin): the latest, its health limited to that state's band."""
         health = within_band(seen["health"], level, self._leave_ok - self._margin, self._leave_warning - self._margin)
@@ -99,12 +116,12 @@ class Alarms:
 
 
 def within_band(health: float, level: int, at_warning: float, at_alarm: float) -> float:
-    """Health limited to the band of state LEVELS[level]: ok at or above at_warning, alarm at or below at_alarm."""
+    """Health limited to the band of state STATES[level]: ok at or above at_warning, alarm at or below at_alarm."""
     low, high = ((at_warning, 100.0), (at_alarm, at_warning), (0.0, at_alarm))[level]
     return min(max(health, low), high)
 
 
-def saved_alarm(text: object) -> dict | None:
+def saved_alarm(text: object) -> Seen | None:
     """A machine's alarm as saved (the JSON of MachineAlarm.to_json()); None when unreadable."""
     try:
         alarm = json.loads(text) if isinstance(text, str) else None
@@ -119,7 +136,7 @@ def technician_view(alarm: object, reading_state: str, latest: Shown, at_warning
     saved yet) and its latest reading: the reading that holds the state; without one saved (a machine new to the
     hysteresis, a state saved by an older agent), the latest reading, its health limited to the state's band."""
     saved = alarm if isinstance(alarm, dict) else {}
-    state = saved["state"] if saved.get("state") in LEVELS else reading_state
+    state = saved["state"] if saved.get("state") in SEVERITY else reading_state
     held = saved.get("shown")
     if isinstance(held, dict):
         try:
@@ -128,5 +145,5 @@ def technician_view(alarm: object, reading_state: str, latest: Shown, at_warning
             pass  # unreadable: as if none was saved
     if state == reading_state:
         return state, latest
-    return state, Shown(within_band(latest.health, LEVELS.index(state), at_warning, at_alarm), latest.p_failure,
+    return state, Shown(within_band(latest.health, SEVERITY[state], at_warning, at_alarm), latest.p_failure,
                         latest.risk)

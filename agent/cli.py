@@ -12,17 +12,24 @@ import shlex
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from web.extras import missing_extra
+
+if TYPE_CHECKING:
+    from drivers.simulator import Drift
+    from model.score import Score
+    from model.validate import Rejection
 
 SCORE_BATCH = 256
 MAX_LINE_CHARS = 10_000  # a reading is a few hundred; a longer line is not one
 
 
 def _run(args: argparse.Namespace) -> int:
-    from agent import logs, service
+    from agent import service
     from agent.config import ConfigError, load_config
+    from web import logs
 
     try:
         config = load_config(args.config)
@@ -35,8 +42,11 @@ def _run(args: argparse.Namespace) -> int:
 def _check_config(args: argparse.Namespace) -> int:
     """Everything `run` validates before it starts, without touching the network."""
     from agent.config import ConfigError, check_inputs, load_config, redacted
+    from agent.downlink import FOLDER, STATE_FILE, State
+    from model.bundle import trusted_keys
     from model.manifest import PackageError
     from model.package import SHIPPED, load
+    from sync.remote import OverrideError, apply
 
     try:
         config = load_config(args.config)
@@ -48,9 +58,24 @@ def _check_config(args: argparse.Namespace) -> int:
     except PackageError as exc:
         return _problems([f"model.path ({package}): {exc}"])
     problems = check_inputs(config, manifest.input_names, manifest.machine_type.name)
+    try:
+        trusted_keys(list(config.model.trusted_keys))
+    except PackageError as exc:
+        problems.append(f"model.trusted_keys: {exc}")
     if problems:
         return _problems(problems)
+    remote = State.load(config.data_dir / FOLDER / STATE_FILE)  # what central set remotely, as last applied
+    if remote.overrides:
+        try:
+            config = config.model_copy(update=apply(remote.overrides, {
+                "alarms": config.alarms, "summary": config.summary, "central": config.central}))
+        except OverrideError as exc:
+            print(f"central's remembered overrides are refused, the file's values apply: {exc}", file=sys.stderr)
     print(json.dumps(redacted(config), indent=2))
+    if remote.overrides:
+        print(f"central overrides (config revision {remote.config_revision}) in force over the file: "
+              + ", ".join(f"{key} = {json.dumps(value)}" for key, value in sorted(remote.overrides.items())),
+              file=sys.stderr)
     print(f"ok: configuration valid; model {manifest.name} {manifest.version}", file=sys.stderr)
     return 0
 
@@ -192,7 +217,7 @@ def _readings(stream: io.TextIOBase, fmt: str, column_map: dict[str, str]) -> It
     if not first:
         return
     header = _csv_row(first) if fmt != "jsonl" else None
-    if fmt == "jsonl" or (fmt == "auto" and (first.lstrip().startswith(("{", "[")) or isinstance(header, MalformedLine)
+    if header is None or (fmt == "auto" and (first.lstrip().startswith(("{", "[")) or isinstance(header, MalformedLine)
                                              or len(header) < 2)):
         for line in itertools.chain([first], lines):
             if line.strip():
@@ -261,7 +286,7 @@ def _model_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _result_json(line: int, raw: object, result, model_id: str) -> dict:
+def _result_json(line: int, raw: object, result: Score | Rejection, model_id: str) -> dict[str, Any]:
     from model.validate import Rejection
 
     echo = {k: raw[k] for k in ("machine_id", "ts") if isinstance(raw, dict) and k in raw}
@@ -284,14 +309,15 @@ def _train(args: argparse.Namespace) -> int:
     from model import train
 
     command = "pdm-edge " + shlex.join(sys.argv[1:])
-    manifest = train.train(args.data, args.out, command, log=lambda m: print(m, file=sys.stderr))
+    manifest = train.train(args.data, args.out, command, log=lambda m: print(m, file=sys.stderr), seed=args.seed,
+                           trees=args.trees, version=args.model_version)
     failure = manifest.metrics["test"]["failure"]
     print(f"wrote {args.out}/model.onnx and manifest.json: test ROC-AUC {failure['roc_auc']}, "
           f"PR-AUC {failure['pr_auc']}, F1 at alarm {failure['alarm']['f1']}")
     return 0
 
 
-def _drift(args: argparse.Namespace):
+def _drift(args: argparse.Namespace) -> Drift | None:
     from agent.demo import parse_drift
 
     try:
@@ -339,6 +365,13 @@ def _positive(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def _plant_options(sub: argparse.ArgumentParser, drift: str | None) -> None:
     def machines(text: str) -> int:
         value = int(text)
@@ -359,6 +392,7 @@ def parser() -> argparse.ArgumentParser:
     from agent import opcua_cli, status_cli
     from model import data
     from model.package import SHIPPED
+    from model.train import SEED, TREES, VERSION
 
     root = argparse.ArgumentParser(prog="pdm-edge", description=__doc__.split("\n")[0])
     root.add_argument("--version", action="version", version=f"pdm-edge {__version__}")
@@ -448,6 +482,12 @@ def parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train and export a model package (extra `train`)")
     train.add_argument("--data", type=Path, default=data.default_path(), help="the AI4I 2020 CSV")
     train.add_argument("--out", type=Path, required=True, help="the package folder to write")
+    train.add_argument("--seed", type=int, default=SEED,
+                       help="random seed of the split, the folds and the trees (default %(default)s: the shipped model)")
+    train.add_argument("--trees", type=_count, default=TREES,
+                       help="trees per estimator (default %(default)s: the shipped model; fewer: quicker, weaker)")
+    train.add_argument("--model-version", default=VERSION,
+                       help="the package's version (default %(default)s); a model to roll out needs its own")
     train.set_defaults(handler=_train)
     return root
 
@@ -457,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser().parse_args(argv)
     try:
-        return args.handler(args)
+        code: int = args.handler(args)
+        return code
     except PackageError as exc:
         print(f"pdm-edge: {exc}", file=sys.stderr)
         return 1

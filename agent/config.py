@@ -29,6 +29,7 @@ from pydantic import (
     ConfigDict,
     DirectoryPath,
     Field,
+    FilePath,
     SecretStr,
     StringConstraints,
     ValidationError,
@@ -61,7 +62,9 @@ from agent.secrets import (
 from drivers.modbus import TRANSPORTS, ModbusDevice, check_lines
 from drivers.mqtt import MqttConfig
 from drivers.opcua_config import OpcuaServer, check_servers, input_problems
+from drivers.sparkplug_config import input_problems as sparkplug_input_problems
 from sync.config import CentralConfig, is_loopback
+from sync.remote import AlarmsConfig, SummaryConfig  # defined neutrally: central checks remote overrides with them
 from web.tokens import weakness
 
 DEFAULT_CONFIG_FILE = Path("/etc/pdm-edge/agent.toml")
@@ -101,21 +104,12 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     path: DirectoryPath | None = None  # a model package folder; None: the package shipped with the agent
-
-
-class SummaryConfig(_Section):
-    window_s: int = Field(60, gt=0)  # windows are aligned to the clock: [k * window_s, (k + 1) * window_s)
-    grace_s: float = Field(10.0, ge=0)  # a window with no newer reading closes this long after its end
-
-
-class AlarmsConfig(_Section):
-    """Hysteresis: a machine enters a worse state after `enter_after` consecutive readings in it, and leaves it
-    after `leave_after` consecutive readings whose health is at least `leave_margin` points above the state's band.
-    The margin is in health points because the thresholds differ by orders of magnitude in probability."""
-
-    enter_after: int = Field(3, ge=1)
-    leave_after: int = Field(5, ge=1)
-    leave_margin: float = Field(5.0, ge=0, le=30)  # health points
+    # Public keys (PEM files, `pdm-central keys new`) whose signed bundles central may send (SPEC §9). None listed:
+    # the gateway takes no model from central.
+    trusted_keys: list[FilePath] = []
+    # True: this gateway keeps its configured model whatever central asks (an operator's pin, e.g. during a
+    # commissioning); central's rollouts report it as pinned.
+    pinned: bool = False
 
 
 class BufferConfig(_Section):
@@ -135,8 +129,9 @@ class MachinesConfig(_Section):
     """Which machines readings are taken from (agent/roster.py): a publisher must not create machines without end."""
 
     max_machines: int = Field(1000, ge=1, le=100_000)  # known at once, besides the listed ones; more are quarantined
-    # Machine ids, or patterns such as "press-*": when set, only these machines (and the Modbus devices and
-    # mqtt.machines, always) are taken; the rest are quarantined as unknown_machine.
+    # Machine ids, or patterns such as "press-*": when set, only these machines (and the Modbus devices,
+    # mqtt.machines, the OPC UA machines and Sparkplug devices, always) are taken; the rest are quarantined as
+    # unknown_machine.
     allowed: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._*?\[\]!-]{1,64}$")]] = []
     forget_after_h: float = Field(72, gt=0)  # a machine silent this long leaves the status API, /metrics, the count
 
@@ -367,7 +362,7 @@ def _key(error: ErrorDetails) -> tuple[Key, str | None]:
     key = tuple(part for part, tag in zip(loc, is_tag) if not tag)
     if error["type"].startswith("union_tag"):
         key = (*key, "transport")
-    return key, next((part for part, tag in zip(loc, is_tag) if tag), None)
+    return key, next((str(part) for part, tag in zip(loc, is_tag) if tag), None)
 
 
 def _origin(found: _Found, key: Key, unset: str) -> str:
@@ -417,4 +412,5 @@ def check_inputs(config: AgentConfig, input_names: Sequence[str], machine_type_k
             for key, name in config.mqtt.payload_map.items()
             if name not in input_names and name != machine_type_key
         ]
+        problems += sparkplug_input_problems(config.mqtt.sparkplug, input_names)
     return problems

@@ -21,8 +21,15 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from drivers.simulator import Drift, Plant
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
+    from agent.service import Agent
+    from drivers.simulator_modbus import ModbusSimulator
+    from drivers.simulator_opcua import OpcuaSimulator
 
 REFRESH_S = 2.0
 STATUS_PORTS = 20  # 8080, else the next free one of this many
@@ -43,7 +50,8 @@ def free_port(host: str = "127.0.0.1", first: int = 0, tries: int = 1) -> int:
                 sock.bind((host, port))
             except OSError:
                 continue
-            return sock.getsockname()[1]
+            bound: int = sock.getsockname()[1]
+            return bound
     raise OSError(f"ports {first}-{first + tries - 1} on {host} are all in use: pass --status-port")
 
 
@@ -121,12 +129,12 @@ def simulate_opcua(machines: int, port: int, host: str, drift: Drift | None, see
 
 
 def demo_config(plant: Plant, modbus_port: int, data_dir: Path, status_port: int, central: str | None,
-                interval_s: float = 1.0, protocol: str = "modbus"):
+                interval_s: float = 1.0, protocol: str = "modbus") -> AgentConfig:
     """The agent's configuration for the demo, in memory; `modbus_port` is the OPC UA server's with opcua."""
     from agent.config import AgentConfig
     from drivers.simulator_modbus import device_config
 
-    values: dict = {
+    values: dict[str, Any] = {
         "gateway_id": DEMO_GATEWAY, "data_dir": data_dir, "log_level": "WARNING", "log_format": "text",
         "status": {"bind": f"127.0.0.1:{status_port}"},
         "buffer": {"synchronous": "NORMAL"},
@@ -153,11 +161,12 @@ def demo(machines: int, drift: Drift | None, seed: int | None, central: str | No
          status_port: int, interval_s: float = 1.0, protocol: str = "modbus") -> int:
     from pydantic import ValidationError
 
-    from agent import logs
     from agent.service import Agent
-    from agent.status import Trends, machine_infos
+    from agent.snapshot import snapshot
+    from agent.status.machines import machine_infos
     from agent.status_cli import table
     from drivers.simulator_modbus import ModbusSimulator
+    from web import logs
 
     try:
         plant = Plant(machines, seed, drift)
@@ -167,8 +176,9 @@ def demo(machines: int, drift: Drift | None, seed: int | None, central: str | No
     logs.setup("WARNING", "text")
     stop = _stop_event()
     temporary = data_dir is None
-    data_dir = Path(tempfile.mkdtemp(prefix="pdm-edge-demo-")) if temporary else Path(data_dir)
-    simulator = agent = None
+    data_dir = Path(tempfile.mkdtemp(prefix="pdm-edge-demo-")) if data_dir is None else Path(data_dir)
+    simulator: ModbusSimulator | OpcuaSimulator | None = None
+    agent: Agent | None = None
     try:
         if protocol == "opcua":
             from drivers.simulator_opcua import OpcuaSimulator
@@ -193,9 +203,9 @@ def demo(machines: int, drift: Drift | None, seed: int | None, central: str | No
                   f"{drifting}; sync {'to ' + central if central else 'off'}\n"
                   f"status page http://127.0.0.1:{status_port}  ·  data in {data_dir}  ·  Ctrl-C to stop")
         print(header, flush=True)
-        started, trends = time.monotonic(), Trends()
+        started = time.monotonic()
         while not stop.wait(REFRESH_S - (time.monotonic() - started) % REFRESH_S):
-            rows = [m.model_dump(mode="json") for m in machine_infos(agent, trends, time.time())]
+            rows = [m.model_dump(mode="json") for m in machine_infos(snapshot(agent))]
             clock = datetime.now(UTC).strftime("%H:%M:%S")
             text = f"{clock} UTC, {time.monotonic() - started:.0f} s after start\n{table(rows, color)}"
             if color:

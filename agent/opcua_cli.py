@@ -24,7 +24,7 @@ def _browse(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from drivers.opcua_browse import BrowseError, browse, format_variables, save_server_certificate
-    from drivers.opcua_config import OpcuaServer
+    from drivers.opcua_config import OpcuaMachine, OpcuaServer
     from drivers.simulator import INPUTS
 
     try:
@@ -37,7 +37,8 @@ def _browse(args: argparse.Namespace) -> int:
             url=args.url, security_policy=args.security_policy, security_mode=args.security_mode,
             certificate=args.certificate, private_key=args.private_key, trusted_server_certs=args.trusted,
             username=args.username, password_file=args.password_file, timeout_s=args.timeout,
-            machines=[{"machine_id": "browse", "machine_type": "L", "nodes": {"any": "i=85"}}])
+            machines=[OpcuaMachine.model_validate({"machine_id": "browse", "machine_type": "L",
+                                                   "nodes": {"any": "i=85"}})])
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"]) or "options"
@@ -77,7 +78,7 @@ def _depth(text: str) -> int:
     return value
 
 
-def add_command(commands) -> None:
+def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     opcua = commands.add_parser("opcua", help="OPC UA tools (extra `opcua`)")
     sub = opcua.add_subparsers(dest="opcua_command", required=True)
     browse = sub.add_parser("browse", help="list a server's variables with types, units and values, and node-map "

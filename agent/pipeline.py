@@ -15,26 +15,50 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from prometheus_client import Histogram
+from prometheus_client.core import Metric
 
 from agent.config import PipelineConfig
+from agent.latest import LatestReadings
 from agent.machines import Machines
 from agent.roster import MACHINE_LABELS_MAX, Roster
 from agent.store import MachineRecord, OutboxRecord, QuarantinedReading, Store, StoredReading, StoreError, WriteResult
+from agent.summaries import ShadowScore
 from drivers.base import Availability, RawReading
 from model.score import Scorer
-from model.validate import Rejection
+from model.validate import Reason, Rejection
+from sync.protocol import ModelRef
+from sync.remote import AlarmsConfig, SummaryConfig
 
 log = logging.getLogger(__name__)
 
 LINGER_S = 0.002  # how long a batch waits for one more reading before it is committed
 RETRY_MIN_S, RETRY_MAX_S = 0.1, 5.0
 CAP_HEADROOM_BYTES = 2**20  # room is made down to the cap minus this, so the next batches stay under the cap
+NO_MACHINE = Rejection(Reason.UNKNOWN_MACHINE, "the reading names no machine")
 BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 # Readings are counted by machine for MACHINE_LABELS_MAX machine ids, then under "other": a stream of invented ids
 # (a misconfigured publisher) must not grow /metrics without bound.
+
+
+@dataclass(frozen=True)
+class PipelineStats:
+    """The pipeline since the agent started (`Pipeline.stats()`)."""
+
+    queue_depth: int
+    queue_max: int
+    batches: int  # committed
+    errors: int  # unexpected errors committing a batch (retried)
+    last_commit_age_s: float | None
+    progressing: bool  # went round its loop within the `within_s` asked for
+    database_up: bool  # the last database write succeeded
+    database_failures: int
+    database_last_error: str | None
+    readings_by_machine: Mapping[tuple[str, str], int]  # (machine, "accepted" | "rejected") -> committed
+    histograms: Sequence[Metric]  # batch sizes and scoring time, as Prometheus families
 
 
 class Pipeline:
@@ -42,6 +66,7 @@ class Pipeline:
                  max_db_bytes: int | None = None, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic, roster: Roster | None = None) -> None:
         self._queue: queue.Queue[RawReading] = queue.Queue(config.queue_max)
+        self._queue_max = config.queue_max
         self._scorer = scorer
         self._store = store
         self._batch_max = config.batch_max
@@ -58,9 +83,14 @@ class Pipeline:
         self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
         self.database = Availability(f"database {store.path}", log)
         self._model_changed = False
+        self._shadow: Scorer | None = None  # a candidate scored beside the live model (SPEC §9)
+        self._shadow_ref: ModelRef | None = None
+        self._sections: tuple[AlarmsConfig | None, SummaryConfig | None] | None = None  # remote overrides, pending
         self._next_tick = 0.0
         self.gave_up = False  # stopped with a batch the database would not take
         self.score_seconds = Histogram("pdm_scoring_seconds", "Validating and scoring one batch.", registry=None)
+        self.shadow_seconds = Histogram("pdm_shadow_scoring_seconds",
+                                        "Validating and scoring one batch with the shadow model.", registry=None)
         self.batch_size = Histogram("pdm_pipeline_batch_size", "Readings in each committed batch.",
                                     buckets=BATCH_SIZE_BUCKETS, registry=None)
         self.readings_by_machine: Counter[tuple[str, str]] = Counter()  # (machine, "accepted" | "rejected"): committed
@@ -68,10 +98,19 @@ class Pipeline:
         self.batches = 0
         self.errors = 0  # unexpected errors while committing a batch (each is logged with its traceback)
         self.last_commit: float | None = None  # monotonic time of the last committed batch
+        self.latest = LatestReadings()  # each machine's newest committed reading and trend, for the status API
 
     # --- called by drivers, from their threads ---
     def put(self, reading: RawReading) -> None:
         self._queue.put(reading)
+
+    def offer(self, reading: RawReading) -> bool:
+        """put() if the queue has room now, without waiting (drivers.base.OfferingSink); False when full."""
+        try:
+            self._queue.put_nowait(reading)
+        except queue.Full:
+            return False
+        return True
 
     # --- called by the agent ---
     @property
@@ -83,6 +122,18 @@ class Pipeline:
         batch that keeps failing, or a hang, stops it going round)."""
         return self._thread.is_alive() and self._monotonic() - self.heartbeat <= within_s
 
+    def stats(self, within_s: float) -> PipelineStats:
+        """Read from any thread, without locks: a value may be one batch old."""
+        last = self.last_commit
+        database = self.database
+        histograms = [*self.batch_size.collect(), *self.score_seconds.collect(), *self.shadow_seconds.collect()]
+        return PipelineStats(
+            queue_depth=self.depth, queue_max=self._queue_max, batches=self.batches, errors=self.errors,
+            last_commit_age_s=None if last is None else max(0.0, self._monotonic() - last),
+            progressing=self.progressing(within_s), database_up=database.up,
+            database_failures=database.failures_total, database_last_error=database.last_error,
+            readings_by_machine=dict(self.readings_by_machine), histograms=histograms)
+
     @property
     def scorer(self) -> Scorer:
         return self._scorer
@@ -91,6 +142,21 @@ class Pipeline:
         """Score with another model from the next batch on; the batch in progress finishes with the old one."""
         self._scorer = scorer
         self._model_changed = True
+
+    @property
+    def shadow(self) -> Scorer | None:
+        return self._shadow
+
+    def set_shadow(self, scorer: Scorer | None) -> None:
+        """Score every batch with `scorer` too, from the next batch on (None: stop); the live model decides."""
+        model = scorer.model if scorer is not None else None
+        self._shadow_ref = None if model is None else ModelRef(
+            name=model.name, version=model.version, sha256=model.sha256, package_digest=model.package_digest or None)
+        self._shadow = scorer
+
+    def reconfigure(self, alarms: AlarmsConfig | None, summary: SummaryConfig | None) -> None:
+        """Remote overrides of the hysteresis and the summaries: taken by the pipeline thread at its next batch."""
+        self._sections = (alarms, summary)
 
     def start(self) -> None:
         self._thread.start()
@@ -165,18 +231,20 @@ class Pipeline:
         model = scorer.model
         model_version = f"{model.name}@{model.version}"
         inputs, type_key = model.manifest.input_names, model.manifest.machine_type.name
-        if self._roster is not None:
-            for reading in batch:
-                if reading.rejection is None:
-                    reading.rejection = self._roster.admit(reading.machine_id, reading.received_at)
+        for reading in batch:
+            if reading.rejection is None:
+                reading.rejection = self._admit(reading.machine_id, reading.received_at)
         candidates = [r for r in batch if r.rejection is None]
         with self.score_seconds.time():
             results = iter(scorer.score([r.fields for r in candidates]))
-        stored, quarantined, outcomes = [], [], Counter()
+        shadow = self._score_shadow(candidates)
+        stored: list[StoredReading] = []
+        quarantined: list[QuarantinedReading] = []
+        outcomes: Counter[tuple[str | None, str]] = Counter()
         for reading in batch:  # in arrival order
             result = reading.rejection or next(results)
-            if isinstance(result, Rejection):
-                quarantined.append(_quarantined(reading, result))
+            if isinstance(result, Rejection) or reading.machine_id is None:  # no id: _admit rejected it
+                quarantined.append(_quarantined(reading, result if isinstance(result, Rejection) else NO_MACHINE))
                 outcomes[reading.machine_id, "rejected"] += 1
                 continue
             outcomes[reading.machine_id, "accepted"] += 1
@@ -185,8 +253,9 @@ class Pipeline:
                 reading.fields[type_key], result.p_failure, result.risk, result.health, result.state.value,
                 result.ood, model_version, reading.received_at,
             ))
-        outbox, machines = self._summarise(scorer, batch, stored)
+        new, outbox, machines = self._summarise(scorer, batch, stored, shadow)
         self._write(stored, quarantined, outbox, machines)
+        self.latest.committed(new)
         for reading in batch:
             if reading.ack is not None:
                 reading.ack()
@@ -195,6 +264,12 @@ class Pipeline:
         self._count_by_machine(outcomes)
         self.last_commit = self._monotonic()
         self._keep_under_cap()
+
+    def _admit(self, machine_id: str | None, received_at: float) -> Rejection | None:
+        """A reading without a machine id (a driver's bug) is quarantined, not stored: nothing could show it."""
+        if machine_id is None:
+            return NO_MACHINE
+        return None if self._roster is None else self._roster.admit(machine_id, received_at)
 
     def _count_by_machine(self, outcomes: Counter[tuple[str | None, str]]) -> None:
         counted = self.readings_by_machine
@@ -206,11 +281,38 @@ class Pipeline:
             machines.add(machine)
             counted[machine, outcome] += n
 
-    def _summarise(self, scorer: Scorer, batch: list[RawReading], stored: list[StoredReading]):
-        """Alarm events, closed summaries and machine states for this batch: only from readings not stored
-        before, so a redelivered reading is never counted twice."""
+    def _score_shadow(self, candidates: list[RawReading],
+                      ) -> tuple[ModelRef, dict[tuple[str, float], ShadowScore]] | None:
+        """The shadow model's score of each reading, keyed (machine id, ts); in memory only: its figures go into
+        the summaries this batch's transaction writes anyway (no transaction of its own)."""
+        shadow, ref = self._shadow, self._shadow_ref
+        if shadow is None or ref is None or not candidates:
+            return None
+        started = time.perf_counter()
+        results = shadow.score([r.fields for r in candidates])
+        seconds = time.perf_counter() - started
+        self.shadow_seconds.observe(seconds)
+        share = seconds / len(candidates)
+        scores: dict[tuple[str, float], ShadowScore] = {}
+        for reading, result in zip(candidates, results):
+            if reading.machine_id is None:
+                continue
+            if isinstance(result, Rejection):
+                scores[reading.machine_id, reading.ts] = ShadowScore(None, False, share)
+            else:
+                scores[reading.machine_id, reading.ts] = ShadowScore(result.state.value, bool(result.ood), share)
+        return ref, scores
+
+    def _summarise(self, scorer: Scorer, batch: list[RawReading], stored: list[StoredReading],
+                   shadow: tuple[ModelRef, dict[tuple[str, float], ShadowScore]] | None = None,
+                   ) -> tuple[list[StoredReading], list[OutboxRecord], list[MachineRecord]]:
+        """The readings not stored before, and from them alone (a redelivered reading is never counted twice) the
+        alarm events, closed summaries and machine states for this batch."""
         if self._machines is None:
-            return [], []
+            return stored, [], []
+        if self._sections is not None:
+            sections, self._sections = self._sections, None
+            self._machines.reconfigure(*sections)
         if self._model_changed:
             self._machines.use_model(scorer.model)
             self._model_changed = False
@@ -222,7 +324,7 @@ class Pipeline:
                 known.add(key)
                 new.append(reading)
         rejected = [(r.machine_id, r.ts) for r in batch if r.rejection is not None]
-        return self._machines.update(new, rejected, self._clock())
+        return new, *self._machines.update(new, rejected, self._clock(), shadow)
 
     def _keep_under_cap(self) -> None:
         """After every commit, and once a second while idle: make room when the database is over the buffer cap
@@ -236,6 +338,8 @@ class Pipeline:
         except StoreError as exc:
             self.database.failed(str(exc))
             return
+        if dropped.get("readings"):
+            self.latest.forget()
         self._dropped_unlogged.update(dropped)
         if self._dropped_unlogged and self._monotonic() >= self._next_drop_log:  # one line a second at most
             self._next_drop_log = self._monotonic() + 1.0
@@ -257,7 +361,7 @@ class Pipeline:
             self._write([], [], outbox, machines)
 
     def _write(self, stored: list[StoredReading], quarantined: list[QuarantinedReading],
-               outbox: list[OutboxRecord] = (), machines: list[MachineRecord] = ()) -> WriteResult:
+               outbox: Sequence[OutboxRecord] = (), machines: Sequence[MachineRecord] = ()) -> WriteResult:
         delay = RETRY_MIN_S
         while True:
             try:

@@ -15,6 +15,7 @@ that names the variable or credential and the path, never the content.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ SECRET_KEYS: tuple[tuple[str, str], ...] = (("central", "token"), ("status", "to
 def env_name(key: Key) -> str:
     """The variable that sets `key`, e.g. PDM_CENTRAL__URL; a list is set as a whole, e.g. PDM_MODBUS (JSON)."""
     names = itertools.takewhile(lambda part: isinstance(part, str), key)
-    return ENV_PREFIX + "__".join(names).upper()
+    return ENV_PREFIX + "__".join(str(name) for name in names).upper()
 
 
 def dotted(key: Key) -> str:
@@ -115,6 +116,10 @@ class DotEnvSource(_Variables, DotEnvSettingsSource):
         super().__init__(settings_cls, env_file=env_file)
 
 
+def _secret_files(directory: str | None) -> list[tuple[Key, Path]]:
+    return [] if directory is None else [(key, Path(directory, dotted(key))) for key in SECRET_KEYS]
+
+
 class CredentialsSource(InitSettingsSource):
     """systemd credentials named like the secret they hold, e.g. `$CREDENTIALS_DIRECTORY/central.token`."""
 
@@ -122,8 +127,14 @@ class CredentialsSource(InitSettingsSource):
         self.directory = directory
         self.problems: list[str] = []
         values: dict[str, dict[str, str]] = {}
-        for key in SECRET_KEYS if directory else ():
-            path = Path(directory, dotted(key))
+        if directory is not None and not os.access(directory, os.R_OK | os.X_OK) and os.path.isdir(directory):
+            # one problem for the folder rather than one per secret in it (seen in a container whose mounts do not
+            # propagate: systemd leaves the folder root's 0700 and empty)
+            self.problems.append(f"${CREDENTIALS_ENV} ({directory}): cannot read the folder of systemd credentials: "
+                                 "Permission denied; the service manager made it, check its log")
+            super().__init__(settings_cls, values)
+            return
+        for key, path in _secret_files(directory):
             try:
                 secret = read_secret(path)
             except FileNotFoundError:
@@ -132,7 +143,7 @@ class CredentialsSource(InitSettingsSource):
                 self.problems.append(unreadable(key, f"systemd credential in {directory}", path, exc))
                 continue
             section, name = key
-            values.setdefault(section, {})[name] = secret
+            values.setdefault(str(section), {})[str(name)] = secret
         super().__init__(settings_cls, values)
 
     def origin(self, key: Key) -> str:

@@ -15,27 +15,35 @@ import signal
 import stat
 import threading
 import time
-from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from pydantic import BaseModel
 
 from agent import __version__
+from agent.actions import ActionLog
 from agent.config import AgentConfig, check_inputs
+from agent.downlink import Downlink
 from agent.machines import Machines
 from agent.notify import Notifier
 from agent.pipeline import Pipeline
 from agent.roster import Roster
-from agent.status import StatusServer
-from agent.store import Store, StoreError
-from drivers.base import Availability, Driver
+from agent.snapshot import Running
+from agent.status.server import StatusServer
+from agent.store import Store
+from agent.sync_loop import SyncLoop
+from drivers.base import Driver
 from drivers.modbus import ModbusDriver
 from drivers.mqtt import MqttDriver
+from model.bundle import trusted_keys
 from model.manifest import MANIFEST_FILE, PackageError
-from model.package import SHIPPED, load
+from model.package import SHIPPED, Model, load
 from model.score import Scorer
-from sync.client import Outcome, Round, SyncClient
+from sync.client import FetchError, SyncClient
+from sync.onchange import OnChange
 from sync.protocol import GatewayStatus
+from sync.remote import AlarmsConfig, SummaryConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,55 +51,79 @@ DATABASE_FILE = "agent.db"
 STOP_TIMEOUT_S = 20.0  # systemd's TimeoutStopSec must exceed this
 MODEL_WATCH_S = 5.0
 RETENTION_EVERY_S = 600.0
+ACTIONS_KEPT_S = 30 * 86400.0  # synced gateway actions (acknowledgements, labels)
+
+
+class NotStarted(RuntimeError):
+    """A part of the agent was asked for before `start()` made it."""
 
 
 class Agent:
+    """Who calls what: `run()` (or a test) calls start(), then stop() once, from one thread; reload_model() from
+    that thread or the scheduler's. The status API reads the parts through `agent.snapshot.snapshot(agent)`."""
+
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.package = Path(config.model.path or SHIPPED)
+        self.configured_package = self.package = Path(config.model.path or SHIPPED)
+        self.downlink: Downlink | None = None  # made by start() when central is configured
         self.started_at = time.time()
-        self.store: Store | None = None
-        self.pipeline: Pipeline | None = None
-        self.drivers: list[Driver] = []
+        self.running: Running | None = None  # the parts, made by start()
+        self.status = StatusServer(self)  # started by start(), after the pipeline
         self._scheduler = BackgroundScheduler(timezone="UTC")
         self._package_stamp = _stamp(self.package)
         self._reload_lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._sync_thread: threading.Thread | None = None
-        self.sync: SyncClient | None = None
-        self.sync_rounds: Counter[str] = Counter()  # by outcome: synced, retry, refused
-        self.sync_records: Counter[str] = Counter()  # sent (central has them), set_aside
-        self.status: StatusServer | None = None
+
+    @property
+    def store(self) -> Store:
+        return self._running().store
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return self._running().pipeline
+
+    @property
+    def drivers(self) -> list[Driver]:
+        return self.running.drivers if self.running is not None else []
+
+    def _running(self) -> Running:
+        if self.running is None:
+            raise NotStarted("the agent has not started")
+        return self.running
 
     def start(self) -> None:
         """Raises PackageError, StoreError or OSError on what keeps the agent from running at all."""
         config = self.config
         _prepare_data_dir(config.data_dir)
-        scorer = self._scorer(self.package)
-        self.store = Store.open(config.data_dir / DATABASE_FILE, synchronous=config.buffer.synchronous,
-                                quarantine_cap=config.buffer.quarantine_max_rows,
-                                quarantine_max_bytes=config.buffer.quarantine_max_bytes)
-        machines = Machines(config.gateway_id, config.summary, config.alarms, scorer.model, self.store.machines())
-        configured = [device.machine_id for device in config.modbus] + list(config.mqtt.machines if config.mqtt else ())
-        last_seen = {machine_id: r.received_at for machine_id, r in self.store.latest_by_machine().items()}
-        self.pipeline = Pipeline(scorer, self.store, config.pipeline, machines, config.buffer.max_db_mb * 2**20,
-                                 roster=Roster(config.machines, configured, last_seen))
-        self.pipeline.start()
-        self.status = StatusServer(self)
-        self.status.start()  # before the drivers: a port conflict fails the start before any device is touched
-        type_key = scorer.model.manifest.machine_type.name
-        if config.mqtt is not None:
-            self.drivers.append(MqttDriver(config.mqtt, type_key))
-        if config.modbus:
-            self.drivers.append(ModbusDriver(config.modbus, type_key))
-        if config.opcua:
-            from drivers.opcua import OpcuaDriver  # asyncua is the opcua extra's: imported only when configured
-
-            self.drivers.append(OpcuaDriver(config.opcua, type_key))
-        for driver in self.drivers:
-            driver.start(self.pipeline)
+        shadow: Scorer | None = None
+        client: SyncClient | None = None
         if config.central.enabled:
-            self._start_sync()
+            self.downlink = Downlink(config.data_dir, trusted_keys(list(config.model.trusted_keys)),
+                                     lambda path: _fetch(client, path), config.model.pinned,
+                                     {"alarms": config.alarms, "summary": config.summary, "central": config.central})
+            self._take_overrides(self.downlink.start_overrides())
+            scorer = self._first_scorer(self.downlink.installed_live())
+            shadow = self._shadow_scorer(self.downlink.installed_shadow())
+        else:
+            scorer = self._scorer(self.package)
+        store = Store.open(config.data_dir / DATABASE_FILE, synchronous=config.buffer.synchronous,
+                           quarantine_cap=config.buffer.quarantine_max_rows,
+                           quarantine_max_bytes=config.buffer.quarantine_max_bytes)
+        running = self.running = Running(store, self._pipeline(scorer, store))
+        running.pipeline.set_shadow(shadow)
+        running.pipeline.start()
+        self.status.start()  # before the drivers: a port conflict fails the start before any device is touched
+        running.drivers.extend(self._drivers(scorer.model.manifest.machine_type.name))
+        for driver in running.drivers:
+            driver.start(running.pipeline)
+        if config.central.enabled and config.central.url is not None:
+            client = SyncClient(config.central, config.gateway_id, __version__, store, self.gateway_status,
+                                downlink=self.downlink,
+                                actions=ActionLog(store, config.gateway_id))
+            running.sync = SyncLoop(client, str(config.central.url))
+            running.downlink = self.downlink
+            if self.downlink is not None:
+                self.downlink.start(self, shadow.model if shadow is not None else None)
+            running.sync.start()
         self._scheduler.add_job(self.reload_model_if_changed, "interval", seconds=MODEL_WATCH_S)
         self._scheduler.add_job(self._retention, "interval", seconds=RETENTION_EVERY_S)
         self._scheduler.start()
@@ -100,24 +132,49 @@ class Agent:
                  __version__, config.gateway_id, model.name, model.version, model.package_digest, len(self.drivers),
                  config.data_dir)
 
+    def _pipeline(self, scorer: Scorer, store: Store) -> Pipeline:
+        config = self.config
+        on_change = OnChange(config.central.on_change, scorer.model.manifest.thresholds.modes)
+        machines = Machines(config.gateway_id, config.summary, config.alarms, scorer.model, store.machines(),
+                            keep=on_change.keep if config.central.on_change.enabled else None)
+        configured = [device.machine_id for device in config.modbus]
+        configured += config.mqtt.listed_machines() if config.mqtt else []
+        configured += [machine.machine_id for server in config.opcua for machine in server.machines]
+        last_seen = {machine_id: r.received_at for machine_id, r in store.latest_by_machine().items()}
+        return Pipeline(scorer, store, config.pipeline, machines, config.buffer.max_db_mb * 2**20,
+                        roster=Roster(config.machines, configured, last_seen))
+
+    def _drivers(self, type_key: str) -> list[Driver]:
+        config = self.config
+        drivers: list[Driver] = []
+        if config.mqtt is not None:
+            drivers.append(MqttDriver(config.mqtt, type_key))
+        if config.modbus:
+            drivers.append(ModbusDriver(config.modbus, type_key))
+        if config.opcua:
+            from drivers.opcua import OpcuaDriver  # asyncua is the opcua extra's: imported only when configured
+
+            drivers.append(OpcuaDriver(config.opcua, type_key))
+        return drivers
+
     def stop(self) -> bool:
         """Safe to call twice or after a failed start. False if queued readings could not be committed."""
-        if self.status is not None:
-            self.status.stop()
+        self.status.stop()
         if self._scheduler.running:
             self._scheduler.shutdown(wait=True)
-        self._stopping.set()
-        if self._sync_thread is not None:
-            self._sync_thread.join()
-            self._sync_thread = None
-        for driver in self.drivers:
-            driver.stop()
-        drained = self.pipeline.stop(STOP_TIMEOUT_S) if self.pipeline else True
-        for driver in self.drivers:
-            driver.close()
-        self.drivers = []
-        if self.store is not None:
-            self.store.close()
+        if self.downlink is not None:
+            self.downlink.stop()
+        running, self.running = self.running, None
+        drained = True
+        if running is not None:
+            if running.sync is not None:
+                running.sync.stop()
+            for driver in running.drivers:
+                driver.stop()
+            drained = running.pipeline.stop(STOP_TIMEOUT_S)
+            for driver in running.drivers:
+                driver.close()
+            running.store.close()
         log.info("pdm-edge stopped%s", "" if drained else "; readings still queued were not acknowledged")
         return drained
 
@@ -125,18 +182,83 @@ class Agent:
         """Swap to the package on disk if it verifies and fits the devices; otherwise keep the running one."""
         with self._reload_lock:
             self._package_stamp = _stamp(self.package)
-            running = self.pipeline.scorer.model
+            pipeline = self._running().pipeline
+            running = pipeline.scorer.model
             try:
                 scorer = self._scorer(self.package)
             except PackageError as exc:
                 log.error("model package %s refused, still scoring with %s %s: %s", self.package, running.name,
                           running.version, exc)
                 return False
-            self.pipeline.swap_scorer(scorer)
+            pipeline.swap_scorer(scorer)
             log.info("model reloaded: %s %s, package digest %s (was %s %s, %s)", scorer.model.name,
                      scorer.model.version, scorer.model.package_digest, running.name, running.version,
                      running.package_digest)
             return True
+
+    # --- the downlink's target (agent/downlink.py), called from its thread ---
+    def live_model(self) -> Model:
+        return self._running().pipeline.scorer.model
+
+    def use_live(self, package: Path | None) -> Model:
+        """Serve the package in `package` (None: the configured one) from the next batch; PackageError if refused."""
+        with self._reload_lock:
+            target = package or self.configured_package
+            scorer = self._scorer(target)
+            pipeline = self._running().pipeline
+            before = pipeline.scorer.model
+            pipeline.swap_scorer(scorer)
+            self.package, self._package_stamp = target, _stamp(target)
+            log.info("model swapped by central: %s %s (was %s %s)", scorer.model.name, scorer.model.version,
+                     before.name, before.version)
+            return scorer.model
+
+    def use_shadow(self, package: Path | None) -> Model | None:
+        scorer = self._scorer(package) if package is not None else None
+        self._running().pipeline.set_shadow(scorer)
+        log.info("shadow model: %s", f"{scorer.model.name} {scorer.model.version}" if scorer else "none")
+        return scorer.model if scorer is not None else None
+
+    def reconfigure(self, sections: Mapping[str, BaseModel]) -> None:
+        """Apply central's overrides of the configuration (already validated by sync/remote.py)."""
+        self._take_overrides(sections)
+        running = self._running()
+        alarms, summary = sections.get("alarms"), sections.get("summary")
+        running.pipeline.reconfigure(alarms if isinstance(alarms, AlarmsConfig) else self.config.alarms,
+                                     summary if isinstance(summary, SummaryConfig) else self.config.summary)
+        if running.sync is not None:
+            running.sync.reconfigure(self.config.central)
+
+    @property
+    def overrides(self) -> dict[str, object]:
+        """Central's configuration overrides in force (sync/remote.py); the file holds the rest."""
+        return dict(self.downlink.state.overrides) if self.downlink is not None else {}
+
+    def _take_overrides(self, sections: Mapping[str, BaseModel]) -> None:
+        """The effective configuration: the file's, with these sections as central overrides them."""
+        self.config = self.config.model_copy(update=dict(sections))
+
+    def _first_scorer(self, package: Path | None) -> Scorer:
+        """At start: the package the downlink installed, falling back to the configured one if it is refused."""
+        if package is None:
+            return self._scorer(self.configured_package)
+        try:
+            scorer = self._scorer(package)
+        except PackageError as exc:
+            log.error("the model central installed is refused, serving the configured one: %s", exc)
+            return self._scorer(self.configured_package)
+        self.package, self._package_stamp = package, _stamp(package)
+        return scorer
+
+    def _shadow_scorer(self, package: Path | None) -> Scorer | None:
+        """At start: the shadow model the downlink installed, if it still loads (else none: never a failed start)."""
+        if package is None:
+            return None
+        try:
+            return self._scorer(package)
+        except PackageError as exc:
+            log.error("the shadow model central installed is refused, no shadow scoring: %s", exc)
+            return None
 
     def reload_model_if_changed(self) -> None:
         if _stamp(self.package) != self._package_stamp:
@@ -150,42 +272,32 @@ class Agent:
             raise PackageError(f"{package} does not fit the configured devices: " + "; ".join(problems))
         return Scorer(model)
 
-    def _start_sync(self) -> None:
-        self.sync = SyncClient(self.config.central, self.config.gateway_id, __version__, self.store,
-                               self.gateway_status)
-        self._sync_thread = threading.Thread(target=self._sync_loop, name="sync", daemon=True)
-        self._sync_thread.start()
-
-    def _sync_loop(self) -> None:
-        central = Availability(f"central {self.config.central.url}", log)
-        while not self._stopping.is_set():
-            try:
-                result = self.sync.sync_once()
-            except StoreError as exc:
-                result = Round(Outcome.RETRY, 0, 0, 5.0, str(exc))
-            self.sync_rounds[result.outcome.value] += 1
-            self.sync_records.update(sent=result.sent, set_aside=result.set_aside)
-            if result.outcome is Outcome.SYNCED:
-                central.succeeded()
-            else:
-                central.failed(result.error)
-            self._stopping.wait(result.retry_after)
-        self.sync.close()
-
     def gateway_status(self) -> GatewayStatus:
-        pending, _ = self.store.outbox_backlog()
-        dropped = {kind.removeprefix("dropped_"): n for kind, n in self.store.counters().items()
-                   if kind.startswith("dropped_")}
-        return GatewayStatus(buffer_pending=pending, dropped_total=sum(dropped.values()), dropped=dropped,
-                             uptime_s=time.time() - self.started_at)
+        """What each sync round tells central of the gateway (called from the sync thread)."""
+        store = self._running().store
+        pending, _ = store.outbox_backlog()
+        counters = store.counters()
+        return GatewayStatus(buffer_pending=pending, dropped_total=counters.dropped_total,
+                             dropped=dict(counters.dropped), uptime_s=time.time() - self.started_at,
+                             applied=self.downlink.applied() if self.downlink is not None else None)
 
     def _retention(self) -> None:
-        buffer = self.config.buffer
-        deleted = self.store.delete_readings_before(time.time() - buffer.reading_retention_h * 3600)
-        forgotten = self.store.delete_synced_before(time.time() - buffer.synced_retention_h * 3600)
+        buffer, store = self.config.buffer, self._running().store
+        deleted = store.delete_readings_before(time.time() - buffer.reading_retention_h * 3600)
+        if deleted:
+            self._running().pipeline.latest.forget()
+        forgotten = store.delete_synced_before(time.time() - buffer.synced_retention_h * 3600)
+        # An acknowledgement or a label central has: kept a while longer, for the page of an episode still open.
+        ActionLog(store, self.config.gateway_id).delete_synced_before(time.time() - ACTIONS_KEPT_S)
         if deleted or forgotten:
             log.info("retention: deleted %d readings older than %g h and %d synced records older than %g h",
                      deleted, buffer.reading_retention_h, forgotten, buffer.synced_retention_h)
+
+
+def _fetch(client: SyncClient | None, path: str) -> bytes:
+    if client is None:
+        raise FetchError("sync has not started")
+    return client.fetch(path)
 
 
 def _prepare_data_dir(data_dir: Path) -> None:
@@ -210,9 +322,9 @@ def _prepare_data_dir(data_dir: Path) -> None:
         raise NotADirectoryError(f"data_dir {data_dir} is not a folder")
 
 
-def _stamp(package: Path) -> tuple:
+def _stamp(package: Path) -> tuple[tuple[int, int] | None, ...]:
     """What changes when a package on disk is replaced: the manifest's and the ONNX file's mtime and size."""
-    stamp = []
+    stamp: list[tuple[int, int] | None] = []
     for name in (MANIFEST_FILE, "model.onnx"):
         try:
             info = (package / name).stat()
@@ -233,7 +345,7 @@ def run(config: AgentConfig) -> int:
     systemd = Notifier()
     try:
         agent.start()
-    except Exception as exc:  # anything that keeps it from starting: say it in one line, exit 1
+    except Exception as exc:  # noqa: BLE001 - anything that keeps it from starting: say it in one line, exit 1
         log.error("cannot start: %s", exc)
         agent.stop()
         return 1

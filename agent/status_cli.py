@@ -1,7 +1,8 @@
 """`pdm-edge status [--url URL] [--json]`: the technician's view in a terminal, from a running agent's status API.
 
-Prints one line per machine (the worst first: alarm, warning, ok) and a line about the gateway; `--json` prints
-`{"status": <GET /api/v1/status>, "machines": [<GET /api/v1/machines>...]}` instead. The token, when the agent has
+Prints one line per machine (the worst first: alarm, warning, ok), the open alarm episodes (acknowledged or not,
+labelled or not) and a line about the gateway; `--json` prints `{"status": <GET /api/v1/status>, "machines":
+[<GET /api/v1/machines>...], "alarms": <GET /api/v1/alarms>}` instead. The token, when the agent has
 one, comes from PDM_STATUS__TOKEN or the file named by PDM_STATUS__TOKEN_FILE (never from the command line, where
 `ps` would show it). Exit codes: 0 the agent answered; 1 it could not be reached or refused the request.
 """
@@ -12,16 +13,20 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 import requests
+
+from model.states import State
+from sync.protocol import escape_controls
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 URL_ENV = "PDM_STATUS_URL"
 TOKEN_ENV = "PDM_STATUS__TOKEN"
 TIMEOUT_S = 5.0
 STALE_S = 120  # as on the page: a machine silent this long is shown as stale
-COLORS = {"alarm": "\033[1;31m", "warning": "\033[1;33m", "ok": "\033[32m", "stale": "\033[2m"}
+COLORS = {State.ALARM: "\033[1;31m", State.WARNING: "\033[1;33m", State.OK: "\033[32m", "stale": "\033[2m"}
 RESET = "\033[0m"
 
 
@@ -29,7 +34,7 @@ class Unreachable(Exception):
     """The agent did not answer, or answered with an error: the message says which and what to do."""
 
 
-def add_command(commands: argparse._SubParsersAction) -> None:
+def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `status` on the `pdm-edge` command line."""
     status = commands.add_parser("status", help="the technician's view: machines, health, state, top risk")
     status.add_argument("--url", default=os.environ.get(URL_ENV, DEFAULT_URL),
@@ -38,11 +43,11 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     status.set_defaults(handler=lambda args: main(args.url, token_from_env(), args.json))
 
 
-def token_from_env(environ: dict[str, str] | None = None) -> str | None:
-    environ = os.environ if environ is None else environ
-    if environ.get(TOKEN_ENV):
-        return environ[TOKEN_ENV].strip()
-    path = environ.get(f"{TOKEN_ENV}_FILE")
+def token_from_env(environ: Mapping[str, str] | None = None) -> str | None:
+    variables: Mapping[str, str] = os.environ if environ is None else environ
+    if variables.get(TOKEN_ENV):
+        return variables[TOKEN_ENV].strip()
+    path = variables.get(f"{TOKEN_ENV}_FILE")
     if path:
         try:
             with open(path, encoding="utf-8") as f:
@@ -61,16 +66,30 @@ def main(url: str, token: str | None, as_json: bool, out: TextIO | None = None) 
                 session.headers["Authorization"] = f"Bearer {token}"
             status = _get(session, base, "/api/v1/status")
             machines = _get(session, base, "/api/v1/machines")["machines"]
+            alarms = _get(session, base, "/api/v1/alarms")
     except Unreachable as exc:
         print(f"pdm-edge status: {exc}", file=sys.stderr)
         return 1
-    if as_json:
-        json.dump({"status": status, "machines": machines}, out, indent=2, ensure_ascii=False)
+    if as_json:  # ASCII: a name with a bidi override or a C1 escape reaches the terminal as \u escapes
+        json.dump({"status": status, "machines": machines, "alarms": alarms}, out, indent=2)
         out.write("\n")
     else:
         color = out.isatty() and not os.environ.get("NO_COLOR")
-        out.write(table(machines, color) + "\n\n" + gateway_line(status) + "\n")
+        status, machines, alarms = _escaped(status), _escaped(machines), _escaped(alarms)
+        out.write(table(machines, color) + "\n\n" + episodes(alarms) + "\n\n" + gateway_line(status) + "\n")
     return 0
+
+
+def _escaped(value: Any) -> Any:
+    """Every string in `value` with its control and format characters escaped (sync.protocol.escape_controls): what
+    the agent answers was typed by people and devices, and a terminal obeys escape sequences."""
+    if isinstance(value, str):
+        return escape_controls(value)
+    if isinstance(value, dict):
+        return {key: _escaped(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_escaped(item) for item in value]
+    return value
 
 
 def _get(session: requests.Session, base: str, path: str) -> Any:
@@ -105,7 +124,7 @@ def _reason(exc: requests.RequestException) -> str:
     return "the request failed"
 
 
-def table(machines: list[dict], color: bool = False) -> str:
+def table(machines: list[dict[str, Any]], color: bool = False) -> str:
     if not machines:
         return "no machines yet: no reading has been stored (check the drivers on the gateway line)"
     headers = ("MACHINE", "STATE", "HEALTH", "TOP RISK", "LAST READING", "NOTES")
@@ -133,11 +152,33 @@ def table(machines: list[dict], color: bool = False) -> str:
     return "\n".join(lines)
 
 
-def _risk(machine: dict) -> str:
+def episodes(alarms: dict[str, Any]) -> str:
+    """The open alarm episodes, a line each: what the technician should look at, and whether someone has."""
+    open_ = alarms["alarms"]
+    if not open_:
+        return "no open alarm episodes"
+    lines = [f"open alarm episodes: {len(open_)}"]
+    for a in open_:
+        risk = f"{a['dominant']['label']} ({_pct(a['dominant']['risk'])})" if a.get("dominant") else "-"
+        if a["acknowledged_at"]:
+            by = f" by {a['acknowledged_by']}" if a["acknowledged_by"] else ""
+            ack = f"acknowledged{by} at the {a['acknowledged_where']}"
+        else:
+            ack = "NOT acknowledged"
+        label = f", labelled {a['label']}" + (f" {a['label_mode']}" if a["label_mode"] else "") if a["label"] else ""
+        lines.append(f"  {a['machine_id']}  {a['state']}  open {_age(a['age_s'])}  {risk}  {ack}{label}  "
+                     f"[{a['episode_id']}]")
+    if alarms["actions_pending"]:
+        lines.append(f"  {alarms['actions_pending']} acknowledgement(s)/label(s) not yet at central"
+                     + (f": {alarms['actions_error']}" if alarms["actions_error"] else ""))
+    return "\n".join(lines)
+
+
+def _risk(machine: dict[str, Any]) -> str:
     dominant = machine.get("dominant")
     if not dominant:
         return "-"
-    if machine["state"] == "ok" and not dominant["elevated"]:
+    if machine["state"] == State.OK and not dominant["elevated"]:
         return "none elevated"
     return f"{dominant['label']} ({dominant['mode']} {_pct(dominant['risk'])})"
 
@@ -158,7 +199,7 @@ def _age(seconds: float | None) -> str:
     return f"{seconds // 86400:.0f} d {seconds % 86400 // 3600:.0f} h"
 
 
-def gateway_line(status: dict) -> str:
+def gateway_line(status: dict[str, Any]) -> str:
     model, buffer, sync = status["model"], status["buffer"], status["sync"]
     parts = [f"gateway {status['gateway_id']}", f"agent {status['agent_version']}",
              f"model {model['name']} {model['version']}", f"up {_age(status['uptime_s'])}"]

@@ -21,8 +21,7 @@ Guarantees
   - "FULL": the WAL is fsynced at every commit, so committed transactions also survive power loss. About 8k
     commits/s on the reference disk, and far fewer on gateway flash.
 
-Counters (durable, in the same transactions as the data they count): readings_accepted, readings_duplicate,
-rejected_<reason> per rejection reason, quarantine_evicted, dropped_<kind> (what the buffer cap dropped).
+Counters (durable, in the same transactions as the data they count): `BufferCounters` (agent/counters.py).
 
 Schema: `PRAGMA user_version` is the number of `MIGRATIONS` applied. `open()` applies the missing ones in order,
 one transaction each, so a database of any older version is upgraded in place; a newer one is refused.
@@ -41,12 +40,16 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
+from agent import counters
+from agent.actions import ACTION_TABLES
+from agent.counters import BufferCounters
 from drivers.base import SOURCE_MAX_CHARS, cut
+from sync.client import Record
 
 SYNCHRONOUS_LEVELS = ("NORMAL", "FULL")
 DEFAULT_QUARANTINE_CAP = 10_000
@@ -124,6 +127,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             " + length(CAST(message AS BLOB)) + length(CAST(payload AS BLOB))"
         ),
     ),
+    ACTION_TABLES,  # alarm episodes: what technicians did at this gateway, and what central says (agent/actions.py)
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -251,7 +255,7 @@ class Store:
                 self._connection.close()
                 self._connection = None
 
-    def __enter__(self) -> Store:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -274,10 +278,10 @@ class Store:
             connection.executemany(_SAVE_MACHINE, [(m.machine_id, m.state, m.updated_at) for m in machines])
             new = connection.executemany(_INSERT_READING, map(_reading_row, scored)).rowcount
             evicted = self._quarantine(connection, rejected) if rejected else 0
-            counts = Counter({"readings_accepted": new, "readings_duplicate": len(scored) - new})
-            counts.update(f"rejected_{reading.reason}" for reading in rejected)
-            counts["quarantine_evicted"] += evicted
-            connection.executemany(_ADD_TO_COUNTER, [item for item in counts.items() if item[1]])
+            counts = Counter({counters.ACCEPTED: new, counters.DUPLICATE: len(scored) - new})
+            counts.update(counters.rejected(reading.reason) for reading in rejected)
+            counts[counters.EVICTED] += evicted
+            connection.executemany(_ADD_TO_COUNTER, counters.as_rows(counts))
         return WriteResult(new, len(scored) - new, len(rejected))
 
     def latest_by_machine(self) -> dict[str, StoredReading]:
@@ -308,7 +312,8 @@ class Store:
     def trend(self, machine_id: str, limit: int) -> list[tuple[float, float]]:
         """(ts, health) of a machine's newest `limit` readings, oldest first; without decoding the readings, which
         would cost a hundred times more."""
-        sql = "SELECT * FROM (SELECT ts, health FROM readings WHERE machine_id = ? ORDER BY ts DESC LIMIT ?) ORDER BY ts"
+        sql = ("SELECT * FROM (SELECT ts, health FROM readings WHERE machine_id = ? ORDER BY ts DESC LIMIT ?)"
+               " ORDER BY ts")
         with self._guard("reading a trend from") as connection:
             return connection.execute(sql, (machine_id, limit)).fetchall()
 
@@ -350,7 +355,7 @@ class Store:
                limit: int = 100) -> list[tuple[OutboxRecord, bool]]:
         """Events in the outbox (synced or not, until forgotten), newest first by `at` (then the last written
         first), of one machine or all, with `at >= since`; each with whether central has accepted it."""
-        conditions, params = ["kind = 'event'"], []
+        conditions, params = ["kind = 'event'"], list[str | float | int]()
         if machine_id is not None:
             conditions.append("machine_id = ?")
             params.append(machine_id)
@@ -375,7 +380,7 @@ class Store:
             connection.executemany("UPDATE outbox SET synced_at = ? WHERE record_id = ?",
                                    [(at, record_id) for record_id in record_ids])
 
-    def set_aside(self, records: Sequence[OutboxRecord], reason: str, at: float | None = None) -> None:
+    def set_aside(self, records: Sequence[Record], reason: str, at: float | None = None) -> None:
         """Move records central refused as invalid to the dead letters, with the reason."""
         at = time.time() if at is None else at
         with self._transaction("setting records aside in") as connection:
@@ -383,7 +388,7 @@ class Store:
                 "INSERT INTO dead_letters (kind, record_id, body, reason, set_aside_at) VALUES (?,?,?,?,?)",
                 [(r.kind, r.record_id, r.body, reason, at) for r in records])
             connection.executemany("DELETE FROM outbox WHERE record_id = ?", [(r.record_id,) for r in records])
-            connection.executemany(_ADD_TO_COUNTER, Counter(f"set_aside_{r.kind}" for r in records).items())
+            connection.executemany(_ADD_TO_COUNTER, Counter(counters.set_aside(r.kind) for r in records).items())
 
     def outbox_backlog(self) -> tuple[int, float | None]:
         """(records not yet accepted by central, when the oldest of them was written)."""
@@ -397,9 +402,9 @@ class Store:
         with self._transaction("deleting synced records from") as connection:
             return connection.execute("DELETE FROM outbox WHERE synced_at < ?", (at,)).rowcount
 
-    def counters(self) -> dict[str, int]:
+    def counters(self) -> BufferCounters:
         with self._guard("reading counters from") as connection:
-            return dict(connection.execute("SELECT name, value FROM counters ORDER BY name"))
+            return BufferCounters.parse(connection.execute("SELECT name, value FROM counters ORDER BY name"))
 
     def quarantine(self, limit: int) -> list[QuarantinedReading]:
         """The newest `limit` rejected readings, newest first."""
@@ -414,14 +419,14 @@ class Store:
         and excludes the -wal file, which checkpoints keep near its autocheckpoint size (about 4 MB).
         """
         with self._guard("measuring") as connection:
-            page_count = connection.execute("PRAGMA page_count").fetchone()[0]
-            page_size = connection.execute("PRAGMA page_size").fetchone()[0]
+            page_count: int = connection.execute("PRAGMA page_count").fetchone()[0]
+            page_size: int = connection.execute("PRAGMA page_size").fetchone()[0]
         return page_count * page_size
 
     def used_bytes(self) -> int:
         """Bytes of pages holding data: what grows toward the buffer cap (free pages are reused first)."""
         with self._guard("measuring") as connection:
-            used = connection.execute(
+            used: int = connection.execute(
                 "SELECT (page_count - freelist_count) * page_size FROM pragma_page_count, pragma_freelist_count,"
                 " pragma_page_size").fetchone()[0]
         return used
@@ -436,15 +441,15 @@ class Store:
             ("quarantine", "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine ORDER BY id LIMIT ?)"),
             (None, "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE synced_at IS NOT NULL LIMIT ?)"),
             ("readings", "DELETE FROM readings WHERE id IN (SELECT id FROM readings ORDER BY ts LIMIT ?)"),
-            ("summaries", "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE synced_at IS NULL"
-                          " AND kind = 'summary' ORDER BY id LIMIT ?)"),
+            ("summaries", ("DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE synced_at IS NULL"
+                           " AND kind = 'summary' ORDER BY id LIMIT ?)")),
         )
         for kind, sql in steps:
             while self.used_bytes() > max_bytes:
                 with self._transaction("making room in") as connection:
                     deleted = connection.execute(sql, (CAP_CHUNK_ROWS,)).rowcount
                     if kind and deleted:
-                        connection.execute(_ADD_TO_COUNTER, (f"dropped_{kind}", deleted))
+                        connection.execute(_ADD_TO_COUNTER, (counters.dropped(kind), deleted))
                 dropped[kind or "synced"] += deleted
                 if not deleted:
                     break
@@ -486,6 +491,14 @@ class Store:
                     connection.execute(statement)
                 connection.execute(f"PRAGMA user_version = {version + 1}")
 
+    def reading(self, action: str) -> AbstractContextManager[sqlite3.Connection]:
+        """The connection, for reads by code beside the store (agent/actions.py); errors as StoreError."""
+        return self._guard(action)
+
+    def transaction(self, action: str) -> AbstractContextManager[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT) for code beside the store; errors as StoreError."""
+        return self._transaction(action)
+
     @contextmanager
     def _guard(self, action: str) -> Iterator[sqlite3.Connection]:
         """Hold the lock and map SQLite errors to StoreError, e.g. 'database or disk is full writing <path>'."""
@@ -518,7 +531,7 @@ def _configure(connection: sqlite3.Connection, synchronous: str) -> None:
     connection.execute(f"PRAGMA synchronous = {synchronous}")
 
 
-def _reading_row(reading: StoredReading) -> tuple:
+def _reading_row(reading: StoredReading) -> tuple[Any, ...]:
     return (
         reading.machine_id,
         reading.ts,
@@ -534,7 +547,7 @@ def _reading_row(reading: StoredReading) -> tuple:
     )
 
 
-def _stored_reading(row: tuple) -> StoredReading:
+def _stored_reading(row: tuple[Any, ...]) -> StoredReading:
     machine_id, ts, values, machine_type, p_failure, risk, health, state, ood, model_version, received_at = row
     return StoredReading(
         machine_id,
@@ -551,7 +564,7 @@ def _stored_reading(row: tuple) -> StoredReading:
     )
 
 
-def _quarantine_row(reading: QuarantinedReading) -> tuple:
+def _quarantine_row(reading: QuarantinedReading) -> tuple[Any, ...]:
     # Cut on a byte boundary and drop a character split by the cut; undecodable text is kept as escapes.
     payload = reading.payload.encode("utf-8", "backslashreplace")[:PAYLOAD_LIMIT_BYTES].decode("utf-8", "ignore")
     source, message = cut(reading.source, SOURCE_MAX_CHARS), cut(reading.message, MESSAGE_MAX_CHARS)

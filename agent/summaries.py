@@ -2,9 +2,9 @@
 
 Each machine has at most one open window, the one of its newest reading. A reading in a later window closes it; so
 does the clock, `grace_s` after both the window's end and the arrival of its last reading (so a backlog of old
-readings, delivered after an outage, is summarised by its own timestamps rather than cut at the first batch). A closed window becomes a Summary, which
-the pipeline writes to the outbox in the same transaction as the batch that closed it; the open windows are saved in
-that transaction too, so a crash neither loses nor repeats a window.
+readings, delivered after an outage, is summarised by its own timestamps rather than cut at the first batch). A
+closed window becomes a Summary, which the pipeline writes to the outbox in the same transaction as the batch that
+closed it; the open windows are saved in that transaction too, so a crash neither loses nor repeats a window.
 
 A reading of a window that already closed is stored and scored (and feeds the alarms) but is in no summary; such
 readings are counted as `late`.
@@ -15,11 +15,22 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any, cast
 
 from agent.store import StoredReading
-from sync.protocol import ModelRef, Spread, Summary, summary_id
+from model.states import SEVERITY, StateName
+from sync.protocol import ModelRef, ShadowFigures, Spread, Summary, summary_id
 
-STATE_RANK = {"ok": 0, "warning": 1, "alarm": 2}
+SEVERITY_WARNING, SEVERITY_ALARM = SEVERITY["warning"], SEVERITY["alarm"]
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowScore:
+    """One reading as the shadow (candidate) model scored it."""
+
+    state: StateName | None  # None: the candidate's validation rejected the reading
+    ood: bool
+    seconds: float  # the reading's share of the candidate's scoring time
 
 
 @dataclass(slots=True)
@@ -36,9 +47,29 @@ class Window:
     p_failure_max: float = 0.0
     p_failure_sum: float = 0.0
     mode_risk_max: dict[str, float] = field(default_factory=dict)
-    worst_state: str = "ok"
+    worst_state: StateName = "ok"
     inputs: dict[str, list[float]] = field(default_factory=dict)  # name -> [min, sum, max]
     arrived_at: float = 0.0  # when its last reading arrived (wall clock)
+    # The candidate scored in shadow (SPEC §9): its ModelRef as JSON, and counts over this window's readings
+    # [readings, agreed, live_warning, live_alarm, warning, alarm, out_of_distribution]; reset when it changes.
+    shadow_model: dict[str, Any] | None = None
+    shadow_counts: list[int] = field(default_factory=lambda: [0] * 7)
+    shadow_s: float = 0.0
+
+    def add_shadow(self, model: ModelRef, live_state: str, score: ShadowScore) -> None:
+        ref = model.model_dump()
+        if self.shadow_model != ref:
+            self.shadow_model, self.shadow_counts, self.shadow_s = ref, [0] * 7, 0.0
+        counts, own = self.shadow_counts, SEVERITY.get(score.state or "", -1)
+        live = SEVERITY[live_state]
+        counts[0] += 1
+        counts[1] += own == live
+        counts[2] += live == SEVERITY_WARNING
+        counts[3] += live == SEVERITY_ALARM
+        counts[4] += own == SEVERITY_WARNING
+        counts[5] += own == SEVERITY_ALARM
+        counts[6] += score.ood
+        self.shadow_s += score.seconds
 
     def add(self, reading: StoredReading, now: float) -> None:
         self.arrived_at = now
@@ -51,8 +82,8 @@ class Window:
         self.p_failure_sum += reading.p_failure
         for mode, risk in reading.risk.items():
             self.mode_risk_max[mode] = max(self.mode_risk_max.get(mode, 0.0), risk)
-        if STATE_RANK[reading.state] > STATE_RANK[self.worst_state]:
-            self.worst_state = reading.state
+        if SEVERITY[reading.state] > SEVERITY[self.worst_state]:
+            self.worst_state = cast(StateName, reading.state)  # a state: SEVERITY has it
         for name, value in reading.values.items():
             spread = self.inputs.setdefault(name, [value, 0.0, value])
             spread[0], spread[1], spread[2] = min(spread[0], value), spread[1] + value, max(spread[2], value)
@@ -77,13 +108,22 @@ class Window:
             mode_risk_max=self.mode_risk_max,
             worst_state=self.worst_state,
             inputs={name: Spread(min=lo, mean=total / n, max=hi) for name, (lo, total, hi) in self.inputs.items()},
+            shadow=self._shadow_figures(),
         )
 
-    def to_json(self) -> dict:
+    def _shadow_figures(self) -> ShadowFigures | None:
+        if self.shadow_model is None or not self.shadow_counts[0]:
+            return None
+        readings, agreed, live_warning, live_alarm, warning, alarm, ood = self.shadow_counts
+        return ShadowFigures(model=ModelRef.model_validate(self.shadow_model), readings=readings, agreed=agreed,
+                             live_warning=live_warning, live_alarm=live_alarm, warning=warning, alarm=alarm,
+                             out_of_distribution=ood, score_s=round(self.shadow_s, 6))
+
+    def to_json(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
 
     @classmethod
-    def from_json(cls, data: dict) -> Window:
+    def from_json(cls, data: dict[str, Any]) -> Window:
         return cls(**data)
 
 
@@ -94,9 +134,11 @@ class Summariser:
         self.open: dict[str, Window] = {}
         self.closed_until: dict[str, float] = {}  # per machine: the end of its last closed window
         self.late = 0
+        self.last: Window | None = None  # the window the last add() counted its reading in (None: late)
 
     def add(self, reading: StoredReading, now: float) -> list[Window]:
         """Count a reading into its machine's window; the window it closed, if any."""
+        self.last = None
         machine_id = reading.machine_id
         start = math.floor(reading.ts / self.window_s) * self.window_s
         window = self.open.get(machine_id)
@@ -109,6 +151,7 @@ class Summariser:
                 closed.append(self._close(window))
             window = self.open[machine_id] = Window(machine_id, start, start + self.window_s)
         window.add(reading, now)
+        self.last = window
         return closed
 
     def add_rejected(self, machine_id: str | None, ts: float) -> None:

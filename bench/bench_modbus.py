@@ -7,7 +7,8 @@ The devices are pymodbus ModbusTcpServers in a separate process (SERVER below, r
 port on 127.0.0.1, unit id 1 each: 200 TCP devices are 200 addresses and 200 connections, as on a plant network,
 so the driver opens one connection per device. This process holds only the client side, which is what its CPU and
 RSS figures measure. Each device holds 6 contiguous holding registers (int16, int16, float32, uint32: one request
-per poll) with values derived from its index, and the first reading of every device is checked against them.
+per poll) with values derived from its index, and the first reading of every device is checked against them. The sink offers the driver the same two ways in as the pipeline:
+offer() (taken without waiting, on the driver's event loop) and put().
 
 Paced: every device at interval_s = 1 for the window; a reading's `ts` is when its request was sent (the driver
 stamps it), so its jitter is `ts` minus the 1 s tick it belongs to. Rate: K devices at a tiny interval_s (the driver
@@ -154,14 +155,19 @@ class ServerProcess:
 
 class Sink:
     """Counts readings; paced, also keeps (machine_id, ts, received_at) of each and the fields of each device's first
-    reading (few objects: the bench adds little to the garbage collector's work). Called from the driver's one sink
-    thread only."""
+    reading (few objects: the bench adds little to the garbage collector's work). Called from the driver's event loop
+    (offer) or its one sink thread (put), never both at once."""
 
     def __init__(self, keep: bool) -> None:
         self.keep = keep
         self.count = 0
         self.readings: list[tuple[str, float, float]] = []
         self.first: dict[str, dict] = {}
+
+    def offer(self, reading) -> bool:
+        """As the pipeline's offer(): taken without waiting (this sink is never full)."""
+        self.put(reading)
+        return True
 
     def put(self, reading) -> None:
         self.count += 1
@@ -191,6 +197,9 @@ def paced(server: ServerProcess, seconds: int, stack: ExitStack) -> dict:
     driver = ModbusDriver(devices(server.ports, 1.0), TYPE_KEY)
     stack.callback(driver.close)
     driver.start(sink)
+    gc.collect()
+    gc.freeze()  # as `pdm-edge run` does once started (agent/service.py): full collections skip the start-up heap
+    stack.callback(gc.unfreeze)
     first_tick = math.ceil(time.time()) + 2  # connections open, a warm-up tick polled
     sleep_until(first_tick - 0.5)
     pauses: list[float] = []  # full (generation 2) collections in the window, s
@@ -216,6 +225,7 @@ def paced(server: ServerProcess, seconds: int, stack: ExitStack) -> dict:
     sleep_until(first_tick + seconds + 0.5)  # answers to the last tick of the window are in
     status = driver.status()
     driver.close()
+    gc.unfreeze()
 
     for i in range(len(server.ports)):
         fields, want = sink.first.get(f"dev{i:03d}"), {**expected(i), TYPE_KEY: "M"}
@@ -514,11 +524,12 @@ def main() -> None:
         f"holding registers (int16 ×2 with scale 0.1, float32, uint32: one request per poll), checked against the "
         f"values the first reading of every device decodes to. The measured process holds only the client side; "
         f"client and server share the machine's cores. Paced: the real ModbusDriver (timeout_s 1, retries 2), "
-        f"interval_s = 1, a {paced_s} s window after a warm-up tick; jitter is the reading's `ts` (when its request "
+        f"interval_s = 1, a {paced_s} s window after a warm-up tick, the start-up heap frozen out of garbage collection as "
+        f"`pdm-edge run` freezes its own (gc.freeze()); jitter is the reading's `ts` (when its request "
         f"was sent, stamped by the driver) minus its 1 s tick; CPU is getrusage of the whole process (all threads) "
         f"over the window; RSS is VmRSS every 100 ms. Rate: over {rate_s:g} s after 1 s of warm-up; the driver "
-        f"decodes, builds a RawReading (with its JSON payload) and hands it to a sink that only counts, through its "
-        f"sink thread; the bare loop awaits read_holding_registers and checks the register count. Both use one "
+        f"decodes, builds a RawReading (with its JSON payload) and offers it to a sink that only counts, on its "
+        f"event loop, as it offers the pipeline (its sink thread takes only what a full sink refuses); the bare loop awaits read_holding_registers and checks the register count. Both use one "
         f"connection per device and one request in flight per connection. Load average (1 min) at start / end: "
         f"{load[0]:.2f} / {load[-1]:.2f} on {os.cpu_count()} cores: rates are wall-clock figures and move with "
         f"whatever else runs; CPU per reading moves less.")

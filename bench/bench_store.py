@@ -68,7 +68,7 @@ def store_rate(path: Path, batch: list[StoredReading], size: int) -> float:
         for i in range(0, len(batch), size):
             store.write(batch[i:i + size], [])
         elapsed = time.perf_counter() - start
-        if store.counters().get("readings_accepted") != len(batch):
+        if store.counters().readings_accepted != len(batch):
             raise RuntimeError(f"the store accepted {store.counters()} of {len(batch)}")
     return len(batch) / elapsed
 

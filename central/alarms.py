@@ -23,7 +23,6 @@ import ipaddress
 import json
 import uuid
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -33,13 +32,13 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from central import dashboard
+from central.db import Connection
 from central.errors import ApiError
 from central.notify import outbox
 from central.params import Name
 from central.settings import Settings
 
 JSON = "application/json"
-Connection = Callable[[Request], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]
 EpisodeId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 Person = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$")]
 Text = Annotated[str, Field(min_length=1, max_length=4000, pattern=r"^[^\x00-\x08\x0b-\x1f\x7f]+$")]

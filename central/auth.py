@@ -18,6 +18,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import psycopg
 
@@ -122,9 +123,10 @@ def revoke_gateway(conn: psycopg.Connection, name: str) -> datetime:
                            "RETURNING revoked_at", [name]).fetchone()
     if row is None:
         raise GatewayError(f"no gateway named {name!r}; `pdm-central list-gateways` shows them")
-    return row[0]
+    revoked_at: datetime = row[0]
+    return revoked_at
 
 
-def list_gateways(conn: psycopg.Connection) -> list[tuple]:
+def list_gateways(conn: psycopg.Connection) -> list[tuple[Any, ...]]:
     return conn.execute("SELECT name, created_at, revoked_at, last_seen_at, agent_version FROM gateways "
                         "ORDER BY name").fetchall()

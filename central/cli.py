@@ -12,14 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TextIO
 
 from central import __version__
+from central.fleet import cli as fleet_cli
 from central.settings import Settings, SettingsError, load_settings
 from sync.protocol import escape_controls
 from web.extras import missing_extra
 
 
-def say(text: str, file=None) -> None:
+def say(text: str, file: TextIO | None = None) -> None:
     """print(), with control characters escaped (terminal escape injection, issue 22)."""
     print("\n".join(escape_controls(line) for line in str(text).split("\n")), file=file or sys.stdout)
 
@@ -74,9 +76,22 @@ def _list_gateways(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _maintain(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncio
+
+    from central import partitions
+
+    report = asyncio.run(partitions.maintain_once(settings))
+    if report is None:
+        say("another pdm-central process is running a maintenance round; nothing done", file=sys.stderr)
+        return 0
+    say(str(report), file=sys.stderr)
+    return 0
+
+
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
-    from agent import logs
     from central import server
+    from web import logs
 
     logs.setup(settings.log_level, settings.log_format)
     server.serve(settings, args.host, args.port)
@@ -98,6 +113,9 @@ def parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list-gateways", help="the gateways, active or revoked, and when each was last seen")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=_list_gateways)
+    commands.add_parser("maintain", help="create the coming days' partitions and drop those past retention (the API "
+                        "does it hourly unless PDM_CENTRAL_MAINTENANCE_INTERVAL_S=0)").set_defaults(handler=_maintain)
+    fleet_cli.register(commands)
     serve = commands.add_parser("serve", help="serve the API with uvicorn in one process (development; production: "
                                 "gunicorn -c python:central.gunicorn_conf)")
     serve.add_argument("--host", help="default: the host of PDM_CENTRAL_BIND (127.0.0.1)")
@@ -108,6 +126,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    done = fleet_cli.run_without_settings(args)
+    if done is not None:
+        return done
     try:
         return _dispatch(args)
     except ModuleNotFoundError as exc:
@@ -115,23 +136,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from central import auth, db  # psycopg: the central extra, not needed for --help
+    import psycopg  # the central extra, not needed for --help
+
+    from central import auth, db
 
     try:
         settings = load_settings()
-        return args.handler(settings, args)
+        code: int = args.handler(settings, args)
+        return code
     except SettingsError as exc:
         say(f"pdm-central: {len(exc.problems)} settings problem(s):", file=sys.stderr)
         for problem in exc.problems:
             say(f"  {problem}", file=sys.stderr)
         return 2
-    except (db.DatabaseUnavailable, db.MigrationError, db.SchemaMismatch, auth.GatewayError) as exc:
+    except (db.DatabaseUnavailable, db.MigrationError, db.SchemaMismatch, auth.GatewayError,
+            fleet_cli.FleetError) as exc:
         say(f"pdm-central: {exc}", file=sys.stderr)
         return 1
     except db.UNAVAILABLE as exc:
         say(f"pdm-central: {db.unavailable(exc)}", file=sys.stderr)
         return 1
-    except db.psycopg.errors.UndefinedTable:
+    except psycopg.errors.UndefinedTable:
         say("pdm-central: the database has no schema yet: run `pdm-central migrate`", file=sys.stderr)
         return 1
 

@@ -35,7 +35,6 @@ Indexes the queries use (migration 0002):
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import html
@@ -44,14 +43,13 @@ import json
 import math
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from functools import cache
-from importlib import resources
 from itertools import pairwise
 from pathlib import Path
-from typing import Annotated
-from urllib.parse import parse_qs, urlsplit
+from typing import Annotated, Any
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
 import psycopg
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
@@ -60,10 +58,15 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 import model.manifest
 from central import guard, ingest
 from central.auth import same_secret
+from central.db import Connection, one_row
 from central.errors import ApiError
-from central.params import Mode, Name, NameInPath, State, Time
+from central.fleet import rollout as fleet_rollout
+from central.params import Mode, Name, NameInPath, Time
+from central.replica import ReadConnection
 from central.settings import Settings
 from model.modes import mode_words
+from model.states import WORST_FIRST, StateName
+from web.http import Page, load_page, page_csp
 from web.throttle import FailedAuth
 
 JSON = "application/json"
@@ -71,10 +74,14 @@ SILENT_AFTER = timedelta(minutes=10)  # a gateway syncs every few seconds; 10 mi
 DEFAULT_SPAN = timedelta(hours=24)
 MAX_SPAN = timedelta(days=400)
 HOUR = 3600  # buckets this long or longer come from the hourly roll-up
+# A gap this long in a machine's windows is drawn as "unchanged": summaries on change (sync/onchange.py) hold back
+# alike windows up to max_interval_s, 300 by default.
+UNCHANGED_S = 300
 MAX_FORM_BYTES = 4096
+Statement = tuple[str, dict[str, Any]]  # SQL and its parameters
 # "no-referrer" (the API's default) makes browsers send `Origin: null` on the page's own form POSTs.
 PAGE_HEADERS = {"Referrer-Policy": "same-origin"}
-STATES = ("alarm", "warning", "ok")  # the fleet view's order: pdm_state_rank() in SQL
+FORM_ACTION = "'self'"  # the sign-in and sign-out forms post to this origin
 
 
 # --- the model's words and ranges ------------------------------------------------------------------------------------
@@ -94,34 +101,17 @@ def health_at(p_failure: float) -> float:
     return points[-1][1]
 
 
-def mode_of(mode: str) -> dict:
+def mode_of(mode: str) -> dict[str, str]:
     return {"mode": mode, **mode_words(mode)}
 
 
 # --- the page ---------------------------------------------------------------------------------------------------------
 
-def _sha256(text: str) -> str:
-    return f"'sha256-{base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()}'"
-
-
-def _csp(script: str | None, style: str) -> str:
-    scripts = _sha256(script) if script is not None else "'none'"
-    return (f"default-src 'none'; script-src {scripts}; style-src {_sha256(style)}; connect-src 'self'; "
-            "img-src data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
-
-
 @cache
-def page() -> tuple[bytes, str, str]:
-    """(the dashboard, its Content-Security-Policy, its <style> block for the login form): the one inline <script>
-    and <style> are allowed by their sha256; nothing else may run, load or be fetched but from this origin."""
-    text = resources.files("central").joinpath("static/dashboard.html").read_text(encoding="utf-8")
-    blocks = {}
-    for tag in ("script", "style"):
-        found = re.findall(rf"<{tag}>(.*?)</{tag}>", text, flags=re.DOTALL)
-        if len(found) != 1:
-            raise RuntimeError(f"central/static/dashboard.html must hold exactly one inline <{tag}>, not {len(found)}")
-        blocks[tag] = found[0]
-    return text.encode(), _csp(blocks["script"], blocks["style"]), blocks["style"]
+def page() -> Page:
+    """The dashboard: its one inline <script> and <style> are allowed by their sha256 (web.http); nothing else may
+    run, load or be fetched but from this origin. The login form reuses its <style>."""
+    return load_page("central", "static/dashboard.html")
 
 
 LOGIN = """<!doctype html>
@@ -152,10 +142,11 @@ never stored by this page.</p>
 
 
 def login_page(message: str = "", status: int = 200) -> HTMLResponse:
-    _, _, style = page()
+    style = page().style
     note = f'<p class="bad" id="login-error">{html.escape(message)}</p>' if message else ""
     return HTMLResponse(LOGIN.format(style=style, message=note), status_code=status,
-                        headers={"Content-Security-Policy": _csp(None, style), **PAGE_HEADERS})
+                        headers={"Content-Security-Policy": page_csp(None, style, form_action=FORM_ACTION),
+                                 **PAGE_HEADERS})
 
 
 # --- sessions ---------------------------------------------------------------------------------------------------------
@@ -202,7 +193,7 @@ def cross_site(request: Request, action: str) -> ApiError | None:
     return ApiError(403, "forbidden", f"{action} must come from this site's own page")
 
 
-def _same_host(origin, host) -> bool:
+def _same_host(origin: SplitResult, host: SplitResult) -> bool:
     """The Origin names the host the request was sent to. nginx passes `Host: $host`, which drops the port: the port
     is compared only when the Host header has one."""
     try:
@@ -272,6 +263,7 @@ SELECT g.id, m.worst_state, m.health_last, m.p_failure_max, m.dominant_mode, m.w
 FROM gateways g
 JOIN machines m ON m.gateway_id = g.id AND m.machine_id = %(machine_id)s
 LEFT JOIN summaries s ON s.gateway_id = m.gateway_id AND s.summary_id = m.summary_id
+                     AND s.window_start = m.window_start  -- the one partition that holds it
 WHERE g.name = %(gateway)s
 """
 
@@ -315,14 +307,15 @@ FROM (SELECT * FROM events e
 MAX_EVENTS = 500
 
 
-def _filters(gateway: str | None, state: str | None, mode: str | None, table: str = "m") -> tuple[str, dict]:
+def _filters(gateway: str | None, state: str | None, mode: str | None, table: str = "m") -> Statement:
+    params: dict[str, Any]
     where, params = ["true"], {}
     if gateway is not None:
         where.append(f"{table}.gateway_id = (SELECT id FROM gateways WHERE name = %(gateway)s)")
         params["gateway"] = gateway
     if state is not None:
         where.append("pdm_state_rank(m.worst_state) = %(rank)s")
-        params["rank"] = STATES.index(state)
+        params["rank"] = WORST_FIRST.index(state)  # pdm_state_rank() in SQL: alarm 0
     if mode is not None:
         where.append("m.dominant_mode = %(mode)s")
         params["mode"] = mode
@@ -330,7 +323,7 @@ def _filters(gateway: str | None, state: str | None, mode: str | None, table: st
 
 
 def fleet_queries(gateway: str | None, state: str | None, mode: str | None,
-                  limit: int) -> dict[str, tuple[str, dict]]:
+                  limit: int) -> dict[str, Statement]:
     """The fleet view's statements with their parameters (the bench EXPLAINs the same ones)."""
     where, params = _filters(gateway, state, mode)
     if mode is None:
@@ -344,21 +337,24 @@ def fleet_queries(gateway: str | None, state: str | None, mode: str | None,
 
 
 async def fleet(conn: psycopg.AsyncConnection, gateway: str | None, state: str | None, mode: str | None,
-                limit: int) -> str:
+                limit: int, reads: dict[str, Any] | None = None) -> str:
     queries = fleet_queries(gateway, state, mode, limit)
-    rows, shown = await (await conn.execute(*queries["page"])).fetchone()
-    counts = dict(await (await conn.execute(*queries["counts"])).fetchall())
-    gateways = (await (await conn.execute(*queries["gateways"])).fetchone())[0]
-    counts = {s: counts.get(s, 0) for s in STATES}
+    rows, shown = await one_row(conn, *queries["page"])
+    by_state: dict[str, int] = dict(await (await conn.execute(*queries["counts"])).fetchall())
+    gateways = (await one_row(conn, *queries["gateways"]))[0]
+    counts = {s.value: by_state.get(s, 0) for s in WORST_FIRST}
     modes = [mode_of(m) for m in manifest().outputs.modes]
     return (f'{{"counts":{_json(counts)},"shown":{shown},'
             f'"machines":{rows},"gateways":{gateways},"modes":{_json(modes)},'
-            f'"silent_after_s":{int(SILENT_AFTER.total_seconds())}}}')
+            f'"silent_after_s":{int(SILENT_AFTER.total_seconds())},"reads":{_json(reads)}}}')
 
 
-def machine_range(since: datetime | None, until: datetime | None, points: int) -> dict:
+def machine_range(since: datetime | None, until: datetime | None, points: int,
+                  raw_kept_since: datetime | None = None) -> dict[str, Any]:
     """[since, until) in at most `points` buckets; buckets of an hour or more are whole hours from a whole hour
-    (UTC), drawn from the hourly roll-up (`hourly`): the range then starts at the hour `since` falls in."""
+    (UTC), drawn from the hourly roll-up (`hourly`): the range then starts at the hour `since` falls in. So is a
+    range that starts before `raw_kept_since` (the raw summaries' retention dropped those days; the roll-up is kept
+    for years), with buckets of at least an hour."""
     until = until or datetime.now(UTC)
     since = since or until - DEFAULT_SPAN
     if since >= until:
@@ -366,7 +362,7 @@ def machine_range(since: datetime | None, until: datetime | None, points: int) -
     if until - since > MAX_SPAN:
         raise ApiError(422, "invalid_request", f"the range is at most {MAX_SPAN.days} days")
     seconds = max(1, math.ceil((until - since).total_seconds() / points))
-    hourly = seconds >= HOUR
+    hourly = seconds >= HOUR or (raw_kept_since is not None and since < raw_kept_since)
     if hourly:
         seconds = math.ceil(seconds / HOUR) * HOUR
         try:
@@ -385,16 +381,16 @@ def series_query(hourly: bool) -> str:
 
 
 async def machine(conn: psycopg.AsyncConnection, gateway: str, machine_id: str, since: datetime | None,
-                  until: datetime | None, points: int) -> str:
+                  until: datetime | None, points: int, raw_kept_since: datetime | None = None) -> str:
     row = await (await conn.execute(MACHINE, {"gateway": gateway, "machine_id": machine_id})).fetchone()
     if row is None:
         raise ApiError(404, "not_found", f"no machine {machine_id!r} on a gateway named {gateway!r}")
     (gateway_id, state, health, p_failure, dominant, window_start, window_end, model_name, model_version, inputs,
      entered, first_seen, risk) = row
-    span = machine_range(since, until, points)
+    span = machine_range(since, until, points, raw_kept_since)
     params = {"gateway_id": gateway_id, "machine_id": machine_id, **span}
-    series = (await (await conn.execute(series_query(span["hourly"]), params)).fetchone())[0]
-    events = (await (await conn.execute(EVENTS, {**params, "limit": MAX_EVENTS})).fetchone())[0]
+    series = (await one_row(conn, series_query(span["hourly"]), params))[0]
+    events = (await one_row(conn, EVENTS, {**params, "limit": MAX_EVENTS}))[0]
     thresholds = manifest().thresholds
     head = {
         "gateway": gateway, "machine_id": machine_id, "state": state, "health": health, "p_failure": p_failure,
@@ -402,7 +398,7 @@ async def machine(conn: psycopg.AsyncConnection, gateway: str, machine_id: str, 
         "window_end": window_end.isoformat(), "model": {"name": model_name, "version": model_version},
         "dominant": {**mode_of(dominant), "risk": risk.get(dominant)} if dominant else None,
         "range": {"since": span["since"].isoformat(), "until": span["until"].isoformat(),
-                  "bucket_s": span["bucket"].total_seconds()},
+                  "bucket_s": span["bucket"].total_seconds(), "unchanged_s": UNCHANGED_S},
         "health_bands": {"warning": health_at(thresholds.warning), "alarm": health_at(thresholds.alarm)},
         "modes": [{**mode_of(m), "threshold": thresholds.modes.get(m), "latest": risk.get(m)}
                   for m in manifest().outputs.modes],
@@ -411,7 +407,7 @@ async def machine(conn: psycopg.AsyncConnection, gateway: str, machine_id: str, 
     return f'{_json(head)[:-1]},"series":{series},"events":{events}}}'
 
 
-def _inputs(stats: dict) -> list[dict]:
+def _inputs(stats: dict[str, dict[str, float | None]]) -> list[dict[str, Any]]:
     """The latest window's per-input min/mean/max against the model's normal (training) range."""
     known = {i.name: i for i in manifest().inputs}
     rows = []
@@ -419,25 +415,28 @@ def _inputs(stats: dict) -> list[dict]:
         if name not in stats:
             continue
         value, spec = stats[name], known.get(name)
-        row = {"name": name, "min": value.get("min"), "mean": value.get("mean"), "max": value.get("max"),
+        low, high = value.get("min"), value.get("max")
+        row: dict[str, Any] = {"name": name, "min": low, "mean": value.get("mean"), "max": high,
                "unit": spec.unit if spec else "", "description": spec.description if spec else "",
                "normal_min": spec.training_range.min if spec else None,
                "normal_max": spec.training_range.max if spec else None}
         row["out"] = spec is not None and any(
-            v is not None and v not in spec.training_range for v in (row["min"], row["max"]))
+            v is not None and v not in spec.training_range for v in (low, high))
         rows.append(row)
     return rows
 
 
-def _json(value) -> str:
+def _json(value: object) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
 # --- routes -----------------------------------------------------------------------------------------------------------
 
-def routes(api: FastAPI, settings: Settings, connection: Callable, require_ops: Callable,
-           throttle: FailedAuth) -> None:
-    """Add the page, login/logout and the dashboard's data routes to `api`; `throttle` limits refused sign-ins."""
+def routes(api: FastAPI, settings: Settings, connection: Connection,
+           require_ops: Callable[[Request], Awaitable[None]], throttle: FailedAuth,
+           read_connection: ReadConnection) -> None:
+    """Add the page, login/logout and the dashboard's data routes to `api`; `throttle` limits refused sign-ins.
+    Sessions use `connection` (the primary); the data routes `read_connection` (a replica when configured)."""
     ops_token = settings.ops_token.get_secret_value() if settings.ops_token else None
     name = cookie_name(settings)
     lifetime = timedelta(seconds=settings.session_lifetime_s)
@@ -450,8 +449,9 @@ def routes(api: FastAPI, settings: Settings, connection: Callable, require_ops: 
         async with connection(request) as conn:
             if not await session_valid(conn, request, settings):
                 return see_other("/login")
-        body, csp, _ = page()
-        return HTMLResponse(body, headers={"Content-Security-Policy": csp, **PAGE_HEADERS})
+        dashboard = page()
+        return HTMLResponse(dashboard.html, headers={"Content-Security-Policy": dashboard.csp(form_action=FORM_ACTION),
+                                                     **PAGE_HEADERS})
 
     @api.get("/login", include_in_schema=False)
     async def login_form() -> Response:
@@ -498,18 +498,23 @@ def routes(api: FastAPI, settings: Settings, connection: Callable, require_ops: 
     data = APIRouter(prefix="/api/v1/dashboard", dependencies=[Depends(require_ops)])
 
     @data.get("/fleet")
-    async def fleet_view(request: Request, gateway: Name | None = None, state: State | None = None,
+    async def fleet_view(request: Request, gateway: Name | None = None, state: StateName | None = None,
                          mode: Mode | None = None,
                          limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> Response:
-        async with connection(request) as conn:
-            return Response(await fleet(conn, gateway, state, mode, limit), media_type=JSON)
+        async with read_connection(request) as (conn, source):
+            reads = await request.app.state.reads.status(conn, source)
+            body = await fleet(conn, gateway, state, mode, limit, reads)
+            rollout = await fleet_rollout.status(conn)  # the running model rollout, or the last (issue 17)
+        shown = rollout.model_dump_json() if rollout is not None else "null"
+        return Response(f'{{"rollout":{shown},{body[1:]}', media_type=JSON)
 
     @data.get("/gateways/{gateway}/machines/{machine_id}")
     async def machine_view(request: Request, gateway: NameInPath, machine_id: NameInPath, since: Time | None = None,
                            until: Time | None = None,
                            points: Annotated[int, Query(ge=10, le=2000)] = 400) -> Response:
-        async with connection(request) as conn:
-            return Response(await machine(conn, gateway, machine_id, since, until, points), media_type=JSON)
+        async with read_connection(request) as (conn, _):
+            kept = datetime.now(UTC) - timedelta(days=settings.retain_summaries_days)
+            return Response(await machine(conn, gateway, machine_id, since, until, points, kept), media_type=JSON)
 
     api.include_router(data)
 

@@ -6,7 +6,9 @@ Errors (who raises what):
     MigrationError       a migration cannot be applied (changed after it was applied, or a newer database)
 psycopg's own errors are mapped at this boundary by `unavailable()`; anything else is a bug.
 
-Migrations are `migrations/NNNN_name.sql`, numbered from 0001 without gaps. `migrate()` applies the pending ones in
+Migrations are `migrations/NNNN_name.sql`, numbered from 0001, each number once. A gap is allowed (0006 was
+written beside another branch's 0005): a migration missing from the run is applied when it arrives, after the higher
+ones already applied, so migrations written in parallel must not depend on each other. `migrate()` applies the pending ones in
 one transaction under an advisory lock (two concurrent runs apply each migration once), records each with the
 sha256 of its file in `schema_migrations`, and refuses to go on when an applied file has changed since.
 """
@@ -16,19 +18,28 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from functools import cache
+from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import conninfo as pg_conninfo
+from psycopg.abc import Params
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
+from starlette.requests import Request
 
 from central.settings import Settings
+from web.logs import first_line
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 MIGRATION_LOCK = 0x7064_6D63  # pg_advisory_xact_lock key: "pdmc"
 APPLICATION_NAME = "pdm-central"
+# How a route opens a pooled connection for its request (central/app.py's `connection`).
+Connection = Callable[[Request], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]
 
 
 class DatabaseUnavailable(RuntimeError):
@@ -50,7 +61,7 @@ def unavailable(exc: Exception) -> DatabaseUnavailable:
     """Map a connection-level failure to DatabaseUnavailable (statement timeouts and shutdowns included)."""
     if isinstance(exc, PoolTimeout):
         return DatabaseUnavailable("no database connection could be had in time (is PostgreSQL running?)")
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = first_line(exc)
     return DatabaseUnavailable(f"database unavailable: {text}")
 
 
@@ -73,10 +84,12 @@ def migrations() -> tuple[Migration, ...]:
         if not match:
             raise MigrationError(f"{path}: migration files are named NNNN_name.sql")
         found.append(Migration(int(match[1]), match[2], path.read_text()))
-    for expected, migration in enumerate(found, start=1):
-        if migration.version != expected:
-            raise MigrationError(f"migration {expected:04d} is missing "
-                                 f"(found {migration.version:04d}_{migration.name})")
+    for before, migration in pairwise(found):
+        if migration.version == before.version:
+            raise MigrationError(f"two migrations are numbered {migration.version:04d}: "
+                                 f"{before.name} and {migration.name}; renumber one")
+    if found and found[0].version != 1:
+        raise MigrationError(f"migration 0001 is missing (found {found[0].version:04d}_{found[0].name})")
     return tuple(found)
 
 
@@ -96,17 +109,17 @@ HAS_MIGRATIONS = "SELECT to_regclass('schema_migrations') IS NOT NULL"
 MAX_VERSION = "SELECT coalesce(max(version), 0) FROM schema_migrations"
 
 
-def conninfo_kwargs(settings: Settings) -> tuple[str, dict]:
-    """The URL and the connection parameters we add, without overriding what the URL says."""
-    url = settings.database_url.get_secret_value()
+def conninfo_kwargs(settings: Settings, url: str | None = None) -> tuple[str, dict[str, Any]]:
+    """The URL (default: the primary's) and the connection parameters we add, without overriding what it says."""
+    url = url or settings.database_url.get_secret_value()
     given = pg_conninfo.conninfo_to_dict(url)
-    extra: dict = {"application_name": APPLICATION_NAME}
+    extra: dict[str, Any] = {"application_name": APPLICATION_NAME}
     if "connect_timeout" not in given:
         extra["connect_timeout"] = max(2, math.ceil(settings.db_timeout_s))  # libpq's minimum is 2 s
     return url, extra
 
 
-def connect(settings: Settings) -> psycopg.Connection:
+def connect(settings: Settings) -> psycopg.Connection[tuple[Any, ...]]:
     """A plain connection for the CLI, in autocommit mode (transactions are explicit); DatabaseUnavailable when
     PostgreSQL cannot be reached."""
     url, extra = conninfo_kwargs(settings)
@@ -116,26 +129,50 @@ def connect(settings: Settings) -> psycopg.Connection:
         raise unavailable(exc) from exc
 
 
-def schema_version(conn: psycopg.Connection) -> int:
+def one_row_sync(conn: psycopg.Connection[tuple[Any, ...]], query: str,
+                 params: Params | None = None) -> tuple[Any, ...]:
+    """The row of a statement that always returns one (an aggregate, an upsert's RETURNING)."""
+    row = conn.execute(query, params).fetchone()
+    if row is None:
+        raise RuntimeError(f"no row from a statement that always returns one: {str(query)[:80]!r}")
+    return row
+
+
+async def one_row(conn: psycopg.AsyncConnection[tuple[Any, ...]], query: str,
+                  params: Params | None = None) -> tuple[Any, ...]:
+    """The row of a statement that always returns one (an aggregate, an upsert's RETURNING)."""
+    row = await (await conn.execute(query, params)).fetchone()
+    if row is None:
+        raise RuntimeError(f"no row from a statement that always returns one: {str(query)[:80]!r}")
+    return row
+
+
+def schema_version(conn: psycopg.Connection[tuple[Any, ...]]) -> int:
     """The latest migration applied; 0 for an empty database."""
-    if not conn.execute(HAS_MIGRATIONS).fetchone()[0]:
+    if not one_row_sync(conn, HAS_MIGRATIONS)[0]:
         return 0
-    return conn.execute(MAX_VERSION).fetchone()[0]
+    return int(one_row_sync(conn, MAX_VERSION)[0])
 
 
-async def schema_version_async(conn: psycopg.AsyncConnection) -> int:
-    if not (await (await conn.execute(HAS_MIGRATIONS)).fetchone())[0]:
+async def schema_version_async(conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> int:
+    if not (await one_row(conn, HAS_MIGRATIONS))[0]:
         return 0
-    return (await (await conn.execute(MAX_VERSION)).fetchone())[0]
+    return int((await one_row(conn, MAX_VERSION))[0])
 
 
 def migrate(conn: psycopg.Connection) -> list[Migration]:
     """Apply the pending migrations; return them (empty when the schema was up to date)."""
     applied: list[Migration] = []
+    row = conn.execute("SELECT current_database(), pg_encoding_to_char(encoding) FROM pg_database "
+                       "WHERE datname = current_database()").fetchone()
+    if row is not None and row[1] != "UTF8":
+        # a cluster made under the C locale gives SQL_ASCII: names with accents would be stored as raw bytes
+        raise MigrationError(f"the database {row[0]} has the encoding {row[1]}, pdm-central needs UTF8: create it "
+                             f"with createdb --encoding UTF8 --template template0 --owner ... {row[0]}")
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", [MIGRATION_LOCK])
         conn.execute(SCHEMA_MIGRATIONS)
-        done = dict(conn.execute("SELECT version, checksum FROM schema_migrations").fetchall())
+        done: dict[int, str] = dict(conn.execute("SELECT version, checksum FROM schema_migrations").fetchall())
         known = {m.version: m for m in migrations()}
         newer = sorted(set(done) - set(known))
         if newer:
@@ -161,14 +198,14 @@ async def _configure(conn: psycopg.AsyncConnection, statement_timeout_ms: int) -
                        [f"{statement_timeout_ms}ms"])
 
 
-def make_pool(settings: Settings) -> AsyncConnectionPool:
+def make_pool(settings: Settings, url: str | None = None, name: str = APPLICATION_NAME) -> AsyncConnectionPool:
     """The API's pool, not yet open: `await pool.open(wait=False)` starts it even while PostgreSQL is down.
 
     Connections are in autocommit mode (a transaction is always explicit), checked before each use (a server
     restart costs one failed check, not a failed request), and in UTC (JSON built by PostgreSQL says +00:00).
     A request waits at most `db_timeout_s` for a connection, then fails with PoolTimeout: HTTP 503.
     """
-    url, extra = conninfo_kwargs(settings)
+    url, extra = conninfo_kwargs(settings, url)
     timeout_ms = int(settings.statement_timeout_s * 1000)
 
     async def configure(conn: psycopg.AsyncConnection) -> None:
@@ -185,6 +222,6 @@ def make_pool(settings: Settings) -> AsyncConnectionPool:
         reconnect_timeout=max(10.0, 2 * settings.db_timeout_s),
         configure=configure,
         check=AsyncConnectionPool.check_connection,
-        name=APPLICATION_NAME,
+        name=name,
         open=False,
     )

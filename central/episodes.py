@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 
-RANK = {"ok": 0, "warning": 1, "alarm": 2}
+from model.states import SEVERITY
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class _Segment:
             self.closed_at = ts
             return
         self.state = to_state
-        if RANK[to_state] > RANK[self.peak_state]:
+        if SEVERITY[to_state] > SEVERITY[self.peak_state]:
             self.peak_state, self.to_alarm_at = to_state, ts
         if p_failure > self.p_failure_max:
             self.p_failure_max, self.dominant_mode = p_failure, mode
@@ -179,7 +179,7 @@ async def _rebuild(conn: psycopg.AsyncConnection[Any], gateway_id: int, gateway:
             for other in others:
                 await conn.execute("UPDATE alarm_episodes SET merged_into = %s, updated_at = now() WHERE id = %s",
                                    [keep.id, other.id])
-            kinds = ["to_alarm"] if RANK[segment.peak_state] > RANK[keep.peak_state] else []
+            kinds = ["to_alarm"] if SEVERITY[segment.peak_state] > SEVERITY[keep.peak_state] else []
             kinds += ["closed"] if keep.closed_at is None and segment.closed_at is not None else []
         for kind in kinds:
             at = {"opened": segment.opened_at, "to_alarm": segment.to_alarm_at,

@@ -7,18 +7,31 @@ TLS is terminated by the reverse proxy in front (nginx); set PDM_CENTRAL_TRUSTED
 """
 
 import sys
+from typing import Any, NoReturn
 
-from central.settings import SettingsError, load_settings
+from central.settings import Settings, SettingsError, load_settings
+from web import logs
 
-try:
-    _settings = load_settings()
-    _problems = _settings.serving_problems()
-except SettingsError as exc:
-    _settings, _problems = None, exc.problems
-if _problems:
-    print(f"pdm-central: {len(_problems)} settings problem(s):", *(f"  {p}" for p in _problems), sep="\n",
+
+def _refuse(problems: list[str]) -> NoReturn:
+    print(f"pdm-central: {len(problems)} settings problem(s):", *(f"  {p}" for p in problems), sep="\n",
           file=sys.stderr)
     sys.exit(2)
+
+
+def _load() -> Settings:
+    """The settings, or exit 2 printing every problem."""
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        _refuse(exc.problems)
+    problems = settings.serving_problems()
+    if problems:
+        _refuse(problems)
+    return settings
+
+
+_settings = _load()
 
 wsgi_app = "central.app:create_app()"
 worker_class = "central.server.Worker"
@@ -34,3 +47,17 @@ limit_request_field_size = 8190
 accesslog = "-"
 errorlog = "-"
 loglevel = _settings.log_level.lower()
+
+
+def post_worker_init(worker: object) -> None:
+    """Each worker logs the app's records as `pdm-central serve` does (PDM_CENTRAL_LOG_LEVEL, PDM_CENTRAL_LOG_FORMAT:
+    JSON lines off a terminal); gunicorn's own error and access logs keep their handlers (they do not propagate)."""
+    logs.setup(_settings.log_level, _settings.log_format)
+
+
+def when_ready(server: Any) -> None:  # gunicorn.arbiter.Arbiter
+    """One line at start: how many connections this instance may open (each worker has its own pool)."""
+    replica = _settings.read_database_url is not None
+    server.log.info("%d workers x up to %d PostgreSQL connections each: at most %d on the primary%s", workers,
+                    _settings.pool_max_size, workers * _settings.pool_max_size,
+                    f" and {workers * _settings.pool_max_size} on the read replica" if replica else "")

@@ -14,14 +14,19 @@ the machines' latest state are written by one statement: one round trip, one tra
 from __future__ import annotations
 
 import ipaddress
+import json
+import uuid
 import zlib
-from datetime import UTC
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 import psycopg
 from pydantic import TypeAdapter, ValidationError
 from starlette.requests import Request
 
 from central.auth import Gateway
+from central.db import one_row
 from central.errors import ApiError
 from sync.protocol import Counts, Event, IngestBatch, IngestResult, Summary
 
@@ -96,7 +101,7 @@ def parse(raw: bytes) -> IngestBatch:
     return batch
 
 
-def _beyond_schema(batch: IngestBatch):
+def _beyond_schema(batch: IngestBatch) -> Iterator[dict[str, Any]]:
     """What the protocol's schema lets through but PostgreSQL cannot store or the data cannot mean: NUL characters
     in text, counts beyond PostgreSQL's integer, times that leave the calendar once converted to UTC (year 1 with a
     positive offset, year 9999 with a negative one), windows that end before they start. One pass, cheap checks."""
@@ -104,7 +109,8 @@ def _beyond_schema(batch: IngestBatch):
         yield _nul(["agent_version"])
     if _off_calendar(batch.sent_at):
         yield _off_range(["sent_at"])
-    for kind, items in (("summaries", batch.summaries), ("events", batch.events)):
+    named: list[tuple[str, Sequence[Summary | Event]]] = [("summaries", batch.summaries), ("events", batch.events)]
+    for kind, items in named:
         for i, item in enumerate(items):
             if "\x00" in item.model.name or "\x00" in item.model.version:
                 field = "name" if "\x00" in item.model.name else "version"
@@ -123,9 +129,13 @@ def _beyond_schema(batch: IngestBatch):
     for i, e in enumerate(batch.events):
         if _off_calendar(e.ts):
             yield _off_range(["events", i, "ts"])
+    for i, a in enumerate(batch.actions):
+        for field in ("opened_at", "at"):
+            if _off_calendar(getattr(a, field)):
+                yield _off_range(["actions", i, field])
 
 
-def _off_calendar(moment) -> bool:
+def _off_calendar(moment: datetime) -> bool:
     if 1 < moment.year < 9999:
         return False
     try:
@@ -135,11 +145,11 @@ def _off_calendar(moment) -> bool:
     return False
 
 
-def _nul(loc: list) -> dict:
+def _nul(loc: list[str | int]) -> dict[str, Any]:
     return {"loc": loc, "msg": "NUL characters (\\u0000) are not allowed in text", "type": "nul_char"}
 
 
-def _off_range(loc: list) -> dict:
+def _off_range(loc: list[str | int]) -> dict[str, Any]:
     return {"loc": loc, "msg": "out of the representable range once converted to UTC", "type": "datetime_range"}
 
 
@@ -196,6 +206,24 @@ WITH gw AS (
         p_failure_max = excluded.p_failure_max, mode_risk_max = excluded.mode_risk_max,
         model_name = excluded.model_name, model_version = excluded.model_version, updated_at = now()
     WHERE m.window_start <= excluded.window_start
+), shadows AS (
+    -- Shadow figures of newly stored summaries only (a resend counts once): the rollout gates' input.
+    INSERT INTO shadow_figures AS f (gateway_id, name, version, readings, agreed, live_warning, live_alarm, warning,
+                                     alarm, out_of_distribution, score_s)
+    SELECT n.gateway_id, x.shadow->'model'->>'name', x.shadow->'model'->>'version',
+           sum((x.shadow->>'readings')::bigint), sum((x.shadow->>'agreed')::bigint),
+           sum((x.shadow->>'live_warning')::bigint), sum((x.shadow->>'live_alarm')::bigint),
+           sum((x.shadow->>'warning')::bigint), sum((x.shadow->>'alarm')::bigint),
+           sum((x.shadow->>'out_of_distribution')::bigint), sum((x.shadow->>'score_s')::double precision)
+    FROM new_summaries n JOIN jsonb_to_recordset(%(shadows)s::jsonb) AS x(summary_id uuid, shadow jsonb)
+         ON x.summary_id = n.summary_id
+    GROUP BY 1, 2, 3
+    ON CONFLICT (gateway_id, name, version) DO UPDATE SET
+        readings = f.readings + excluded.readings, agreed = f.agreed + excluded.agreed,
+        live_warning = f.live_warning + excluded.live_warning, live_alarm = f.live_alarm + excluded.live_alarm,
+        warning = f.warning + excluded.warning, alarm = f.alarm + excluded.alarm,
+        out_of_distribution = f.out_of_distribution + excluded.out_of_distribution,
+        score_s = f.score_s + excluded.score_s, updated_at = now()
 )
 SELECT (SELECT count(*) FROM gw), (SELECT count(*) FROM new_events), (SELECT count(*) FROM new_summaries),
        (SELECT array_agg(event_id) FROM new_events)
@@ -207,16 +235,17 @@ class Revoked(Exception):
 
 
 async def store(conn: psycopg.AsyncConnection, gateway: Gateway, batch: IngestBatch,
-                client_host: str | None, new_events: list | None = None) -> IngestResult:
+                client_host: str | None, new_events: list[uuid.UUID] | None = None) -> IngestResult:
     """Write the batch atomically (`conn` in autocommit mode: STORE is its own transaction); Revoked, with nothing
     written, when the token was revoked meanwhile. `new_events` receives the ids of the events newly stored (not the
     duplicates): the alarm episodes are built from these, in the caller's transaction (central/episodes.py)."""
-    cursor = await conn.execute(STORE, {
-        "gateway_id": gateway.id, "batch_id": batch.batch_id, "addr": _address(client_host),
-        "agent_version": batch.agent_version, "status": batch.gateway.model_dump_json(),
+    active, events, summaries, event_ids = await one_row(conn, STORE, {
+        "gateway_id": gateway.id, "batch_id": batch.batch_id, "addr": address(client_host),
+        "agent_version": batch.agent_version, "status": batch.gateway.model_dump_json(exclude_none=True),
         "events": _EVENTS.dump_json(batch.events).decode(),
-        "summaries": _SUMMARIES.dump_json(batch.summaries).decode()})
-    active, events, summaries, event_ids = await cursor.fetchone()
+        "summaries": _SUMMARIES.dump_json(batch.summaries, exclude={"__all__": {"shadow"}}).decode(),
+        "shadows": json.dumps([{"summary_id": str(s.summary_id), "shadow": s.shadow.model_dump(mode="json")}
+                               for s in batch.summaries if s.shadow is not None])})
     if not active:
         raise Revoked()
     if new_events is not None:
@@ -226,7 +255,7 @@ async def store(conn: psycopg.AsyncConnection, gateway: Gateway, batch: IngestBa
         duplicates=Counts(summaries=len(batch.summaries) - summaries, events=len(batch.events) - events))
 
 
-def _address(host: str | None) -> str | None:
+def address(host: str | None) -> str | None:
     try:
         return str(ipaddress.ip_address(host)) if host else None
     except ValueError:

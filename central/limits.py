@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
 import psycopg
 
 from central.auth import Gateway
+from central.db import one_row
 from central.errors import ApiError
-from sync.protocol import IngestBatch
+from sync.protocol import Event, IngestBatch, Summary
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +44,14 @@ async def refuse_machines_beyond_limit(conn: psycopg.AsyncConnection, gateway: G
     ids = sorted({s.machine_id for s in batch.summaries} | {e.machine_id for e in batch.events})
     if not ids:
         return
-    cursor = await conn.execute(KNOWN_AND_NEW, {"gateway_id": gateway.id, "ids": ids})
-    known, new = await cursor.fetchone()
+    known, new = await one_row(conn, KNOWN_AND_NEW, {"gateway_id": gateway.id, "ids": ids})
     refused = set(new[max(0, limit - known):])
     if not refused:
         return
     message = f"gateway {gateway.name} has {known:,} machines, the limit is {limit:,}: a new machine is refused"
+    named: list[tuple[str, Sequence[Summary | Event]]] = [("summaries", batch.summaries), ("events", batch.events)]
     details = [{"loc": [kind, i, "machine_id"], "msg": message, "type": "too_many_machines"}
-               for kind, items in (("summaries", batch.summaries), ("events", batch.events))
-               for i, item in enumerate(items) if item.machine_id in refused]
+               for kind, items in named for i, item in enumerate(items) if item.machine_id in refused]
     _log(gateway.name, len(details), known, limit)
     raise ApiError(422, "too_many_machines", f"{len(refused)} new machine(s) refused: {message}",
                    details[:MAX_DETAILS])

@@ -12,13 +12,15 @@ import binascii
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import psycopg
 
+from central.db import one_row
 from central.errors import ApiError
+from model.states import StateName
 
 DEFAULT_SPAN = timedelta(hours=24)
-STATES = ("ok", "warning", "alarm")
 
 FLEET = """
 SELECT coalesce(json_agg(f ORDER BY f.name), '[]')::text FROM (
@@ -120,7 +122,7 @@ def encode_cursor(ts: datetime, gateway_id: int, row_id: str) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str | None) -> dict:
+def decode_cursor(cursor: str | None) -> dict[str, Any]:
     if not cursor:
         return {"c_ts": None, "c_gw": None, "c_id": None}
     try:
@@ -134,7 +136,7 @@ def decode_cursor(cursor: str | None) -> dict:
         raise ApiError(422, "invalid_request", "invalid cursor: pass back a next_cursor unchanged") from None
 
 
-def time_range(since: datetime | None, until: datetime | None) -> dict:
+def time_range(since: datetime | None, until: datetime | None) -> dict[str, datetime | None]:
     """[since, until): since defaults to 24 hours ago, until to no end (a gateway's clock may run ahead)."""
     since = since or datetime.now(UTC) - DEFAULT_SPAN
     if until is not None and since >= until:
@@ -143,12 +145,12 @@ def time_range(since: datetime | None, until: datetime | None) -> dict:
 
 
 async def fleet(conn: psycopg.AsyncConnection) -> str:
-    rows = (await (await conn.execute(FLEET)).fetchone())[0]
+    rows = (await one_row(conn, FLEET))[0]
     return f'{{"gateways":{rows}}}'
 
 
-async def machines(conn: psycopg.AsyncConnection, states: list[str] | None, gateway: str | None) -> str:
-    rows = (await (await conn.execute(MACHINES, {"states": states, "gateway": gateway})).fetchone())[0]
+async def machines(conn: psycopg.AsyncConnection, states: list[StateName] | None, gateway: str | None) -> str:
+    rows = (await one_row(conn, MACHINES, {"states": states, "gateway": gateway}))[0]
     return f'{{"machines":{rows}}}'
 
 
@@ -162,20 +164,20 @@ async def summaries(conn: psycopg.AsyncConnection, gateway: str, machine_id: str
         raise ApiError(404, "not_found", f"gateway {gateway!r} has sent nothing about machine {machine_id!r}")
     params = {"gateway_id": gateway_id, "machine_id": machine_id, "limit": limit, **time_range(since, until),
               **decode_cursor(cursor)}
-    page = await (await conn.execute(SUMMARIES, params)).fetchone()
+    page = await one_row(conn, SUMMARIES, params)
     return _page("summaries", page, {"gateway": gateway, "machine_id": machine_id})
 
 
 async def events(conn: psycopg.AsyncConnection, since: datetime | None, until: datetime | None,
-                 gateway: str | None, machine_id: str | None, states: list[str] | None, limit: int,
+                 gateway: str | None, machine_id: str | None, states: list[StateName] | None, limit: int,
                  cursor: str | None) -> str:
     params = {"gateway": gateway, "machine_id": machine_id, "states": states, "limit": limit,
               **time_range(since, until), **decode_cursor(cursor)}
-    page = await (await conn.execute(EVENTS, params)).fetchone()
+    page = await one_row(conn, EVENTS, params)
     return _page("events", page, {})
 
 
-def _page(name: str, page: tuple, extra: dict) -> str:
+def _page(name: str, page: tuple[Any, ...], extra: dict[str, str]) -> str:
     rows, k_ts, k_gw, k_id, more = page
     cursor = encode_cursor(k_ts, k_gw, k_id) if more else None
     head = "".join(f"{json.dumps(k)}:{json.dumps(v)}," for k, v in extra.items())

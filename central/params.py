@@ -3,12 +3,11 @@ runs, so that no value PostgreSQL would refuse (a NUL byte, a time beyond its ra
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import Path, Query
 from pydantic import AwareDatetime, BeforeValidator
 
-State = Literal["ok", "warning", "alarm"]
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"  # gateway and machine ids: what the ingest body (sync.protocol) allows
 Name = Annotated[str, Query(pattern=NAME_PATTERN)]
 NameInPath = Annotated[str, Path(pattern=NAME_PATTERN)]  # what no gateway or machine is named: 422

@@ -17,10 +17,11 @@ from central.app import create_app
 from central.settings import Settings
 
 
-class Worker(UvicornWorker):
+class Worker(UvicornWorker):  # type: ignore[misc]  # uvicorn-worker ships no type hints
     """gunicorn's worker class for pdm-central (see central/gunicorn_conf.py)."""
 
-    CONFIG_KWARGS: ClassVar[dict] = {"loop": "auto", "http": "auto", "proxy_headers": False, "server_header": False}
+    CONFIG_KWARGS: ClassVar[dict[str, object]] = {"loop": "auto", "http": "auto", "proxy_headers": False,
+                                                  "server_header": False}
 
 
 def _stopped(signum: int, frame: object) -> None:

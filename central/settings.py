@@ -3,6 +3,8 @@
     variable                        default                                 notes
     PDM_CENTRAL_MODE                development                             development | production
     PDM_CENTRAL_DATABASE_URL        postgresql://127.0.0.1:5432/pdm_central secret (may hold a password)
+    PDM_CENTRAL_READ_DATABASE_URL   (none: every read on the primary)       secret; a streaming replica for the
+                                                                            dashboard's and ops reads (replica.py)
     PDM_CENTRAL_OPS_TOKEN           (none: ops endpoints answer 401)        secret, bearer token of the ops API
     PDM_CENTRAL_CORS_ORIGINS        (none: no CORS headers)                 comma-separated https://host[:port]
     PDM_CENTRAL_TRUSTED_PROXIES     (none: X-Forwarded-* ignored)           comma-separated IPs or networks
@@ -19,6 +21,15 @@
     PDM_CENTRAL_SESSION_LIFETIME_S  28800                                   dashboard session, from login (60 s-7 days)
     PDM_CENTRAL_SESSION_COOKIE_SECURE  true                                 false: plain http, loopback bind only
     PDM_CENTRAL_NOTIFY_CONFIG       (none: no notifications)                TOML routes and channels (central/notify)
+    PDM_CENTRAL_RETAIN_SUMMARIES_DAYS  30                                   raw summaries (daily partitions dropped)
+    PDM_CENTRAL_RETAIN_ROLLUP_DAYS  1830                                    the hourly roll-up (monthly partitions)
+    PDM_CENTRAL_RETAIN_EVENTS_DAYS  400                                     state changes (monthly partitions)
+    PDM_CENTRAL_RETAIN_EPISODES_DAYS   730                                  closed alarm episodes and their audit log
+    PDM_CENTRAL_PARTITIONS_AHEAD_DAYS  7                                    partitions created this far ahead
+    PDM_CENTRAL_MAINTENANCE_INTERVAL_S 3600                                 partitions and retention; 0: off (then
+                                                                            run `pdm-central maintain` from a timer)
+    PDM_CENTRAL_ROLLOUT_INTERVAL_S  10                                      a running rollout is advanced this often;
+                                                                            0: only by `pdm-central rollout status`
 
 A secret can also come from a file: `PDM_CENTRAL_OPS_TOKEN_FILE=/run/secrets/ops-token` (setting both is an error),
 or from the systemd credential of the same name in lower case (`LoadCredential=ops_token:/etc/pdm-central/ops`),
@@ -47,16 +58,17 @@ import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from web.tokens import weakness
 
 PREFIX = "PDM_CENTRAL_"
 CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
-SECRETS = ("database_url", "ops_token")
+SECRETS = ("database_url", "ops_token", "read_database_url")
 MIN_OPS_TOKEN_BITS = 128
 DEFAULT_DATABASE_URL = "postgresql://127.0.0.1:5432/pdm_central"
 LIST_SETTINGS = ("cors_origins", "trusted_proxies")
@@ -77,6 +89,7 @@ class Settings(BaseModel):
 
     mode: Literal["development", "production"] = "development"
     database_url: SecretStr = SecretStr(DEFAULT_DATABASE_URL)
+    read_database_url: SecretStr | None = None
     ops_token: SecretStr | None = None
     cors_origins: list[str] = []
     trusted_proxies: list[Network] = []
@@ -93,6 +106,14 @@ class Settings(BaseModel):
     session_lifetime_s: int = Field(8 * 3600, ge=60, le=7 * 24 * 3600)
     session_cookie_secure: bool = True
     notify_config: Path | None = None  # notification routes and channels (central/notify/config.py)
+    # Partitions and retention (central/partitions.py).
+    retain_summaries_days: int = Field(30, ge=1)
+    retain_rollup_days: int = Field(5 * 366, ge=1)
+    retain_events_days: int = Field(400, ge=1)
+    retain_episodes_days: int = Field(730, ge=1)
+    partitions_ahead_days: int = Field(7, ge=1, le=90)
+    maintenance_interval_s: float = Field(3600.0, ge=0)
+    rollout_interval_s: float = Field(10.0, ge=0)  # how often a running rollout is advanced; 0: only by the CLI
 
     # Where each secret came from ("environment", "file", "credential", "default"): production rules depend on it.
     sources: dict[str, str] = {}
@@ -110,7 +131,7 @@ class Settings(BaseModel):
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod
-    def _networks(cls, proxies: list) -> list:
+    def _networks(cls, proxies: list[object]) -> list[object]:
         return [ipaddress.ip_network(p, strict=False) if isinstance(p, str) else p for p in proxies]
 
     @field_validator("log_level", mode="before")
@@ -123,6 +144,14 @@ class Settings(BaseModel):
         if self.pool_max_size < self.pool_min_size:
             raise ValueError(f"{PREFIX}POOL_MAX_SIZE ({self.pool_max_size}) is below {PREFIX}POOL_MIN_SIZE "
                              f"({self.pool_min_size}); raise the maximum or lower the minimum")
+        return self
+
+    @model_validator(mode="after")
+    def _retention(self) -> Settings:
+        if self.retain_rollup_days < self.retain_summaries_days:
+            raise ValueError(f"{PREFIX}RETAIN_ROLLUP_DAYS ({self.retain_rollup_days}) is below "
+                             f"{PREFIX}RETAIN_SUMMARIES_DAYS ({self.retain_summaries_days}): the hourly roll-up is "
+                             "what the dashboard draws once the raw summaries are gone; keep it at least as long")
         return self
 
     @property
@@ -164,10 +193,12 @@ class Settings(BaseModel):
         if source == "default":
             problems.append(f"{PREFIX}DATABASE_URL: required in production (the development default "
                             f"{DEFAULT_DATABASE_URL} is not assumed)")
-        elif source == "environment" and _password(self.database_url.get_secret_value()) is not None:
-            problems.append(f"{PREFIX}DATABASE_URL: holds a password in a plain environment variable; give the URL "
-                            f"through {PREFIX}DATABASE_URL_FILE or the systemd credential database_url, or use "
-                            "~/.pgpass (PGPASSFILE) and leave the password out")
+        for key, url in (("database_url", self.database_url), ("read_database_url", self.read_database_url)):
+            if url is not None and self.sources.get(key) == "environment" \
+                    and _password(url.get_secret_value()) is not None:
+                problems.append(f"{PREFIX}{key.upper()}: holds a password in a plain environment variable; give "
+                                f"the URL through {PREFIX}{key.upper()}_FILE or the systemd credential {key}, or use "
+                                "~/.pgpass (PGPASSFILE) and leave the password out")
         return problems
 
     def _notify_problems(self) -> list[str]:
@@ -181,11 +212,13 @@ class Settings(BaseModel):
             return [f"{PREFIX}NOTIFY_CONFIG: {line}" for line in exc.problems]
         return []
 
-    def redacted(self) -> dict:
+    def redacted(self) -> dict[str, Any]:
         """The effective settings for logs: secrets and the database URL's password replaced by ***."""
         data = self.model_dump(mode="json", exclude={"sources"})
         data["ops_token"] = "***" if self.ops_token else None
         data["database_url"] = redact_url(self.database_url.get_secret_value())
+        if self.read_database_url is not None:
+            data["read_database_url"] = redact_url(self.read_database_url.get_secret_value())
         return data
 
 
@@ -205,9 +238,10 @@ def _password(conninfo: str) -> str | None:
     from psycopg.conninfo import conninfo_to_dict
 
     try:
-        return conninfo_to_dict(conninfo).get("password")
+        password = conninfo_to_dict(conninfo).get("password")
     except (psycopg.Error, ValueError):  # what libpq's parser refuses
         return ""
+    return None if password is None else str(password)
 
 
 def redact_url(url: str) -> str:
@@ -263,18 +297,18 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
                 reason = exc.strerror if isinstance(exc, OSError) else str(exc)
                 problems.append(f"{variable}_FILE: cannot use {path} as the secret: {reason}; fix the file or the path")
         elif key not in values and credentials:
-            path = Path(credentials, key)
+            credential = Path(credentials, key)
             try:
-                values[key], sources[key] = read_secret(path), "credential"
+                values[key], sources[key] = read_secret(credential), "credential"
             except FileNotFoundError:
                 pass
             except (OSError, ValueError) as exc:
                 reason = exc.strerror if isinstance(exc, OSError) else str(exc)
-                problems.append(f"systemd credential {path}: cannot use it as {variable}: {reason}")
+                problems.append(f"systemd credential {credential}: cannot use it as {variable}: {reason}")
     if problems:
         raise SettingsError(problems)
     try:
-        return Settings(**values, sources={key: sources.get(key, "default") for key in SECRETS})
+        return Settings.model_validate({**values, "sources": {key: sources.get(key, "default") for key in SECRETS}})
     except ValidationError as exc:
         raise SettingsError([_describe(error) for error in exc.errors()]) from None
 
@@ -283,7 +317,7 @@ def _split(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
-def _describe(error) -> str:
+def _describe(error: ErrorDetails) -> str:
     if not error["loc"]:
         return error["msg"].removeprefix("Value error, ")
     name = PREFIX + str(error["loc"][0]).upper() if error["loc"] else PREFIX + "*"

@@ -4,16 +4,18 @@ Who calls what: the agent starts each driver with a sink (the pipeline); the dri
 calls `sink.put()` for every reading it receives, which blocks while the pipeline is full (back-pressure reaches
 the device or the broker, memory stays bounded). The pipeline calls `reading.ack()` once the reading, or its
 rejection, is committed. `stop()` may be called at any time, twice, or without `start()`; once it returns the
-driver puts nothing more.
+driver puts nothing more. `close()` (after `stop()`, or instead of it) disconnects; it too is safe twice and without
+`start()`. `stats()` may be called from any thread at any time, before `start()` and after `close()` included, and
+never raises: it is what the status API and the metrics show of the driver.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Protocol
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 
 from pydantic import StringConstraints
 
@@ -39,21 +41,71 @@ class RawReading:
     received_at: float
     payload: str = ""  # the raw payload, kept for the quarantine if the reading is rejected
     rejection: Rejection | None = None  # set when the driver could not make a reading of the payload
-    ack: Callable[[], None] | None = None  # to call once committed (an MQTT QoS 1 PUBACK)
+    ack: Callable[[], object] | None = None  # to call once committed (an MQTT QoS 1 PUBACK); its result is ignored
 
 
 class Sink(Protocol):
     def put(self, reading: RawReading) -> None: ...
 
 
+@runtime_checkable
+class OfferingSink(Sink, Protocol):
+    """A sink that can also take a reading without waiting: an event loop (drivers/modbus.py) offers it there and
+    hands only what is refused to a thread that may block in put()."""
+
+    def offer(self, reading: RawReading) -> bool:
+        """Take the reading if there is room now, never waiting for room; False when full."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStats:
+    """One device (a Modbus device, an OPC UA server) of a driver, since the driver started."""
+
+    device: str
+    connected: bool  # it yields readings (a Modbus device), its session is up (an OPC UA server)
+    errors: Mapping[str, int]  # error counts by kind (e.g. timeouts, connect_failures)
+    last_error: str | None
+    polls: int = 0  # for a polled device: polls started
+    skipped_polls: int = 0  # polls skipped because the previous one was still running
+
+
+@dataclass(frozen=True, slots=True)
+class DriverStats:
+    """What a driver reports of itself (`Driver.stats()`): the status API and the metrics read this alone."""
+
+    name: str
+    connected: bool | None  # every device, or the broker connection, is up; None: cannot tell
+    errors: Mapping[str, int]  # error counts by kind, over the driver's own connection and all its devices
+    last_error: str | None
+    devices: tuple[DeviceStats, ...] = ()  # per device, for drivers that have several
+    details: Mapping[str, Any] = field(default_factory=dict)  # the driver's own description, shown as it is
+
+    @classmethod
+    def of_devices(cls, name: str, devices: tuple[DeviceStats, ...], details: Mapping[str, Any]) -> DriverStats:
+        """A driver that is the sum of its devices: connected when all are, errors added up by kind."""
+        errors: dict[str, int] = {}
+        for device in devices:
+            for kind, n in device.errors.items():
+                errors[kind] = errors.get(kind, 0) + n
+        return cls(name=name, connected=bool(devices) and all(d.connected for d in devices), errors=errors,
+                   last_error=next((d.last_error for d in devices if d.last_error), None), devices=devices,
+                   details=details)
+
+
 class Driver(Protocol):
+    """One kind of input (drivers/mqtt.py, drivers/modbus.py, drivers/opcua.py); see the module docstring for who
+    calls what."""
+
     name: str
 
     def start(self, sink: Sink) -> None: ...
 
     def stop(self) -> None: ...
 
-    def status(self) -> dict[str, Any]: ...
+    def close(self) -> None: ...
+
+    def stats(self) -> DriverStats: ...
 
 
 class Availability:

@@ -5,17 +5,25 @@ A device is one machine; its register map says where each model input is read an
 number: value = decoded raw value * scale + offset (drivers/registers.py does the arithmetic).
 
 How the driver runs (who calls what, from which thread):
-- The agent calls `start(sink)`, `stop()`, `close()` and `status()` from its own thread.
+- The agent calls `start(sink)`, `stop()`, `close()` and `stats()` from its own thread.
 - `start` runs one asyncio event loop in one thread ("modbus"): one task per device, each polling on an absolute
-  grid of `interval_s` (multiples of it since the epoch, so readings of one interval line up across devices). A
-  poll still running at the next tick makes that tick skipped and counted, never stacked.
+  grid of `interval_s` (multiples of it since the epoch, so readings of one interval line up across devices). The
+  task sleeps until its next due tick (the next one after the poll, and after the backoff of a device that stopped
+  answering), never waking on ticks it will not poll. The ticks that pass while a poll runs are skipped and counted,
+  never stacked.
 - Devices that share a TCP host and port share one connection, and devices that share a serial port share one
   line (drivers/modbus_link.py): one request on it at a time (on a serial line with the inter-frame pause between
   requests). A Modbus TCP gateway in front of serial devices (one address, a unit id per device) often accepts only
   1-4 connections. A connection is opened at start (before the first tick) and again whenever it is lost.
 - Each poll reads the device's planned requests (contiguous registers merged, see `largest_gap`), decodes them
-  and hands one RawReading to the sink from a single "modbus-sink" thread: `sink.put()` may block (back-pressure),
-  the event loop never does. A blocked sink makes polls overlap, so they are skipped and counted.
+  (decoders compiled once per request, drivers/registers.py `ResponseDecoder`) and queues one RawReading for the
+  sink. At the end of each turn of the event loop the readings of the polls that ended in it are handed over: a
+  sink that takes readings without waiting (`OfferingSink.offer`, the pipeline) is offered them on the loop; what it
+  refuses (it is full), or all of them for a sink without `offer`, go to a single "modbus-sink" thread as one batch
+  (one hand-off between threads per batch, not per reading), which calls `sink.put()` for each: put may block
+  (back-pressure), the event loop never does. A device whose last reading the sink has not taken yet skips its
+  ticks (counted) rather than polling again: at most one reading per device waits, so a blocked sink stops the
+  polls and memory stays bounded.
 - A device is up while its polls yield readings. One that stops answering is down at once and retried with
   exponential backoff and jitter, capped at `backoff_max_s`, forever; one that answers but yields no reading
   (Modbus exception responses, words that do not decode) is down after DOWN_AFTER_POLLS such polls in a row and
@@ -45,7 +53,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from drivers.base import Availability, MachineId, MachineType, RawReading, Sink
+from drivers.base import (
+    Availability,
+    DeviceStats,
+    DriverStats,
+    MachineId,
+    MachineType,
+    OfferingSink,
+    RawReading,
+    Sink,
+)
 from drivers.modbus_link import (  # noqa: F401 - Link's names are this module's too (probe, bench)
     GATEWAY_EXCEPTIONS,
     RETRYABLE_EXCEPTIONS,
@@ -59,7 +76,7 @@ from drivers.modbus_link import (  # noqa: F401 - Link's names are this module's
     frame_pause_s,
     quiet_library,
 )
-from drivers.registers import MAX_READ_REGISTERS, REGISTER_WORDS, ReadRequest, decode_response, plan_reads
+from drivers.registers import MAX_READ_REGISTERS, REGISTER_WORDS, ReadRequest, ResponseDecoder, plan_reads
 
 log = logging.getLogger(__name__)
 
@@ -175,10 +192,13 @@ class _Poller:
         self.config = config
         self.link = link
         self.plan: list[ReadRequest] = plan_reads(config.registers, config.largest_gap)
+        self.decoders = [ResponseDecoder(request, config.registers) for request in self.plan]
+        self.source = f"modbus:{config.machine_id}"
         self.availability = Availability(f"Modbus device {config.machine_id} ({link.name} unit {config.unit_id})",
                                          log)
-        self.schedule: asyncio.Task | None = None
-        self.poll: asyncio.Task | None = None
+        self.schedule: asyncio.Task[None] | None = None
+        # Its last reading waits for the sink: set on the event loop, cleared by the sink thread once put.
+        self.handing = False
         self.retry_at = 0.0  # loop time before which a device that stopped answering is not tried
         self.failed_in_a_row = 0  # polls the device did not answer
         self.empty_in_a_row = 0  # polls that yielded no reading although the device answered
@@ -206,12 +226,20 @@ class _Poller:
             "last_error": self.availability.last_error,
         }
 
+    def stats(self) -> DeviceStats:
+        return DeviceStats(
+            device=self.config.machine_id, connected=self.availability.up,
+            errors={"failed_polls": self.failed_polls, "timeouts": self.timeouts,
+                    "connection_losses": self.connection_losses, "connect_failures": self.connect_failures,
+                    "internal_errors": self.internal_errors},
+            last_error=self.availability.last_error, polls=self.polls, skipped_polls=self.skipped_overlaps)
+
 
 def backoff_s(failed_in_a_row: int, interval_s: float, cap_s: float, jitter: float) -> float:
     """How long a device that failed `failed_in_a_row` polls waits before the next attempt: from half an interval
     after the first failure, doubling, never more than `cap_s`. `jitter` in [0, 1) spreads it over [delay / 2,
     delay), so devices that failed together (a switch rebooted) are not all retried in the same instant."""
-    delay = min(cap_s, interval_s * 2 ** (failed_in_a_row - 1))
+    delay = min(cap_s, interval_s * 2.0 ** (failed_in_a_row - 1))
     return delay * (0.5 + jitter / 2)
 
 
@@ -244,6 +272,10 @@ class ModbusDriver:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._sink_thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self._outgoing: list[tuple[_Poller, RawReading]] = []  # for the sink, at the end of this loop turn
+        # Batches handed to the sink thread (written on the loop) and put (written by the sink thread).
+        self._submitted = self._put = 0
+        self._offer: Callable[[RawReading], bool] | None = None
         self._pollers: list[_Poller] = []
         self._links: list[Link] = []
 
@@ -252,7 +284,9 @@ class ModbusDriver:
         if self._thread is not None:
             raise RuntimeError("the Modbus driver is already started")
         quiet_library()
-        self._sink, self._stopped, self._pollers, self._links = sink, False, [], []
+        self._sink, self._stopped, self._pollers, self._links, self._outgoing = sink, False, [], [], []
+        self._submitted = self._put = 0
+        self._offer = sink.offer if isinstance(sink, OfferingSink) else None
         self._sink_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="modbus-sink")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="modbus", daemon=True)
@@ -285,17 +319,21 @@ class ModbusDriver:
             self._sink_thread = None
 
     def status(self) -> dict[str, Any]:
+        """Everything the driver counts, for people and tests: `stats()` is what the agent reads."""
         now = self._loop.time() if self._loop is not None else time.monotonic()
         pollers = list(self._pollers)
         return {"driver": self.name, "devices": {p.config.machine_id: p.status(now) for p in pollers},
                 "available": sum(p.availability.up for p in pollers), "total": len(pollers)}
 
+    def stats(self) -> DriverStats:
+        return DriverStats.of_devices(self.name, tuple(p.stats() for p in list(self._pollers)), self.status())
+
     # --- on the event loop ---
     async def _begin(self) -> None:
-        links: dict[tuple, Link] = {}
+        links: dict[tuple[str | int, ...], Link] = {}
         for device in self.devices:
             if isinstance(device, ModbusRtuDevice):
-                key: tuple = ("rtu", device.serial_port)
+                key: tuple[str | int, ...] = ("rtu", device.serial_port)
                 if key not in links:
                     line = [d for d in self.devices if isinstance(d, ModbusRtuDevice)
                             and d.serial_port == device.serial_port]
@@ -319,7 +357,7 @@ class ModbusDriver:
                                                                  name=f"modbus {poller.config.machine_id}")
         poller.schedule.add_done_callback(lambda task: self._ended(poller, task))
 
-    def _ended(self, poller: _Poller, task: asyncio.Task) -> None:
+    def _ended(self, poller: _Poller, task: asyncio.Task[None]) -> None:
         if self._stopped:
             return
         why = "it was cancelled" if task.cancelled() else f"{task.exception()!r}" if task.exception() else "no error"
@@ -329,7 +367,7 @@ class ModbusDriver:
     async def _run(self, poller: _Poller) -> None:
         """The device's schedule, restarted after the backoff whenever something unexpected ends it."""
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._stopped:
             await asyncio.sleep(max(0.0, poller.retry_at - loop.time()))
             try:
                 await self._schedule(poller)
@@ -337,7 +375,7 @@ class ModbusDriver:
                 self._unexpected(poller, exc)
 
     async def _cancel(self) -> None:
-        tasks = [t for p in self._pollers for t in (p.schedule, p.poll) if t is not None and not t.done()]
+        tasks = [p.schedule for p in self._pollers if p.schedule is not None and not p.schedule.done()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -347,28 +385,33 @@ class ModbusDriver:
             link.close()
 
     async def _schedule(self, poller: _Poller) -> None:
-        """Start a poll at every multiple of interval_s (wall clock); skip a tick while the last poll runs or while
-        the device backs off. Follows wall clock steps (NTP at boot) instead of drifting off the grid."""
-        loop = asyncio.get_running_loop()
+        """Poll at multiples of interval_s (wall clock), sleeping until the next due one: the ticks that pass while a
+        poll runs, or while the device's last reading waits for the sink, are skipped and counted; those of a backoff
+        are not polled. Follows wall clock steps (NTP at boot) instead of drifting off the grid."""
         interval = poller.config.interval_s
         await poller.link.open(poller.config.timeout_s)
-        last = None
-        while True:
-            now = time.time()
-            tick = math.floor(now / interval) + 1
-            if tick == last:  # woke a hair before the tick just handled
-                tick += 1
-            await asyncio.sleep(tick * interval - now)
-            last = tick
-            if poller.poll is not None and not poller.poll.done():
+        last: int | None = None
+        while not self._stopped:  # also ends a task whose cancellation a library dropped
+            last = await self._sleep_to_due(poller, last)
+            if poller.handing:
                 poller.skipped_overlaps += 1
-            elif loop.time() >= poller.retry_at:
-                poller.poll = loop.create_task(self._poll(poller))
-                poller.poll.add_done_callback(lambda task: self._polled(poller, task))
+                continue
+            await self._poll(poller)
+            passed = math.floor(time.time() / interval) - last
+            if passed > 0:
+                poller.skipped_overlaps += passed
+                last += passed
 
-    def _polled(self, poller: _Poller, task: asyncio.Task) -> None:
-        if not task.cancelled() and task.exception() is not None:  # _poll handles its errors: this is a bug
-            self._unexpected(poller, task.exception())
+    async def _sleep_to_due(self, poller: _Poller, last: int | None) -> int:
+        """Sleep until the device's next due tick, after `last` and after its backoff; returns that tick."""
+        loop = asyncio.get_running_loop()
+        interval = poller.config.interval_s
+        now = time.time()
+        tick = math.floor((now + max(0.0, poller.retry_at - loop.time())) / interval) + 1
+        if last is not None and tick <= last:  # woke a hair before the tick just handled
+            tick = last + 1
+        await asyncio.sleep(tick * interval - now)
+        return tick
 
     async def _poll(self, poller: _Poller) -> None:
         loop = asyncio.get_running_loop()
@@ -390,25 +433,24 @@ class ModbusDriver:
         poller.availability.succeeded()
         poller.failed_in_a_row = poller.empty_in_a_row = 0
         poller.retry_at, poller.unexpected_logged = 0.0, False
-        if await loop.run_in_executor(self._sink_thread, self._hand, reading):
-            poller.readings += 1
-            poller.last_reading_ts = reading.ts
+        self._queue_for_sink(poller, reading)
 
     async def _read_all(self, poller: _Poller) -> RawReading:
         """One reading of the device: every planned request, decoded."""
         config = poller.config
         values: dict[str, Any] = {}
-        ts = None
+        ts: float | None = None
         for index, request in enumerate(poller.plan):
             words, sent = await self._read(poller, index, request)
             ts = sent if ts is None else ts
             try:
-                values.update(decode_response(request, words, config.registers))
+                values.update(poller.decoders[index](words))
             except ValueError as exc:
                 raise _NoReading(f"{request.describe()}: cannot decode the answer: {exc}") from None
-        fields = {**values, self._type_key: config.machine_type}
-        return RawReading(config.machine_id, ts, fields, f"modbus:{config.machine_id}", self._clock(),
-                          json.dumps(fields))
+        values[self._type_key] = config.machine_type
+        received = self._clock()
+        return RawReading(config.machine_id, received if ts is None else ts, values, poller.source, received,
+                          json.dumps(values))
 
     async def _read(self, poller: _Poller, index: int, request: ReadRequest) -> tuple[list[int], float]:
         """One planned request, retried `retries` times on a timeout, a lost connection, a busy device or a gateway
@@ -489,9 +531,52 @@ class ModbusDriver:
                       exc_info=exc, extra={"connection": poller.availability.name})
         self._failed(poller, f"unexpected error: {exc!r}")
 
+    def _queue_for_sink(self, poller: _Poller, reading: RawReading) -> None:
+        """Queue the reading for the sink thread; the first one queued in this turn of the loop schedules the batch's
+        hand-off for the end of the turn."""
+        poller.handing = True
+        self._outgoing.append((poller, reading))
+        if len(self._outgoing) == 1:
+            asyncio.get_running_loop().call_soon(self._hand_off)
+
+    def _hand_off(self) -> None:
+        batch, self._outgoing = self._outgoing, []
+        offer = self._offer
+        if offer is not None and not self._stopped and self._submitted == self._put:
+            # Offered in order until the sink is full; after that, and while batches wait for the sink thread,
+            # readings go behind them to keep their order.
+            taken = 0
+            for poller, reading in batch:
+                if not offer(reading):
+                    break
+                poller.readings += 1
+                poller.last_reading_ts = reading.ts
+                poller.handing = False
+                taken += 1
+            batch = batch[taken:]
+        if self._sink_thread is not None and batch:
+            self._submitted += 1
+            self._sink_thread.submit(self._hand, batch, asyncio.get_running_loop())
+
     # --- on the sink thread ---
-    def _hand(self, reading: RawReading) -> bool:
-        if self._stopped:
-            return False
-        self._sink.put(reading)
-        return True
+    def _hand(self, batch: list[tuple[_Poller, RawReading]], loop: asyncio.AbstractEventLoop) -> None:
+        """Put each reading of the batch, in order. The loop offers nothing while a batch waits here, so a device's
+        counters are written by one thread at a time."""
+        try:
+            self._put_all(batch, loop)
+        finally:
+            self._put += 1
+
+    def _put_all(self, batch: list[tuple[_Poller, RawReading]], loop: asyncio.AbstractEventLoop) -> None:
+        for poller, reading in batch:
+            sink = self._sink
+            if self._stopped or sink is None:
+                return
+            try:
+                sink.put(reading)
+            except Exception as exc:  # noqa: BLE001 - a sink's bug: said and counted on the loop, polling goes on
+                loop.call_soon_threadsafe(self._unexpected, poller, exc)
+            else:
+                poller.readings += 1
+                poller.last_reading_ts = reading.ts
+            poller.handing = False

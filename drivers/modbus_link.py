@@ -19,7 +19,10 @@ import importlib.util
 import logging
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pymodbus.client import ModbusBaseClient
 
 
 def frame_pause_s(baudrate: int) -> float:
@@ -97,14 +100,15 @@ class Link:
     request and after it is lost; pymodbus's own retries and reconnection are off: each caller decides.
     """
 
-    def __init__(self, name: str, make_client: Callable[[Callable[[bool], None]], Any], *, serial: bool,
+    def __init__(self, name: str, make_client: Callable[[Callable[[bool], None]], ModbusBaseClient], *, serial: bool,
                  pause_s: float = 0.0) -> None:
         self.name = name  # e.g. "10.0.0.5:502" or "/dev/ttyUSB0"
         self.serial = serial
         self.pause_s = pause_s
         self._make_client = make_client  # (trace_connect callback) -> an unconnected pymodbus async client
-        self._client = None
-        self._lost: asyncio.Future | None = None  # resolved when the open connection is lost
+        self._client: ModbusBaseClient | None = None
+        self._waiting: asyncio.Task[Any] | None = None  # the task awaiting a request's answer, cancelled if the
+        self._cut = False  # connection is lost meanwhile (then _cut is set)
         self._lock = asyncio.Lock()
         self._quiet_until = 0.0
 
@@ -164,50 +168,52 @@ class Link:
             raise ConnectionLost(f"the device sent {len(registers)} registers instead of {count}")
         return registers[:count], sent
 
-    async def _request(self, table: str, address: int, count: int, unit_id: int, timeout: float):
+    async def _request(self, table: str, address: int, count: int, unit_id: int,
+                       timeout: float) -> tuple[Any, float]:
+        """The request, awaited in the caller's task (no task of its own): a timeout or the connection's loss
+        cancels the await."""
         client = await self._connected(timeout)
         method = client.read_holding_registers if table == "holding" else client.read_input_registers
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("Link.read runs in a task")
         sent = asyncio.get_running_loop().time()
-        call = asyncio.ensure_future(method(address, count=count, device_id=unit_id))
-        lost = self._lost
+        self._waiting, self._cut, cancelling = task, False, task.cancelling()
         try:
-            done, _ = await asyncio.wait((call, lost), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:  # the poll was cancelled (the driver stops)
-            call.cancel()
-            raise
-        if call in done:
-            try:
-                return call.result(), sent
-            except Exception as exc:  # pymodbus: not connected, wrong transaction id, a frame it cannot parse
+            async with asyncio.timeout(timeout):
+                response = await method(address, count=count, device_id=unit_id)
+            if task.cancelling() > cancelling:
+                # Python 3.11's wait_for (pymodbus awaits the answer with it) returns the answer and drops a
+                # cancellation that came in the same instant: raised here, as the caller asked.
+                raise asyncio.CancelledError
+        except TimeoutError:
+            if not self.serial:
+                # A late answer on this connection could be taken for the next request's; and a device that
+                # rebooted leaves a connection that never answers again. A fresh connection clears both.
                 self.close()
-                raise ConnectionLost(f"bad response: {exc}") from exc
-        call.cancel()
-        try:
-            await call
+            raise RequestTimeout(f"no answer within {timeout:g} s") from None
         except asyncio.CancelledError:
-            if asyncio.current_task().cancelling():  # we are being cancelled too, not only the call
+            if not self._cut or task.uncancel() > 0:  # cancelled by the caller (the driver stops), not by the loss
                 raise
-        except Exception:  # noqa: BLE001, S110 - the request is abandoned; why it ended does not matter
-            pass
-        if lost in done:
             self.close()
-            raise ConnectionLost("the connection was closed during the request")
-        if not self.serial:
-            # A late answer on this connection could be taken for the next request's; and a device that rebooted
-            # leaves a connection that never answers again. A fresh connection clears both.
+            raise ConnectionLost("the connection was closed during the request") from None
+        except Exception as exc:  # pymodbus: not connected, wrong transaction id, a frame it cannot parse
             self.close()
-        raise RequestTimeout(f"no answer within {timeout:g} s")
+            raise ConnectionLost(f"bad response: {exc}") from exc
+        finally:
+            self._waiting = None
+        return response, sent
 
-    async def _connected(self, timeout: float):
-        if self.connected:
+    async def _connected(self, timeout: float) -> ModbusBaseClient:
+        if self._client is not None and self._client.connected:
             return self._client
         self.close()
-        loop = asyncio.get_running_loop()
-        lost = loop.create_future()
 
         def trace(connected: bool) -> None:
-            if not connected and not lost.done():
-                lost.set_result(None)
+            waiting = self._waiting
+            if not connected and waiting is not None and not self._cut and self._client is client:
+                self._cut = True
+                waiting.cancel()
 
         client = self._make_client(trace)
         try:
@@ -222,7 +228,7 @@ class Link:
         if not ok:
             client.close()
             raise ConnectFailed(f"cannot open {self.name}: {why}")
-        self._client, self._lost = client, lost
+        self._client = client
         return client
 
     def _refused_why(self, exc: Exception) -> str:

@@ -1,7 +1,7 @@
 """MQTT telemetry: the `[mqtt]` table, the payload decoder and the driver.
 
 The default payload is `{"ts": <ISO-8601 or epoch seconds>, "<input name>": <number>, ...}` published on
-`pdm/<machine_id>/telemetry`.
+`pdm/<machine_id>/telemetry`; `format = "sparkplug_b"` reads Sparkplug B instead (drivers/sparkplug.py).
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Concatenate, Literal, ParamSpec, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-
+from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import (
     AnyUrl,
     BaseModel,
@@ -34,20 +34,25 @@ from pydantic import (
     UrlConstraints,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
-from drivers.base import SOURCE_MAX_CHARS, Availability, MachineId, MachineType, RawReading, Sink, cut
+from drivers.base import SOURCE_MAX_CHARS, Availability, DriverStats, MachineId, MachineType, RawReading, Sink, cut
+from drivers.sparkplug_config import SparkplugConfig
 from model.validate import Reason, Rejection
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
 
-MqttUrl = Annotated[AnyUrl, UrlConstraints(allowed_schemes=["mqtt", "mqtts"])]
+MqttUrl = Annotated[AnyUrl, UrlConstraints(allowed_schemes=["mqtt", "mqtts"], host_required=True)]
 
 
 class MqttConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: MqttUrl
+    format: Literal["json", "sparkplug_b"] = "json"
+    sparkplug: SparkplugConfig | None = None  # for format = "sparkplug_b": drivers/sparkplug_config.py
     username: str | None = None
     password: SecretStr | None = None
     ca_file: FilePath | None = None
@@ -65,6 +70,10 @@ class MqttConfig(BaseModel):
     # How long the broker keeps the agent's session (subscriptions and queued QoS 1 messages) while it is away:
     # readings published during a restart or an upgrade arrive afterwards. MQTT 5 only; 3.1.1 sessions never expire.
     session_expiry_s: int = Field(7 * 24 * 3600, ge=0)
+
+    @property
+    def host(self) -> str:
+        return self.url.host or ""  # never empty: MqttUrl requires a host
 
     @field_validator("url")
     @classmethod
@@ -120,6 +129,26 @@ class MqttConfig(BaseModel):
         return payload_map
 
 
+    @model_validator(mode="after")
+    def _format_keys(self) -> MqttConfig:
+        if self.format == "json":
+            if self.sparkplug is not None:
+                raise ValueError('mqtt.sparkplug is read only with format = "sparkplug_b"')
+            return self
+        if self.sparkplug is None:
+            raise ValueError('format = "sparkplug_b" needs a [mqtt.sparkplug] table with group_id')
+        json_only = sorted({"topics", "machine_id_from", "machine_id_segment", "payload_map"} & self.model_fields_set)
+        if json_only:
+            raise ValueError(f"{', '.join(json_only)}: for JSON payloads only; Sparkplug B subscribes to "
+                             "spBv1.0/<group_id>/... and maps metrics in [mqtt.sparkplug]")
+        return self
+
+    def listed_machines(self) -> list[str]:
+        """The machines the configuration names (always admitted by the roster)."""
+        devices = self.sparkplug.devices if self.sparkplug else []
+        return [*self.machines, *(device.machine for device in devices)]
+
+
 def is_topic_filter(topic: str) -> bool:
     """MQTT's rule: '+' fills a whole level, '#' fills the last one."""
     levels = topic.split("/")
@@ -159,11 +188,35 @@ def parse_ts(value: Any, received_at: float) -> float:
             raise ValueError(f"ts {value[:40]!r} is not an ISO-8601 time") from None
         ts = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
     else:
-        raise ValueError(f"ts is {_JSON_TYPES.get(type(value), type(value).__name__)}, not a time")
+        kind = _JSON_TYPES.get(type(value), type(value).__name__)
+        raise ValueError(f"ts is {kind}, not a time")  # noqa: TRY004 - the decoder catches ValueError
     if not EARLIEST_TS <= ts <= LATEST_TS:
         hint = "; it looks like milliseconds, send seconds" if EARLIEST_TS * 1000 <= ts <= LATEST_TS * 1000 else ""
         raise ValueError(f"ts {value!r} is not epoch seconds between 2000 and 2100{hint}")
     return ts
+
+
+class MessageFormat(Protocol):
+    """What the driver asks of a payload format, from paho's network thread, one message at a time."""
+
+    def topics(self) -> list[str]: ...  # the topic filters to subscribe to
+
+    def readings(self, topic: str, payload: bytes, received_at: float) -> list[RawReading]: ...  # none, one or more
+
+    def undecodable(self, topic: str, payload: bytes, received_at: float) -> RawReading: ...  # after a decoder bug
+
+    def requests(self) -> list[tuple[str, bytes]]: ...  # (topic, payload) to publish at QoS 0, each returned once
+
+    def stats(self) -> dict[str, int]: ...
+
+
+def message_format(config: MqttConfig, type_key: str) -> MessageFormat:
+    if config.format == "sparkplug_b" and config.sparkplug is not None:  # the config's rule: one needs the other
+        from drivers.sparkplug import SparkplugDecoder  # the schema is loaded only where it is used
+
+        return SparkplugDecoder(config.sparkplug, config.machines, config.default_machine_type, type_key,
+                                config.max_payload_bytes)
+    return PayloadDecoder(config, type_key)
 
 
 class PayloadDecoder:
@@ -174,7 +227,19 @@ class PayloadDecoder:
         self._type_key = type_key
         self._skip = {"ts", config.machine_id_from}
 
-    def decode(self, topic: str, payload: bytes, received_at: float) -> RawReading:
+    def topics(self) -> list[str]:
+        return self._config.topics
+
+    def readings(self, topic: str, payload: bytes, received_at: float) -> list[RawReading]:
+        return [self.decode(topic, payload, received_at)]
+
+    def requests(self) -> list[tuple[str, bytes]]:
+        return []
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+    def decode(self, topic: str, payload: bytes | bytearray, received_at: float) -> RawReading:
         config = self._config
         kept = payload[:PAYLOAD_KEPT_BYTES].decode("utf-8", "replace")
         machine_id = self._topic_machine_id(topic)
@@ -206,7 +271,8 @@ class PayloadDecoder:
             ts = parse_ts(data.get("ts"), received_at)
         except ValueError as exc:
             return rejected(Reason.MALFORMED, str(exc))
-        fields = {config.payload_map.get(k, k): v for k, v in data.items() if k not in self._skip}
+        given: dict[str, Any] = data  # a JSON object's keys are strings
+        fields = {config.payload_map.get(k, k): v for k, v in given.items() if k not in self._skip}
         machine_type = config.machines.get(machine_id) or fields.get(self._type_key) or config.default_machine_type
         if machine_type is None:
             return rejected(Reason.UNKNOWN_MACHINE, f"no machine type for {machine_id}: add it to mqtt.machines, "
@@ -214,7 +280,7 @@ class PayloadDecoder:
         fields[self._type_key] = machine_type
         return RawReading(machine_id, ts, fields, source, received_at, kept)
 
-    def undecodable(self, topic: str, payload: bytes, received_at: float) -> RawReading:
+    def undecodable(self, topic: str, payload: bytes | bytearray, received_at: float) -> RawReading:
         """The quarantined stand-in for a message `decode` failed on (a bug): kept, so nothing is lost unseen."""
         kept = payload[:PAYLOAD_KEPT_BYTES].decode("utf-8", "replace")
         return RawReading(None, received_at, {}, cut(f"mqtt:{topic}", SOURCE_MAX_CHARS), received_at, kept,
@@ -230,16 +296,15 @@ class PayloadDecoder:
         return level if level is not None and _MACHINE_ID.fullmatch(level) else None
 
 
-def _never_raises(callback: Callable[..., None]) -> Callable[..., None]:
+def _never_raises(callback: Callable[Concatenate[MqttDriver, P], None]) -> Callable[Concatenate[MqttDriver, P], None]:
     """paho's network thread ends with the first exception a callback raises, and all MQTT ingest with it, while
     the driver would still look connected. A bug that reaches here is logged with its traceback (once per distinct
     error), counted as an internal error, and the thread goes on; a message whose hand-off failed is not
     acknowledged, so the broker delivers it again in the next session."""
 
-    @functools.wraps(callback)
-    def guarded(self: MqttDriver, *args: Any) -> None:
+    def guarded(self: MqttDriver, /, *args: P.args, **kwargs: P.kwargs) -> None:
         try:
-            callback(self, *args)
+            callback(self, *args, **kwargs)
         except Exception as exc:  # see the docstring
             self.internal_errors += 1
             key = f"{callback.__name__}: {exc!r}"
@@ -263,8 +328,8 @@ class MqttDriver:
 
     def __init__(self, config: MqttConfig, type_key: str, clock: Callable[[], float] = time.time) -> None:
         self.config = config
-        self._decoder = PayloadDecoder(config, type_key)
         self._clock = clock
+        self._decoder = message_format(config, type_key)
         self._client: mqtt.Client | None = None
         self._sink: Sink | None = None
         self._receiving = threading.Lock()  # held while a message is being handed to the sink
@@ -272,6 +337,7 @@ class MqttDriver:
         self.messages = 0
         self.rejected = 0
         self.internal_errors = 0
+        self.connected = False  # a session with the broker is up
         self._logged_errors: set[str] = set()
         self.link = Availability(f"MQTT broker {config.url.host}:{config.url.port or 1883}", log)
 
@@ -290,7 +356,8 @@ class MqttDriver:
         if config.url.scheme == "mqtts":
             client.tls_set(ca_certs=str(config.ca_file) if config.ca_file else None)
         # paho doubles the delay without jitter: spread each gateway's bounds so a fleet does not reconnect in step.
-        client.reconnect_delay_set(min_delay=1 + random.random(), max_delay=45 + 30 * random.random())
+        client.reconnect_delay_set(min_delay=1 + random.random(),  # type: ignore[arg-type]  # paho takes floats
+                                   max_delay=45 + 30 * random.random())  # type: ignore[arg-type]
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -298,16 +365,16 @@ class MqttDriver:
         client.on_subscribe = self._on_subscribe
         properties = None
         if v5:
-            properties = Properties(PacketTypes.CONNECT)
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho's, unannotated
             properties.SessionExpiryInterval = config.session_expiry_s
             # paho reads a whole message into memory before we see its size: a 100 MB message would cost 300 MB
             # and, redelivered after the OOM kill, crash-loop the agent. An MQTT 5 broker must not send a packet
             # beyond this; Mosquitto drops it for this client (logged by the broker, invisible to the agent).
             properties.MaximumPacketSize = max_packet_bytes(config)
         self._sink, self._client, self._stopped = sink, client, False
-        client.connect_async(config.url.host, config.url.port or (8883 if config.url.scheme == "mqtts" else 1883),
-                             keepalive=config.keepalive_s, clean_start=False if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
-                             properties=properties)
+        port = config.url.port or (8883 if config.url.scheme == "mqtts" else 1883)
+        client.connect_async(config.host, port, keepalive=config.keepalive_s,
+                             clean_start=False if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY, properties=properties)
         client.loop_start()
 
     def stop(self) -> None:
@@ -323,55 +390,76 @@ class MqttDriver:
         if client is not None:
             client.disconnect()
             client.loop_stop()
+        self.connected = False
 
     def status(self) -> dict[str, Any]:
-        return {"driver": self.name, "broker": str(self.config.url), "connected": self.link.up,
+        """Everything the driver counts, for people and tests: `stats()` is what the agent reads."""
+        return {"driver": self.name, "broker": str(self.config.url), "connected": self.connected and self.link.up,
                 "messages": self.messages, "rejected": self.rejected, "connection_failures": self.link.failures_total,
                 "internal_errors": self.internal_errors,
-                "last_error": self.link.last_error}
+                "last_error": self.link.last_error, **self._decoder.stats()}
+
+    def stats(self) -> DriverStats:
+        return DriverStats(name=self.name, connected=self.connected and self.link.up,
+                           errors={"rejected": self.rejected, "connection_failures": self.link.failures_total,
+                                   "internal_errors": self.internal_errors},
+                           last_error=self.link.last_error, details=self.status())
 
     @_never_raises
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags, reason_code: ReasonCode,
+                    properties: Properties | None) -> None:
         if reason_code.is_failure:
             self.link.failed(f"connection refused: {reason_code}")
             return
         self.link.succeeded()
-        client.subscribe([(topic, self.config.qos) for topic in self.config.topics])
+        self.connected = True
+        client.subscribe([(topic, self.config.qos) for topic in self._decoder.topics()])
 
     @_never_raises
-    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode],
+                      properties: Properties | None) -> None:
         refused = [str(code) for code in reason_codes if code.is_failure]
         if refused:
-            self.link.failed(f"subscription to {self.config.topics} refused: {', '.join(refused)}")
+            self.link.failed(f"subscription to {self._decoder.topics()} refused: {', '.join(refused)}")
         else:
-            log.info("subscribed to %s on %s", ", ".join(self.config.topics), self.link.name)
+            log.info("subscribed to %s on %s", ", ".join(self._decoder.topics()), self.link.name)
 
     @_never_raises
-    def _on_connect_fail(self, client, userdata) -> None:
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         # paho calls this inside its `except OSError`: the error says why (refused, TLS verification, timeout).
         error = sys.exc_info()[1]
         self.link.failed(f"cannot connect: {error}" if error else "cannot connect")
 
     @_never_raises
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags,
+                       reason_code: ReasonCode, properties: Properties | None) -> None:
+        self.connected = False
         if not self._stopped:
             self.link.failed(f"disconnected: {reason_code}")
 
     @_never_raises
-    def _on_message(self, client, userdata, message) -> None:
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         with self._receiving:
-            if self._stopped:
+            sink = self._sink
+            if self._stopped or sink is None:
                 return
             received_at = self._clock()
+            payload = bytes(message.payload)
             try:
-                reading = self._decoder.decode(message.topic, message.payload, received_at)
+                readings = self._decoder.readings(message.topic, payload, received_at)
             except Exception:  # a decoder bug costs this message its reading, kept in the quarantine
                 self.internal_errors += 1
                 log.exception("MQTT driver: unexpected error decoding a message on %s (quarantined as malformed)",
                               cut(message.topic, 200))
-                reading = self._decoder.undecodable(message.topic, message.payload, received_at)
+                readings = [self._decoder.undecodable(message.topic, payload, received_at)]
+            for topic, request in self._decoder.requests():
+                client.publish(topic, request, qos=0)
             self.messages += 1
-            self.rejected += reading.rejection is not None
-            if message.qos:
-                reading.ack = functools.partial(client.ack, message.mid, message.qos)
-            self._sink.put(reading)
+            self.rejected += sum(reading.rejection is not None for reading in readings)
+            ack = functools.partial(client.ack, message.mid, message.qos) if message.qos else None
+            if readings:
+                readings[-1].ack = ack  # the pipeline commits in order: once the last is committed, all are
+            elif ack is not None:  # nothing to commit (a birth or death certificate): acknowledged now
+                ack()
+            for reading in readings:
+                sink.put(reading)

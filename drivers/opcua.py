@@ -1,7 +1,7 @@
 """OPC UA servers (`[[opcua]]`, drivers/opcua_config.py): one subscription per server, readings on change.
 
 How the driver runs (who calls what, from which thread):
-- The agent calls `start(sink)`, `stop()`, `close()` and `status()` from its own thread.
+- The agent calls `start(sink)`, `stop()`, `close()` and `stats()` from its own thread.
 - `start` runs one asyncio event loop in one thread ("opcua") with one supervised task per server. A task that
   dies of a bug is logged with its traceback, counted (`task_restarts`), shown as down and started again after
   the backoff; a dead or slow server never delays another.
@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from drivers.base import Availability, RawReading, Sink
+from drivers.base import Availability, DeviceStats, DriverStats, RawReading, Sink
 from drivers.opcua_config import OpcuaMachine, OpcuaNode, OpcuaServer, browse_path_parts
 from drivers.opcua_values import MachineReadings, Unusable, convert
 from model.validate import Reason, Rejection
@@ -72,7 +72,7 @@ def quiet_library() -> None:
 def backoff_s(failed_in_a_row: int, cap_s: float, jitter: float) -> float:
     """Half a second after the first failure, doubling, at most `cap_s`; `jitter` in [0, 1) spreads it over
     [delay / 2, delay) so servers that failed together are not retried in the same instant."""
-    delay = min(cap_s, 0.5 * 2 ** min(failed_in_a_row - 1, 30))
+    delay = min(cap_s, 0.5 * 2.0 ** min(failed_in_a_row - 1, 30))
     return delay * (0.5 + jitter / 2)
 
 
@@ -90,7 +90,7 @@ class _Server:
     def __init__(self, config: OpcuaServer) -> None:
         self.config = config
         self.availability = Availability(f"OPC UA server {config.label}", log)
-        self.task: asyncio.Task | None = None
+        self.task: asyncio.Task[None] | None = None
         self.connected = False
         self.failed_in_a_row = 0
         self.retry_at: float | None = None
@@ -120,6 +120,13 @@ class _Server:
             "last_reading_ts": self.last_reading_ts,
             "last_error": self.availability.last_error if not self.availability.up else node_error,
         }
+
+    def stats(self) -> DeviceStats:
+        node_error = next(iter(self.node_errors.values()), None)
+        return DeviceStats(
+            device=self.config.label, connected=self.availability.up and self.connected,
+            errors={"connect_failures": self.connect_failures, "connection_losses": self.connection_losses},
+            last_error=self.availability.last_error if not self.availability.up else node_error)
 
 
 class OpcuaDriver:
@@ -179,10 +186,14 @@ class OpcuaDriver:
             self._sink_thread = None
 
     def status(self) -> dict[str, Any]:
+        """Everything the driver counts, for people and tests: `stats()` is what the agent reads."""
         now = self._loop.time() if self._loop is not None else time.monotonic()
         states = list(self._states)
         return {"driver": self.name, "devices": {s.config.label: s.status(now) for s in states},
                 "available": sum(s.availability.up and s.connected for s in states), "total": len(states)}
+
+    def stats(self) -> DriverStats:
+        return DriverStats.of_devices(self.name, tuple(s.stats() for s in list(self._states)), self.status())
 
     # --- on the event loop ---
     async def _begin(self) -> None:
@@ -234,7 +245,7 @@ class OpcuaDriver:
         from drivers.opcua_session import connect, describe_failure
 
         config = state.config
-        lost: asyncio.Future = asyncio.get_running_loop().create_future()
+        lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         client = None
         try:
             try:
@@ -262,7 +273,7 @@ class OpcuaDriver:
 
                 await disconnect(client, config.timeout_s)
 
-    async def _subscribe(self, state: _Server, client, lost: asyncio.Future) -> tuple[Any, dict[int, _Item]]:
+    async def _subscribe(self, state: _Server, client: Any, lost: asyncio.Future[str]) -> tuple[Any, dict[int, _Item]]:
         from asyncua import ua
 
         from drivers.opcua_session import OverflowPolicy
@@ -311,14 +322,15 @@ class OpcuaDriver:
         self._node_errors(state, errors)
         return subscription, items
 
-    async def _node_id(self, client, node: str):
+    async def _node_id(self, client: Any, node: str) -> Any:
         from asyncua import ua
+        from asyncua.ua.uaerrors import UaStatusCodeError
 
         if not node.startswith("/"):
             return ua.NodeId.from_string(node)
         try:
             found = await client.nodes.root.get_child(browse_path_parts(node))
-        except ua.UaStatusCodeError as exc:
+        except UaStatusCodeError as exc:
             raise _NodeMissing(f"no such browse path ({type(exc).__name__})") from None
         return found.nodeid
 
@@ -336,10 +348,11 @@ class OpcuaDriver:
         state.logged = {entry for entry in state.logged if entry[0] in errors}
         state.node_errors = errors
 
-    async def _consume(self, state: _Server, subscription, items: dict[int, _Item], lost: asyncio.Future) -> None:
+    async def _consume(self, state: _Server, subscription: Any, items: dict[int, _Item],
+                       lost: asyncio.Future[str]) -> None:
         from asyncua.common.subscription import DataChangeEvent, StatusChangeEvent
 
-        queue: asyncio.Queue = subscription._event_queue  # drained whole after each wake-up: one publish at a time
+        queue: asyncio.Queue[Any] = subscription._event_queue  # drained whole after each wake-up: one publish at a time
         while True:
             if queue.empty() and not lost.done():
                 getter = asyncio.ensure_future(queue.get())
@@ -391,7 +404,7 @@ class OpcuaDriver:
 
     _collecting: list[RawReading] | None = None
 
-    def _apply(self, item: _Item, data_value) -> None:
+    def _apply(self, item: _Item, data_value: Any) -> None:
         status = data_value.StatusCode
         raw = data_value.Value.Value if data_value.Value is not None else None
         bad = status.name if status is not None and status.is_bad() else None
@@ -400,7 +413,8 @@ class OpcuaDriver:
         item.readings.update(item.input, raw if bad is None else bad, value,
                              stamp.timestamp() if stamp is not None else None)
 
-    def _emitter(self, state: _Server, machine: OpcuaMachine):
+    def _emitter(self, state: _Server,
+                 machine: OpcuaMachine) -> Callable[[dict[str, float | Unusable], float | None], None]:
         names = tuple(machine.nodes)
 
         def emit(values: dict[str, float | Unusable], source_ts: float | None) -> None:
@@ -421,7 +435,8 @@ class OpcuaDriver:
             fields[self._type_key] = shown[self._type_key] = machine.machine_type
             reading = RawReading(machine.machine_id, source_ts if source_ts is not None else received, fields,
                                  f"opcua:{state.config.label}", received, json.dumps(shown), rejection)
-            self._collecting.append(reading)
+            if self._collecting is not None:
+                self._collecting.append(reading)
 
         return emit
 
@@ -429,7 +444,7 @@ class OpcuaDriver:
     def _hand(self, readings: list[RawReading]) -> int:
         handed = 0
         for reading in readings:
-            if self._stopped:
+            if self._stopped or self._sink is None:
                 break
             self._sink.put(reading)
             handed += 1
@@ -440,7 +455,7 @@ class _NodeMissing(Exception):
     pass
 
 
-def _request(ua, node_id, handle: int, config: OpcuaServer, node: OpcuaNode):
+def _request(ua: Any, node_id: Any, handle: int, config: OpcuaServer, node: OpcuaNode) -> Any:
     parameters = ua.MonitoringParameters(ClientHandle=handle, SamplingInterval=float(config.sampling_ms),
                                          QueueSize=config.queue_size, DiscardOldest=True)
     if node.deadband is not None:

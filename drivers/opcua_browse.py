@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drivers.opcua_config import OpcuaServer, node_problem
+from drivers.opcua_config import OpcuaMachine, OpcuaServer, node_problem
 
 OBJECTS = "i=85"
 
@@ -74,7 +74,7 @@ async def _browse(config: OpcuaServer, start: str | None, depth: int, limit: int
         await disconnect(client, config.timeout_s)
 
 
-async def _path_of(node) -> str:
+async def _path_of(node: Any) -> str:
     parts = await node.get_path(as_string=True)
     return "/" + "/".join(_qualified(part) for part in parts[1:]) if parts else "/"
 
@@ -84,7 +84,7 @@ def _qualified(text: str) -> str:
     return name if ns == "0" else text
 
 
-async def _walk(node, path: str, depth: int, found: list[Variable], limit: int, skip_ns0: bool) -> None:
+async def _walk(node: Any, path: str, depth: int, found: list[Variable], limit: int, skip_ns0: bool) -> None:
     from asyncua import ua
 
     if len(found) >= limit:
@@ -104,7 +104,7 @@ async def _walk(node, path: str, depth: int, found: list[Variable], limit: int, 
         await _walk(child, f"{path}/{part}", depth - 1, found, limit, skip_ns0=False)
 
 
-async def _variable(node, path: str) -> Variable:
+async def _variable(node: Any, path: str) -> Variable:
     from asyncua import ua
 
     try:
@@ -113,7 +113,7 @@ async def _variable(node, path: str) -> Variable:
         data_type = "?"
     try:
         value, status = (await node.read_value()), None
-    except ua.UaStatusCodeError as exc:
+    except ua.uaerrors.UaStatusCodeError as exc:
         value, status = None, type(exc).__name__
     unit = None
     try:
@@ -154,7 +154,7 @@ def save_server_certificate(url: str, out: Path, timeout_s: float = 5.0) -> str:
     from drivers.opcua_security import thumbprint
 
     async def fetch() -> bytes:
-        from asyncua import Client
+        from asyncua.client.client import Client
         from asyncua.crypto import uacrypto
 
         client = Client(url, timeout=timeout_s)
@@ -162,14 +162,17 @@ def save_server_certificate(url: str, out: Path, timeout_s: float = 5.0) -> str:
         certs = [e.ServerCertificate for e in endpoints if e.ServerCertificate]
         if not certs:
             raise BrowseError(f"{url} presents no certificate (it offers security None only)")
-        return uacrypto.der_from_x509(uacrypto.x509_from_der(certs[0]))
+        certificate = uacrypto.x509_from_der(certs[0])  # type: ignore[no-untyped-call]  # asyncua's, unannotated
+        der: bytes = uacrypto.der_from_x509(certificate)  # type: ignore[no-untyped-call]
+        return der
 
     try:
         der = asyncio.run(fetch())
     except BrowseError:
         raise
     except Exception as exc:  # noqa: BLE001
-        config = OpcuaServer(url=url, machines=[{"machine_id": "x", "machine_type": "L", "nodes": {"x": OBJECTS}}])
+        config = OpcuaServer(url=url, machines=[
+            OpcuaMachine.model_validate({"machine_id": "x", "machine_type": "L", "nodes": {"x": OBJECTS}})])
         from drivers.opcua_session import describe_failure
 
         raise BrowseError(describe_failure(exc, config)) from None

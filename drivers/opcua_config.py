@@ -128,7 +128,8 @@ class OpcuaServer(BaseModel):
     username: str | None = Field(None, min_length=1, max_length=256)
     password_file: FilePath | None = None
     sampling_ms: int = Field(1000, ge=10, le=3_600_000)  # the server samples each node this often
-    publishing_ms: int | None = Field(None, ge=10, le=3_600_000)  # the server sends changes this often; default sampling_ms
+    # the server sends changes this often; default sampling_ms
+    publishing_ms: int | None = Field(None, ge=10, le=3_600_000)
     queue_size: int = Field(10, ge=1, le=10_000)  # changes a node may queue between two publishes (none lost)
     timeout_s: float = Field(5.0, gt=0, le=300)  # for each request, and for the server's answer to the watchdog
     backoff_max_s: float = Field(30.0, gt=0, le=3600)  # longest wait between attempts to reach a server

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-from asyncua import Client, ua
+from asyncua import ua
+from asyncua.client.client import Client
 from asyncua.common.subscription import OverflowPolicy
 from asyncua.crypto import security_policies, uacrypto
 from asyncua.ua import uaerrors
@@ -20,6 +23,7 @@ from drivers.opcua_config import OpcuaServer
 from drivers.opcua_security import UntrustedServer, certificate_uri, check_trusted, load_der
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _MODES = {"Sign": ua.MessageSecurityMode.Sign, "SignAndEncrypt": ua.MessageSecurityMode.SignAndEncrypt}
 _USER_REFUSED = {"BadUserAccessDenied", "BadIdentityTokenInvalid", "BadIdentityTokenRejected",
@@ -37,7 +41,9 @@ class UnreadableFile(Exception):
     """A certificate, key or password file named in the configuration cannot be read now."""
 
 
-def _read(what: str, path: Path, read):
+def _read(what: str, path: Path | None, read: Callable[[Path], T]) -> T:
+    if path is None:  # the configuration requires it with this security policy or a username
+        raise UnreadableFile(f"{what} is not set")
     try:
         return read(path)
     except OSError as exc:
@@ -51,7 +57,8 @@ def _key(path: Path) -> uacrypto.CertProperties:
     return uacrypto.CertProperties(str(path), extension="pem" if pem else "der")
 
 
-async def connect(config: OpcuaServer, lost: asyncio.Future | None = None, timeout_s: float | None = None) -> Client:
+async def connect(config: OpcuaServer, lost: asyncio.Future[str] | None = None,
+                  timeout_s: float | None = None) -> Client:
     timeout = timeout_s or config.timeout_s
     client = Client(config.url, timeout=timeout, watchdog_intervall=timeout, auto_reconnect=False)
     client.session_timeout = max(60_000, int(timeout * 4000))
@@ -84,7 +91,8 @@ async def _secure(client: Client, config: OpcuaServer, timeout: float) -> None:
         offered = sorted({f"{e.SecurityPolicyUri.rpartition('#')[2]} {e.SecurityMode.name}" for e in endpoints})
         raise NoEndpoint(f"the server offers no Basic256Sha256 {config.security_mode} endpoint (it offers "
                          f"{', '.join(offered)}); set security_policy and security_mode to one of those")
-    server_der = uacrypto.der_from_x509(uacrypto.x509_from_der(endpoint.ServerCertificate))
+    presented = uacrypto.x509_from_der(endpoint.ServerCertificate)  # type: ignore[no-untyped-call]  # unannotated
+    server_der: bytes = uacrypto.der_from_x509(presented)  # type: ignore[no-untyped-call]
     _read("trusted_server_certs", config.trusted_server_certs,
           lambda folder: check_trusted(server_der, folder, config.label))
     client.application_uri = _read("certificate", config.certificate, certificate_uri) or client.application_uri
@@ -112,7 +120,7 @@ async def disconnect(client: Client, timeout_s: float) -> None:
 def _why(exc: BaseException | None) -> str:
     if exc is None:
         return "the connection was lost"
-    if isinstance(exc, ua.UaStatusCodeError):
+    if isinstance(exc, uaerrors.UaStatusCodeError):
         return f"{type(exc).__name__}"
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return "the server stopped answering"
@@ -124,8 +132,8 @@ def describe_failure(exc: BaseException, config: OpcuaServer) -> str:
     """One line: what failed, and what to check."""
     if isinstance(exc, UntrustedServer | NoEndpoint | UnreadableFile):
         return str(exc)
-    if isinstance(exc, ua.UaStatusCodeError):
-        name = type(exc).__name__ if type(exc) is not ua.UaStatusCodeError else _status_name(exc)
+    if isinstance(exc, uaerrors.UaStatusCodeError):
+        name = type(exc).__name__ if type(exc) is not uaerrors.UaStatusCodeError else _status_name(exc)
         if name in _USER_REFUSED:
             who = f"user {config.username!r}" if config.username else "anonymous access"
             return f"{who} refused by the server ({name}): check username and password_file"
@@ -142,16 +150,17 @@ def describe_failure(exc: BaseException, config: OpcuaServer) -> str:
         return f"connection to {config.url} refused: is the server running, and is the port right?"
     if isinstance(exc, OSError):
         return f"cannot reach {config.url}: {exc.strerror or exc}"
-    if isinstance(exc, ua.UaError):
+    if isinstance(exc, uaerrors.UaError):
         return f"{config.url}: {exc}"
     if isinstance(exc, ValueError):  # a certificate or key file asyncua could not read
         return f"cannot use the certificate or key: {exc}"
     return f"{config.url}: {exc!r}"
 
 
-def _status_name(exc: ua.UaStatusCodeError) -> str:
+def _status_name(exc: uaerrors.UaStatusCodeError) -> str:
     try:
-        return ua.StatusCode(exc.code).name
+        name: str = ua.StatusCode(exc.code).name
+        return name
     except Exception:  # noqa: BLE001
         return f"status 0x{exc.code:08X}"
 

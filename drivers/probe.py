@@ -25,7 +25,7 @@ from drivers.modbus_link import (
     RequestTimeout,
     quiet_library,
 )
-from drivers.registers import MAX_READ_REGISTERS, ORDERS, REGISTER_WORDS, decode_raw, order_name, scaled
+from drivers.registers import MAX_READ_REGISTERS, ORDERS, REGISTER_WORDS, Order, decode_raw, order_name, scaled
 
 SCALES = (1.0, 0.1, 0.01, 0.001, 10.0, 100.0)  # tried by `matches`: the decimal scalings PLCs use
 
@@ -41,8 +41,8 @@ class ProbeRow:
     table: str
     address: int
     type: str
-    word_order: str
-    byte_order: str
+    word_order: Order
+    byte_order: Order
     words: tuple[int, ...]
     raw: int | float
     value: int | float  # raw * scale + offset
@@ -96,10 +96,10 @@ def display_tolerance(expected: float) -> float:
     if "e" in text or "E" in text:
         return abs(expected) * 1e-6
     decimals = len(text.split(".")[1].rstrip("0"))
-    return 0.5 * 10 ** -decimals * (1 + 1e-9)
+    return 0.5 * 10.0 ** -decimals * (1 + 1e-9)
 
 
-def _show(value: int | float) -> str:
+def _show(value: float) -> str:
     if isinstance(value, int):
         return str(value)
     if not math.isfinite(value):
@@ -166,18 +166,17 @@ def probe(*, address: int, count: int = 2, table: str = "holding", unit_id: int 
     if timeout_s <= 0:
         raise ValueError("timeout_s must be more than 0")
     quiet_library()
-    words = asyncio.run(_read(address, count, table, unit_id, host, port, serial_port, baudrate, parity, stopbits,
-                              timeout_s))
+    try:
+        link = Link.tcp(host, port, timeout_s) if host is not None \
+            else Link.rtu(serial_port or "", baudrate, parity, stopbits, timeout_s)
+    except ModbusSetupError as exc:
+        raise ProbeError(str(exc)) from None
+    words = asyncio.run(_read(link, address, count, table, unit_id, timeout_s, serial=host is None))
     return interpretations(address, words, table, scale, offset)
 
 
-async def _read(address, count, table, unit_id, host, port, serial_port, baudrate, parity, stopbits,
-                timeout_s) -> list[int]:
-    try:
-        link = Link.tcp(host, port, timeout_s) if host is not None \
-            else Link.rtu(serial_port, baudrate, parity, stopbits, timeout_s)
-    except ModbusSetupError as exc:
-        raise ProbeError(str(exc)) from None
+async def _read(link: Link, address: int, count: int, table: str, unit_id: int, timeout_s: float, *,
+                serial: bool) -> list[int]:
     span = f"{table} register{'s' if count > 1 else ''} {address}" + (f"-{address + count - 1}" if count > 1 else "")
     where = f"unit {unit_id} at {link.name}"
     try:
@@ -185,10 +184,10 @@ async def _read(address, count, table, unit_id, host, port, serial_port, baudrat
     except ConnectFailed as exc:
         if "check" in str(exc):  # it says already what to check
             raise ProbeError(str(exc)) from None
-        check = "the serial port's path and permissions" if serial_port else "the host, the port and the firewall"
+        check = "the serial port's path and permissions" if serial else "the host, the port and the firewall"
         raise ProbeError(f"{exc}; check {check}") from None
     except RequestTimeout:
-        check = "the unit id, the baud rate, parity and stop bits, and the wiring (A/B swapped?)" if serial_port \
+        check = "the unit id, the baud rate, parity and stop bits, and the wiring (A/B swapped?)" if serial \
             else "the unit id (many TCP devices answer only to theirs, some only to 1 or 255)"
         raise ProbeError(f"{where} did not answer a read of {span} within {timeout_s:g} s; check {check}") from None
     except ConnectionLost as exc:

@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
-
-if TYPE_CHECKING:  # drivers.modbus imports this module
-    from drivers.modbus import Register
+from typing import Literal, Protocol
 
 REGISTER_WORDS: dict[str, int] = {
     "int16": 1, "uint16": 1, "int32": 2, "uint32": 2, "float32": 2, "float64": 4,
@@ -34,6 +31,33 @@ MAX_READ_REGISTERS = 125  # Modbus application protocol 1.1b3, function codes 3 
 ORDERS: tuple[tuple[Order, Order], ...] = (("big", "big"), ("little", "big"), ("big", "little"), ("little", "little"))
 _ORDER_NAMES = {("big", "big"): "ABCD", ("little", "big"): "CDAB", ("big", "little"): "BADC",
                 ("little", "little"): "DCBA"}
+
+
+class Register(Protocol):
+    """Where one value is read and how it decodes: what this module needs of drivers.modbus.Register."""
+
+    @property
+    def address(self) -> int: ...
+
+    @property
+    def table(self) -> Table: ...
+
+    @property
+    def type(self) -> str: ...
+
+    @property
+    def word_order(self) -> Order: ...
+
+    @property
+    def byte_order(self) -> Order: ...
+
+    @property
+    def scale(self) -> float: ...
+
+    @property
+    def offset(self) -> float: ...
+
+
 _STRUCT = {"int16": ">h", "uint16": ">H", "int32": ">i", "uint32": ">I", "float32": ">f", "float64": ">d"}
 
 
@@ -92,7 +116,7 @@ def _shortest_float32(value: float, data: bytes) -> float:
     return value
 
 
-def encode_raw(value: int | float, type_: str, word_order: Order = "big", byte_order: Order = "big") -> list[int]:
+def encode_raw(value: float, type_: str, word_order: Order = "big", byte_order: Order = "big") -> list[int]:
     """The registers a device sends for `value`: the inverse of decode_raw. Raises ValueError when it does not fit."""
     try:
         data = struct.pack(_STRUCT[type_], value)
@@ -177,18 +201,18 @@ def plan_reads(registers: Mapping[str, Register], largest_gap: int = 0,
     for table in ("holding", "input"):
         spans = sorted((reg.address, reg.address + REGISTER_WORDS[reg.type], name)
                        for name, reg in registers.items() if reg.table == table)
-        start = end = None
+        span: tuple[int, int] | None = None  # the request being grown: (start, end)
         members: list[tuple[str, int]] = []
         for first, stop, name in spans:
-            if start is not None and first - end <= largest_gap and max(end, stop) - start <= max_count:
-                end = max(end, stop)
+            if span is not None and first - span[1] <= largest_gap and max(span[1], stop) - span[0] <= max_count:
+                span = (span[0], max(span[1], stop))
                 members.append((name, first))
                 continue
-            if start is not None:
-                requests.append(_request(table, start, end, members))
-            start, end, members = first, stop, [(name, first)]
-        if start is not None:
-            requests.append(_request(table, start, end, members))
+            if span is not None:
+                requests.append(_request(table, *span, members))
+            span, members = (first, stop), [(name, first)]
+        if span is not None:
+            requests.append(_request(table, *span, members))
     return requests
 
 
@@ -196,9 +220,85 @@ def _request(table: Table, start: int, end: int, members: Iterable[tuple[str, in
     return ReadRequest(table, start, end - start, tuple((name, first - start) for name, first in members))
 
 
-def decode_response(request: ReadRequest, words: Sequence[int], registers: Mapping[str, Register]) -> dict:
+def decode_response(request: ReadRequest, words: Sequence[int],
+                    registers: Mapping[str, Register]) -> dict[str, int | float]:
     """A response's words -> {input name: value} for every input the request covers."""
     if len(words) < request.count:
         raise ValueError(f"{request.describe()}: the device sent {len(words)} registers, not {request.count}")
     return {name: decode(words[index:index + REGISTER_WORDS[registers[name].type]], registers[name])
             for name, index in request.inputs}
+
+
+# --- decoding a response, compiled once per request ---------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    """One input of a request, with everything `decode` works out per call worked out once."""
+
+    name: str
+    start: int  # first byte in the response
+    end: int
+    unpack: Callable[[bytes], tuple[int | float]]
+    wire: tuple[int, ...] | None  # byte order from the wire to big-endian; None: already big-endian (ABCD)
+    float32: bool
+    integer: bool
+    scale: float
+    offset: float
+    places: int  # decimals of scale and offset: an integer register's value is rounded to them
+
+
+class ResponseDecoder:
+    """`decode_response` for one request, with the per-register work (struct formats, byte orders, the decimals of
+    scale and offset) done once at construction: a poll decodes its words without re-deriving them. The same values
+    as `decode_response`, and a ValueError where it raises one (a word out of 0..65535 anywhere in the response
+    included: pymodbus never hands one over)."""
+
+    def __init__(self, request: ReadRequest, registers: Mapping[str, Register]) -> None:
+        self.request = request
+        self._words = struct.Struct(f">{request.count}H")
+        self._fields = tuple(self._field(name, index, registers[name]) for name, index in request.inputs)
+
+    @staticmethod
+    def _field(name: str, index: int, register: Register) -> _Field:
+        size = REGISTER_WORDS[register.type]
+        wire: tuple[int, ...] | None = None
+        if (register.word_order, register.byte_order) != ("big", "big"):
+            # Where each byte of the big-endian value is on the wire: decode_raw's _from_wire, as an index map.
+            probe = bytes(range(2 * size))
+            wire = tuple(_from_wire(_words_of(probe), register.word_order, register.byte_order))
+        return _Field(name, 2 * index, 2 * (index + size), struct.Struct(_STRUCT[register.type]).unpack, wire,
+                      register.type == "float32", not register.type.startswith("float"), register.scale,
+                      register.offset, max(decimals(register.scale), decimals(register.offset)))
+
+    def __call__(self, words: Sequence[int]) -> dict[str, int | float]:
+        count = self.request.count
+        if len(words) < count:
+            raise ValueError(f"{self.request.describe()}: the device sent {len(words)} registers, not {count}")
+        try:
+            data = self._words.pack(*words[:count])
+        except struct.error:
+            raise ValueError(f"register values must be 0..65535, got {list(words[:count])}") from None
+        values: dict[str, int | float] = {}
+        for field in self._fields:
+            chunk = data[field.start:field.end]
+            if field.wire is not None:
+                chunk = bytes([chunk[i] for i in field.wire])
+            raw = field.unpack(chunk)[0]
+            if field.float32:
+                raw = _shortest_float32(raw, chunk)
+            values[field.name] = _scaled_by(raw, field)
+        return values
+
+
+def _words_of(data: bytes) -> list[int]:
+    return [int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2)]
+
+
+def _scaled_by(raw: float, field: _Field) -> float:
+    """`scaled`, with the decimals already known."""
+    if field.scale == 1 and field.offset == 0:
+        return raw
+    value = raw * field.scale + field.offset
+    if field.integer and field.places <= 15 and math.isfinite(value):
+        return round(value, field.places)
+    return value

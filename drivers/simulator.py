@@ -31,9 +31,12 @@ import math
 import random
 from dataclasses import dataclass, field
 
+from drivers.base import MachineType
+from model.modes import MODES
+
 INPUTS = ("air_temperature", "process_temperature", "rotational_speed", "torque", "tool_wear")
-MODES = ("HDF", "PWF", "OSF", "TWF")
-TYPES = ("L", "M", "L", "H", "L", "M")  # machine i gets TYPES[i % 6]: about the data's 60/30/10 % mix
+# machine i gets TYPES[i % 6]: about the data's 60/30/10 % mix
+TYPES: tuple[MachineType, ...] = ("L", "M", "L", "H", "L", "M")
 OSF_LIMIT = {"L": 11_000.0, "M": 12_000.0, "H": 13_000.0}  # min * Nm
 WEAR_PER_TYPE = {"L": 2.0, "M": 3.0, "H": 5.0}  # the data's "H/M/L add 5/3/2 minutes of tool wear"
 RESOLUTION = {"air_temperature": 0.1, "process_temperature": 0.1, "rotational_speed": 1.0, "torque": 0.1,
@@ -97,7 +100,7 @@ class Machine:
     """One machine's hidden state (true values, before sensor noise)."""
 
     machine_id: str
-    machine_type: str
+    machine_type: MachineType
     air_offset: float
     diff: float  # process - air, K
     speed_setpoint: float
@@ -136,7 +139,7 @@ class Plant:
             raise ValueError(f"cannot drift {drift.machine_id}: the plant has machines m1..m{machines}")
         self.drift = drift
 
-    def machine_type(self, machine_id: str) -> str:
+    def machine_type(self, machine_id: str) -> MachineType:
         return self.machines[machine_id].machine_type
 
     def step(self, dt: float) -> dict[str, dict[str, float]]:
@@ -149,9 +152,9 @@ class Plant:
     def _step(self, m: Machine, dt: float, ambient: float) -> dict[str, float]:
         rng = self.rng
         root = math.sqrt(dt)
-        drifting = self.drift is not None and self.drift.machine_id == m.machine_id
-        f = self.drift.progress(self.t) if drifting else 0.0
-        mode = self.drift.mode if drifting else None
+        drift = self.drift if self.drift is not None and self.drift.machine_id == m.machine_id else None
+        f = drift.progress(self.t) if drift is not None else 0.0
+        mode = drift.mode if drift is not None else None
 
         # a new job now and then: a new speed and power set point
         m.job_left_s -= dt
@@ -180,18 +183,18 @@ class Plant:
                 air += 2.0 * f
                 speed += ramp * (1320 - speed)
                 torque = power / (speed * 2 * math.pi / 60)
-                diff = HDF_DIFF_K / self._stress(m, f, HDF_DIFF_K / diff)
+                diff = HDF_DIFF_K / _stress(mode, f, HDF_DIFF_K / diff)
             elif mode == "PWF":
                 speed += ramp * (1400 - speed)
                 omega = speed * 2 * math.pi / 60
-                torque = self._stress(m, f, torque * omega / PWF_MAX_W) * PWF_MAX_W / omega
+                torque = _stress(mode, f, torque * omega / PWF_MAX_W) * PWF_MAX_W / omega
             elif mode == "OSF":
                 speed += ramp * (1360 - speed)
                 torque += ramp * (62 - torque)
                 limit = OSF_LIMIT[m.machine_type]
-                wear = self._stress(m, f, wear * torque / limit) * limit / torque
+                wear = _stress(mode, f, wear * torque / limit) * limit / torque
             else:  # TWF
-                wear = self._stress(m, f, wear / TWF_WEAR_MIN) * TWF_WEAR_MIN
+                wear = _stress(mode, f, wear / TWF_WEAR_MIN) * TWF_WEAR_MIN
 
         true = {"air_temperature": air, "process_temperature": air + diff, "rotational_speed": speed,
                 "torque": torque, "tool_wear": wear}
@@ -205,17 +208,18 @@ class Plant:
         """Where the natural tool wear of the drifting machine stops (the drift sets the wear it reports)."""
         return 250.0
 
-    def _stress(self, m: Machine, f: float, healthy: float) -> float:
-        """The drifting machine's stress ratio at progress f: 1 is the mode's condition. From the healthy value at
-        f = 0 to just below the condition at f = CREEP[0], slowly through it until CREEP[1] (the model's warning
-        band is narrow: a slow crossing shows it), then on to the end point."""
-        (f1, r1), (f2, r2) = CREEP
-        start = min(healthy, r1)
-        if f <= f1:
-            return start + (r1 - start) * f / f1
-        if f <= f2:
-            return r1 + (r2 - r1) * (f - f1) / (f2 - f1)
-        return r2 + (END_STRESS[self.drift.mode] - r2) * (f - f2) / (1 - f2)
+
+def _stress(mode: str, f: float, healthy: float) -> float:
+    """The drifting machine's stress ratio at progress f: 1 is the mode's condition. From the healthy value at
+    f = 0 to just below the condition at f = CREEP[0], slowly through it until CREEP[1] (the model's warning
+    band is narrow: a slow crossing shows it), then on to the end point."""
+    (f1, r1), (f2, r2) = CREEP
+    start = min(healthy, r1)
+    if f <= f1:
+        return start + (r1 - start) * f / f1
+    if f <= f2:
+        return r1 + (r2 - r1) * (f - f1) / (f2 - f1)
+    return r2 + (END_STRESS[mode] - r2) * (f - f2) / (1 - f2)
 
 
 def _at_resolution(value: float, resolution: float) -> float:

@@ -24,11 +24,15 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
+from drivers.base import MachineType
 from drivers.modbus import ModbusTcpDevice, Register
 from drivers.registers import encode, encode_raw
 from drivers.simulator import Plant, power_w
+
+if TYPE_CHECKING:
+    from pymodbus.simulator import SimData, SimDevice
 
 LOOPBACK = "127.0.0.1"
 
@@ -59,7 +63,7 @@ def unit_words(values: dict[str, float], tool_changes: int) -> dict[str, dict[in
     return tables
 
 
-def device_config(machine_id: str, machine_type: str, unit_id: int, port: int, host: str = LOOPBACK,
+def device_config(machine_id: str, machine_type: MachineType, unit_id: int, port: int, host: str = LOOPBACK,
                   interval_s: float = 1.0) -> ModbusTcpDevice:
     """The agent's `[[modbus]]` table for one simulated machine (what examples/simulator-modbus.toml spells out)."""
     return ModbusTcpDevice(machine_id=machine_id, machine_type=machine_type, transport="tcp", host=host, port=port,
@@ -83,7 +87,7 @@ class ModbusSimulator:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: Any = None
-        self._stepper: asyncio.Task | None = None
+        self._stepper: asyncio.Task[None] | None = None
         self._advance(0.0)
 
     def _advance(self, dt: float) -> None:
@@ -124,13 +128,13 @@ class ModbusSimulator:
             self._advance(now - last)
             last = now
 
-    def _device(self, unit: int):
+    def _device(self, unit: int) -> SimDevice:
         from pymodbus.simulator import DataType, SimData, SimDevice
 
         layout = unit_words({name: 0.0 for name in REGISTERS} | {"air_temperature": 273.15,
                                                                   "process_temperature": 273.15}, 0)
 
-        def blocks(table: str) -> list:
+        def blocks(table: str) -> list[SimData]:
             addresses = sorted(layout[table])
             runs, start, count = [], addresses[0], 1
             for address in addresses[1:]:
@@ -142,7 +146,8 @@ class ModbusSimulator:
             runs.append(SimData(start, values=[0] * count, datatype=DataType.REGISTERS))
             return runs
 
-        async def action(function_code, start_address, address, count, registers, set_values):
+        async def action(function_code: int, start_address: int, address: int, count: int, registers: list[int],
+                         set_values: list[int] | list[bool] | None) -> None:
             if set_values:  # a write: accepted, ignored
                 return
             with self.lock:
@@ -158,7 +163,7 @@ class ModbusSimulator:
         if loop is None:
             return
 
-        async def shutdown():
+        async def shutdown() -> None:
             if self._stepper is not None:
                 self._stepper.cancel()
             if self._server is not None:
@@ -180,7 +185,7 @@ class ModbusSimulator:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
 
@@ -201,7 +206,7 @@ class _socket_probe:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self._sock.close()
 
 

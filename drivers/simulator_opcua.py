@@ -22,10 +22,11 @@ import asyncio
 import contextlib
 import threading
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Self
 
-from drivers.opcua_config import OpcuaServer
+from drivers.opcua_config import OpcuaMachine, OpcuaServer
 from drivers.simulator import INPUTS, Plant
 
 LOOPBACK = "127.0.0.1"
@@ -48,19 +49,21 @@ def node_id(machine_id: str, name: str, ns: int = 2) -> str:
     return f"ns={ns};s={machine_id}.{name}"
 
 
-def node_config(plant_machines: dict[str, str], port: int, host: str = LOOPBACK, sampling_ms: int = 1000,
+def node_config(plant_machines: Mapping[str, str], port: int, host: str = LOOPBACK, sampling_ms: int = 1000,
                 **server: Any) -> OpcuaServer:
     """The agent's `[[opcua]]` table for a simulated plant: {machine_id: machine_type} served on host:port."""
     return OpcuaServer(url=f"opc.tcp://{host}:{port}", sampling_ms=sampling_ms, **server, machines=[
-        {"machine_id": machine_id, "machine_type": machine_type,
-         "nodes": {name: node_id(machine_id, name) for name in INPUTS}}
+        OpcuaMachine.model_validate({"machine_id": machine_id, "machine_type": machine_type,
+                                     "nodes": {name: node_id(machine_id, name) for name in INPUTS}})
         for machine_id, machine_type in plant_machines.items()])
 
 
-async def build_server(host: str, port: int, machines: dict[str, str], initial: dict[str, dict[str, float]],
-                       configure=None):
+async def build_server(host: str, port: int, machines: Mapping[str, str], initial: Mapping[str, Mapping[str, float]],
+                       configure: Callable[[Any], Awaitable[None]] | None = None
+                       ) -> tuple[Any, dict[tuple[str, str], Any]]:
     """An asyncua Server (not started) with the address space above; returns (server, {(machine, input): node})."""
-    from asyncua import Server, ua
+    from asyncua import ua
+    from asyncua.server.server import Server
 
     server = Server()
     await server.init()
@@ -71,17 +74,21 @@ async def build_server(host: str, port: int, machines: dict[str, str], initial: 
     else:
         server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
     ns = await server.register_namespace(NAMESPACE)
-    plant = await server.nodes.objects.add_object(ua.NodeId("Plant", ns), ua.QualifiedName("Plant", ns))
-    nodes = {}
+
+    def string_node(text: str) -> ua.NodeId:
+        return ua.NodeId(ua.String(text), ua.Int16(ns))
+
+    plant = await server.nodes.objects.add_object(string_node("Plant"), ua.QualifiedName("Plant", ns))
+    nodes: dict[tuple[str, str], Any] = {}  # asyncua Nodes
     for machine_id, machine_type in machines.items():
-        obj = await plant.add_object(ua.NodeId(machine_id, ns), ua.QualifiedName(machine_id, ns))
-        await obj.add_property(ua.NodeId(f"{machine_id}.machine_type", ns), ua.QualifiedName("machine_type", ns),
+        obj = await plant.add_object(string_node(machine_id), ua.QualifiedName(machine_id, ns))
+        await obj.add_property(string_node(f"{machine_id}.machine_type"), ua.QualifiedName("machine_type", ns),
                                machine_type)
         for name in INPUTS:
-            variable = await obj.add_variable(ua.NodeId(f"{machine_id}.{name}", ns), ua.QualifiedName(name, ns),
+            variable = await obj.add_variable(string_node(f"{machine_id}.{name}"), ua.QualifiedName(name, ns),
                                               ua.Variant(float(initial[machine_id][name]), ua.VariantType.Double))
             code, symbol, description = UNITS[name]
-            await variable.add_property(ua.NodeId(f"{machine_id}.{name}.EngineeringUnits", ns),
+            await variable.add_property(string_node(f"{machine_id}.{name}.EngineeringUnits"),
                                         ua.QualifiedName("EngineeringUnits", 0), ua.EUInformation(
                                             NamespaceUri=UNECE, UnitId=unece_id(code),
                                             DisplayName=ua.LocalizedText(symbol), Description=ua.LocalizedText(
@@ -90,12 +97,13 @@ async def build_server(host: str, port: int, machines: dict[str, str], initial: 
     return server, nodes
 
 
-async def write(server, node, value: float, source_ts: datetime | None = None) -> None:
+async def write(server: Any, node: Any, value: float, source_ts: datetime | None = None) -> None:
     from asyncua import ua
 
     stamp = source_ts or datetime.now(UTC)
     await server.write_attribute_value(node.nodeid, ua.DataValue(
-        ua.Variant(float(value), ua.VariantType.Double), SourceTimestamp=stamp, ServerTimestamp=stamp))
+        ua.Variant(float(value), ua.VariantType.Double),
+        SourceTimestamp=stamp, ServerTimestamp=stamp))  # type: ignore[arg-type]  # ua.DateTime is a datetime
 
 
 class OpcuaSimulator:
@@ -112,8 +120,8 @@ class OpcuaSimulator:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: Any = None
-        self._nodes: dict = {}
-        self._stepper: asyncio.Task | None = None
+        self._nodes: dict[tuple[str, str], Any] = {}
+        self._stepper: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
@@ -166,7 +174,7 @@ class OpcuaSimulator:
         if loop is None:
             return
 
-        async def shutdown():
+        async def shutdown() -> None:
             if self._stepper is not None:
                 self._stepper.cancel()
             if self._server is not None:
@@ -189,7 +197,7 @@ class OpcuaSimulator:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from model.features import INPUTS
+from model.modes import MODES
 
 NAME = "AI4I 2020 Predictive Maintenance Dataset"
 SHA256 = "ec4ed737b27c4e65730e3b875626ddb4db005d79733f0fc1f59d72db467cd670"
@@ -19,7 +20,7 @@ SOURCE = "https://archive.ics.uci.edu/dataset/601"
 FILE_NAME = "ai4i2020.csv"
 PUBLISHER = "the UCI Machine Learning Repository"
 TYPE_COLUMN = "Type"
-TARGETS = {"failure": "Machine failure", "TWF": "TWF", "HDF": "HDF", "PWF": "PWF", "OSF": "OSF"}
+TARGETS = {"failure": "Machine failure", **{mode: mode for mode in MODES}}  # label -> its column
 DATA_ENV = "PDM_AI4I_CSV"
 DEFAULT_PATH = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "ai4i2020.csv"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from model.data import Dataset
@@ -16,7 +18,7 @@ def _r(value: float) -> float:
     return round(float(value), METRIC_DECIMALS)
 
 
-def _at_threshold(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
+def _at_threshold(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, Any]:
     from sklearn.metrics import f1_score, precision_score, recall_score
 
     flagged = p >= threshold
@@ -29,7 +31,7 @@ def _at_threshold(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
     }
 
 
-def _ranking(y: np.ndarray, p: np.ndarray) -> dict:
+def _ranking(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
     from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
     fpr, tpr, _ = roc_curve(y, p)
@@ -40,7 +42,7 @@ def _ranking(y: np.ndarray, p: np.ndarray) -> dict:
     }
 
 
-def evaluate(model: Model, dataset: Dataset, index: np.ndarray) -> dict:
+def evaluate(model: Model, dataset: Dataset, index: np.ndarray) -> dict[str, Any]:
     """Ranking and threshold metrics of machine failure and of each mode on dataset rows `index`."""
     p_failure, p_mode = model.predict(dataset.readings[index], dataset.machine_types[index])
     thresholds = model.manifest.thresholds
@@ -62,7 +64,7 @@ def evaluate(model: Model, dataset: Dataset, index: np.ndarray) -> dict:
     }
 
 
-def out_of_fold_summary(y: np.ndarray, p: np.ndarray, thresholds: Thresholds) -> dict:
+def out_of_fold_summary(y: np.ndarray, p: np.ndarray, thresholds: Thresholds) -> dict[str, Any]:
     """What the thresholds were chosen on: their precision and reach on out-of-fold training predictions."""
     return {
         "rows": len(y),

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import onnx
 
 MACHINE_TYPES = ("L", "M", "H")
 MACHINE_TYPE_INPUT = "machine_type"
-FAILURE_MODES = ("TWF", "HDF", "PWF", "OSF")
 
 
 @dataclass(frozen=True)
@@ -59,12 +62,12 @@ FEATURES = "features"  # float32 [N, len(FEATURE_NAMES)]
 OPSET = {"": 17, "ai.onnx.ml": 3}
 
 
-def feature_graph():
+def feature_graph() -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], list[onnx.ValueInfoProto]]:
     """The nodes, constants and graph inputs that turn raw readings into FEATURES."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
-    def const(name, value):
+    def const(name: str, value: float) -> onnx.TensorProto:
         return numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)
 
     constants = [
@@ -108,7 +111,7 @@ def feature_graph():
     return nodes, constants, inputs
 
 
-def feature_model():
+def feature_model() -> onnx.ModelProto:
     """A standalone ONNX model that outputs FEATURES: what training runs to build its feature matrix."""
     from onnx import TensorProto, checker, helper
 

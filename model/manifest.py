@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MANIFEST_FILE = "manifest.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 
 
 class PackageError(Exception):
@@ -130,7 +130,7 @@ class Manifest(_Strict):
     outputs: Outputs
     thresholds: Thresholds
     health: Health
-    metrics: dict
+    metrics: dict[str, Any]
     dataset: Dataset
     training: Training
 

@@ -17,10 +17,14 @@ import hashlib
 import os
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from model.manifest import MANIFEST_FILE, Manifest, PackageError
+
+if TYPE_CHECKING:
+    from onnxruntime import InferenceSession  # untyped: Any to mypy
 
 SHIPPED = Path(__file__).resolve().parent / "shipped"
 MAX_FILE_BYTES = 512 * 2**20  # a package file read into memory; the shipped graph is well under 1 MiB
@@ -73,7 +77,7 @@ def read_package_file(package: Path, name: str) -> bytes:
 class Model:
     """A verified model package and its onnxruntime session. predict() is safe to call from one thread at a time."""
 
-    def __init__(self, package: Path, manifest: Manifest, session, manifest_bytes: bytes = b"",
+    def __init__(self, package: Path, manifest: Manifest, session: InferenceSession, manifest_bytes: bytes = b"",
                  package_digest: str = "") -> None:
         self.package = package
         self.manifest = manifest
@@ -128,7 +132,7 @@ def load(package: Path = SHIPPED, threads: int = 1) -> Model:
         raise PackageError(f"onnxruntime cannot load {onnx_path}: {exc}") from exc
     _check_graph(session, manifest, onnx_path)
     return Model(package, manifest, session, manifest_bytes, package_digest(manifest_bytes, onnx_bytes))
-def _check_graph(session, manifest: Manifest, onnx_path: Path) -> None:
+def _check_graph(session: InferenceSession, manifest: Manifest, onnx_path: Path) -> None:
     expected_inputs = {
         manifest.onnx.inputs.readings: ("tensor(float)", len(manifest.inputs)),
         manifest.onnx.inputs.machine_type: ("tensor(string)", 1),

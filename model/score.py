@@ -4,18 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 
 import numpy as np
 
 from model.package import Model
+from model.states import State
 from model.validate import Rejection, Validator
-
-
-class State(StrEnum):
-    OK = "ok"
-    WARNING = "warning"
-    ALARM = "alarm"
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,10 +13,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from numbers import Real
+from typing import Any
 
 import numpy as np
 
-from model.manifest import Manifest
+from model.manifest import Input, Manifest
 
 
 class Reason(StrEnum):
@@ -111,7 +112,7 @@ class Validator:
         return values, machine_type
 
     @staticmethod
-    def _out_of_range(spec, value) -> Rejection:
+    def _out_of_range(spec: Input, value: object) -> Rejection:
         r = spec.physical_range
         return Rejection(
             Reason.OUT_OF_RANGE,
@@ -119,8 +120,9 @@ class Validator:
             spec.name,
         )
 
-    def validate(self, readings: Sequence[object]) -> tuple[ValidBatch, dict[int, Rejection]]:
-        """A batch: the accepted readings as arrays, and the rejections by position."""
+    def validate(self, readings: Sequence[Any]) -> tuple[ValidBatch, dict[int, Rejection]]:
+        """A batch: the accepted readings as arrays, and the rejections by position. A reading may be anything
+        (parsed JSON): the fast path tries it as a mapping, check() explains what it is not."""
         names, type_key, machine_types = self._names, self._type_key, self._machine_types
         rows, types, index, rejected = [], [], [], {}
         for i, reading in enumerate(readings):
@@ -128,7 +130,8 @@ class Validator:
                 row = [reading[name] for name in names]
                 machine_type = reading[type_key]
                 plain = machine_type in machine_types and all(type(v) in _FAST_TYPES for v in row)
-            except Exception:  # not a mapping, a missing key, an unhashable type...: the careful path explains
+            # not a mapping, a missing key, an unhashable type...: the careful path explains
+            except Exception:  # noqa: BLE001
                 plain = False
             if not plain:
                 checked = self.check(reading)
@@ -143,10 +146,17 @@ class Validator:
         inside = ((values >= self._low) & (values <= self._high)).all(axis=1)  # NaN compares False
         if not inside.all():
             for position in np.flatnonzero(~inside):
-                rejected[index[position]] = self.check(readings[index[position]])
+                rejected[index[position]] = self._rejection(readings[index[position]])
             keep = np.flatnonzero(inside)
             values, index, types = values[keep], [index[k] for k in keep], [types[k] for k in keep]
         return ValidBatch(index, values.astype(np.float32), self._types_array(types), self._ood(values)), rejected
+
+    def _rejection(self, reading: object) -> Rejection:
+        """check()'s rejection of a reading the array test found out of range (never accepted, whatever check says)."""
+        checked = self.check(reading)
+        if isinstance(checked, Rejection):
+            return checked
+        return Rejection(Reason.OUT_OF_RANGE, "an input is outside its physical range")
 
     def _as_array(self, rows: list[list[float]]) -> np.ndarray:
         try:
@@ -162,7 +172,7 @@ class Validator:
 
     def _ood(self, values: np.ndarray) -> list[tuple[str, ...]]:
         outside = (values < self._train_low) | (values > self._train_high)
-        flagged = outside.any(axis=1)
+        flagged = np.asarray(outside.any(axis=1))
         if not flagged.any():
             return [_NO_OOD] * len(values)
         names = self._names

@@ -8,9 +8,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PDM_RELIABILITY=long
+export PDM_DEPLOY_TESTS=full # the images, the Compose stack and arm64 too (scripts/deploy-tests.sh)
 exec ./scripts/test.sh -s -q tests/reliability tests/fuzz \
     tests/agent/test_run.py::test_kill_9_at_random_moments_loses_and_duplicates_nothing \
     tests/agent/test_store.py::test_every_reported_commit_survives_sigkill_mid_write \
     tests/agent/test_pipeline.py \
     tests/central/test_faults.py tests/sync/test_client.py \
-    tests/drivers/test_mqtt_broker.py tests/drivers/test_modbus_driver.py "$@"
+    tests/drivers/test_mqtt_broker.py tests/drivers/test_modbus_driver.py \
+    tests/deploy/test_agent_container.py tests/deploy/test_compose.py tests/deploy/test_arm64.py "$@"

@@ -1,8 +1,11 @@
 """The agent's sync client: outbox -> `POST {central.url}/api/v1/ingest` (SPEC §6).
 
-One round (`sync_once`) first checks the token with a conditional `GET {central.url}/api/v1/gateways/{id}/desired`
-(SPEC §9; a 304 after the first round): a wrong or revoked token shows as the sync error at once, at start and in
-every round, even with nothing to send (a 404, from a central without that route, leaves the check to the ingest).
+One round (`sync_once`) first asks for the desired state with a conditional `GET {central.url}/api/v1/gateways/{id}/
+desired` (SPEC §9; a 304 when nothing changed), which hands a changed one to the downlink (agent/downlink.py) and
+doubles as the token check: a wrong or revoked token shows as the sync error at once, at start and in every round,
+even with nothing to send (a 404, from a central without that route, leaves the check to the ingest). What the
+gateway applied travels in every batch's `gateway` object; when it changed and nothing else is to be sent, the round
+posts an empty batch to say so. `fetch()` downloads a bundle for the downlink's thread, over a session of its own.
 Then it sends batches until the outbox is empty or central cannot take more: events first, then
 summaries, oldest first, `batch_size` records a batch, gzip-compressed, over one keep-alive session. A record
 leaves the outbox only when central answered 200 for its batch, with its answer for exactly those records (a 200
@@ -13,6 +16,14 @@ sent again (ids are deterministic, central counts it as duplicates). Errors are 
   any other 4xx but 408/413/422/429 (central cannot read what this agent sends);
 - 413: the batch is too large — split it in halves; a single record too large is set aside;
 - 422: invalid — split to isolate the invalid records, set those aside with central's reason, send the rest.
+Actions technicians took on alarm episodes (SPEC §10) ride along: the pending ones go in the first batch of a round
+that holds the last of its events (or a batch of their own when nothing else is pending), and leave their outbox
+only for central's answer naming them; those whose episode central does not know yet wait for the next round.
+A central older than actions refuses the key (422 on `actions`) or ignores it (a 200 without `actions`): the agent
+then sends the same batch without them, keeps them, says so once, and offers them again after ACTIONS_RETRY_S —
+never splits or sets a record aside over them. Upgrade central before the gateways.
+Each desired state central answers (a new ETag: a new revision, or a change in its acknowledgements) also hands its
+`acknowledgements` (central's, SPEC §10) to the action outbox, for the technician's page.
 Who calls it: one thread of the agent, never concurrently.
 """
 
@@ -23,6 +34,7 @@ import json
 import logging
 import math
 import random
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,24 +46,64 @@ import requests
 from pydantic import ValidationError
 
 from sync.config import CentralConfig
+from sync.desired import Acknowledgement, DesiredState
 from sync.protocol import GatewayStatus, IngestResult, escape_controls
 
 log = logging.getLogger(__name__)
 
 BACKOFF_MIN_S, BACKOFF_MAX_S = 1.0, 300.0
 REFUSED_RETRY_S = 900.0  # after 401/403: central may re-enable the gateway; a new token needs a restart anyway
+ACTIONS_RETRY_S = 900.0  # after a central that does not take actions: it may have been upgraded meanwhile
+MAX_ACTIONS = 500  # per batch
 
 
 class Record(Protocol):
-    kind: str  # "event" | "summary"
-    record_id: str
-    body: str  # JSON of sync.protocol.Event or Summary
+    """One outbox record (agent.store.OutboxRecord), read only."""
+
+    @property
+    def kind(self) -> str: ...  # "event" | "summary"
+
+    @property
+    def record_id(self) -> str: ...
+
+    @property
+    def body(self) -> str: ...  # JSON of sync.protocol.Event or Summary
+
+
+class ActionRecord(Protocol):
+    """One pending gateway action (agent.actions.ActionRecord), read only."""
+
+    @property
+    def record_id(self) -> str: ...
+
+    @property
+    def body(self) -> str: ...  # JSON of sync.protocol.Acknowledgement or Label
+
+
+class ActionOutbox(Protocol):
+    def pending_actions(self, limit: int) -> Sequence[ActionRecord]: ...  # oldest first
+    def mark_actions_synced(self, action_ids: Sequence[str]) -> None: ...
+    # Every desired state's list (a new one comes with a new ETag): the acknowledged open episodes, kept for the page.
+    def central_acknowledged(self, acknowledgements: Sequence[Acknowledgement]) -> None: ...
 
 
 class Outbox(Protocol):
-    def pending(self, limit: int) -> list[Record]: ...  # events first, then summaries, oldest first
+    def pending(self, limit: int) -> Sequence[Record]: ...  # events first, then summaries, oldest first
     def mark_synced(self, record_ids: Sequence[str]) -> None: ...
     def set_aside(self, records: Sequence[Record], reason: str) -> None: ...
+
+
+class DesiredSink(Protocol):
+    """Who takes central's desired state (agent.downlink.Downlink); offer() must return at once."""
+
+    def offer(self, desired: DesiredState) -> None: ...
+
+
+class FetchError(Exception):
+    """A bundle could not be fetched now: retried later by the caller."""
+
+
+MAX_BUNDLE_BYTES = 64 * 2**20
 
 
 class Outcome(StrEnum):
@@ -87,7 +139,11 @@ class _Refused(Exception):
 
 class SyncClient:
     def __init__(self, config: CentralConfig, gateway_id: str, agent_version: str, outbox: Outbox,
-                 gateway_status: Callable[[], GatewayStatus], session: requests.Session | None = None) -> None:
+                 gateway_status: Callable[[], GatewayStatus], session: requests.Session | None = None,
+                 downlink: DesiredSink | None = None,
+                 actions: ActionOutbox | None = None) -> None:
+        if config.url is None or config.token is None:  # CentralConfig refuses a url without a token
+            raise ValueError("a sync client needs central.url and central.token")
         self._config = config
         self._url = str(config.url).rstrip("/") + "/api/v1/ingest"
         self._desired_url = str(config.url).rstrip("/") + f"/api/v1/gateways/{gateway_id}/desired"
@@ -103,8 +159,24 @@ class SyncClient:
             "Content-Encoding": "gzip",
             "User-Agent": f"pdm-edge/{agent_version}",
         })
-        self._session.verify = str(config.ca_file) if config.ca_file else True
+        # Passed with every request too: requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE in the environment override
+        # a session's verify, which would silently ignore central.ca_file (found by tests/deploy/test_compose.py).
+        self._verify: str | bool = str(config.ca_file) if config.ca_file else True
+        self._session.verify = self._verify
+        self._base = str(config.url).rstrip("/")
+        self._downlink = downlink
+        # Bundles are fetched by the downlink's thread: a session of its own (requests' sessions are not shared
+        # between threads), with the same token and CA.
+        self._fetcher = requests.Session()
+        self._fetcher.headers.update({"Authorization": f"Bearer {config.token.get_secret_value()}",
+                                      "User-Agent": f"pdm-edge/{agent_version}"})
+        self._fetcher.verify = self._session.verify
         self._failures = 0
+        self._reported_applied: object = None  # the `applied` central last acknowledged (SPEC §9)
+        self._sending_applied: object = None
+        self._actions = actions
+        self._actions_refused_until = 0.0  # time.monotonic(): until then, central is taken not to accept actions
+        self.actions_error: str | None = None  # why actions are kept back, while they are
         self.last_success: datetime | None = None
         self.last_error: str | None = None
 
@@ -113,8 +185,18 @@ class SyncClient:
         done = _Tally()
         try:
             self._check_token()
-            while records := self._outbox.pending(self._config.batch_size):
-                self._send(records, done)
+            tried: set[str] = set()  # actions sent this round: those central could not place wait for the next
+            while True:
+                records = self._outbox.pending(self._config.batch_size)
+                # After the events: an action's episode may open with an event still to send in this round.
+                more_events = len(records) == self._config.batch_size and records[-1].kind == "event"
+                actions = [] if more_events else self._pending_actions(tried)
+                if not records and not actions:
+                    break
+                tried.update(a.record_id for a in actions)
+                self._send(records, done, actions)
+            if self._gateway_status().applied != self._reported_applied:
+                self._send([], done)  # nothing to send, but what the gateway runs changed: central must know
         except _Transient as exc:
             self._failures += 1
             self.last_error = str(exc)
@@ -126,10 +208,35 @@ class SyncClient:
             return Round(Outcome.REFUSED, done.sent, done.set_aside, REFUSED_RETRY_S, str(exc))
         self._failures = 0
         self.last_success = datetime.now(UTC)
-        return Round(Outcome.SYNCED, done.sent, done.set_aside, self._config.sync_interval_s)
+        return Round(Outcome.SYNCED, done.sent, done.set_aside,
+                     min(self._config.sync_interval_s, self._config.poll_s))
+
+    def reconfigure(self, config: CentralConfig) -> None:
+        """Take remote overrides of the round's timing (sync/remote.py); url and token never change here."""
+        self._config = self._config.model_copy(update={"sync_interval_s": config.sync_interval_s,
+                                                       "poll_s": config.poll_s})
+
+    def fetch(self, path: str) -> bytes:
+        """The body of `GET {central.url}{path}` (a model bundle), at most MAX_BUNDLE_BYTES; FetchError when it
+        cannot be had now. Called from the downlink's thread."""
+        try:
+            with self._fetcher.get(self._base + path, timeout=self._config.timeout_s, stream=True, verify=self._verify,
+                                   allow_redirects=False) as response:
+                if response.status_code != 200:
+                    raise FetchError(f"central answered {response.status_code} for {path}: {_reason(response)}")
+                chunks, size = [], 0
+                for chunk in response.iter_content(1 << 16):
+                    size += len(chunk)
+                    if size > MAX_BUNDLE_BYTES:
+                        raise FetchError(f"{path} is larger than {MAX_BUNDLE_BYTES:,} bytes")
+                    chunks.append(chunk)
+                return b"".join(chunks)
+        except requests.RequestException as exc:
+            raise FetchError(f"cannot reach central: {exc.__class__.__name__}") from exc
 
     def close(self) -> None:
         self._session.close()
+        self._fetcher.close()
 
     def _backoff(self) -> float:
         ceiling = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** min(self._failures, 16))
@@ -137,11 +244,12 @@ class SyncClient:
 
     def _check_token(self) -> None:
         """_Refused on 401/403, _Transient when central cannot answer now; anything else goes on to the ingest."""
-        headers = {"Content-Type": None, "Content-Encoding": None}  # a GET without a body
+        headers: dict[str, str | None] = {"Content-Type": None, "Content-Encoding": None}  # a GET without a body
         if self._desired_etag:
             headers["If-None-Match"] = self._desired_etag
         try:
             response = self._session.get(self._desired_url, headers=headers, timeout=self._config.timeout_s,
+                                         verify=self._verify,
                                          allow_redirects=False)
         except requests.RequestException as exc:
             raise _Transient(f"cannot reach central: {exc.__class__.__name__}: {exc}") from exc
@@ -152,17 +260,44 @@ class SyncClient:
         if response.status_code == 429 or response.status_code >= 500:
             raise _Transient(f"central answered {response.status_code}: {_reason(response)}", _retry_after(response))
         if response.status_code == 200:
-            _check_desired(response)
+            desired = _check_desired(response)
+            if self._downlink is not None:
+                self._downlink.offer(desired)
+            if self._actions is not None:
+                self._actions.central_acknowledged(desired.acknowledgements)
             self._desired_etag = response.headers.get("ETag")
 
-    def _send(self, records: list[Record], done: _Tally) -> None:
+    def _pending_actions(self, tried: set[str]) -> list[ActionRecord]:
+        if self._actions is None or time.monotonic() < self._actions_refused_until:
+            return []
+        return [a for a in self._actions.pending_actions(MAX_ACTIONS) if a.record_id not in tried]
+
+    def _actions_refused(self, why: str) -> None:
+        self._actions_refused_until = time.monotonic() + ACTIONS_RETRY_S
+        if self.actions_error is None:
+            log.warning("central does not take gateway actions (acknowledgements, labels): %s; they are kept and "
+                        "offered again every %.0f min: upgrade central", why, ACTIONS_RETRY_S / 60)
+        self.actions_error = f"central does not take gateway actions: {why}; upgrade central (they are kept)"
+
+    def _send(self, records: Sequence[Record], done: _Tally, actions: Sequence[ActionRecord] = ()) -> None:
         """Send, and count in `done` the records central now has and those set aside."""
-        response = self._post(records)
+        response = self._post(records, actions)
+        if actions and response.status_code == 422 and _about_actions(response):
+            self._actions_refused(f"422 {_reason(response)}")
+            return self._send(records, done)
         if response.status_code == 200:
-            _check_answer(response, records)
-            self._outbox.mark_synced([r.record_id for r in records])
+            result = _check_answer(response, records)
+            self._reported_applied = self._sending_applied
+            if actions:
+                self._actions_answered(result, actions)
+            if records:
+                self._outbox.mark_synced([r.record_id for r in records])
             done.sent += len(records)
             return
+        if actions and response.status_code in (413, 422):
+            return self._send(records, done) if records else None  # the actions wait for the next round
+        if response.status_code in (413, 422) and not records:
+            raise _Transient(f"central refused a status report ({response.status_code}): {_reason(response)}")
         if response.status_code in (413, 422):
             reason = _reason(response)
             if len(records) == 1:
@@ -184,32 +319,46 @@ class SyncClient:
                              _retry_after(response))
         raise _Transient(f"unexpected answer {response.status_code} from central: {_reason(response)}")
 
-    def _post(self, records: list[Record]) -> requests.Response:
-        body = gzip.compress(self._body(records), 5)
+    def _actions_answered(self, result: IngestResult, actions: Sequence[ActionRecord]) -> None:
+        if self._actions is None:
+            return
+        if result.actions is None:  # a central that read the batch without its actions
+            self._actions_refused("its answer does not mention them")
+            return
+        unknown = {str(a) for a in result.actions.unknown}
+        self._actions.mark_actions_synced([a.record_id for a in actions if a.record_id not in unknown])
+        self.actions_error = None
+
+    def _post(self, records: Sequence[Record], actions: Sequence[ActionRecord] = ()) -> requests.Response:
+        body = gzip.compress(self._body(records, actions), 5)
         try:
             # No redirects: central never redirects an ingest, and following one would send the batch and the token
             # elsewhere.
-            return self._session.post(self._url, data=body, timeout=self._config.timeout_s, allow_redirects=False)
+            return self._session.post(self._url, data=body, timeout=self._config.timeout_s, allow_redirects=False,
+                                      verify=self._verify)
         except requests.RequestException as exc:
             raise _Transient(f"cannot reach central: {exc.__class__.__name__}: {exc}") from exc
         except ValueError as exc:  # e.g. UnicodeDecodeError: requests reads a Location that is not UTF-8 even then
             raise _Transient(f"central's answer cannot be read: {exc.__class__.__name__}: {exc}") from exc
 
-    def _body(self, records: list[Record]) -> bytes:
+    def _body(self, records: Sequence[Record], actions: Sequence[ActionRecord] = ()) -> bytes:
         """The IngestBatch as JSON, assembled from the stored records' JSON without parsing them again."""
         events = ",".join(r.body for r in records if r.kind == "event")
         summaries = ",".join(r.body for r in records if r.kind == "summary")
+        status = self._gateway_status()
+        self._sending_applied = status.applied
         head = {
             "gateway_id": self._gateway_id,
             "batch_id": str(uuid.uuid4()),
             "sent_at": datetime.now(UTC).isoformat(),
             "agent_version": self._agent_version,
-            "gateway": self._gateway_status().model_dump(mode="json"),
+            "gateway": status.model_dump(mode="json", exclude_none=True),
         }
-        return (json.dumps(head)[:-1] + f', "events": [{events}], "summaries": [{summaries}]}}').encode()
+        sent = f', "actions": [{",".join(a.body for a in actions)}]' if actions else ""  # the key only with actions
+        return (json.dumps(head)[:-1] + f', "events": [{events}], "summaries": [{summaries}]{sent}}}').encode()
 
 
-def _check_answer(response: requests.Response, records: list[Record]) -> None:
+def _check_answer(response: requests.Response, records: Sequence[Record]) -> IngestResult:
     """A 200 counts only as central's answer for exactly these records: a proxy or captive portal answering 200
     with a page of its own must not make records leave the outbox that central never stored."""
     try:
@@ -220,16 +369,27 @@ def _check_answer(response: requests.Response, records: list[Record]) -> None:
         + result.duplicates.events
     if answered != len(records):
         raise _Transient(f"central answered for {answered} records, not the {len(records)} sent")
+    return result
 
 
-def _check_desired(response: requests.Response) -> None:
+def _about_actions(response: requests.Response) -> bool:
+    """A 422 that points at the batch's actions (a central older than them: `actions` is an unknown key)."""
+    try:
+        details = response.json()["error"]["details"]
+        return any(isinstance(d, dict) and (d.get("loc") or [None])[0] == "actions" for d in details)
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError):
+        return False
+
+
+def _check_desired(response: requests.Response) -> DesiredState:
     """A 200 is central's desired state only when it reads as one (a captive portal's page is not: transient)."""
     try:
-        answer = response.json()
-    except (ValueError, RecursionError):
-        answer = None
-    if not isinstance(answer, dict) or not isinstance(answer.get("revision"), int):
-        raise _Transient(f"central answered 200 with something that is not its desired state: {_reason(response)}")
+        return DesiredState.model_validate_json(response.content)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise _Transient(f"central answered 200 with something that is not its desired state ({where}: "
+                         f"{first['msg']}): {_reason(response)}") from None
 
 
 def _reason(response: requests.Response) -> str:

@@ -6,6 +6,8 @@ import ipaddress
 
 from pydantic import BaseModel, ConfigDict, Field, FilePath, HttpUrl, SecretStr, ValidationInfo, field_validator
 
+from sync.onchange import OnChangeConfig
+
 
 class CentralConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # sync_interval_s = inf: wait() overflows
@@ -15,9 +17,11 @@ class CentralConfig(BaseModel):
     url: HttpUrl | None = None
     token: SecretStr | None = Field(None, validate_default=True)
     sync_interval_s: float = Field(30.0, gt=0)
+    poll_s: float = Field(60.0, gt=0)  # the desired state (SPEC §9) is asked for at least this often
     batch_size: int = Field(500, gt=0)
     timeout_s: float = Field(10.0, gt=0)
     ca_file: FilePath | None = None  # CA bundle for a private CA; default: the system's
+    on_change: OnChangeConfig = OnChangeConfig()  # summaries on change (sync/onchange.py); off by default
 
     @property
     def enabled(self) -> bool:

@@ -10,23 +10,25 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic_core import PydanticCustomError
+
+from model.states import StateName as State
 
 NAMESPACE = uuid.UUID("5b0f2f0e-8f53-4c1e-9a53-2b1f6a3c9d10")  # pdm-edge's namespace for UUIDv5 ids
 MAX_SUMMARIES = 5_000
 MAX_EVENTS = 5_000
+MAX_ACTIONS = 1_000
 MAX_DROPPED_KINDS = 16  # the agent drops readings and summaries; the bound keeps a status object small
 
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
-State = Literal["ok", "warning", "alarm"]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Health = Annotated[float, Field(ge=0.0, le=100.0)]
 Count = Annotated[int, Field(ge=0, le=2**31 - 1)]  # per summary: PostgreSQL's integer
 Total = Annotated[int, Field(ge=0)]  # gateway-wide totals, kept as JSON: no upper bound
 
 
-def _printable(text: str) -> str:
+def require_printable(text: str) -> str:
     """Free text is shown on terminals (`pdm-central list-gateways`) and pages: no control or format characters
     (ESC sequences rewrite lines and window titles, bidi overrides reorder what is shown), no line breaks."""
     if not text.isprintable():
@@ -35,7 +37,7 @@ def _printable(text: str) -> str:
     return text
 
 
-Text = Annotated[str, StringConstraints(max_length=200, pattern=r"^[^\x00]*$"), AfterValidator(_printable)]
+Text = Annotated[str, StringConstraints(max_length=200, pattern=r"^[^\x00]*$"), AfterValidator(require_printable)]
 
 
 def escape_controls(text: str) -> str:
@@ -68,6 +70,20 @@ class Spread(_Strict):
     max: float
 
 
+class ShadowFigures(_Strict):
+    """A candidate model scored in shadow beside the live one over a summary's readings (the live model decided)."""
+
+    model: ModelRef
+    readings: Count  # scored by both
+    agreed: Count  # of those, the candidate's state was the live model's
+    live_warning: Count  # readings the live model put in warning
+    live_alarm: Count
+    warning: Count  # readings the candidate put in warning
+    alarm: Count
+    out_of_distribution: Count  # outside the candidate's training range
+    score_s: Annotated[float, Field(ge=0)]  # the candidate's scoring time for these readings
+
+
 class Summary(_Strict):
     """One machine over one window: [window_start, window_end)."""
 
@@ -87,6 +103,7 @@ class Summary(_Strict):
     mode_risk_max: dict[Name, Probability]
     worst_state: State
     inputs: dict[Name, Spread]
+    shadow: ShadowFigures | None = None  # a candidate scored in shadow (SPEC §9); absent when none
 
 
 class Event(_Strict):
@@ -105,11 +122,62 @@ class Event(_Strict):
     model: ModelRef
 
 
+ErrorText = Annotated[str, StringConstraints(max_length=500, pattern=r"^[^\x00-\x1f\x7f]*$")]
+Revision = Annotated[int, Field(ge=0, le=2**62)]
+
+
+class Applied(_Strict):
+    """What the gateway runs of central's desired state (SPEC §9, sync/desired.py): in every ingest."""
+
+    revision: Revision  # the desired state's revision last applied (or refused: see error)
+    live_model: ModelRef | None = None
+    shadow_model: ModelRef | None = None
+    config_revision: Revision = 0
+    error: ErrorText | None = None  # why the last desired state could not be applied in full; None: it was
+
+
 class GatewayStatus(_Strict):
     buffer_pending: Total  # summaries and events not yet accepted by central
     dropped_total: Total  # everything the buffer cap ever forced the agent to delete unsynced
     dropped: Annotated[dict[Name, Total], Field(max_length=MAX_DROPPED_KINDS)] = {}  # the same, by kind
     uptime_s: Annotated[float, Field(ge=0)]
+    applied: Applied | None = None  # what the gateway runs of central's desired state (SPEC §9)
+
+
+class _Action(_Strict):
+    """What a technician did about an alarm episode at the gateway (SPEC §10). The episode is named by the event
+    that opened it (its id and time), which both ends know: central finds its episode from that event."""
+
+    action_id: uuid.UUID  # deterministic: `action_id()`; central applies each id once
+    episode_id: uuid.UUID  # the event_id of the event that opened the episode
+    machine_id: Name
+    opened_at: AwareDatetime  # that event's ts
+    at: AwareDatetime  # when the technician acted, by the gateway's clock
+    by: Text | None = None  # the name the technician gave, if any
+    client: Text | None = None  # the address the technician's browser came from, as the gateway saw it
+
+
+class Acknowledgement(_Action):
+    action: Literal["acknowledge"]
+    note: Text | None = None
+
+
+LabelName = Literal["failure", "false_alarm", "unsure"]
+
+
+class Label(_Action):
+    action: Literal["label"]
+    label: LabelName
+    mode: Name | None = None  # the failure mode, for `failure` only (and required there)
+
+    @model_validator(mode="after")
+    def _mode_with_failure(self) -> Label:
+        if (self.label == "failure") != (self.mode is not None):
+            raise ValueError("a failure label names its mode; false_alarm and unsure name none")
+        return self
+
+
+GatewayAction = Annotated[Acknowledgement | Label, Field(discriminator="action")]
 
 
 class IngestBatch(_Strict):
@@ -119,6 +187,9 @@ class IngestBatch(_Strict):
     agent_version: Text
     summaries: Annotated[list[Summary], Field(max_length=MAX_SUMMARIES)] = []
     events: Annotated[list[Event], Field(max_length=MAX_EVENTS)] = []
+    # Gateway-side actions on alarm episodes. The agent sends the key only when it has actions: a central older than
+    # them refuses it (422, extra_forbidden) and the agent keeps its actions for later.
+    actions: Annotated[list[GatewayAction], Field(max_length=MAX_ACTIONS)] = []
     gateway: GatewayStatus
 
 
@@ -127,9 +198,19 @@ class Counts(_Strict):
     events: Count = 0
 
 
+class ActionResult(_Strict):
+    accepted: Count = 0  # applied now
+    duplicates: Count = 0  # applied before: sent again
+    # Of episodes central does not know yet (their opening event has not reached it): the gateway keeps them and
+    # sends them again later.
+    unknown: Annotated[list[uuid.UUID], Field(max_length=MAX_ACTIONS)] = []
+
+
 class IngestResult(_Strict):
     accepted: Counts  # newly stored
     duplicates: Counts  # already stored: sent again, ignored
+    # Only when the batch carried actions (an older agent's strict model would refuse an answer with this key).
+    actions: ActionResult | None = None
 
 
 def summary_id(gateway_id: str, machine_id: str, window_start: datetime) -> uuid.UUID:
@@ -139,3 +220,9 @@ def summary_id(gateway_id: str, machine_id: str, window_start: datetime) -> uuid
 
 def event_id(gateway_id: str, machine_id: str, ts: datetime, to_state: str) -> uuid.UUID:
     return uuid.uuid5(NAMESPACE, f"event/{gateway_id}/{machine_id}/{ts.astimezone(UTC).isoformat()}/{to_state}")
+
+
+def action_id(gateway_id: str, episode_id: uuid.UUID, action: str, sequence: int = 0) -> uuid.UUID:
+    """An acknowledgement is one per episode (sequence 0); a label is told apart by when it was given (`sequence`:
+    its time in microseconds), so a label given after the gateway forgot the earlier ones still gets a new id."""
+    return uuid.uuid5(NAMESPACE, f"action/{gateway_id}/{episode_id}/{action}/{sequence}")

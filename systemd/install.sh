@@ -631,8 +631,10 @@ do_rollback() {
     previous=$(release_of venv.prev)
     [ -d "$(p "$PREFIX/$previous")" ] || die "$previous is gone"
     sdctl stop "$UNIT"
+    # no backup folder (central has none): no backup; without `|| true` pipefail would end the script here silently,
+    # the service stopped (found by tests/deploy/test_systemd_central.py)
     backup=$(find "$(p "$BACKUP_DIR")" -maxdepth 1 -name "agent-$(version_of "$previous")-*.db" -printf '%T@ %p\n' \
-        2>/dev/null | sort -rn | head -n 1 | cut -d' ' -f2-)
+        2>/dev/null | sort -rn | head -n 1 | cut -d' ' -f2- || true)
     restore_if_newer "$previous" "$backup"
     point venv "$previous"
     point venv.prev "$current"

@@ -9,7 +9,6 @@ from sync import protocol
 
 T0 = datetime(2026, 3, 1, 8, 0, tzinfo=UTC)
 MODEL = {"name": "ai4i-gbt", "version": "1.0.0", "sha256": "ab" * 32}
-STATES = ("ok", "warning", "alarm")
 
 
 def summary(gateway_id: str, machine_id: str = "press-01", minute: int = 0, state: str = "ok",

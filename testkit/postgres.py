@@ -102,6 +102,26 @@ class ThrowawayPostgres(Postgres):
             raise
         return server
 
+    def standby(self, port: int | None = None, timeout: float = 120.0) -> ThrowawayPostgres:
+        """A streaming replica of this server, started: pg_basebackup -R (standby.signal and primary_conninfo
+        written), then a second postmaster on `port` (else a free one). Close it before this one."""
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="pdm-standby-"))
+        replica = ThrowawayPostgres(self._state["binaries"], folder, port or free_port())
+        try:
+            if os.geteuid() == 0:
+                shutil.chown(folder, "nobody")
+            # --checkpoint=fast: the default spread checkpoint makes the copy wait minutes.
+            replica._run("pg_basebackup", "-D", str(folder / "data"), "-h", self.host, "-p", str(self.port),
+                         "-U", POSTGRES_USER, "-X", "stream", "-R", "--no-sync", "--checkpoint=fast",
+                         timeout=timeout)
+            replica.start(timeout)
+        except BaseException:
+            replica.close()
+            raise
+        return replica
+
     def _run(self, program: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
         command = [str(self._state["binaries"] / program), *args]
         if os.geteuid() == 0:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -69,3 +69,18 @@ def screenshot(driver: WebDriver, name: str) -> Path:
 def console_errors(driver: WebDriver) -> list[str]:
     """Console messages at SEVERE level (script errors, CSP violations, failed requests)."""
     return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def retrying(driver: WebDriver, action, timeout: float = 15.0) -> None:
+    """Run ``action(driver)`` until it does not meet a stale element: a page that redraws itself every few seconds may
+    replace an element between finding it and using it."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    def attempt(d) -> bool:
+        try:
+            action(d)
+            return True
+        except StaleElementReferenceException:
+            return False
+
+    wait_for(driver, attempt, timeout)

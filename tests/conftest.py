@@ -1,5 +1,5 @@
-"""Fixtures shared by every test: the data set (read from ../shared, never from the repo), the shipped model, and
-the real services: MQTT brokers, PostgreSQL."""
+"""Fixtures shared by every test: the data set (read from ../shared, never from the repo), the shipped model, a
+candidate trained on the data set, and the real services: MQTT brokers, PostgreSQL."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from model import data
 from model.package import SHIPPED, load
 from model.score import Scorer
+from testkit.models import train_package
 from testkit.mqtt import Broker, Mosquitto
 from testkit.net import LOCALHOST, port_open
 from testkit.postgres import (
@@ -37,6 +38,13 @@ def ai4i_path():
 @pytest.fixture(scope="session")
 def ai4i(ai4i_path):
     return data.load(ai4i_path)
+
+
+@pytest.fixture(scope="session")
+def trained_candidate(ai4i_path, tmp_path_factory):
+    """A package trained by `pdm-edge train` like the shipped one but with seed 7 and 12 trees (about 10 s): another
+    graph, version 2.0.0, a candidate for shadow scoring and rollouts."""
+    return train_package(tmp_path_factory.mktemp("trained"), "2.0.0", ai4i_path, seed=7)
 
 
 @pytest.fixture(scope="session")

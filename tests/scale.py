@@ -10,6 +10,6 @@ import os
 LONG = os.environ.get("PDM_RELIABILITY", "short") == "long"
 
 
-def scaled(short: int | float, long: int | float):
+def scaled(short: float, long: float):
     """`short` in the everyday suite, `long` under ./scripts/reliability.sh."""
     return long if LONG else short

@@ -23,6 +23,7 @@ RATIOS = {
     "modbus": ("rate: bare AsyncModbusTcpClient loop", "rate: driver / bare"),
     "central": ("raw INSERT … ON CONFLICT DO NOTHING", "central / raw"),
     "sync": ("raw INSERT … ON CONFLICT DO NOTHING of the same rows", "catch-up / raw"),
+    "notify": ("ingest, notifications off", "notifications on / off"),
 }
 
 

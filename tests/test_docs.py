@@ -119,3 +119,29 @@ def test_the_example_describes_the_quarantine_not_the_dead_letters():
 def test_mosquitto_advice_covers_bursts_and_names_the_setting(doc):
     text = " ".join((ROOT / doc).read_text().split())
     assert "max_queued_messages 0" in text and "burst" in text and "max_queued_bytes" in text
+
+
+def documented_tests(text: str) -> list[tuple[str, str]]:
+    """(file, test) for each `path.py::test_name` in `text`, and each `::test_name` after it (same file); paths
+    relative to tests/ or to the checkout."""
+    found, current = [], None
+    for path, name in re.findall(r"`(?:tests/)?([\w/]+\.py)?::(test_\w+)", text):
+        current = path or current
+        if current is not None:
+            found.append((current, name))
+    return found
+
+
+@pytest.mark.parametrize("doc", ["RELIABILITY.md", "BENCHMARKS.md", "README.md", "DEPLOYMENT.md"])
+def test_every_test_a_document_names_exists(doc):
+    """RELIABILITY.md's tables name the test behind each promise: a renamed test must not leave a dead name."""
+    named = documented_tests((ROOT / doc).read_text(encoding="utf-8"))
+    def defined(path: str, name: str) -> bool:
+        file = ROOT / "tests" / path
+        return file.exists() and re.search(rf"^\s*(async )?def {name}\(", file.read_text(encoding="utf-8"),
+                                           re.MULTILINE) is not None
+
+    missing = [f"{path}::{name}" for path, name in named if not defined(path, name)]
+    assert not missing, missing
+    if doc == "RELIABILITY.md":
+        assert len(named) > 50

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import re
 import tomllib
+from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
 import pytest
@@ -14,12 +15,17 @@ from setuptools import find_packages
 
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCT = ("agent", "drivers", "model", "sync", "central", "web")
+# the product's layers: the agent wires the parts together, central runs without the agent, web serves both
+LAYERS = {"drivers": {"agent"}, "model": {"agent"}, "sync": {"agent"}, "central": {"agent", "drivers"},
+          "web": {"agent", "central"}}
 # package -> the top-level packages it must never import
 NEVER = {
     "bench": {"tests"},
     "testkit": {"tests", "bench"},
-    **{package: {"tests", "testkit", "bench"} for package in PRODUCT},
+    **{package: {"tests", "testkit", "bench"} | LAYERS.get(package, set()) for package in PRODUCT},
 }
+MAX_LINES = 600  # per module of the product's runtime packages (STYLE: short modules, one concern each)
+SHORT = ("agent", "drivers", "central")
 SCRIPT_IMPORT = re.compile(r"^\s*(?:from|import)\s+([A-Za-z_]\w*)", re.MULTILINE)
 
 
@@ -51,6 +57,39 @@ def test_a_package_never_imports_what_it_must_run_without(package):
     assert violations(package, NEVER[package]) == []
 
 
+@pytest.mark.parametrize("package", SHORT)
+def test_no_module_is_longer_than_the_limit(package):
+    lengths = {path: len(path.read_text().splitlines()) for path in sorted((ROOT / package).rglob("*.py"))}
+    assert [f"{path.relative_to(ROOT)}: {lines} lines" for path, lines in lengths.items() if lines > MAX_LINES] == []
+
+
+def product_modules() -> dict[str, Path]:
+    """module name -> file, of every module of the product (packages' __init__ files excepted)."""
+    return {".".join(path.relative_to(ROOT).with_suffix("").parts): path
+            for package in PRODUCT for path in (ROOT / package).rglob("*.py") if path.name != "__init__.py"}
+
+
+def module_imports(tree: ast.AST, modules: set[str]) -> set[str]:
+    """The product's modules a module imports anywhere (in functions and under TYPE_CHECKING too)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+    return found & modules
+
+
+def test_no_import_cycle_between_the_products_modules():
+    modules = product_modules()
+    graph = {name: module_imports(ast.parse(path.read_text(), str(path)), set(modules)) - {name}
+             for name, path in modules.items()}
+    try:
+        tuple(TopologicalSorter(graph).static_order())
+    except CycleError as exc:
+        pytest.fail(f"import cycle: {' -> '.join(exc.args[1])}")
+
+
 def private_uses(tree: ast.AST) -> set[tuple[int, str]]:
     """(line, name) of every private name imported from the product, and of every `x._name` whose x is not the
     object's own self or cls."""
@@ -77,6 +116,8 @@ def test_the_scan_sees_imports_in_functions_and_in_subprocess_scripts():
     tree = ast.parse("from agent.store import _INSERT, Store\nfrom json import _private\ndriver._loop.stop()\n"
                      "self._own = cls._too = object.__dict__\n")
     assert private_uses(tree) == {(1, "_INSERT"), (3, "_loop")}
+    tree = ast.parse("if TYPE_CHECKING:\n    from agent.service import Agent\ndef f():\n    from agent import store\n")
+    assert module_imports(tree, {"agent.service", "agent.store", "agent.status"}) == {"agent.service", "agent.store"}
 
 
 def test_the_wheel_ships_the_product_only():

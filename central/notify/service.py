@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from central.notify import outbox
 from central.notify.config import NotifyConfig, NotifyConfigError, load
 from central.notify.worker import Worker, utc_now
 from central.settings import Settings, SettingsError
+from central.supervised import Supervised
 
 log = logging.getLogger("central.notify")
 
@@ -26,9 +26,7 @@ class Notifications:
         self.config, self.clock = config, clock
         self.worker: Worker | None = None
         self.background = True  # tests turn it off and drive worker.run_once on a fake clock
-        self.restarts = 0
-        self._stopping = False
-        self._task: asyncio.Task[None] | None = None
+        self._task: Supervised | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Notifications:
@@ -53,39 +51,21 @@ class Notifications:
         if not self.config.routes:
             return
         self.worker = Worker(pool, self.config, self.clock, interval_s)
-        if not self.background:
-            return
-        self._run()
-
-    def _run(self) -> None:
-        assert self.worker is not None
-        self._task = asyncio.create_task(self.worker.run(), name="notification worker")
-        self._task.add_done_callback(self._died)
-
-    def _died(self, task: asyncio.Task[None]) -> None:
-        """The worker's loop survives failed rounds; should it die all the same (a bug), log it and start it again."""
-        if task.cancelled() or self._stopping:
-            return
-        self.restarts += 1
-        log.error("the notification worker stopped (restart %d): %s", self.restarts, task.exception(),
-                  exc_info=task.exception())
-        asyncio.get_running_loop().call_later(min(60.0, 2.0 ** self.restarts), self._run)
+        if self.background:
+            self._task = Supervised("the notification worker", self.worker.run)
+            self._task.start()
 
     def status(self) -> dict[str, Any]:
         """This process's worker, for the delivery log."""
-        running = self._task is not None and not self._task.done()
-        return {"running": running, "restarts": self.restarts, **(self.worker.status() if self.worker else {})}
+        task = self._task
+        return {"running": task is not None and task.running, "restarts": task.restarts if task else 0,
+                **(self.worker.status() if self.worker else {})}
 
     def wake(self) -> None:
         if self.worker is not None:
             self.worker.wake()
 
     async def stop(self) -> None:
-        self._stopping = True
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await self._task.stop()
 

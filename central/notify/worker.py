@@ -21,6 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from central.notify import channels, outbox
 from central.notify.config import NotifyConfig
+from web.logs import first_line
 
 log = logging.getLogger("central.notify")
 PRUNE_EVERY_S = 3600.0
@@ -60,11 +61,12 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 (the database gone, a bug: logged, counted, the loop goes on)
                 self.failed_rounds += 1
                 log.warning("notification round failed (%d so far): %s", self.failed_rounds,
-                            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+                            first_line(exc))
                 busy = False
             if not busy:
-                try:
-                    await asyncio.wait_for(self._wake.wait(), self.interval_s)
+                try:  # not asyncio.wait_for: on 3.11 it can swallow a cancel that lands as the wait ends
+                    async with asyncio.timeout(self.interval_s):
+                        await self._wake.wait()
                 except TimeoutError:
                     pass
                 self._wake.clear()

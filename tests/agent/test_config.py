@@ -363,6 +363,8 @@ BROKEN = [
          "mqtt.machine_id_segment ({file})", "no level 3"),
     case("password without username", MQTT + "password = 'p'\n",
          "mqtt.password ({file})", "set mqtt.username"),
+    case("MQTT URL without a host", MINIMAL + "[mqtt]\nurl = 'mqtt://:1883'\n",
+         "mqtt.url ({file})", "empty host"),
     case("credentials in the URL", MINIMAL + "[mqtt]\nurl = 'mqtt://u:p@b'\n",
          "mqtt.url ({file})", "use mqtt.username and mqtt.password"),
     case("CA file without TLS", MQTT + "ca_file = 'agent.toml'\n",
@@ -417,8 +419,8 @@ def test_check_inputs_names_each_missing_or_unknown_input(config_file):
 
     assert check_inputs(config, INPUT_NAMES, MACHINE_TYPE_INPUT) == [
         "modbus[0].registers: no register for model input torque; add a [modbus.registers.<input>] table for each",
-        "modbus[0].registers.torq: not a model input (the model reads air_temperature, process_temperature, "
-        "rotational_speed, torque, tool_wear); remove it",
-        "mqtt.payload_map.rpm: 'speed' is not a model input; map it to one of air_temperature, process_temperature, "
-        "rotational_speed, torque, tool_wear or machine_type",
+        ("modbus[0].registers.torq: not a model input (the model reads air_temperature, process_temperature, "
+        "rotational_speed, torque, tool_wear); remove it"),
+        ("mqtt.payload_map.rpm: 'speed' is not a model input; map it to one of air_temperature, process_temperature, "
+        "rotational_speed, torque, tool_wear or machine_type"),
     ]

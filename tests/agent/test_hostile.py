@@ -17,8 +17,8 @@ from collections.abc import Iterator
 import pytest
 
 from model.package import SHIPPED
-from tests.agent.test_run import AgentProcess, reading, wait_for
 from testkit.mqtt import Publisher
+from tests.agent.test_run import AgentProcess, reading, wait_for
 
 TOKEN = "hostile-test-token-Xq7vR2pL9sKd3mWz"
 IDLE_CONNECTIONS = 70  # above uvicorn's limit_concurrency (64): what locked the API
@@ -199,3 +199,18 @@ def test_a_data_folder_the_operator_made_keeps_its_mode_with_a_warning_when_othe
     assert stat.S_IMODE(made.stat().st_mode) == 0o700 and stat.S_IMODE(shared.stat().st_mode) == 0o755
     assert [r.getMessage() for r in caplog.records] == [
         f"{shared} is open to other users (mode drwxr-xr-x); the buffer holds plant data: chmod o-rwx {shared}"]
+
+
+def test_a_huge_alarm_action_body_is_refused_before_it_is_read(agent):
+    """Issue 22 item 3 ("every route that reads a body"): with the right token, a technician's POST whose body is
+    over 64 KiB is answered 413; a declared length is refused before any of the body is sent."""
+    with socket.create_connection(("127.0.0.1", agent.status_port), timeout=10) as sock:
+        sock.sendall((f"POST /api/v1/alarms/{'0' * 32}/acknowledge HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                      f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {256 * 2**20}\r\n\r\n").encode())
+        answer = b""
+        while b"payload_too_large" not in answer and (part := sock.recv(4096)):
+            answer += part
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"payload_too_large" in answer, answer[:200]
+    response = get(agent.status_port, "/api/v1/status", "127.0.0.5", TOKEN)
+    assert response.status == 200

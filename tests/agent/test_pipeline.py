@@ -66,8 +66,24 @@ def test_rejections_from_drivers_and_validation_are_quarantined_and_acknowledged
     assert [(q.reason, q.payload) for q in store.quarantine(10)] == [("malformed", "garbage"),
                                                                       ("not_a_number", "reading 2")]
     counters = store.counters()
-    assert counters["readings_accepted"] == 1
-    assert counters["rejected_not_a_number"] == counters["rejected_malformed"] == 1
+    assert counters.readings_accepted == 1
+    assert counters.rejected["not_a_number"] == counters.rejected["malformed"] == 1
+
+
+def test_a_reading_without_a_machine_id_is_quarantined_not_stored_and_the_pipeline_goes_on(scorer, store):
+    """A driver's bug (a reading with no machine id and no rejection) once crashed each commit of its batch, over
+    and over: the batch was never acknowledged and the pipeline stalled."""
+    acked = []
+    pipeline = pipeline_for(scorer, store)
+    pipeline.start()
+    pipeline.put(RawReading(None, 1_764_000_000.0, dict(VALUES), "test", 1_764_000_000.0, "no id",
+                            ack=lambda: acked.append("no id")))
+    pipeline.put(raw(1, ack=lambda: acked.append("press-1")))
+    assert pipeline.stop(timeout=30)
+    assert sorted(acked) == ["no id", "press-1"] and pipeline.errors == 0
+    assert [(q.reason, q.machine_id, q.payload) for q in store.quarantine(10)] == [
+        ("unknown_machine", None, "no id")]
+    assert store.counters().readings_accepted == 1
 
 
 def test_a_redelivered_reading_is_stored_once(scorer, store):
@@ -77,7 +93,7 @@ def test_a_redelivered_reading_is_stored_once(scorer, store):
         pipeline.put(raw(i))
     assert pipeline.stop(timeout=30)
     assert len(stored_ts(store.path)) == 15
-    assert store.counters()["readings_duplicate"] == 5
+    assert store.counters().readings_duplicate == 5
 
 
 def test_a_full_queue_blocks_the_driver_until_the_pipeline_catches_up(scorer, store):
@@ -91,6 +107,15 @@ def test_a_full_queue_blocks_the_driver_until_the_pipeline_catches_up(scorer, st
     assert not driver.is_alive()
     assert pipeline.stop(timeout=30)
     assert len(stored_ts(store.path)) == 50
+
+
+def test_offer_takes_a_reading_only_while_the_queue_has_room_and_never_waits(scorer, store):
+    pipeline = pipeline_for(scorer, store, queue_max=10)
+    assert [pipeline.offer(raw(i)) for i in range(12)] == [True] * 10 + [False] * 2  # no pipeline thread yet
+    assert pipeline.depth == 10
+    pipeline.start()
+    assert pipeline.stop(timeout=30)
+    assert len(stored_ts(store.path)) == 10
 
 
 class FailingStore(Store):

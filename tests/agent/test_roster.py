@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import time
+
+import pytest
+
 from agent.config import MachinesConfig
+from agent.counters import BufferCounters
 from agent.roster import Roster
+from drivers.base import RawReading
 from model.validate import Reason
+from testkit.net import free_port
 
 HOUR = 3600.0
 
@@ -39,3 +46,25 @@ def test_listed_machines_do_not_count_and_an_upgrade_keeps_the_most_recent_known
     assert roster.known == 2  # old-3 and old-4, the most recent; modbus-1 is listed
     assert roster.admit("old-4", 200.0) is None and roster.admit("old-0", 200.0) is not None
     assert roster.admit("modbus-1", 200.0) is None and roster.known == 2
+
+
+def test_an_agents_opcua_machines_are_listed_like_its_modbus_devices(tmp_path):
+    """Regression: the machines of [[opcua]] servers were left out of the roster, so with machines.allowed set
+    their readings were quarantined as unknown machines."""
+    pytest.importorskip("asyncua", reason="the opcua extra: pip install 'pdm-edge[opcua]'")
+    from drivers.simulator_opcua import node_config
+    from tests.agent.test_status import HEALTHY, make_agent, wait_for
+
+    agent = make_agent(tmp_path, machines={"allowed": ["press-*"]})
+    agent.config = agent.config.model_copy(update={"opcua": [node_config({"plc-m1": "M"}, free_port())]})
+    agent.start()
+    try:
+        now = time.time()
+        for machine in ("plc-m1", "stranger"):
+            agent.pipeline.put(RawReading(machine, now, dict(HEALTHY), "test", now))
+        wait_for(lambda: agent.store.counters().readings_accepted + agent.store.counters().rejected_total == 2,
+                 "both readings to be committed")
+        assert agent.store.counters() == BufferCounters(readings_accepted=1, rejected={"unknown_machine": 1})
+        assert [q.machine_id for q in agent.store.quarantine(10)] == ["stranger"]
+    finally:
+        agent.stop()

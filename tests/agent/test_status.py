@@ -120,8 +120,8 @@ def feed(agent: Agent) -> float:
     garbage = Rejection(Reason.MALFORMED, "not JSON")
     agent.pipeline.put(RawReading(None, now, {}, "test:garbage", now, "garbage", garbage))
     store = agent.store
-    wait_for(lambda: store.counters().get("readings_accepted") == 3 * READINGS_EACH
-             and store.counters().get("rejected_malformed") == 1
+    wait_for(lambda: store.counters().readings_accepted == 3 * READINGS_EACH
+             and store.counters().rejected.get("malformed") == 1
              and len(store.outbox("event", pending=False)) == 2, "the readings and both alarm events to be committed")
     return now
 
@@ -231,7 +231,8 @@ def test_status_describes_the_gateway(served):
     assert status["readings"] == {"accepted": 30, "duplicate": 0, "rejected": {"malformed": 1}, "rejected_total": 1,
                                   "quarantine_evicted": 0}
     assert status["sync"] == {"enabled": False, "url": None, "last_success": None, "last_success_age_s": None,
-                              "last_error": None, "set_aside": {}}
+                              "last_error": None, "set_aside": {},
+                              "actions_error": None}
     pipeline = status["pipeline"]
     assert pipeline["queue_depth"] == 0 and pipeline["queue_max"] == 10_000 and pipeline["batches"] >= 1
     assert pipeline["database_up"] is True and pipeline["errors"] == 0
@@ -276,7 +277,7 @@ def test_trends_follow_new_readings_between_requests(tmp_path):
         store, start = running.agent.store, time.time()
         for i in range(TREND_POINTS - 5):  # m-ok overheats: TREND_POINTS - 5 newer readings, at a lower health
             running.agent.pipeline.put(RawReading("m-ok", start + i, dict(HEAT), "test", time.time()))
-        wait_for(lambda: store.counters()["readings_accepted"] == 3 * READINGS_EACH + TREND_POINTS - 5,
+        wait_for(lambda: store.counters().readings_accepted == 3 * READINGS_EACH + TREND_POINTS - 5,
                  "the new readings to be committed")
         hot = round(store.history("m-ok", 0.0, 1)[0].health, 1)
         [machine] = [m for m in running.get("/api/v1/machines").json()["machines"] if m["machine_id"] == "m-ok"]

@@ -59,6 +59,27 @@ def test_table_shows_machines_worst_first_and_a_gateway_line(served, capsys):
         assert part in gateway, gateway
 
 
+def test_the_open_alarm_episodes_show_who_acknowledged_them(with_token, capsys):
+    """Issue 18: a technician at the terminal sees which alarms are open and whether someone has taken them."""
+    assert status_cli.main(with_token.url, TOKEN, as_json=False) == 0
+    out = capsys.readouterr().out
+    assert "open alarm episodes: 2" in out
+    heat = next(line for line in out.splitlines() if line.strip().startswith("m-hdf") and "[" in line)
+    assert "alarm" in heat and "heat dissipation" in heat and "NOT acknowledged" in heat
+    episode = heat.rsplit("[", 1)[1].rstrip("]")
+
+    acked = with_token.get(f"/api/v1/alarms/{episode}/acknowledge", TOKEN, method="POST", json={"by": "Ana"})
+    assert acked.status_code == 200, acked.text
+    assert status_cli.main(with_token.url, TOKEN, as_json=False) == 0
+    out = capsys.readouterr().out
+    heat = next(line for line in out.splitlines() if episode in line)
+    assert "acknowledged by Ana at the gateway" in heat and "NOT acknowledged" not in heat
+    assert "1 acknowledgement(s)/label(s) not yet at central" in out
+    assert status_cli.main(with_token.url, TOKEN, as_json=True) == 0
+    listed = json.loads(capsys.readouterr().out)["alarms"]["alarms"]
+    assert {a["episode_id"]: a["acknowledged_by"] for a in listed}[episode] == "Ana"
+
+
 def test_table_colours_states_on_a_terminal(served, monkeypatch):
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -140,3 +161,40 @@ def test_pdm_edge_status_command(served):
     assert table.returncode == 0 and table.stdout.startswith("MACHINE") and "m-hdf" in table.stdout
     down = pdm_edge("status", "--url", closed_port_url())
     assert down.returncode == 1 and "not reachable" in down.stderr
+
+
+@pytest.mark.parametrize("name", ["Ana\u202eevil", "Ana\x9b31m", "Ana\x1b[2J"], ids=["bidi", "c1", "esc"])
+def test_a_name_a_terminal_would_obey_is_refused_as_central_refuses_it(with_token, name):
+    """Issue 22 item 7: the agent took C1 controls and bidi overrides in a technician's name, which central then
+    refused and `pdm-edge status` printed raw."""
+    assert status_cli.main(with_token.url, TOKEN, as_json=True, out=io.StringIO()) == 0
+    episode = with_token.get("/api/v1/alarms", TOKEN).json()["alarms"][0]["episode_id"]
+    refused = with_token.get(f"/api/v1/alarms/{episode}/acknowledge", TOKEN, method="POST", json={"by": name})
+    assert refused.status_code == 422 and refused.json()["error"]["details"][0]["loc"][-1] == "by"
+    assert with_token.get("/api/v1/alarms", TOKEN).json()["alarms"][0]["acknowledged_at"] is None
+
+
+def test_what_the_agent_answers_is_printed_escaped(with_token, monkeypatch):
+    """Whatever reached the buffer before a rule (an old row, a future field), the terminal gets escapes, not
+    commands: in the table and in --json."""
+    real = status_cli._get
+
+    def tampered(session, base, path):
+        body = real(session, base, path)
+        if path == "/api/v1/status":
+            body["gateway_id"] = "gw\x1b]0;owned\x07\u202e"
+        return body
+
+    monkeypatch.setattr(status_cli, "_get", tampered)
+    for as_json in (False, True):
+        out = io.StringIO()
+        assert status_cli.main(with_token.url, TOKEN, as_json=as_json, out=out) == 0
+        text = out.getvalue()
+        assert "\x1b" not in text and "\u202e" not in text and "\x07" not in text
+    assert "gateway gw\\x1b]0;owned\\x07\\u202e" in status_cli_table(with_token.url)
+
+
+def status_cli_table(url: str) -> str:
+    out = io.StringIO()
+    status_cli.main(url, TOKEN, as_json=False, out=out)
+    return out.getvalue()

@@ -14,8 +14,10 @@ from tests.agent.test_status import TOKEN, open_agent, token_agent
 from tests.scale import scaled
 
 OPERATIONS = {"GET /healthz", "GET /readyz", "GET /api/v1/status", "GET /api/v1/machines",
-              "GET /api/v1/machines/{machine_id}", "GET /api/v1/events", "GET /metrics"}
-WITH_PARAMETERS = {"GET /api/v1/machines/{machine_id}", "GET /api/v1/events"}
+              "GET /api/v1/machines/{machine_id}", "GET /api/v1/events", "GET /metrics", "GET /api/v1/alarms",
+              "POST /api/v1/alarms/{episode_id}/acknowledge", "POST /api/v1/alarms/{episode_id}/label"}
+WITH_PARAMETERS = {"GET /api/v1/machines/{machine_id}", "GET /api/v1/events",
+                   "POST /api/v1/alarms/{episode_id}/acknowledge", "POST /api/v1/alarms/{episode_id}/label"}
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +62,11 @@ def test_regression_every_route_documents_the_errors_its_guard_gives(token_api):
                             timeout=10).json()
     assert token_api.get("/metrics").status_code == 401
     for path, item in document["paths"].items():
-        guarded = {"400", "500"} if path == "/healthz" else {"400", "401", "429", "500"}
-        assert guarded <= set(item["get"]["responses"]), path
-        if path != "/healthz":  # issue 22: wrong tokens are throttled per address
-            assert "Retry-After" in item["get"]["responses"]["429"]["headers"], path
+        for operation in item.values():
+            guarded = {"400", "500"} if path == "/healthz" else {"400", "401", "429", "500"}
+            assert guarded <= set(operation["responses"]), path
+            if path != "/healthz":  # issue 22: wrong tokens are throttled per address
+                assert "Retry-After" in operation["responses"]["429"]["headers"], path
 
 
 # One test per operation and mode, with schemathesis' strategies under Hypothesis (its pytest loader for a schema

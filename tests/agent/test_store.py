@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.counters import BufferCounters
 from agent.store import (
     MACHINE_ID_MAX_CHARS,
     MESSAGE_MAX_CHARS,
@@ -33,31 +34,31 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def reading(machine_id: str | None = "m1", ts: float = 1000.0, **changes) -> StoredReading:
-    fields = dict(
-        machine_id=machine_id,
-        ts=ts,
-        values={"air_temperature_k": 300.1, "process_temperature_k": 310.2, "torque_nm": 40.5},
-        machine_type="M",
-        p_failure=0.12,
-        risk={"TWF": 0.01, "HDF": 0.1, "PWF": 0.02, "OSF": 0.03},
-        health=88.0,
-        state="ok",
-        ood=(),
-        model_version="1.0.0",
-        received_at=ts + 0.25,
-    )
+    fields = {
+        "machine_id": machine_id,
+        "ts": ts,
+        "values": {"air_temperature_k": 300.1, "process_temperature_k": 310.2, "torque_nm": 40.5},
+        "machine_type": "M",
+        "p_failure": 0.12,
+        "risk": {"TWF": 0.01, "HDF": 0.1, "PWF": 0.02, "OSF": 0.03},
+        "health": 88.0,
+        "state": "ok",
+        "ood": (),
+        "model_version": "1.0.0",
+        "received_at": ts + 0.25,
+    }
     return StoredReading(**(fields | changes))
 
 
 def rejected(message: str = "torque_nm -5 is below 0", **changes) -> QuarantinedReading:
-    fields = dict(
-        received_at=1000.0,
-        source="mqtt:pdm/m1/telemetry",
-        machine_id="m1",
-        reason="out_of_range",
-        message=message,
-        payload='{"torque_nm": -5}',
-    )
+    fields = {
+        "received_at": 1000.0,
+        "source": "mqtt:pdm/m1/telemetry",
+        "machine_id": "m1",
+        "reason": "out_of_range",
+        "message": message,
+        "payload": '{"torque_nm": -5}',
+    }
     return QuarantinedReading(**(fields | changes))
 
 
@@ -80,7 +81,7 @@ def test_group_write_stores_scores_and_quarantine(store: Store) -> None:
 
     assert store.latest_by_machine() == {"m1": scored[0], "m2": scored[1]}
     assert store.quarantine(limit=10) == [bad]
-    assert store.counters() == {"readings_accepted": 2, "rejected_malformed": 1}
+    assert store.counters() == BufferCounters(readings_accepted=2, rejected={"malformed": 1})
 
 
 def test_redelivered_reading_is_stored_once_and_counted(store: Store) -> None:
@@ -92,7 +93,7 @@ def test_redelivered_reading_is_stored_once_and_counted(store: Store) -> None:
     history = store.history("m1", since_ts=0.0, limit=10)
     assert [r.ts for r in history] == [1.0, 2.0, 3.0]
     assert history[1].p_failure == 0.12  # the first delivery is kept
-    assert store.counters() == {"readings_accepted": 3, "readings_duplicate": 2}
+    assert store.counters() == BufferCounters(readings_accepted=3, readings_duplicate=2)
 
 
 def test_failed_write_stores_nothing_of_its_batch(store: Store, db: Path) -> None:
@@ -103,7 +104,7 @@ def test_failed_write_stores_nothing_of_its_batch(store: Store, db: Path) -> Non
 
     assert store.latest_by_machine() == {}
     assert store.quarantine(limit=10) == []
-    assert store.counters() == {}
+    assert store.counters() == BufferCounters()
     assert store.write([reading(ts=1.0)], []).new == 1
 
 
@@ -113,11 +114,8 @@ def test_quarantine_cap_evicts_oldest_and_counts(db: Path) -> None:
         store.write([], [rejected("r3"), rejected("r4", reason="missing_input"), rejected("r5")])
 
         assert [r.message for r in store.quarantine(limit=10)] == ["r5", "r4", "r3"]
-        assert store.counters() == {
-            "quarantine_evicted": 2,
-            "rejected_missing_input": 1,
-            "rejected_out_of_range": 4,
-        }
+        assert store.counters() == BufferCounters(quarantine_evicted=2,
+                                                  rejected={"missing_input": 1, "out_of_range": 4})
 
 
 def test_a_junk_topic_and_message_are_stored_cut_and_marked(store: Store) -> None:
@@ -138,7 +136,7 @@ def test_the_quarantine_is_bounded_in_bytes_keeping_the_newest(db: Path) -> None
 
         kept = store.quarantine(limit=100)
         assert [r.message[:4] for r in kept] == [f"{i:04d}" for i in range(29, 19, -1)]
-        assert store.counters()["quarantine_evicted"] == 20
+        assert store.counters().quarantine_evicted == 20
 
 
 def test_at_the_buffer_cap_the_quarantine_goes_before_any_reading(tmp_path) -> None:
@@ -151,7 +149,7 @@ def test_at_the_buffer_cap_the_quarantine_goes_before_any_reading(tmp_path) -> N
 
         dropped = store.enforce_cap(with_readings + 1_000_000)
 
-        assert set(dropped) == {"quarantine"} and store.counters()["dropped_quarantine"] == dropped["quarantine"]
+        assert set(dropped) == {"quarantine"} and store.counters().dropped["quarantine"] == dropped["quarantine"]
         assert len(store.history("m1", 0, 10**6)) == 500  # no valid reading paid for the junk
 
 
@@ -168,7 +166,8 @@ def test_counters_survive_reopen(db: Path) -> None:
         store.write([reading(ts=1.0), reading(ts=1.0)], [rejected()])
     with Store.open(db) as store:
         store.write([reading(ts=2.0)], [])
-        assert store.counters() == {"readings_accepted": 2, "readings_duplicate": 1, "rejected_out_of_range": 1}
+        assert store.counters() == BufferCounters(readings_accepted=2, readings_duplicate=1,
+                                                  rejected={"out_of_range": 1})
 
 
 def test_history_returns_newest_readings_since_ts_oldest_first(store: Store) -> None:
@@ -222,7 +221,7 @@ def test_upgrade_from_older_schema_keeps_data(db: Path, old_version: int) -> Non
             "m1", 1.0, {"torque_nm": 40.5}, "L", 0.5, {"TWF": 0.5}, 50.0, "warning", ("torque_nm",), "0.9.0", 1.5
         )
         store.write([reading(ts=2.0)], [])
-        assert store.counters() == {"readings_accepted": 2}
+        assert store.counters() == BufferCounters(readings_accepted=2)
 
     check = sqlite3.connect(db)
     assert check.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
@@ -248,11 +247,12 @@ def test_file_that_is_not_a_database_is_a_store_error(db: Path) -> None:
 
 def test_quarantined_rows_from_before_the_byte_bound_count_toward_it(db: Path) -> None:
     old = sqlite3.connect(db)
-    for statement in (s for migration in MIGRATIONS[:-1] for s in migration):
+    before = 4  # the schema before the byte bound (migration 5)
+    for statement in (s for migration in MIGRATIONS[:before] for s in migration):
         old.execute(statement)
     old.executemany("INSERT INTO quarantine (received_at, source, machine_id, reason, message, payload)"
                     " VALUES (?, 'mqtt:t', NULL, 'malformed', 'm', ?)", [(float(i), "p" * 3000) for i in range(10)])
-    old.execute(f"PRAGMA user_version = {len(MIGRATIONS) - 1}")
+    old.execute(f"PRAGMA user_version = {before}")
     old.commit()
     old.close()
 
@@ -347,7 +347,8 @@ def test_every_reported_commit_survives_sigkill_mid_write(db: Path, synchronous:
             assert stored == [float(ts) for ts in range(len(stored))]
             assert len(stored) % BATCH == 0  # a batch is stored whole or not at all
             batches = len(stored) // BATCH
-            assert store.counters() == {"readings_accepted": len(stored), "rejected_out_of_range": batches}
+            assert store.counters() == BufferCounters(readings_accepted=len(stored),
+                                                      rejected={"out_of_range": batches})
             assert len(store.quarantine(limit=batches + 10)) == batches
         next_ts = len(stored)
 
@@ -367,11 +368,11 @@ def test_the_buffer_cap_drops_synced_records_then_old_readings_then_summaries_ne
         cap = full * 2 // 3
         dropped = store.enforce_cap(cap)
         assert store.used_bytes() <= cap
-        assert set(dropped) == {"readings"} and store.counters()["dropped_readings"] == dropped["readings"]
+        assert set(dropped) == {"readings"} and store.counters().dropped["readings"] == dropped["readings"]
         assert len(store.outbox(pending=False)) == 500  # the synced ones went first
         oldest = store.history("m1", 0, 10**6)[0].ts
         assert oldest == float(dropped["readings"])  # the oldest readings went
 
         store.enforce_cap(200 * 2000 + 150 * 2000)  # room for the events and some summaries only
         assert len(store.outbox("event")) == 200  # never dropped
-        assert store.counters()["dropped_summaries"] > 0 and store.history("m1", 0, 10) == []
+        assert store.counters().dropped["summaries"] > 0 and store.history("m1", 0, 10) == []

@@ -30,7 +30,7 @@ def test_state_health_and_main_risk_agree_at_every_reading(tmp_path):
         start = time.time() - len(steps)
         for i, values in enumerate(steps):
             pipeline.put(RawReading("m1", start + i, dict(values), "test", time.time()))
-            wait_for(lambda n=i + 1: store.counters().get("readings_accepted") == n, f"reading {i + 1} committed")
+            wait_for(lambda n=i + 1: store.counters().readings_accepted == n, f"reading {i + 1} committed")
             [machine] = running.get("/api/v1/machines").json()["machines"]
             fed.append((machine["reading_state"], machine["reading_health"],
                         max(store.history("m1", 0.0, 1)[0].risk.items(), key=lambda kv: kv[1])[0]))

@@ -20,8 +20,11 @@ from testkit.net import LOCALHOST, free_port
 
 
 def make_settings(url: str, **overrides) -> Settings:
+    # No maintenance task and nothing past retention: the tests share one database holding days of any year, and
+    # retention would drop other tests' old days (tests/central/test_partitions.py tests it on databases of its own).
     values = {"database_url": SecretStr(url), "ops_token": SecretStr(OPS_TOKEN), "db_timeout_s": 2.0,
-              "pool_max_size": 4, **overrides}
+              "pool_max_size": 4, "maintenance_interval_s": 0, "retain_summaries_days": 100 * 366,
+              "retain_rollup_days": 100 * 366, **overrides}
     return Settings(**values)
 
 
@@ -40,7 +43,8 @@ GUNICORN = shutil.which("gunicorn", path=str(BIN)) or "gunicorn"
 def environment(url: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("PDM_CENTRAL_")}
     env.update({"PDM_CENTRAL_DATABASE_URL": url, "PDM_CENTRAL_OPS_TOKEN": OPS_TOKEN, "PDM_CENTRAL_LOG_FORMAT": "json",
-                **extra})
+                "PDM_CENTRAL_MAINTENANCE_INTERVAL_S": "0", "PDM_CENTRAL_RETAIN_SUMMARIES_DAYS": "36600",
+                "PDM_CENTRAL_RETAIN_ROLLUP_DAYS": "36600", **extra})
     return env
 
 

@@ -111,3 +111,21 @@ def test_an_unmigrated_database_says_to_migrate(fresh):
 def test_bad_settings_exit_2(central_url):
     result = run(central_url, "list-gateways", PDM_CENTRAL_POOL_MAX_SIZE="many")
     assert result.returncode == 2 and "PDM_CENTRAL_POOL_MAX_SIZE" in result.stderr
+
+
+def test_maintain_creates_the_coming_days_partitions_then_has_nothing_to_do(fresh):
+    assert run(fresh, "migrate").returncode == 0
+    first = run(fresh, "maintain", PDM_CENTRAL_PARTITIONS_AHEAD_DAYS="3")
+    assert first.returncode == 0, first.stderr
+    assert "created" in first.stderr and "summaries_p" in first.stderr
+    with psycopg.connect(fresh) as conn:
+        days = conn.execute("SELECT count(*) FROM pg_inherits WHERE inhparent = 'summaries'::regclass").fetchone()[0]
+    assert days == 4  # today and the next 3
+    second = run(fresh, "maintain", PDM_CENTRAL_PARTITIONS_AHEAD_DAYS="3")
+    assert second.returncode == 0 and "created 0 partition(s), dropped 0" in second.stderr
+
+
+def test_maintain_without_a_database_says_so_in_one_line(fresh):
+    result = run(f"postgresql://127.0.0.1:{free_port()}/x", "maintain")
+    assert result.returncode == 1
+    assert result.stderr.startswith("pdm-central: database unavailable") and "Traceback" not in result.stderr

@@ -169,6 +169,14 @@ def test_fleet_and_machine_views_in_chromium(served):
             .get_attribute("class")
         screenshot(driver, "dashboard-machine")
 
+        # Over 6 hours (buckets under a minute) the mill's 5-minute gaps are "unchanged" (summaries on change hold
+        # alike windows back up to 5 minutes): one line holding each value, not 72 fragments.
+        stamp = loaded_stamp(driver)
+        driver.find_element(By.CSS_SELECTOR, '#ranges a[data-range="6h"]').click()
+        reloaded(driver, stamp)
+        health = wait_for(driver, lambda d: d.find_element(By.ID, "health-chart"))
+        assert len(health.find_elements(By.CSS_SELECTOR, "polyline.trace")) == 1
+
         stamp = loaded_stamp(driver)
         driver.find_element(By.CSS_SELECTOR, '#ranges a[data-range="30d"]').click()
         reloaded(driver, stamp)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from testkit import batches
@@ -22,8 +24,9 @@ def machines(conn, name: str) -> list[str]:
                                        " WHERE g.name = %s ORDER BY 1", [name])]
 
 
-def test_new_machines_beyond_the_limit_are_refused_record_by_record(client, gateway, conn):
+def test_new_machines_beyond_the_limit_are_refused_record_by_record(client, gateway, conn, caplog):
     name, token = gateway
+    caplog.set_level(logging.WARNING, logger="central")
     first = batches.batch(name, summaries=[summary(name, f"m{i}") for i in (1, 2)], events=[])
     assert client.post(INGEST, json=first, headers=bearer(token)).status_code == 200
 
@@ -43,6 +46,11 @@ def test_new_machines_beyond_the_limit_are_refused_record_by_record(client, gate
     alone = batches.batch(name, summaries=[summary(name, "m4")], events=[])
     assert client.post(INGEST, json=alone, headers=bearer(token)).status_code == 422
     assert machines(conn, name) == ["m1", "m2", "m3"]
+    # Ops are told once a minute per gateway, with how many records were refused: not a line per batch.
+    lines = [r.getMessage() for r in caplog.records if "of new machines refused" in r.getMessage()]
+    expected = (f"gateway {name}: 2 record(s) of new machines refused since the last such line: it has 2 machines, "
+                "the limit is 3")
+    assert lines == [expected], lines
 
     # Known machines go on at the limit.
     known = batches.batch(name, summaries=[summary(name, "m2", minute=5)], events=[event(name, "m3")])

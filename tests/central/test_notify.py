@@ -25,6 +25,7 @@ from testkit.net import LOCALHOST, free_port
 from tests.central.notify_support import SECRET, Mailbox, Receiver, self_signed
 from tests.central.support import OPS, bearer, make_settings
 from tests.central.test_alarms import events_of
+from tests.central.test_gateway_actions import action
 
 INGEST = "/api/v1/ingest"
 DELIVERIES = "/api/v1/notifications/deliveries"
@@ -364,3 +365,19 @@ def test_the_worker_outlives_a_database_it_cannot_reach_counting_and_logging_eac
     failed_rounds, alive = asyncio.run(scenario())
     assert alive and failed_rounds >= 2
     assert "notification round failed (1 so far)" in caplog.text
+
+
+def test_an_acknowledgement_made_at_the_gateway_stops_the_escalation(central, receivers, secret_file, gateways):
+    """Issue 18: the technician acknowledged on the shop floor; central sends no escalation for it."""
+    gateway = gateways.add()
+    receiver = receivers()
+    c = central(webhook("hook", receiver, secret_file) + route("r", gateway[0], ["hook"], escalate_after_min=30))
+    name = gateway[0]
+    left, acked = event(name, "m-left", to_state="alarm"), event(name, "m-acked", to_state="alarm")
+    c.send(gateway, [left, acked])
+    c.deliver()
+    body = batches.batch(name, summaries=[], events=[], actions=[action(name, acked, "acknowledge", by="Ana")])
+    assert c.client.post(INGEST, json=body, headers=bearer(gateway[1])).json()["actions"]["accepted"] == 1
+    c.deliver(timedelta(minutes=31))
+    assert sorted(receiver.transitions()) == sorted([("opened", "m-left", "r"), ("opened", "m-acked", "r"),
+                                                     ("escalation", "m-left", "r")])

@@ -60,16 +60,35 @@ def test_pdm_central_serve(central_url, registered, conn, tmp_path):
 def test_gunicorn_with_uvicorn_workers(central_url, registered, conn, tmp_path):
     name, token = registered
     port = free_port()
-    env = environment(central_url, PDM_CENTRAL_BIND=f"{LOCALHOST}:{port}", PDM_CENTRAL_WORKERS="2")
+    env = environment(central_url, PDM_CENTRAL_BIND=f"{LOCALHOST}:{port}", PDM_CENTRAL_WORKERS="2",
+                      PDM_CENTRAL_POOL_MAX_SIZE="4")
     server = Server([GUNICORN, "-c", "python:central.gunicorn_conf"], env, port, tmp_path / "log")
     try:
         server.wait_ready()
         exercise(server, name, token, conn)
         log = server.log.read_text()
         assert log.count("Booting worker") == 2, log
+        assert "2 workers x up to 4 PostgreSQL connections each: at most 8 on the primary" in log
     finally:
         code = server.terminate()
     assert code == 0, server.log.read_text()
+
+
+def test_gunicorn_workers_log_the_apps_records_as_json_lines(central_url, tmp_path):
+    """The app's own records (here: ready to serve, with the effective settings) reach the log under gunicorn as
+    under `pdm-central serve`: one JSON object per line, secrets redacted."""
+    port = free_port()
+    env = environment(central_url, PDM_CENTRAL_BIND=f"{LOCALHOST}:{port}", PDM_CENTRAL_WORKERS="1")
+    server = Server([GUNICORN, "-c", "python:central.gunicorn_conf"], env, port, tmp_path / "log")
+    try:
+        server.wait_ready()
+    finally:
+        code = server.terminate()
+    log = server.log.read_text()
+    assert code == 0, log
+    records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    [ready] = [r for r in records if r.get("logger") == "central" and r["message"].startswith("pdm-central")]
+    assert ready["level"] == "info" and ready["settings"]["ops_token"] == "***" and OPS_TOKEN not in log
 
 
 @pytest.mark.parametrize("command", ["serve", "gunicorn"])

@@ -60,9 +60,11 @@ WEAK = "short-token"
     ({"PDM_CENTRAL_DATABASE_URL": "postgresql://pdm:hunter2@db/pdm"}, "holds a password in a plain environment"),
     ({"PDM_CENTRAL_DATABASE_URL": "host=db dbname=pdm user=pdm password=hunter2"}, "holds a password in a plain"),
     ({"PDM_CENTRAL_DATABASE_URL": "postgresql://pdm@db/pdm?password=hunter2"}, "holds a password in a plain"),
+    ({"PDM_CENTRAL_READ_DATABASE_URL": "postgresql://pdm:hunter2@replica/pdm"},
+     "PDM_CENTRAL_READ_DATABASE_URL: holds a password in a plain"),
 ], ids=["ops-token-missing", "ops-token-short", "ops-token-one-character", "ops-token-31", "ops-token-ten-distinct", "cors-wildcard", "cors-wildcard-among-others", "proxies-all-ipv4",
         "proxies-all-ipv6", "database-url-default", "database-password-inline", "database-password-keyword",
-        "database-password-query"])
+        "database-password-query", "read-database-password-inline"])
 def test_production_refuses(change, refusal):
     environ = {k: v for k, v in {**STRONG, **change}.items() if v is not None}
     settings = load_settings(environ)
@@ -169,3 +171,11 @@ def test_env_example_documents_every_setting():
     expected = {f"PDM_CENTRAL_{name.upper()}" for name in Settings.model_fields if name != "sources"}
     assert expected <= documented
     assert documented - expected <= {"PDM_CENTRAL_OPS_TOKEN_FILE", "PDM_CENTRAL_DATABASE_URL_FILE"}
+
+
+def test_the_read_replica_url_is_a_secret_from_a_file_and_redacted_in_logs(tmp_path):
+    (tmp_path / "read").write_text("postgresql://pdm:hunter2@replica/pdm\n")
+    settings = load_settings({**STRONG, "PDM_CENTRAL_READ_DATABASE_URL_FILE": str(tmp_path / "read")})
+    assert settings.sources["read_database_url"] == "file" and settings.serving_problems() == []
+    assert settings.read_database_url.get_secret_value() == "postgresql://pdm:hunter2@replica/pdm"
+    assert settings.redacted()["read_database_url"] == "postgresql://pdm:***@replica/pdm"

@@ -9,9 +9,14 @@ import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.deploy.systemd_box import SystemdBox
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMD = REPO / "systemd"
@@ -105,3 +110,34 @@ def exposure(systemd_analyze: str, root: Path, unit: str) -> tuple[float, str]:
         if "Overall exposure level for" in line:
             return float(line.split(":")[1].split()[0]), result.stdout
     pytest.fail(f"no overall exposure in:\n{result.stdout}\n{result.stderr}")
+
+
+@pytest.fixture(scope="session")
+def wheels(wheel: Path) -> Path:
+    """Wheels of every dependency (the central extra's too), cached outside the repository (tests/deploy/engine.py):
+    the systemd and .deb tests install from them with --no-index."""
+    from tests.deploy import engine
+
+    engine.need_engine()
+    return engine.wheelhouse(wheel, "central")
+
+
+@pytest.fixture(scope="session")
+def images() -> dict[str, str]:
+    """Both images built by scripts/images.sh on a base made from Debian's packages (full level only)."""
+    from tests.deploy import engine
+
+    engine.need_full()
+    result = engine.sh("bash", REPO / "scripts/images.sh", "--local-base", "--tag", "test", timeout=3000)
+    print("\n" + result.stdout)
+    return {"pdm-edge": "localhost/pdm-edge:test", "pdm-central": "localhost/pdm-central:test"}
+
+
+@pytest.fixture(scope="session")
+def systemd_host(tmp_path_factory: pytest.TempPathFactory, wheel: Path, wheels: Path) -> Iterator[SystemdBox]:
+    """One Debian 12 machine with systemd as init (a container) for the agent's and central's systemd tests: the
+    gateway and the central server at once (removed at the end of the session, or of a failed one)."""
+    from tests.deploy.systemd_box import systemd_box
+
+    with systemd_box(tmp_path_factory.mktemp("systemd-host"), wheel, wheels, hostname="gw-systemd-1") as box:
+        yield box

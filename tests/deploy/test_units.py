@@ -73,6 +73,7 @@ def test_agent_unit_matches_the_agent() -> None:
     assert seconds(unit["TimeoutStopSec"][0]) > STOP_TIMEOUT_S
     assert unit["User"] == ["pdm-edge"] and unit["SupplementaryGroups"] == ["dialout"]
     assert unit["StateDirectory"] == ["pdm-edge"] and unit["ConfigurationDirectory"] == ["pdm-edge"]
+    assert unit["ReadOnlyPaths"] == ["/etc/pdm-edge"]
     assert {"MemoryMax", "TasksMax"} <= unit.keys()
     # Each credential the agent reads, under the name it reads, from a pdm-edge.* file of the credential store.
     credentials = dict(value.split(":") for value in unit["LoadCredential"])

@@ -537,6 +537,54 @@ def test_a_blocked_sink_makes_polls_skip_not_pile_up(servers, driver_for):
     until(lambda: len(sink.readings) >= 3, what="readings once the sink takes them")
 
 
+class Offering(Recorder):
+    """A sink that also takes readings without waiting (the pipeline's offer()), refusing them while `full`; put()
+    blocks while `open` is clear. Records the thread each reading was taken on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.full = threading.Event()
+        self.threads: list[str] = []
+
+    def offer(self, reading: RawReading) -> bool:
+        if self.full.is_set():
+            return False
+        with self._lock:
+            self.readings.append(reading)
+            self.threads.append(threading.current_thread().name)
+        return True
+
+    def put(self, reading: RawReading) -> None:
+        super().put(reading)
+        with self._lock:
+            self.threads.append(threading.current_thread().name)
+
+
+def test_a_sink_that_takes_readings_without_waiting_is_offered_them_on_the_event_loop(servers, driver_for):
+    port = servers.tcp({1: ModbusUnit(holding={0: 1})})
+    sink = Offering()
+    driver, _ = driver_for([tcp("m", port, {"x": Register(address=0)}, interval_s=0.02)], sink)
+    until(lambda: len(sink.readings) >= 3, what="3 readings")
+    assert set(sink.threads) == {"modbus"} and device_status(driver, "m")["readings"] >= 3
+
+
+def test_a_full_offering_sink_gets_the_readings_through_its_blocking_put_and_polls_skip_meanwhile(servers,
+                                                                                                 driver_for):
+    port = servers.tcp({1: ModbusUnit(holding={0: 1})})
+    sink = Offering()
+    sink.full.set()
+    sink.open.clear()  # full: offer() refuses, put() waits
+    driver, _ = driver_for([tcp("m", port, {"x": Register(address=0)}, interval_s=0.05)], sink)
+    until(lambda: device_status(driver, "m")["skipped_overlaps"] >= 10, what="10 skipped polls")
+    assert device_status(driver, "m")["polls"] == 1 and sink.readings == []
+    sink.open.set()
+    until(lambda: len(sink.readings) >= 2, what="the waiting reading, put")
+    sink.full.clear()
+    until(lambda: sink.threads[-1:] == ["modbus"], what="readings offered again once there is room")
+    readings = sink.of("m")
+    assert [r.ts for r in readings] == sorted(r.ts for r in readings)  # in order, through either path
+
+
 def test_stop_hands_nothing_more_and_close_is_idempotent(servers):
     port = servers.tcp({1: ModbusUnit(holding={0: 1})})
     never_started = ModbusDriver([tcp("m", port, {"x": Register(address=0)})], TYPE_KEY)
@@ -671,13 +719,13 @@ def test_pdm_edge_modbus_probe_prints_every_decoding_and_marks_the_display_value
     port = servers.tcp({1: ModbusUnit(input=dict(enumerate(encode(41.25, torque), start=104)))})
     run = subprocess.run([sys.executable, "-m", "agent.cli", "modbus", "probe", "--host", LOCALHOST, "--port",
                           str(port), "--address", "104", "--count", "2", "--table", "input", "--expect", "41.25"],
-                         capture_output=True, text=True, timeout=60)
+                         check=False, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     marked = [line for line in run.stdout.splitlines() if "<= matches" in line]
     assert marked and all("float32" in line for line in marked)
     closed = subprocess.run([sys.executable, "-m", "agent.cli", "modbus", "probe", "--host", LOCALHOST, "--port",
                              str(servers.closer()), "--address", "0", "--timeout", "0.5"],
-                            capture_output=True, text=True, timeout=60)
+                            check=False, capture_output=True, text=True, timeout=60)
     assert closed.returncode == 1 and "pdm-edge modbus probe:" in closed.stderr
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent.test_run import reading, wait_for
-from tests.drivers.test_mqtt_broker import PUBLISHER_PROTOCOL, Agent
 from testkit.mqtt import Mosquitto, Publisher
 from testkit.net import ServiceError
+from tests.agent.test_run import reading, wait_for
+from tests.drivers.test_mqtt_broker import PUBLISHER_PROTOCOL, Agent
 
 MB = 2**20
 

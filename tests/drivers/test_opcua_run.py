@@ -52,6 +52,8 @@ def test_run_stores_each_change_once_across_a_server_restart(tmp_path):
         data = tmp_path / "data"
         lines = ['gateway_id = "gw-opcua"', f'data_dir = "{data}"', 'log_format = "json"',
                  "[status]", f'bind = "127.0.0.1:{status_port}"',
+                 # configured machines are always taken: before the fix the second was quarantined as unknown
+                 "[machines]", "max_machines = 1",
                  "[[opcua]]", f'url = "opc.tcp://127.0.0.1:{port}"', 'name = "plc-1"', "sampling_ms = 50",
                  "backoff_max_s = 1.0"]
         for machine, machine_type in machines.items():

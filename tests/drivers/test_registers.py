@@ -19,6 +19,7 @@ from drivers.probe import display_tolerance, format_rows, interpretations, map_e
 from drivers.registers import (
     MAX_READ_REGISTERS,
     ReadRequest,
+    ResponseDecoder,
     decode,
     decode_raw,
     decode_response,
@@ -249,6 +250,34 @@ def test_decode_response_picks_each_inputs_words():
         "speed": 1500, "torque": 123.456, "temp": pytest.approx(-10.0)}
     with pytest.raises(ValueError, match="sent 2 registers, not 5"):
         decode_response(request, [1, 2], registers)
+
+
+def same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or (a == b and type(a) is type(b))
+
+
+@pytest.mark.parametrize("scale, offset", [(1.0, 0.0), (0.1, 0.0), (0.01, 273.15), (-1.0, -40.0)])
+@pytest.mark.parametrize("type_, order, words, value", VECTORS)
+def test_a_compiled_decoder_reads_each_vector_as_decode_does(type_, order, words, value, scale, offset):
+    register = Register(address=7, type=type_, word_order=order[0], byte_order=order[1], scale=scale, offset=offset)
+    (request,) = plan_reads({"x": register})
+    decoded = ResponseDecoder(request, {"x": register})(words)["x"]
+    assert same(decoded, decode(words, register))
+    if (scale, offset) == (1.0, 0.0):
+        assert decoded == value
+
+
+def test_a_compiled_decoder_picks_each_inputs_words_and_refuses_a_short_answer():
+    registers = {"speed": Register(address=10, type="uint16"),
+                 "torque": Register(address=12, type="float32", word_order="little"),
+                 "temp": Register(address=14, type="int16", scale=0.1)}
+    (request,) = plan_reads(registers, largest_gap=1)
+    decoder = ResponseDecoder(request, registers)
+    assert decoder([1500, 0xFFFF, 0xE979, 0x42F6, 0xFF9C]) == {"speed": 1500, "torque": 123.456, "temp": -10.0}
+    with pytest.raises(ValueError, match="sent 2 registers, not 5"):
+        decoder([1, 2])
+    with pytest.raises(ValueError, match="0..65535"):
+        decoder([1500, 0x10000, 0xE979, 0x42F6, 0xFF9C])
 
 
 # --- the probe's interpretations ----------------------------------------------------------------------------------

@@ -68,7 +68,8 @@ def operations(document: dict) -> list[str]:
 SUMMARIES = "GET /api/v1/gateways/{gateway}/machines/{machine_id}/summaries"
 DESIRED = "GET /api/v1/gateways/{gateway_id}/desired"
 OPERATIONS = ["GET /healthz", "GET /readyz", f"POST {INGEST}", "GET /api/v1/fleet", "GET /api/v1/machines", SUMMARIES,
-              "GET /api/v1/events", DESIRED]
+              "GET /api/v1/events", DESIRED, "GET /api/v1/models/{name}/{version}/bundle",
+              "GET /api/v1/rollouts/current"]
 ALARMS = ["GET /api/v1/alarms", "GET /api/v1/alarms/{episode_id}", "POST /api/v1/alarms/{episode_id}/acknowledge",
           "POST /api/v1/alarms/{episode_id}/comment", "POST /api/v1/alarms/{episode_id}/assign",
           "POST /api/v1/alarms/{episode_id}/label", "GET /api/v1/notifications/deliveries"]
@@ -120,7 +121,7 @@ def test_regression_every_error_is_documented_as_the_envelope_the_api_answers(ce
     assert moved.status_code == 308 and moved.headers["location"] == DOCUMENT
 
 
-WITHOUT_INPUT = {"GET /healthz", "GET /readyz", "GET /api/v1/fleet"}  # nothing to get wrong: positive cases only
+WITHOUT_INPUT = {"GET /healthz", "GET /readyz", "GET /api/v1/fleet", "GET /api/v1/rollouts/current"}  # nothing to get wrong: positive cases only
 
 
 @pytest.mark.parametrize(("operation", "mode"), [

@@ -14,6 +14,7 @@ from drivers.modbus import Register
 from drivers.registers import (
     ORDERS,
     REGISTER_WORDS,
+    ResponseDecoder,
     decode,
     decode_raw,
     decode_response,
@@ -96,6 +97,18 @@ registers_maps = st.fixed_dictionaries({
                     st.sampled_from([1.0, 0.1, 0.01, -1.0, 10.0]), st.sampled_from([0.0, 273.15, -40.0]))
     for i, name in enumerate(INPUT_NAMES)
 })
+
+
+@fuzz_settings(short=100, long=10_000)
+@given(registers=registers_maps, gap=st.integers(min_value=0, max_value=12), data=st.data())
+def test_the_compiled_decoder_reads_any_words_as_decode_response_does(registers, gap, data):
+    for request in plan_reads(registers, largest_gap=gap):
+        sent = data.draw(st.lists(words, min_size=request.count, max_size=request.count + 2))
+        expected, got = decode_response(request, sent, registers), ResponseDecoder(request, registers)(sent)
+        assert list(got) == list(expected)
+        for name, value in expected.items():
+            assert (math.isnan(value) and math.isnan(got[name])) or (got[name] == value
+                                                                      and type(got[name]) is type(value))
 
 
 @fuzz_settings(short=100, long=10_000)

@@ -5,6 +5,11 @@ Retrains from scratch once per session (about a minute on two cores).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -34,6 +39,21 @@ def test_retraining_from_scratch_reproduces_the_shipped_package(retrained):
     assert differences(shipped.metrics, again.metrics) == []
     assert differences(shipped.thresholds.model_dump(), again.thresholds.model_dump()) == []
     assert again.inputs == shipped.inputs
+    assert again.onnx.sha256 == shipped.onnx.sha256
+
+
+def test_retraining_with_another_blas_kernel_reproduces_the_shipped_package(ai4i_path, tmp_path):
+    """Issue 14 item 1 on one machine: OpenBLAS picks its kernel per CPU, and OPENBLAS_CORETYPE picks it here. Haswell
+    is the kernel an AVX-512 EPYC got on the machine where the shipped thresholds came out different in their 16th
+    digit; `pdm-edge train` under it must give the shipped package at the stated precision."""
+    out = tmp_path / "haswell"
+    env = {**os.environ, "OPENBLAS_CORETYPE": "Haswell"}
+    done = subprocess.run([Path(sys.executable).with_name("pdm-edge"), "train", "--data", ai4i_path, "--out", out],
+                          check=False, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    shipped, again = Manifest.load(SHIPPED), Manifest.load(out)
+    assert differences(shipped.thresholds.model_dump(), again.thresholds.model_dump()) == []
+    assert differences(shipped.metrics, again.metrics) == []
     assert again.onnx.sha256 == shipped.onnx.sha256
 
 
@@ -108,3 +128,33 @@ def test_a_threshold_is_rounded_towards_the_side_that_keeps_its_readings():
         threshold_at_or_below(0.5841370533898261, below=0.5841370001)
     with pytest.raises(PrecisionError):
         threshold_above(0.014321682586090363, next_score=0.01432169)
+
+
+def test_a_model_trained_with_another_seed_and_size_records_them_and_evaluates_to_its_figures(trained_candidate,
+                                                                                              ai4i_path):
+    """`pdm-edge train --seed 7 --trees 12 --model-version 2.0.0` (tests/conftest.py): the manifest says so, and
+    `pdm-edge model evaluate` recomputes its figures on the split of its own seed."""
+    manifest = Manifest.load(trained_candidate)
+    assert manifest.version == "2.0.0" and manifest.training.seed == 7
+    assert manifest.training.split.endswith("random_state=7")
+    assert all("n_estimators=12," in text for text in manifest.training.estimators.values())
+    assert "--seed 7 --trees 12 --model-version 2.0.0" in manifest.training.command
+    assert manifest.onnx.sha256 != Manifest.load(SHIPPED).onnx.sha256
+    done = subprocess.run([Path(sys.executable).with_name("pdm-edge"), "model", "evaluate", trained_candidate,
+                           "--data", ai4i_path], check=False, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert manifest.metrics["test"]["failure"]["roc_auc"] >= 0.95  # smaller than the shipped model, not worse by much
+
+
+def test_a_model_that_learned_nothing_still_gets_an_alarm_threshold_above_its_warning_and_says_so():
+    """Labels that nothing predicts (trained on shuffled labels, say): no threshold reaches the alarm's precision,
+    and the best F1 would be below the warning threshold; the alarm is the best F1 above it, and the method says
+    which thresholds fell short."""
+    rng = np.random.default_rng(3)
+    labels = {target: (rng.random(8000) < 0.034).astype(np.int8) for target in ("failure", "TWF", "HDF", "PWF", "OSF")}
+    out_of_fold = {target: 0.034 + 0.01 * rng.standard_normal(8000) for target in labels}
+    thresholds = train.choose_thresholds(labels, out_of_fold)
+    best_f1 = train.best_threshold(labels["failure"], out_of_fold["failure"], train.ALARM_MIN_PRECISION)
+    assert best_f1 < thresholds.warning < thresholds.alarm  # the best F1 anywhere would make a manifest that is refused
+    assert "(it reaches none: best F1 above the warning threshold)" in thresholds.method
+    assert "(TWF, HDF, PWF, OSF reach none: best F2)" in thresholds.method

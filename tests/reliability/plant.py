@@ -6,7 +6,10 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+import threading
+from collections.abc import Sequence
 from contextlib import closing
+from typing import Self
 
 import requests
 
@@ -38,6 +41,32 @@ def healthy_unit() -> ModbusUnit:
     unit = ModbusUnit()
     set_values(unit, **{name: value for name, (_, value) in LAYOUT.items()})
     return unit
+
+
+class Replay:
+    """A plant whose readings change: every `period_s`, each unit gets the next row of `rows` (name -> value of
+    LAYOUT), round and round, unit k starting k/len(units) of the way in; on a thread, while in a `with` block."""
+
+    def __init__(self, units: Sequence[ModbusUnit], rows: Sequence[dict[str, float]], period_s: float) -> None:
+        self.units, self.rows, self.period_s = units, rows, period_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="replay", daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        offsets = [k * len(self.rows) // len(self.units) for k in range(len(self.units))]
+        step = 0
+        while not self._stop.wait(self.period_s):
+            for unit, offset in zip(self.units, offsets, strict=True):
+                set_values(unit, **self.rows[(offset + step) % len(self.rows)])
+            step += 1
 
 
 def modbus_devices(port: int, machines: int, interval_s: float) -> str:

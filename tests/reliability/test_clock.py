@@ -22,6 +22,7 @@ from agent.config import AgentConfig, AlarmsConfig, PipelineConfig, SummaryConfi
 from agent.machines import Machines
 from agent.pipeline import Pipeline
 from agent.service import Agent
+from agent.snapshot import Running
 from agent.store import Store
 from drivers.base import RawReading
 from sync.client import BACKOFF_MAX_S, BACKOFF_MIN_S, Outcome
@@ -82,7 +83,7 @@ def test_windows_survive_clock_jumps_without_duplicates_or_empty_windows(scorer,
         clock.now += 2 * WINDOW_S + GRACE_S + 1  # quiet: the last windows close by the clock
         assert gateway.pipeline.stop(timeout=30)
         summaries = [Summary.model_validate_json(r.body) for r in store.outbox("summary")]
-        stored = store.counters()["readings_accepted"]
+        stored = store.counters().readings_accepted
     late = gateway.machines.summaries.late
     windows = [(s.machine_id, s.window_start.timestamp()) for s in summaries]
     print(f"\nclock jumps: {total} readings, {len(summaries)} summaries, {late} late (stamped in closed windows)")
@@ -111,7 +112,7 @@ def test_retention_under_clock_jumps_never_deletes_what_central_does_not_have(sc
         pending = {r.record_id for r in store.outbox()}
         machines = store.machines()
         service = Agent(config)
-        service.store = store
+        service.running = Running(store, gateway.pipeline)  # retention needs the store alone
         for jump in (-YEAR, +YEAR, +10 * YEAR):
             clock.now = T0 + jump
             service._retention()
@@ -119,7 +120,7 @@ def test_retention_under_clock_jumps_never_deletes_what_central_does_not_have(sc
             assert store.machines() == machines, jump  # nor the open windows
         assert store.outbox_backlog()[0] == len(pending)
         assert not {r.record_id for r in store.outbox(pending=False)} & set(synced)  # synced ones may go
-        assert store.counters()["readings_accepted"] == 5 * 60 / EVERY_S * len(MACHINES)
+        assert store.counters().readings_accepted == 5 * 60 / EVERY_S * len(MACHINES)
 
 
 class _Skewed(datetime):

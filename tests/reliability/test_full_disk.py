@@ -103,11 +103,11 @@ def test_the_sqlite_page_limit_as_a_full_disk_acknowledges_nothing_uncommitted_a
         for i in range(total):
             pipeline.put(raw(i, ack=lambda i=i: acked.append(i)))
         wait_for(lambda: pipeline.database.failures_total >= 3, 30, "the page limit to be reached")
-        held = store.counters()["readings_accepted"]
+        held = store.counters().readings_accepted
         assert 0 < held < total and len(acked) == held  # acknowledged exactly what was committed
         assert not pipeline.database.up and "full" in pipeline.database.last_error
         with store._guard("making room") as connection:
             connection.execute("PRAGMA max_page_count = 1000000")
         assert pipeline.stop(timeout=60)
         assert sorted(acked) == list(range(total)) and pipeline.database.up
-        assert store.counters()["readings_accepted"] == total and store.integrity_ok()
+        assert store.counters().readings_accepted == total and store.integrity_ok()

@@ -9,7 +9,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from agent.store import Store
 from sync.client import Outcome, SyncClient
 from sync.config import CentralConfig
 from sync.protocol import GatewayStatus, IngestBatch
@@ -77,20 +76,6 @@ def accept_all(batch):
                      "duplicates": {"summaries": 0, "events": 0}}
 
 
-@pytest.fixture
-def central():
-    server = Central()
-    server.judge = accept_all
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def store(tmp_path):
-    with Store.open(tmp_path / "agent.db") as store:
-        yield store
-
-
 def records(store, n_events=0, n_summaries=0):
     from agent.config import AlarmsConfig, SummaryConfig
     from agent.machines import Machines
@@ -108,7 +93,7 @@ def records(store, n_events=0, n_summaries=0):
 
 def client(store, url, batch_size=500):
     config = CentralConfig(url=url, token=TOKEN, batch_size=batch_size, allow_insecure_http=True)
-    status = lambda: GatewayStatus(buffer_pending=0, dropped_total=0, uptime_s=1.0)  # noqa: E731
+    status = lambda: GatewayStatus(buffer_pending=0, dropped_total=0, uptime_s=1.0)
     return SyncClient(config, "gw-1", "0.1.0", store, status)
 
 
@@ -166,7 +151,7 @@ def test_invalid_records_are_isolated_and_set_aside_with_the_reason_the_rest_is_
     with store._guard("test") as db:
         assert db.execute("SELECT record_id, reason FROM dead_letters").fetchall() == [
             (poison, "422: machine_id too long")]
-    assert store.counters()["set_aside_event"] == 1
+    assert store.counters().set_aside["event"] == 1
 
 
 def test_a_batch_too_large_is_split(store, central):

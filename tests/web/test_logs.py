@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
-from agent.logs import setup
 from drivers.base import Availability
+from web.logs import setup
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,6 @@
 """Logging: JSON lines for journald and log shippers, readable text on a terminal.
 
-`pdm-edge run` calls `setup()` once. Connections log state changes, not repeats: see drivers.base.Availability.
+`pdm-edge run`, `pdm-edge demo` and `pdm-central serve` call `setup()` once. Connections log state changes, not repeats: see drivers.base.Availability.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
+from typing import TextIO
 
 _RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
@@ -29,7 +30,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def setup(level: str = "INFO", fmt: str = "auto", stream=None) -> None:
+def setup(level: str = "INFO", fmt: str = "auto", stream: TextIO | None = None) -> None:
     """Configure the root logger; fmt "auto" is text on a terminal and JSON otherwise (journald, files, pipes)."""
     stream = stream or sys.stderr
     if fmt == "auto":
@@ -42,3 +43,9 @@ def setup(level: str = "INFO", fmt: str = "auto", stream=None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("apscheduler").setLevel(max(logging.WARNING, root.level))  # it logs every job run at INFO
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one log line: its message's first line, or its type when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

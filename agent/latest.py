@@ -1,0 +1,86 @@
+"""Each machine's newest committed reading and health trend, kept in memory for the status API (`LatestReadings`).
+
+The pipeline hands every newly committed reading to `committed()` right after its batch's commit, so a request of
+/api/v1/machines reads no reading from the database and decodes none: it costs what changed, not the ingest rate.
+What the process did not commit itself (the readings stored before a restart, what the buffer cap or the retention
+deleted) is read from the store at the next request after `start` or `forget()`, once.
+
+Who calls it: the pipeline thread (`committed`), the retention and the cap (`forget`), the status API's worker
+threads (`view`); a lock guards the maps.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterable
+from typing import Protocol
+
+from agent.store import StoredReading
+
+TREND_POINTS = 60  # readings in each machine's trend on /api/v1/machines
+
+
+class Source(Protocol):
+    """What a view is read from when it knows nothing yet (agent.store.Store)."""
+
+    def latest_by_machine(self) -> dict[str, StoredReading]: ...
+
+    def trend(self, machine_id: str, limit: int) -> list[tuple[float, float]]: ...
+
+
+class LatestReadings:
+    """The newest reading of each machine (by ts) and the health of its newest TREND_POINTS readings, oldest first. A
+    reading older than its machine's newest (late, or redelivered) changes neither: it is in the machine's history."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._latest: dict[str, StoredReading] = {}
+        self._trends: dict[str, deque[float]] = {}
+        self._loaded = False  # from the store, since the start or the last forget()
+
+    def committed(self, readings: Iterable[StoredReading]) -> None:
+        """Readings just committed, in arrival order (never a duplicate of a stored one)."""
+        with self._lock:
+            for reading in readings:
+                newest = self._latest.get(reading.machine_id)
+                if newest is not None and reading.ts <= newest.ts:
+                    continue
+                self._latest[reading.machine_id] = reading
+                trend = self._trends.get(reading.machine_id)
+                if trend is None:
+                    trend = self._trends[reading.machine_id] = deque(maxlen=TREND_POINTS)
+                trend.append(rounded(reading.health))
+
+    def forget(self) -> None:
+        """Readings were deleted: read everything from the store again at the next view."""
+        with self._lock:
+            self._loaded = False
+
+    def view(self, source: Source) -> list[tuple[StoredReading, list[float]]]:
+        """Each machine's newest reading and its trend."""
+        with self._lock:
+            if not self._loaded:
+                self._load(source)
+            return [(reading, list(self._trends[machine_id])) for machine_id, reading in self._latest.items()]
+
+    def _load(self, source: Source) -> None:
+        """Under the lock, so no commit is applied meanwhile; one applied just before is in the store too, and the
+        ts rule above keeps it from counting twice."""
+        latest = source.latest_by_machine()
+        trends = {}
+        for machine_id, reading in latest.items():
+            known = self._latest.get(machine_id)
+            if known is not None and known.ts >= reading.ts and len(self._trends[machine_id]) == TREND_POINTS:
+                trends[machine_id] = self._trends[machine_id]  # committed here since: nothing to read
+                latest[machine_id] = known
+                continue
+            points = source.trend(machine_id, TREND_POINTS)
+            trends[machine_id] = deque((rounded(h) for _, h in points), maxlen=TREND_POINTS)
+            if not points:
+                trends[machine_id].append(rounded(reading.health))
+        self._latest, self._trends, self._loaded = latest, trends, True
+
+
+def rounded(health: float) -> float:
+    return round(health, 1)  # plenty for a sparkline, and a third of the bytes of a full float

@@ -1,0 +1,309 @@
+"""Central at fleet scale: sustained ingest at a fleet's rate through gunicorn workers, the dashboard's fleet view
+polled meanwhile, and a retention run dropping a day's partition in the middle of it.
+
+Run: python -m bench.bench_central_scale [--quick] [--seconds S] [--rate R] [--gateways G] [--machines M]
+                                         [--workers W] [--senders P]
+     (writes the `central_scale` section of BENCHMARKS.md)
+
+The defaults are the issue's: 1,000,000 machines at one summary a minute = 16,700 summaries/s, as 10,000 gateways of
+100 machines, each sending its 100 one-minute summaries in one gzipped batch once a minute (an agent's sync round),
+for 10 minutes. Window times advance one minute per batch of a gateway, from today 00:00 UTC (simulated time may
+run faster than the clock when G x M / R is under 60 s). Only public interfaces: central's HTTP API, `gunicorn -c
+python:central.gunicorn_conf`, `pdm-central maintain`, and auth.add_gateway (what `pdm-central add-gateway` runs).
+
+  - load: P sender processes, open loop: each batch has a scheduled time (start + i / batches per second) and is
+    sent by one of 24 threads per process; a batch is measured from its scheduled time to central's answer, so a
+    server that falls behind shows in the latency (no coordinated omission), and from its actual send
+  - fleet view: GET /api/v1/dashboard/fleet?limit=200 every 5 s with the ops token
+  - retention: before the run, a day 40 days back is ingested (its own partition); at half time `pdm-central
+    maintain` runs with 30 days' retention: the ingest requests in flight while it runs are reported apart
+  - disk: the size of the summaries' partitions (heap + indexes) per row stored, for DEPLOYMENT.md's sizing table
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import requests
+
+from bench.bench_central import bench_database
+from bench.report import table, write_section
+from central import auth
+from testkit.central import OPS_TOKEN
+from testkit.net import LOCALHOST, free_port
+
+FLEET_EVERY_S = 5.0
+THREADS = 24
+OLD_DAY = timedelta(days=40)
+SHA = "ab" * 32
+SUMMARY = ('{{"summary_id":"{id}","machine_id":"{machine}","window_start":"{start}","window_end":"{end}",'
+           '"model":{{"name":"ai4i-gbt","version":"1.0.0","sha256":"' + SHA + '"}},"readings":60,"rejected":0,'
+           '"out_of_distribution":0,"health_min":{health:.1f},"health_mean":{health:.1f},"health_last":{health:.1f},'
+           '"p_failure_max":{p:.4f},"p_failure_mean":{p:.4f},"mode_risk_max":{{"TWF":{p:.4f},"HDF":0.002,'
+           '"PWF":0.001,"OSF":0.003}},"worst_state":"{state}","inputs":{{'
+           '"air_temperature":{{"min":298.1,"mean":298.4,"max":298.9}},'
+           '"process_temperature":{{"min":308.2,"mean":308.6,"max":309.1}},'
+           '"rotational_speed":{{"min":1402,"mean":1538.5,"max":1710}},'
+           '"torque":{{"min":38.5,"mean":40.1,"max":44.75}},"tool_wear":{{"min":120,"mean":120.5,"max":121}}}}}}')
+NAMESPACE = uuid.UUID("6f2a6d1e-3c55-4c4e-9d7a-1b2c3d4e5f60")
+
+
+def body(gateway: str, machines: int, minute: int, t0: datetime) -> bytes:
+    """One gateway's batch: its machines' windows of one minute, gzipped as the agent sends it."""
+    start = t0 + timedelta(minutes=minute)
+    start_s, end_s = start.isoformat(), (start + timedelta(minutes=1)).isoformat()
+    items = []
+    for m in range(machines):
+        machine = f"m-{m:03d}"
+        state = "alarm" if (m + minute) % 97 == 0 else "warning" if (m + minute) % 31 == 0 else "ok"
+        p = 0.7 if state == "alarm" else 0.3 if state == "warning" else 0.01 + (m % 10) / 1000
+        items.append(SUMMARY.format(id=uuid.uuid5(NAMESPACE, f"{gateway}/{machine}/{start_s}"), machine=machine,
+                                    start=start_s, end=end_s, health=100 - 100 * p, p=p, state=state))
+    envelope = (f'{{"gateway_id":"{gateway}","batch_id":"{uuid.uuid4()}",'
+                f'"sent_at":"{datetime.now(UTC).isoformat()}","agent_version":"bench","events":[],'
+                f'"gateway":{{"buffer_pending":0,"dropped_total":0,"uptime_s":60}},"summaries":[')
+    return gzip.compress((envelope + ",".join(items) + "]}").encode(), 5)
+
+
+def sender(base: str, gateways: list[tuple[str, str]], machines: int, batches_per_s: float, start: float,
+           seconds: float, t0_iso: str, out: str) -> None:
+    """One sender process: its gateways in turn at `batches_per_s`, open loop; samples written to `out`."""
+    t0 = datetime.fromisoformat(t0_iso)
+    local = threading.local()
+    samples: list[tuple[float, float, float, int, int]] = []
+    lock = threading.Lock()
+
+    def session() -> requests.Session:
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+        return local.session
+
+    def send(scheduled: float, name: str, token: str, minute: int) -> None:
+        payload = body(name, machines, minute, t0)
+        sent = time.time()
+        try:
+            response = session().post(base + "/api/v1/ingest", data=payload, timeout=30, headers={
+                "Authorization": f"Bearer {token}", "Content-Type": "application/json", "Content-Encoding": "gzip"})
+            status = response.status_code
+            accepted = response.json()["accepted"]["summaries"] if status == 200 else 0
+        except requests.RequestException:
+            status, accepted = 0, 0
+        with lock:
+            samples.append((scheduled, sent, time.time(), status, accepted))
+
+    total = int(batches_per_s * seconds)
+    with ThreadPoolExecutor(THREADS) as pool:
+        for i in range(total):
+            scheduled = start + i / batches_per_s
+            delay = scheduled - time.time()
+            if delay > 0:
+                time.sleep(delay)
+            name, token = gateways[i % len(gateways)]
+            pool.submit(send, scheduled, name, token, i // len(gateways))
+    Path(out).write_text(json.dumps(samples))
+
+
+def add_gateways(url: str, count: int, prefix: str) -> list[tuple[str, str]]:
+    with psycopg.connect(url, autocommit=True) as conn, conn.transaction():  # one commit, not 10,000
+        return [(f"{prefix}-{i:05d}", auth.add_gateway(conn, f"{prefix}-{i:05d}")) for i in range(count)]
+
+
+def start_gunicorn(url: str, workdir: Path, workers: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PDM_CENTRAL_")}
+    env.update({"PDM_CENTRAL_DATABASE_URL": url, "PDM_CENTRAL_OPS_TOKEN": OPS_TOKEN,
+                "PDM_CENTRAL_BIND": f"{LOCALHOST}:{port}", "PDM_CENTRAL_WORKERS": str(workers),
+                "PDM_CENTRAL_LOG_LEVEL": "WARNING", "PDM_CENTRAL_MAINTENANCE_INTERVAL_S": "0"})
+    log = (workdir / "gunicorn.log").open("ab")
+    gunicorn = Path(sys.executable).parent / "gunicorn"
+    process = subprocess.Popen([str(gunicorn), "-c", "python:central.gunicorn_conf"], env=env, stdout=log,
+                               stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://{LOCALHOST}:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"gunicorn exited: {(workdir / 'gunicorn.log').read_text()[-2000:]}")
+        try:
+            if requests.get(base + "/readyz", timeout=1).status_code == 200:
+                return process, base
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("gunicorn was not ready within 60 s")
+
+
+def maintain(url: str, workdir: Path) -> tuple[float, float, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PDM_CENTRAL_")}
+    env.update({"PDM_CENTRAL_DATABASE_URL": url, "PDM_CENTRAL_RETAIN_SUMMARIES_DAYS": "30"})
+    started = time.time()
+    done = subprocess.run([sys.executable, "-m", "central.cli", "maintain"], env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    ended = time.time()
+    (workdir / "maintain.log").write_text(done.stderr)
+    return started, ended, done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+
+
+def poll_fleet(base: str, stop: threading.Event, out: list[float]) -> None:
+    with requests.Session() as session:
+        session.headers["Authorization"] = f"Bearer {OPS_TOKEN}"
+        while not stop.is_set():
+            begun = time.perf_counter()
+            response = session.get(base + "/api/v1/dashboard/fleet", params={"limit": 200}, timeout=30)
+            if response.status_code == 200:
+                out.append(time.perf_counter() - begun)
+            stop.wait(max(0.0, FLEET_EVERY_S - (time.perf_counter() - begun)))
+
+
+def table_bytes(url: str, parent: str) -> tuple[int, int]:
+    """(bytes of the partitions of `parent`, heap and indexes; its rows)."""
+    with psycopg.connect(url) as conn:
+        return conn.execute(
+            f"SELECT coalesce(sum(pg_total_relation_size(i.inhrelid)), 0)::bigint, (SELECT count(*) FROM {parent}) "
+            "FROM pg_inherits i WHERE i.inhparent = %s::regclass", [parent]).fetchone()
+
+
+def rollup_row_bytes(url: str) -> float:
+    """A roll-up row's share of disk once vacuumed: its tuple (+ 24 bytes of header, 4 of line pointer) and its
+    primary key's entry (+ 16). Measured, the table's size would count the dead versions of each hour's updates."""
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT avg(pg_column_size(t.*) + 28 + pg_column_size((t.gateway_id, t.machine_id, "
+                            "t.hour)) + 16) FROM summaries_hourly t").fetchone()[0] or 0.0
+
+
+def pct(samples: list[float], q: float) -> float:
+    if not samples:
+        return float("nan")
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:,.0f} ms"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="20 s at 2,000 summaries/s (50 gateways x 100)")
+    parser.add_argument("--seconds", type=float, default=600)
+    parser.add_argument("--rate", type=float, default=16_700, help="summaries per second")
+    parser.add_argument("--gateways", type=int, default=10_000)
+    parser.add_argument("--machines", type=int, default=100, help="per gateway: the summaries of one batch")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="gunicorn workers")
+    parser.add_argument("--senders", type=int, default=2, help="load generator processes")
+    args = parser.parse_args()
+    if args.quick:
+        args.seconds, args.rate, args.gateways = 20, 2_000, 50
+    batches_per_s = args.rate / args.machines
+    with ExitStack() as stack:
+        url, where = bench_database(stack, prefix="pdm_bench_scale")
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        with psycopg.connect(url) as conn:
+            version = conn.execute("SHOW server_version").fetchone()[0]
+            fsync = conn.execute("SHOW fsync").fetchone()[0]
+        print(f"registering {args.gateways:,} gateways...", file=sys.stderr, flush=True)
+        gateways = add_gateways(url, args.gateways, "scale")
+        process, base = start_gunicorn(url, workdir, args.workers)
+
+        def stop_server() -> None:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(60)
+
+        stack.callback(stop_server)
+        today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        maintain(url, workdir)  # today's and the coming days' partitions, as the API's task would have
+        old_name, old_token = add_gateways(url, 1, "old")[0]
+        old = [body(old_name, args.machines, minute, today - OLD_DAY) for minute in range(100)]
+        with requests.Session() as session:
+            for payload in old:  # the day that retention drops during the run
+                response = session.post(base + "/api/v1/ingest", data=payload, headers={
+                    "Authorization": f"Bearer {old_token}", "Content-Type": "application/json",
+                    "Content-Encoding": "gzip"}, timeout=60)
+                response.raise_for_status()
+        size_before, rows_before = table_bytes(url, "summaries")
+
+        start = time.time() + 2.0
+        files = [workdir / f"sender-{i}.json" for i in range(args.senders)]
+        context = multiprocessing.get_context("spawn")
+        senders = [context.Process(target=sender, args=(base, gateways[i::args.senders], args.machines,
+                                                        batches_per_s / args.senders, start, args.seconds,
+                                                        today.isoformat(), str(files[i])))
+                   for i in range(args.senders)]
+        for proc in senders:
+            proc.start()
+        fleet_latency: list[float] = []
+        stop = threading.Event()
+        poller = threading.Thread(target=poll_fleet, args=(base, stop, fleet_latency), daemon=True)
+        time.sleep(max(0.0, start - time.time()))
+        poller.start()
+        time.sleep(args.seconds / 2)
+        drop_start, drop_end, drop_report = maintain(url, workdir)
+        for proc in senders:
+            proc.join()
+        stop.set()
+        poller.join(10)
+        samples = [tuple(s) for f in files for s in json.loads(f.read_text())]
+        size_after, rows_after = table_bytes(url, "summaries")
+        hourly_row = rollup_row_bytes(url)
+
+    ok = [s for s in samples if s[3] == 200]
+    failed = len(samples) - len(ok)
+    accepted = sum(s[4] for s in ok)
+    span = max(s[2] for s in samples) - start if samples else float("nan")
+    latency = [s[2] - s[0] for s in ok]  # from the scheduled time
+    service = [s[2] - s[1] for s in ok]  # from the send
+    during = [s[2] - s[1] for s in ok if s[1] < drop_end and s[2] > drop_start]
+    # The same length of time just before the drop: what ingest looked like without it.
+    length = drop_end - drop_start
+    before = [s[2] - s[1] for s in ok if s[1] < drop_start - 1.0 and s[2] > drop_start - 1.0 - length]
+    bytes_per_row = (size_after - size_before) / max(1, rows_after - rows_before)
+    print(f"accepted {accepted:,} summaries in {span:.1f} s ({accepted / span:,.0f}/s); failed {failed}; "
+          f"ingest p50 {pct(latency, 0.5) * 1000:.0f} ms p99 {pct(latency, 0.99) * 1000:.0f} ms; "
+          f"fleet p99 {pct(fleet_latency, 0.99) * 1000:.0f} ms; drop: {drop_report}, "
+          f"{len(during)} requests meanwhile, max {max(during, default=0) * 1000:.0f} ms", file=sys.stderr)
+    body_text = table([
+        ("ingest kept up: summaries accepted per second", f"{accepted / span:,.0f} summaries/s",
+         f"≥ {args.rate:,.0f}"),
+        ("ingest batches that failed (not 200)", f"{failed} of {len(samples):,}", "0"),
+        ("ingest latency p50, from the batch's scheduled time", ms(pct(latency, 0.5)), ""),
+        ("ingest latency p99, from the batch's scheduled time", ms(pct(latency, 0.99)), "≤ 500 ms"),
+        ("ingest latency p99, from the send", ms(pct(service, 0.99)), ""),
+        (f"fleet view p99 (every {FLEET_EVERY_S:g} s, {len(fleet_latency)} requests)",
+         ms(pct(fleet_latency, 0.99)), "≤ 200 ms"),
+        ((f"slowest ingest request during the partition drop ({len(during)} requests, "
+          f"{(drop_end - drop_start):.1f} s)"), ms(max(during, default=0.0)), "≤ 1,000 ms"),
+        (f"slowest ingest request in as long just before the drop ({len(before)} requests)",
+         ms(max(before, default=0.0)), ""),
+        ("disk per summary (partitions' heap + indexes)", f"{bytes_per_row:,.0f} bytes", ""),
+        ("disk per machine-hour of the roll-up (live row + its key, estimated)", f"{hourly_row:,.0f} bytes", ""),
+    ])
+    mode = "quick" if args.quick else f"{args.seconds:g} s"
+    write_section("central_scale", "python -m bench.bench_central_scale" + (" --quick" if args.quick else ""),
+                  f"""{body_text}
+
+One run ({mode}): {args.gateways:,} gateways x {args.machines} machines, each gateway one gzipped batch of
+{args.machines} one-minute summaries (5 inputs) every {args.gateways * args.machines / args.rate:.1f} s, open loop
+from {args.senders} sender processes; gunicorn with {args.workers} uvicorn workers (pool of 10 each) on {where}
+(PostgreSQL {version}, fsync {fsync}); load generator, API and PostgreSQL share this machine's cores. Retention:
+`pdm-central maintain` at half time dropped a day 40 days back ({drop_report}).
+""", ("fastapi", "uvicorn", "gunicorn", "psycopg", "psycopg-pool"))
+
+
+if __name__ == "__main__":
+    main()

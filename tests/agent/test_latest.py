@@ -1,0 +1,40 @@
+"""Each machine's newest reading and trend kept in memory for the status API (agent/latest.py), on a real store: it
+follows what is committed, keeps late readings out, and reads the store once after a start or a deletion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent.latest import TREND_POINTS, LatestReadings
+from agent.store import Store, StoredReading
+
+
+def reading(machine_id: str, ts: float, health: float) -> StoredReading:
+    return StoredReading(machine_id, ts, {"torque": 40.0}, "M", 0.01, {"HDF": 0.01}, health, "ok", (), "m@1", ts)
+
+
+def trends(latest: LatestReadings, store: Store) -> dict[str, tuple[float, list[float]]]:
+    return {r.machine_id: (r.ts, trend) for r, trend in latest.view(store)}
+
+
+def test_it_reads_the_store_once_then_follows_the_commits(tmp_path: Path):
+    with Store.open(tmp_path / "agent.db") as store:
+        before = [reading("a", float(t), 50.0 + t) for t in range(TREND_POINTS + 5)] + [reading("b", 1.0, 90.04)]
+        store.write(before, [])
+        latest = LatestReadings()
+        assert trends(latest, store) == {"a": (TREND_POINTS + 4.0, [50.0 + t for t in range(5, TREND_POINTS + 5)]),
+                                         "b": (1.0, [90.0])}
+        new = [reading("b", 2.0, 80.0), reading("c", 5.0, 70.0), reading("b", 0.5, 10.0)]  # the last one is late
+        store.write(new, [])
+        latest.committed(new)
+        assert trends(latest, store)["b"] == (2.0, [90.0, 80.0]) and trends(latest, store)["c"] == (5.0, [70.0])
+
+
+def test_after_a_deletion_it_reads_the_store_again(tmp_path: Path):
+    with Store.open(tmp_path / "agent.db") as store:
+        store.write([reading("a", 1.0, 50.0), reading("b", 100.0, 60.0)], [])
+        latest = LatestReadings()
+        assert set(trends(latest, store)) == {"a", "b"}
+        store.delete_readings_before(50.0)
+        latest.forget()
+        assert trends(latest, store) == {"b": (100.0, [60.0])}
