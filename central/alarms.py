@@ -37,10 +37,11 @@ from central.errors import ApiError
 from central.notify import outbox
 from central.params import Name
 from central.settings import Settings
+from sync.protocol import Printable
 
 JSON = "application/json"
 EpisodeId = Annotated[int, Path(ge=1, le=2**63 - 1)]
-Person = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$")]
+Person = Annotated[Printable, Field(min_length=1, max_length=100)]  # as at the gateway: shown on terminals too
 Text = Annotated[str, Field(min_length=1, max_length=4000, pattern=r"^[^\x00-\x08\x0b-\x1f\x7f]+$")]
 
 

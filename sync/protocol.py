@@ -6,12 +6,15 @@ or a restart — is harmless: central stores each summary and event once and cou
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import (AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints,
+                      GetJsonSchemaHandler, model_validator)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError
 
 from model.states import StateName as State
 
@@ -28,16 +31,34 @@ Count = Annotated[int, Field(ge=0, le=2**31 - 1)]  # per summary: PostgreSQL's i
 Total = Annotated[int, Field(ge=0)]  # gateway-wide totals, kept as JSON: no upper bound
 
 
+# What a terminal or a page would obey rather than show: C0 and C1 controls with DEL, line and paragraph separators,
+# and the format characters of the Basic Multilingual Plane (bidi overrides, zero-width characters, the soft hyphen).
+# One rule, written as a pattern so every API documents exactly what it enforces; outside the BMP only Unicode's
+# tag and notation characters are "format" (a flag emoji uses tags), and nothing there moves a cursor or text.
+UNSAFE_CHARACTERS = (r"\u0000-\u001f\u007f-\u009f\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e"
+                     r"\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb")
+PRINTABLE = f"^[^{UNSAFE_CHARACTERS}]*$"
+_PRINTABLE = re.compile(f"[^{UNSAFE_CHARACTERS}]*")
+
+
 def require_printable(text: str) -> str:
     """Free text is shown on terminals (`pdm-central list-gateways`) and pages: no control or format characters
     (ESC sequences rewrite lines and window titles, bidi overrides reorder what is shown), no line breaks."""
-    if not text.isprintable():
+    if not _PRINTABLE.fullmatch(text):
         raise PydanticCustomError("printable_text", "must be printable text: no control characters, line breaks or "
                                   "invisible format characters")
     return text
 
 
-Text = Annotated[str, StringConstraints(max_length=200, pattern=r"^[^\x00]*$"), AfterValidator(require_printable)]
+class _DocumentedAs:
+    """Documents the pattern require_printable enforces (its own error names the rule, a pattern's would not)."""
+
+    def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        return {**handler(schema), "pattern": PRINTABLE}
+
+
+Printable = Annotated[str, AfterValidator(require_printable), _DocumentedAs()]
+Text = Annotated[Printable, StringConstraints(max_length=200)]
 
 
 def escape_controls(text: str) -> str:

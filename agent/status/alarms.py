@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Annotated, Literal
 
 from fastapi import Body, FastAPI, Path, Request
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from agent.actions import EpisodeActions, EpisodeRef
 from agent.alarms import saved_alarm
@@ -28,15 +28,15 @@ from agent.status.guard import ERRORS, ApiError, documented
 from agent.status.machines import mode_risk
 from agent.status.models import AlarmInfo, AlarmList, ModeChoice
 from model.modes import mode_words
-from sync.protocol import require_printable
+from sync.protocol import Printable
 
 API = "/api/v1"
 EpisodeId = Annotated[str, Path(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
                                  description="the event_id of the event that opened the episode")]
 # As central's free text (sync.protocol.Text): no control or format characters (C1 escapes, bidi overrides), which
 # central would refuse and a terminal would obey.
-Person = Annotated[str, Field(min_length=1, max_length=100), AfterValidator(require_printable)]
-Note = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(require_printable)]
+Person = Annotated[Printable, Field(min_length=1, max_length=100)]
+Note = Annotated[Printable, Field(min_length=1, max_length=200)]
 Mode = Annotated[str, Field(pattern=r"^[A-Za-z0-9_]{1,32}$")]
 ACTED = {**ERRORS, **documented(403)}
 
