@@ -217,7 +217,8 @@ class Link:
 
         client = self._make_client(trace)
         try:
-            ok = await asyncio.wait_for(client.connect(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can swallow a stop's cancel
+                ok = await client.connect()
         except TimeoutError:
             ok, why = False, f"no answer to the connection within {timeout:g} s"
         except Exception as exc:  # noqa: BLE001 - pyserial raises termios.error (no OSError) for refused settings

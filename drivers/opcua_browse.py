@@ -158,7 +158,8 @@ def save_server_certificate(url: str, out: Path, timeout_s: float = 5.0) -> str:
         from asyncua.crypto import uacrypto
 
         client = Client(url, timeout=timeout_s)
-        endpoints = await asyncio.wait_for(client.connect_and_get_server_endpoints(), timeout_s * 2)
+        async with asyncio.timeout(timeout_s * 2):
+            endpoints = await client.connect_and_get_server_endpoints()
         certs = [e.ServerCertificate for e in endpoints if e.ServerCertificate]
         if not certs:
             raise BrowseError(f"{url} presents no certificate (it offers security None only)")

@@ -74,7 +74,8 @@ async def connect(config: OpcuaServer, lost: asyncio.Future[str] | None = None,
 
         client.connection_lost_callback = on_lost
     try:
-        await asyncio.wait_for(client.connect(), timeout * 3)
+        async with asyncio.timeout(timeout * 3):  # not wait_for: on 3.11 it can swallow a stop's cancel
+            await client.connect()
     except BaseException:
         await disconnect(client, timeout)
         raise
@@ -85,7 +86,8 @@ async def _secure(client: Client, config: OpcuaServer, timeout: float) -> None:
     """Apply Basic256Sha256 with the server certificate the server presents now, if the trusted folder has it."""
     mode = _MODES[config.security_mode]
     uri = security_policies.SecurityPolicyBasic256Sha256.URI
-    endpoints = await asyncio.wait_for(client.connect_and_get_server_endpoints(), timeout * 2)
+    async with asyncio.timeout(timeout * 2):
+        endpoints = await client.connect_and_get_server_endpoints()
     endpoint = next((e for e in endpoints if e.SecurityPolicyUri == uri and e.SecurityMode == mode), None)
     if endpoint is None:
         offered = sorted({f"{e.SecurityPolicyUri.rpartition('#')[2]} {e.SecurityMode.name}" for e in endpoints})
@@ -109,7 +111,8 @@ async def _secure(client: Client, config: OpcuaServer, timeout: float) -> None:
 async def disconnect(client: Client, timeout_s: float) -> None:
     """Close session, channel and socket; never raises, never waits much longer than timeout_s."""
     try:
-        await asyncio.wait_for(client.disconnect(), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            await client.disconnect()
     except asyncio.CancelledError:
         client.disconnect_socket()
         raise
