@@ -40,13 +40,11 @@ devices on one serial port with different line settings, or RTU without pyserial
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import importlib.util
 import json
 import logging
 import math
 import random
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
@@ -63,6 +61,7 @@ from drivers.base import (
     RawReading,
     Sink,
 )
+from drivers.loop_thread import LoopThread
 from drivers.modbus_link import (  # noqa: F401 - Link's names are this module's too (probe, bench)
     GATEWAY_EXCEPTIONS,
     RETRYABLE_EXCEPTIONS,
@@ -269,9 +268,7 @@ class ModbusDriver:
         self._clock = clock
         self._sink: Sink | None = None
         self._stopped = True
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._sink_thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self._threads = LoopThread("modbus")
         self._outgoing: list[tuple[_Poller, RawReading]] = []  # for the sink, at the end of this loop turn
         # Batches handed to the sink thread (written on the loop) and put (written by the sink thread).
         self._submitted = self._put = 0
@@ -281,46 +278,30 @@ class ModbusDriver:
 
     # --- called by the agent ---
     def start(self, sink: Sink) -> None:
-        if self._thread is not None:
+        if self._threads.started:
             raise RuntimeError("the Modbus driver is already started")
         quiet_library()
         self._sink, self._stopped, self._pollers, self._links, self._outgoing = sink, False, [], [], []
         self._submitted = self._put = 0
         self._offer = sink.offer if isinstance(sink, OfferingSink) else None
-        self._sink_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="modbus-sink")
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="modbus", daemon=True)
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._begin(), self._loop).result()
+        self._threads.start()
+        self._threads.run(self._begin())
         log.info("polling %d Modbus device(s) over %d link(s)", len(self._pollers), len(self._links))
 
     def stop(self) -> None:
         """Poll no more and hand nothing more to the sink; connections stay open until close()."""
         self._stopped = True
-        if self._loop is not None and self._loop.is_running():
-            asyncio.run_coroutine_threadsafe(self._cancel(), self._loop).result()
-        if self._sink_thread is not None:
-            # The sink thread runs one put at a time: once this no-op ran, a put in progress has returned and any
-            # later one sees _stopped.
-            self._sink_thread.submit(lambda: None).result()
+        if self._threads.running():
+            self._threads.run(self._cancel())
+        self._threads.drain_sink()  # a later put sees _stopped
 
     def close(self) -> None:
         self.stop()
-        loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
-        if loop is not None:
-            if loop.is_running():
-                asyncio.run_coroutine_threadsafe(self._close_links(), loop).result()
-                loop.call_soon_threadsafe(loop.stop)
-            if thread is not None:
-                thread.join()
-            loop.close()
-        if self._sink_thread is not None:
-            self._sink_thread.shutdown(wait=True)
-            self._sink_thread = None
+        self._threads.close(self._close_links)
 
     def status(self) -> dict[str, Any]:
         """Everything the driver counts, for people and tests: `stats()` is what the agent reads."""
-        now = self._loop.time() if self._loop is not None else time.monotonic()
+        now = self._threads.time()
         pollers = list(self._pollers)
         return {"driver": self.name, "devices": {p.config.machine_id: p.status(now) for p in pollers},
                 "available": sum(p.availability.up for p in pollers), "total": len(pollers)}
@@ -554,9 +535,10 @@ class ModbusDriver:
                 poller.handing = False
                 taken += 1
             batch = batch[taken:]
-        if self._sink_thread is not None and batch:
+        sink = self._threads.sink
+        if sink is not None and batch:
             self._submitted += 1
-            self._sink_thread.submit(self._hand, batch, asyncio.get_running_loop())
+            sink.submit(self._hand, batch, asyncio.get_running_loop())
 
     # --- on the sink thread ---
     def _hand(self, batch: list[tuple[_Poller, RawReading]], loop: asyncio.AbstractEventLoop) -> None:

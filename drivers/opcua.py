@@ -31,17 +31,16 @@ missing), the other machines of the server go on. It is looked up again at every
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
 import logging
 import random
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from drivers.base import Availability, DeviceStats, DriverStats, RawReading, Sink
+from drivers.loop_thread import LoopThread
 from drivers.opcua_config import OpcuaMachine, OpcuaNode, OpcuaServer, browse_path_parts
 from drivers.opcua_values import MachineReadings, Unusable, convert
 from model.validate import Reason, Rejection
@@ -145,49 +144,33 @@ class OpcuaDriver:
         self._clock = clock
         self._sink: Sink | None = None
         self._stopped = True
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._sink_thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self._threads = LoopThread("opcua")
         self._states: list[_Server] = []
 
     # --- called by the agent ---
     def start(self, sink: Sink) -> None:
-        if self._thread is not None:
+        if self._threads.started:
             raise RuntimeError("the OPC UA driver is already started")
         quiet_library()
         self._sink, self._stopped = sink, False
         self._states = [_Server(server) for server in self.servers]
-        self._sink_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="opcua-sink")
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="opcua", daemon=True)
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._begin(), self._loop).result()
+        self._threads.start()
+        self._threads.run(self._begin())
         log.info("subscribing to %d OPC UA server(s) for %d machine(s)", len(self._states),
                  sum(len(s.machines) for s in self.servers))
 
     def stop(self) -> None:
         """Hand nothing more to the sink; subscriptions end and connections close in close()."""
         self._stopped = True
-        if self._sink_thread is not None:
-            self._sink_thread.submit(lambda: None).result()  # a put in progress has returned
+        self._threads.drain_sink()
 
     def close(self) -> None:
         self.stop()
-        loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
-        if loop is not None:
-            if loop.is_running():
-                asyncio.run_coroutine_threadsafe(self._cancel(), loop).result()
-                loop.call_soon_threadsafe(loop.stop)
-            if thread is not None:
-                thread.join()
-            loop.close()
-        if self._sink_thread is not None:
-            self._sink_thread.shutdown(wait=True)
-            self._sink_thread = None
+        self._threads.close(self._cancel)
 
     def status(self) -> dict[str, Any]:
         """Everything the driver counts, for people and tests: `stats()` is what the agent reads."""
-        now = self._loop.time() if self._loop is not None else time.monotonic()
+        now = self._threads.time()
         states = list(self._states)
         return {"driver": self.name, "devices": {s.config.label: s.status(now) for s in states},
                 "available": sum(s.availability.up and s.connected for s in states), "total": len(states)}
@@ -397,7 +380,7 @@ class OpcuaDriver:
     async def _hand_on(self, state: _Server, pending: list[RawReading]) -> None:
         if pending:
             loop = asyncio.get_running_loop()
-            handed = await loop.run_in_executor(self._sink_thread, self._hand, pending)
+            handed = await loop.run_in_executor(self._threads.sink, self._hand, pending)
             state.readings += handed
             if handed:
                 state.last_reading_ts = pending[handed - 1].ts
