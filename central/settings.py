@@ -64,6 +64,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
+from sync.config import is_loopback
 from web.tokens import weakness
 
 PREFIX = "PDM_CENTRAL_"
@@ -171,7 +172,7 @@ class Settings(BaseModel):
             if self.production:
                 problems.append(f"{PREFIX}SESSION_COOKIE_SECURE: false sends the dashboard's session cookie over "
                                 "plain http; production keeps it true (TLS ends at nginx, see DEPLOYMENT.md)")
-            elif not _loopback(self.host_port[0]):
+            elif not is_loopback(self.host_port[0]):
                 problems.append(f"{PREFIX}SESSION_COOKIE_SECURE: false is for a loopback address only, not "
                                 f"{PREFIX}BIND={self.bind}; keep it true and put TLS in front (DEPLOYMENT.md)")
         if not self.production:
@@ -220,15 +221,6 @@ class Settings(BaseModel):
         if self.read_database_url is not None:
             data["read_database_url"] = redact_url(self.read_database_url.get_secret_value())
         return data
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _password(conninfo: str) -> str | None:

@@ -32,7 +32,6 @@ and never shown (`repr` of a channel hides them).
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import tomllib
 from pathlib import Path
@@ -40,6 +39,8 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from sync.config import is_loopback
 
 NAME = r"^[A-Za-z0-9._-]{1,64}$"
 Name = Annotated[str, Field(pattern=NAME)]
@@ -190,14 +191,14 @@ def _channel_problems(name: str, channel: dict[str, Any], production: bool, base
             secret = _secret(Path(channel["secret_file"]), base, f"{where}.secret_file", problems)
         url = channel.get("url")
         parts = urlsplit(url) if isinstance(url, str) else None
-        if production and parts is not None and parts.scheme == "http" and not loopback(parts.hostname or ""):
+        if production and parts is not None and parts.scheme == "http" and not is_loopback(parts.hostname or ""):
             problems.append(f"{where}.url: plain http to {parts.hostname} would send alarms readable and forgeable "
                             "on the way; production needs https (or a loopback address)")
     elif channel.get("type") == "email":
         if isinstance(channel.get("password_file"), str):
             secret = _secret(Path(channel["password_file"]), base, f"{where}.password_file", problems)
         host = channel.get("host")
-        if production and channel.get("starttls", True) is False and isinstance(host, str) and not loopback(host):
+        if production and channel.get("starttls", True) is False and isinstance(host, str) and not is_loopback(host):
             problems.append(f"{where}.starttls: false sends mail and the SMTP password in clear to {host}; "
                             "production needs STARTTLS (or a loopback relay)")
     return secret
@@ -229,12 +230,3 @@ def _secret(path: Path, base: Path | None, where: str, problems: list[str]) -> s
     if not secret:
         problems.append(f"{where}: {full} is empty")
     return secret
-
-
-def loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
