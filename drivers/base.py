@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 
-from pydantic import StringConstraints
+from pydantic import AfterValidator, StringConstraints
 
 from model.validate import Rejection
 
@@ -25,6 +25,15 @@ MachineId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
 MachineType = Literal["L", "M", "H"]
 SOURCE_MAX_CHARS = 256  # of a reading's source: an MQTT topic may be 65,535 bytes long
 CUT_MARK = "…[cut]"
+
+
+def _nonzero(scale: float) -> float:
+    if scale == 0:
+        raise ValueError("a scale of 0 turns every reading into the offset; use 1 for no scaling")
+    return scale
+
+
+Scale = Annotated[float, AfterValidator(_nonzero)]  # reading = raw * scale + offset, in a device's input table
 
 
 def cut(text: str, limit: int) -> str:

@@ -59,6 +59,7 @@ from drivers.base import (
     MachineType,
     OfferingSink,
     RawReading,
+    Scale,
     Sink,
 )
 from drivers.loop_thread import LoopThread
@@ -93,7 +94,7 @@ class Register(BaseModel):
     type: RegisterType = "uint16"
     word_order: Literal["big", "little"] = "big"  # for multi-register types: which register holds the high word
     byte_order: Literal["big", "little"] = "big"  # within each register
-    scale: float = 1.0
+    scale: Scale = 1.0
     offset: float = 0.0
 
     @field_validator("type")
@@ -102,13 +103,6 @@ class Register(BaseModel):
         address = info.data.get("address")
         if address is not None and address + REGISTER_WORDS[value] > 65536:
             raise ValueError(f"{value} at address {address} runs past register 65535; check the address")
-        return value
-
-    @field_validator("scale")
-    @classmethod
-    def _nonzero(cls, value: float) -> float:
-        if value == 0:
-            raise ValueError("a scale of 0 turns every reading into the offset; use 1 for no scaling")
         return value
 
 

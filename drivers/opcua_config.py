@@ -44,7 +44,7 @@ from pydantic import (
     model_validator,
 )
 
-from drivers.base import MachineId, MachineType
+from drivers.base import MachineId, MachineType, Scale
 
 # ns=2;s=Press1.Torque, i=2258, nsu=urn:x;s=A, ns=3;g=<guid>, ns=1;b=<base64>
 NODE_ID = re.compile(r"^(ns=\d{1,5};|nsu=[^;]+;)?(i=\d{1,10}|s=.+|g=[0-9A-Fa-f]{8}(-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}"
@@ -77,7 +77,7 @@ class OpcuaNode(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     node: str = Field(min_length=1, max_length=4096)
-    scale: float = 1.0
+    scale: Scale = 1.0
     offset: float = 0.0
     deadband: float | None = Field(None, gt=0)  # absolute, in the node's units (before scale and offset)
 
@@ -88,13 +88,6 @@ class OpcuaNode(BaseModel):
         if problem:
             raise ValueError(problem)
         return node
-
-    @field_validator("scale")
-    @classmethod
-    def _nonzero(cls, value: float) -> float:
-        if value == 0:
-            raise ValueError("a scale of 0 turns every reading into the offset; use 1 for no scaling")
-        return value
 
 
 def _shorthand(value: Any) -> Any:
