@@ -15,4 +15,5 @@ exec ./scripts/test.sh -s -q tests/reliability tests/fuzz \
     tests/agent/test_pipeline.py \
     tests/central/test_faults.py tests/sync/test_client.py \
     tests/drivers/test_mqtt_broker.py tests/drivers/test_modbus_driver.py \
-    tests/deploy/test_agent_container.py tests/deploy/test_compose.py tests/deploy/test_arm64.py "$@"
+    tests/deploy/test_agent_container.py tests/deploy/test_compose.py tests/deploy/test_arm64.py \
+    tests/test_bench.py tests/model/test_training.py "$@"

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench import report, suite
+from tests.scale import need_slow
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every ratio the suite promises, by section: (figure of the limit, figure of the ratio).
@@ -45,6 +46,7 @@ def value(section: str, prefix: str) -> str:
 
 @pytest.fixture(scope="module")
 def quick_suite(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    need_slow("every benchmark in --quick, about 3 min")
     output = tmp_path_factory.mktemp("bench")
     committed = (ROOT / "BENCHMARKS.md").read_bytes()
     env = {**os.environ, report.OUTPUT_ENV: str(output)}

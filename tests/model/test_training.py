@@ -18,6 +18,7 @@ from model.features import FEATURE_NAMES
 from model.manifest import Manifest
 from model.package import SHIPPED, load
 from model.precision import THRESHOLD_DIGITS, PrecisionError, differences, threshold_above, threshold_at_or_below
+from tests.scale import need_slow
 
 
 @pytest.fixture(scope="session")
@@ -46,6 +47,7 @@ def test_retraining_with_another_blas_kernel_reproduces_the_shipped_package(ai4i
     """Issue 14 item 1 on one machine: OpenBLAS picks its kernel per CPU, and OPENBLAS_CORETYPE picks it here. Haswell
     is the kernel an AVX-512 EPYC got on the machine where the shipped thresholds came out different in their 16th
     digit; `pdm-edge train` under it must give the shipped package at the stated precision."""
+    need_slow("a second training from scratch, about 40 s")
     out = tmp_path / "haswell"
     env = {**os.environ, "OPENBLAS_CORETYPE": "Haswell"}
     done = subprocess.run([Path(sys.executable).with_name("pdm-edge"), "train", "--data", ai4i_path, "--out", out],

@@ -26,9 +26,9 @@ from tests.reliability.plant import process_figures
 from tests.reliability.test_soak import growth
 from tests.scale import LONG, scaled
 
-DURATION_S = scaled(60, 600)
-RESTART_EVERY_S = scaled(15, 60)
-WARM_UP_S = scaled(15, 60)
+DURATION_S = scaled(40, 600)
+RESTART_EVERY_S = scaled(10, 60)
+WARM_UP_S = scaled(10, 60)
 MACHINES = {f"m{i}": "LMH"[i % 3] for i in range(1, 6)}
 ARTIFACT = Path(__file__).resolve().parents[2] / "artifacts" / "reliability" / \
     f"opcua-soak-{'long' if LONG else 'short'}.json"

@@ -25,8 +25,8 @@ from tests.central.support import Server
 from tests.reliability.plant import accepted, add_modbus, error_lines, healthy_unit, process_figures, status_base
 from tests.scale import LONG, scaled
 
-DURATION_S = scaled(75, 3600)
-WARM_UP_S = scaled(25, 600)
+DURATION_S = scaled(45, 3600)
+WARM_UP_S = scaled(15, 600)
 SAMPLE_EVERY_S = scaled(1, 10)
 MQTT_RATE = 200  # readings a second
 ARTIFACT = Path(__file__).resolve().parents[2] / "artifacts" / "reliability" / f"soak-{'long' if LONG else 'short'}.json"
