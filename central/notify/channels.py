@@ -15,14 +15,12 @@ import hmac
 import json
 import smtplib
 import ssl
-import threading
 from email.message import EmailMessage
 from email.utils import formatdate
 from typing import Any
 
-import requests
-
 from central import __version__
+from central.notify import transport
 from central.notify.config import Email, Webhook
 
 
@@ -51,31 +49,11 @@ def post(channel: Webhook, delivery_id: str, payload: dict[str, Any]) -> None:
                "X-PDM-Delivery": delivery_id,
                "X-PDM-Signature": signature(channel.secret.get_secret_value(), raw)}
     try:
-        response = _session().post(channel.url, data=raw, headers=headers, timeout=channel.timeout_s,
-                                 allow_redirects=False)
-    except requests.Timeout:
-        raise DeliveryError(f"no answer within {channel.timeout_s:g} s") from None
-    except requests.exceptions.SSLError:
-        raise DeliveryError("TLS failed (the receiver's certificate is not trusted, or no common protocol)") from None
-    except requests.exceptions.ChunkedEncodingError:
-        raise DeliveryError("the connection broke during the answer") from None
-    except requests.ConnectionError:
-        raise DeliveryError("cannot connect, or the connection broke before the answer") from None
-    except requests.RequestException:
-        raise DeliveryError("the request failed") from None
-    if not 200 <= response.status_code < 300:
-        raise DeliveryError(f"HTTP {response.status_code}")
-
-
-_local = threading.local()
-
-
-def _session() -> requests.Session:
-    """One session per worker thread: connections to a receiver are kept alive between deliveries."""
-    session: requests.Session | None = getattr(_local, "session", None)
-    if session is None:
-        session = _local.session = requests.Session()
-    return session
+        status = transport.post(channel.url, raw, headers, channel.timeout_s)
+    except transport.Broken as exc:
+        raise DeliveryError(str(exc)) from None
+    if not 200 <= status < 300:
+        raise DeliveryError(f"HTTP {status}")
 
 
 def subject(payload: dict[str, Any]) -> str:

@@ -59,9 +59,11 @@ ON CONFLICT (delivery_id) DO NOTHING
 # One statement per route and batch: how many transitions the route had within its digest window decides, in order,
 # which of the new ones are sent and which are held for the digest.
 ENQUEUE = """
-WITH recent AS (
-    SELECT count(*) AS n FROM notify_outbox
-    WHERE route = %(route)s AND channel = %(first_channel)s AND created_at > %(since)s AND transition <> 'digest'
+WITH recent AS (  -- counted up to digest_after only: all it is compared with (a flood costs no longer scans)
+    SELECT count(*) AS n FROM (
+        SELECT FROM notify_outbox
+        WHERE route = %(route)s AND channel = %(first_channel)s AND created_at > %(since)s AND transition <> 'digest'
+        LIMIT %(digest_after)s) AS r
 )
 INSERT INTO notify_outbox (delivery_id, route, channel, episode_id, transition, payload, state, created_at, due_at)
 SELECT d.delivery_id, %(route)s, d.channel, d.episode_id, d.transition, d.payload,

@@ -1,9 +1,11 @@
 """The delivery worker: an asyncio task in each API process's lifespan.
 
-Each round (every `interval_s`, or at once when an ingest has written deliveries): escalations that are due, digests
-that are due, then up to `batch` pending deliveries claimed (`FOR UPDATE SKIP LOCKED` plus a lease: several gunicorn
-workers share the outbox without sending a row twice at a time) and sent concurrently, each in a thread. A round that
-fails (the database gone) is logged and counted, and the loop goes on: the worker never dies of it.
+Each round (every `interval_s`, or when an ingest has written deliveries: at once after a quiet spell, else
+`gather_s` after the previous round began, so that under load one round sends what several ingests wrote):
+escalations that are due, digests that are due, then up to `batch` pending deliveries claimed (`FOR UPDATE SKIP
+LOCKED` plus a lease: several gunicorn workers share the outbox without sending a row twice at a time) and sent
+concurrently, each in a thread. A round that fails (the database gone) is logged and counted, and the loop goes on:
+the worker never dies of it.
 `clock` is the time the outbox and escalations run on (tests pass a fake one and call `run_once`).
 """
 
@@ -25,6 +27,7 @@ from web.logs import first_line
 
 log = logging.getLogger("central.notify")
 PRUNE_EVERY_S = 3600.0
+GATHER_S = 0.2  # at most one wake-up round per this long: see run()
 
 
 def utc_now() -> datetime:
@@ -33,9 +36,10 @@ def utc_now() -> datetime:
 
 class Worker:
     def __init__(self, pool: AsyncConnectionPool[Any], config: NotifyConfig,
-                 clock: Callable[[], datetime] = utc_now, interval_s: float = 1.0, batch: int = 20) -> None:
+                 clock: Callable[[], datetime] = utc_now, interval_s: float = 1.0, batch: int = 20,
+                 gather_s: float = GATHER_S) -> None:
         self.pool, self.config, self.clock = pool, config, clock
-        self.interval_s, self.batch = interval_s, batch
+        self.interval_s, self.batch, self.gather_s = interval_s, batch, gather_s
         timeouts = [c.timeout_s for c in config.channels.values()] or [10.0]
         self.lease_s = 2 * max(timeouts) + 5  # past any attempt's end: a row is re-claimed only if its worker died
         self.failed_rounds = 0
@@ -54,6 +58,8 @@ class Worker:
 
     async def run(self) -> None:
         while True:
+            started = time.monotonic()
+            self._wake.clear()  # a wake-up from here on may be for rows this round does not see: another round
             try:
                 busy = await self.run_once()
             except asyncio.CancelledError:
@@ -64,12 +70,19 @@ class Worker:
                             first_line(exc))
                 busy = False
             if not busy:
-                try:  # not asyncio.wait_for: on 3.11 it can swallow a cancel that lands as the wait ends
-                    async with asyncio.timeout(self.interval_s):
-                        await self._wake.wait()
-                except TimeoutError:
-                    pass
-                self._wake.clear()
+                await self._idle()
+                # Wake-ups within gather_s of the last round wait for its end: one round takes the deliveries of
+                # every ingest meanwhile (under load, one claim and one mark per window, not per ingest), while a
+                # lone alarm after a quiet spell goes out at once.
+                await asyncio.sleep(max(0.0, started + self.gather_s - time.monotonic()))
+
+    async def _idle(self) -> None:
+        """Until an ingest wakes the worker, or for one interval."""
+        try:  # not asyncio.wait_for: on 3.11 it can swallow a cancel that lands as the wait ends
+            async with asyncio.timeout(self.interval_s):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
 
     async def run_once(self, now: datetime | None = None) -> bool:
         """One round; True when it sent a full batch (more may be waiting)."""
