@@ -68,4 +68,6 @@ class Notifications:
     async def stop(self) -> None:
         if self._task is not None:
             await self._task.stop()
+        if self.worker is not None:
+            self.worker.close()
 

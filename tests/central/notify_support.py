@@ -18,6 +18,13 @@ from testkit.net import LOCALHOST
 SECRET = "whsec-5d1f0c7e9a2b4c6d8e0f1a3b5c7d9e1f"
 
 
+class Backlogged(ThreadingHTTPServer):
+    """As a webhook receiver in production listens (nginx: 511): http.server's backlog of 5 drops the connections of a
+    round's concurrent deliveries beyond it, and their first attempts time out on a SYN retransmitted too late."""
+
+    request_queue_size = 128
+
+
 class Receiver:
     """A webhook receiver. `fail`, `slow`, `cut`: how many of the first requests answer 500, answer after
     `slow_s` (longer than the channel's timeout), or are hung up on halfway through the body."""
@@ -39,7 +46,7 @@ class Receiver:
             def do_POST(self) -> None:
                 receiver.handle(self)
 
-        self.server = ThreadingHTTPServer((LOCALHOST, 0), Handler)
+        self.server = Backlogged((LOCALHOST, 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://{LOCALHOST}:{self.server.server_address[1]}/hook"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()

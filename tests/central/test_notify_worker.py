@@ -17,12 +17,13 @@ from central.app import create_app
 from central.notify import channels
 from central.notify.config import Webhook
 from testkit import batches
+from testkit.batches import event
 from testkit.net import LOCALHOST
 from tests.central.notify_support import SECRET, self_signed
 from tests.central.support import OPS, bearer, make_settings
-from tests.central.test_notify import DELIVERIES, INGEST, receivers, route, secret_file, webhook
+from tests.central.test_notify import DELIVERIES, INGEST, central, receivers, route, secret_file, webhook
 
-__all__ = ["receivers", "secret_file"]  # fixtures
+__all__ = ["central", "receivers", "secret_file"]  # fixtures
 
 
 def test_a_burst_of_alarms_within_the_gathering_window_all_arrive_each_once(central_url, tmp_path, secret_file,
@@ -145,3 +146,31 @@ def test_a_receiver_behind_an_environment_proxy_is_reached_through_it(secret_fil
     finally:
         proxy.close()
     assert proxy.delivered == ["via-proxy"]
+
+
+def test_every_delivery_of_a_round_is_attempted_at_once(central, receivers, secret_file, gateways, monkeypatch):
+    """A receiver that never answers in time costs a round one timeout, not one for every few deliveries: on the
+    event loop's default executor (6 threads on 2 cores) a round of 20 took 4 timeouts, past the lease, after which
+    another gunicorn worker could claim and send the same rows again."""
+    send, lock, at_once = channels.send, threading.Lock(), {"now": 0, "most": 0}
+
+    def counted(*args) -> None:
+        with lock:
+            at_once["now"] += 1
+            at_once["most"] = max(at_once["most"], at_once["now"])
+        try:
+            send(*args)
+        finally:
+            with lock:
+                at_once["now"] -= 1
+
+    monkeypatch.setattr(channels, "send", counted)
+    gateway = gateways.add()
+    receiver = receivers(slow=1_000, slow_s=2.0)
+    hook = f"hook-{gateway[0]}"  # routes and channels are counted by name for digests: this test's own
+    c = central(webhook(hook, receiver, secret_file, timeout_s=0.5) + route(f"r-{gateway[0]}", gateway[0], [hook]))
+    c.send(gateway, [event(gateway[0], f"m-{i:02d}", to_state="alarm") for i in range(20)])
+    c.deliver()
+    pending = [d for d in c.deliveries(state="pending") if d["channel"] == hook]
+    assert len(pending) == 20 and {d["attempts"] for d in pending} == {1}
+    assert at_once["most"] == 20
