@@ -15,6 +15,7 @@ sha256 of its file in `schema_migrations`, and refuses to go on when an applied 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import re
@@ -202,7 +203,7 @@ def make_pool(settings: Settings, url: str | None = None, name: str = APPLICATIO
     """The API's pool, not yet open: `await pool.open(wait=False)` starts it even while PostgreSQL is down.
 
     Connections are in autocommit mode (a transaction is always explicit), checked before each use (a server
-    restart costs one failed check, not a failed request), and in UTC (JSON built by PostgreSQL says +00:00).
+    restart costs failed checks, not a failed request: the first one sweeps the pool), and in UTC (JSON built by PostgreSQL says +00:00).
     A request waits at most `db_timeout_s` for a connection, then fails with PoolTimeout: HTTP 503.
     """
     url, extra = conninfo_kwargs(settings, url)
@@ -211,7 +212,22 @@ def make_pool(settings: Settings, url: str | None = None, name: str = APPLICATIO
     async def configure(conn: psycopg.AsyncConnection) -> None:
         await _configure(conn, timeout_ms)
 
-    return AsyncConnectionPool(
+    sweeps: set[asyncio.Task[None]] = set()
+
+    async def check(conn: psycopg.AsyncConnection) -> None:
+        try:
+            await AsyncConnectionPool.check_connection(conn)
+        except Exception:
+            # One dead connection means the server restarted: every idle one beside it is dead too. The pool would
+            # find them one request at a time, waiting 1, 2, 4 s between failed checks (a request's whole
+            # db_timeout_s after a restart); a sweep replaces them all at once.
+            if not sweeps:
+                sweep = asyncio.get_running_loop().create_task(pool.check())
+                sweeps.add(sweep)
+                sweep.add_done_callback(sweeps.discard)
+            raise
+
+    pool = AsyncConnectionPool(
         url,
         kwargs=extra,
         min_size=settings.pool_min_size,
@@ -221,7 +237,8 @@ def make_pool(settings: Settings, url: str | None = None, name: str = APPLICATIO
         # own backoff would reach minutes during a long outage and delay the recovery as much.
         reconnect_timeout=max(10.0, 2 * settings.db_timeout_s),
         configure=configure,
-        check=AsyncConnectionPool.check_connection,
+        check=check,
         name=name,
         open=False,
     )
+    return pool
