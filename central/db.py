@@ -203,7 +203,8 @@ def make_pool(settings: Settings, url: str | None = None, name: str = APPLICATIO
     """The API's pool, not yet open: `await pool.open(wait=False)` starts it even while PostgreSQL is down.
 
     Connections are in autocommit mode (a transaction is always explicit), checked before each use (a server
-    restart costs failed checks, not a failed request: the first one sweeps the pool), and in UTC (JSON built by PostgreSQL says +00:00).
+    restart costs failed checks, not a failed request: the first one sweeps the pool), and in UTC (JSON built by
+    PostgreSQL says +00:00).
     A request waits at most `db_timeout_s` for a connection, then fails with PoolTimeout: HTTP 503.
     """
     url, extra = conninfo_kwargs(settings, url)
