@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
-from model.manifest import MANIFEST_FILE, Manifest, PackageError
+from model.manifest import MANIFEST_FILE, Described, Manifest, PackageError
 from model.package import read_package_file
 
 SIGNATURE_FILE = "signature.json"
@@ -58,7 +58,7 @@ class Signature(BaseModel):
 
 
 @dataclass(frozen=True)
-class Bundle:
+class Bundle(Described):
     """A verified bundle: exactly the bytes that were checked."""
 
     manifest: Manifest
@@ -66,18 +66,6 @@ class Bundle:
     onnx_bytes: bytes
     signature: Signature
     signature_bytes: bytes
-
-    @property
-    def name(self) -> str:
-        return self.manifest.name
-
-    @property
-    def version(self) -> str:
-        return self.manifest.version
-
-    @property
-    def sha256(self) -> str:
-        return self.manifest.onnx.sha256
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:

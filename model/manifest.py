@@ -169,3 +169,21 @@ class Manifest(_Strict):
 
     def write(self, package: Path) -> None:
         (Path(package) / MANIFEST_FILE).write_text(self.model_dump_json(indent=2) + "\n")
+
+
+class Described:
+    """A package's name, version and ONNX digest as its manifest states them: the loaded model's and a bundle's."""
+
+    manifest: Manifest
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def sha256(self) -> str:
+        return self.manifest.onnx.sha256

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from model.manifest import MANIFEST_FILE, Manifest, PackageError
+from model.manifest import MANIFEST_FILE, Described, Manifest, PackageError
 
 if TYPE_CHECKING:
     from onnxruntime import InferenceSession  # untyped: Any to mypy
@@ -74,7 +74,7 @@ def read_package_file(package: Path, name: str) -> bytes:
     return data
 
 
-class Model:
+class Model(Described):
     """A verified model package and its onnxruntime session. predict() is safe to call from one thread at a time."""
 
     def __init__(self, package: Path, manifest: Manifest, session: InferenceSession, manifest_bytes: bytes = b"",
@@ -87,18 +87,6 @@ class Model:
         self._outputs = [manifest.outputs.p_failure, manifest.outputs.p_mode]
         self._readings_input = manifest.onnx.inputs.readings
         self._type_input = manifest.onnx.inputs.machine_type
-
-    @property
-    def name(self) -> str:
-        return self.manifest.name
-
-    @property
-    def version(self) -> str:
-        return self.manifest.version
-
-    @property
-    def sha256(self) -> str:
-        return self.manifest.onnx.sha256
 
     def predict(self, readings: np.ndarray, machine_types: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """readings float32 [N, inputs], machine_types object [N, 1] -> (p_failure [N], p_mode [N, modes])."""

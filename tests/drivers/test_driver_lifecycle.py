@@ -23,6 +23,7 @@ from drivers.mqtt import MqttConfig, MqttDriver
 from testkit.modbus import ModbusServers, ModbusUnit
 from testkit.mqtt import Publisher
 from testkit.net import LOCALHOST, free_port
+from tests.agent.test_status import wait_for as until
 
 TYPE_KEY = "Type"
 KINDS = ["mqtt", "modbus-tcp", "modbus-rtu", "opcua"]
@@ -44,12 +45,6 @@ class Recorder:
             return len(self.readings)
 
 
-def until(condition: Callable[[], object], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)
 
 
 @dataclass
