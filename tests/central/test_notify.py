@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from central.notify.config import parse
 from central.notify.worker import Worker
 from testkit import batches
 from testkit.batches import T0, event
-from testkit.net import LOCALHOST, free_port
+from testkit.net import LOCALHOST, free_port, wait_until
 from tests.central.notify_support import SECRET, Mailbox, Receiver, self_signed
 from tests.central.support import OPS, bearer, make_settings
 from tests.central.test_alarms import events_of
@@ -336,9 +335,7 @@ def test_a_worker_that_dies_is_logged_and_started_again(central_url, tmp_path, s
     config = tmp_path / "notify.toml"
     config.write_text(webhook("hook", receiver, secret_file) + route("r", "gw-none", ["hook"]))
     with TestClient(create_app(make_settings(central_url, notify_config=config))) as client:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not client.get(DELIVERIES, headers=OPS).json()["worker"]["running"]:
-            time.sleep(0.2)
+        wait_until(lambda: client.get(DELIVERIES, headers=OPS).json()["worker"]["running"], 20, interval=0.2)
         worker = client.get(DELIVERIES, headers=OPS).json()["worker"]
     assert worker["running"] and worker["restarts"] == 1
     assert "the notification worker stopped (restart 1): a bug" in caplog.text

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 
 import psycopg
 import requests
 
 from testkit import batches
 from testkit.batches import event
-from testkit.net import free_port
+from testkit.net import free_port, wait_until
 from tests.central.notify_support import SECRET, Receiver
 from tests.central.support import PDM_CENTRAL, Server, bearer, environment
 
@@ -52,9 +51,7 @@ def test_kill_9_during_a_delivery_loses_nothing(central_url, gateways, tmp_path)
         server.process.wait(10)
         assert len(outbox(central_url, route)) == 3
         server = serve(central_url, config, tmp_path / "central-2.log")
-        deadline = time.monotonic() + 40
-        while time.monotonic() < deadline and {s for _, s, _ in outbox(central_url, route)} != {"delivered"}:
-            time.sleep(0.2)
+        wait_until(lambda: {s for _, s, _ in outbox(central_url, route)} == {"delivered"}, 40, interval=0.2)
         rows = outbox(central_url, route)
         assert {s for _, s, _ in rows} == {"delivered"}, (rows, server.log.read_text())
         assert set(receiver.answered) == {d for d, _, _ in rows}
