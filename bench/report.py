@@ -149,3 +149,11 @@ def write_section(name: str, command: str, body: str, packages: tuple[str, ...])
 def sections(text: str) -> dict[str, str]:
     """Every `<!-- bench:NAME -->` block of a BENCHMARKS.md text, by name, markers included."""
     return {match["name"]: match[0] for match in SECTION.finditer(text)}
+
+
+def trailers(text: str) -> dict[str, str]:
+    """What follows each block up to the next one (hand-written notes, other tools' blocks), by the block's name:
+    the suite rewrites the blocks and keeps these where they stood."""
+    matches = list(SECTION.finditer(text))
+    ends = [m.start() for m in matches[1:]] + [len(text)]
+    return {m["name"]: tail for m, end in zip(matches, ends, strict=True) if (tail := text[m.end():end].strip())}

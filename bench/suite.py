@@ -175,15 +175,18 @@ def plots_block() -> str:
 
 
 def assemble(quick: bool, durations: dict[str, float], load_at_start: float | None = None) -> list[Goal]:
-    """Rewrite BENCHMARKS.md: title, machine, goals, plots, then every section in MODULES order (others after)."""
+    """Rewrite BENCHMARKS.md: title, machine, goals, plots, then every section in MODULES order (others after);
+    what follows a block that is not a block of its own (notes, other tools' figures) stays after it."""
     path = report.benchmarks_path()
-    found = report.sections(path.read_text()) if path.exists() else {}
+    text = path.read_text() if path.exists() else ""
+    found, notes = report.sections(text), report.trailers(text)
     goals, missed = goals_block(found)
     load = (*([load_at_start] if load_at_start is not None else []), os.getloadavg()[0])
     head = {"machine": machine_block(quick, durations, load), "goals": goals, "plots": plots_block()}
-    parts = [f"<!-- bench:{name} -->\n{body}\n<!-- /bench:{name} -->" for name, body in head.items()]
-    order = [name for name in MODULES if name in found] + [n for n in found if n not in MODULES and n not in head]
-    parts += [found[name] for name in order]
+    found |= {name: f"<!-- bench:{name} -->\n{body}\n<!-- /bench:{name} -->" for name, body in head.items()}
+    others = [name for name in found if name not in MODULES and name not in head]
+    order = [*head, *(name for name in MODULES if name in found), *others]
+    parts = ["\n\n".join(filter(None, (found[name], notes.get(name)))) for name in order]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(report.HEADER + "\n" + "\n\n".join(parts) + "\n")
     return missed

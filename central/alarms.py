@@ -37,12 +37,12 @@ from central.errors import ApiError
 from central.notify import outbox
 from central.params import Name
 from central.settings import Settings
-from sync.protocol import Printable
+from sync.protocol import PRINTABLE_LINES, Printable
 
 JSON = "application/json"
 EpisodeId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 Person = Annotated[Printable, Field(min_length=1, max_length=100)]  # as at the gateway: shown on terminals too
-Text = Annotated[str, Field(min_length=1, max_length=4000, pattern=r"^[^\x00-\x08\x0b-\x1f\x7f]+$")]
+Text = Annotated[str, Field(min_length=1, max_length=4000, pattern=PRINTABLE_LINES)]  # notes: lines and tabs too
 
 
 class _Body(BaseModel):

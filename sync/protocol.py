@@ -43,10 +43,13 @@ Total = Annotated[int, Field(ge=0)]  # gateway-wide totals, kept as JSON: no upp
 # and the format characters of the Basic Multilingual Plane (bidi overrides, zero-width characters, the soft hyphen).
 # One rule, written as a pattern so every API documents exactly what it enforces; outside the BMP only Unicode's
 # tag and notation characters are "format" (a flag emoji uses tags), and nothing there moves a cursor or text.
-UNSAFE_CHARACTERS = (r"\u0000-\u001f\u007f-\u009f\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e"
-                     r"\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb")
+_UNSAFE_FORMAT = (r"\u007f-\u009f\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e"
+                  r"\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb")
+UNSAFE_CHARACTERS = r"\u0000-\u001f" + _UNSAFE_FORMAT
 PRINTABLE = f"^[^{UNSAFE_CHARACTERS}]*$"
 _PRINTABLE = re.compile(f"[^{UNSAFE_CHARACTERS}]*")
+# A note of several lines (central's alarm notes): the same rule, with tabs and line feeds allowed.
+PRINTABLE_LINES = rf"^[^\u0000-\u0008\u000b-\u001f{_UNSAFE_FORMAT}]*$"
 
 
 def require_printable(text: str) -> str:

@@ -119,6 +119,25 @@ def test_a_goal_below_its_limit_is_missed_and_one_not_measured_says_so(tmp_path,
     assert "| central ingest / raw INSERT | 5 | ≥ 0.5 | not measured | — |" in goals
 
 
+def test_putting_the_file_together_keeps_notes_and_other_blocks_where_they_stood(tmp_path, monkeypatch):
+    monkeypatch.setenv(report.OUTPUT_ENV, str(tmp_path))
+    report.write_section("central", "python -m bench.bench_central", "central figures", ())
+    report.write_section("sync", "python -m bench.bench_sync", "sync figures", ())
+    suite.assemble(quick=True, durations={})
+    path = report.benchmarks_path()
+    text = path.read_text()
+    note = "## Issue 20: what changed\n\nA hand-written note."
+    deploy = "<!-- deploy:figures -->\n## deployment\n\nimage sizes\n<!-- /deploy:figures -->"
+    text = text.replace("<!-- /bench:goals -->", f"<!-- /bench:goals -->\n\n{note}")
+    path.write_text(text.replace("<!-- /bench:central -->", f"<!-- /bench:central -->\n\n{deploy}"))
+    suite.assemble(quick=True, durations={})
+    once = path.read_text()
+    suite.assemble(quick=True, durations={})
+    assert path.read_text().count(note) == 1 and path.read_text().count(deploy) == 1
+    assert once.index("<!-- /bench:goals -->") < once.index(note) < once.index("<!-- bench:plots -->")
+    assert once.index("<!-- /bench:central -->") < once.index(deploy) < once.index("<!-- bench:sync -->")
+
+
 def test_every_bench_module_is_in_the_suite():
     files = {path.stem.removeprefix("bench_") for path in (ROOT / "bench").glob("bench_*.py")}
     assert files == set(suite.MODULES)

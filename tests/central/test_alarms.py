@@ -150,6 +150,17 @@ def test_a_wrong_label_is_refused_with_the_error_envelope(client, gateway, body)
     assert response.json()["error"]["code"] == "invalid_request"
 
 
+@pytest.mark.parametrize(("text", "taken"), [("line one\n\tline two", True), ("\u202egnirae", False),
+                                             ("\x1b]0;owned\x07", False), ("zero\u200bwidth", False)])
+def test_a_note_may_span_lines_but_not_hide_or_reorder_what_is_shown(client, gateway, text, taken):
+    send(client, gateway, events_of(gateway[0])[:1])
+    [episode] = episodes(client, gateway[0])
+    response = client.post(f"{ALARMS}/{episode['id']}/comment", json={"text": text}, headers=OPS)
+    assert response.status_code == (200 if taken else 422)
+    if not taken:
+        assert response.json()["error"]["code"] == "invalid_request"
+
+
 def test_without_credentials_or_for_an_unknown_episode(client, gateway):
     assert client.get(ALARMS).status_code == 401
     assert client.post(f"{ALARMS}/1/acknowledge").status_code == 401
