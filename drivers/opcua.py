@@ -368,7 +368,9 @@ class OpcuaDriver:
             for readings in touched.values():
                 readings.flush()
             self._collecting = None
+            batch.clear()  # a publish's notifications (10,000 objects at 10,000 items) are not kept while waiting
             await self._hand_on(state, pending)
+            pending.clear()
             if ended and not lost.done():
                 state.connection_losses += 1
                 raise ConnectionEnded(ended)
