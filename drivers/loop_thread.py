@@ -8,7 +8,7 @@ import asyncio
 import concurrent.futures
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -62,3 +62,25 @@ class LoopThread:
     def time(self) -> float:
         """The loop's clock (monotonic) while it runs, the same clock otherwise."""
         return self.loop.time() if self.loop is not None else time.monotonic()
+
+
+def stop_server_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread | None,
+                     first: Callable[[], Awaitable[None]], timeout_s: float = 10) -> None:
+    """Stop a server's loop (the plant simulators'): run `first()` on it, cancel every task left, stop it, join its
+    thread and close it, each wait bounded: a simulator that hangs must not hang the test or the demo stopping it."""
+
+    async def shutdown() -> None:
+        await first()
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    if loop.is_running():
+        try:
+            asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout_s)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+    if thread is not None:
+        thread.join(timeout_s)
+    loop.close()

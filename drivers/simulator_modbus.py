@@ -27,6 +27,7 @@ import time
 from typing import TYPE_CHECKING, Any, Self
 
 from drivers.base import MachineType
+from drivers.loop_thread import stop_server_loop
 from drivers.modbus import ModbusTcpDevice, Register
 from drivers.registers import encode, encode_raw
 from drivers.simulator import Plant, power_w
@@ -163,24 +164,13 @@ class ModbusSimulator:
         if loop is None:
             return
 
-        async def shutdown() -> None:
+        async def first() -> None:
             if self._stepper is not None:
                 self._stepper.cancel()
             if self._server is not None:
                 await self._server.shutdown()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
 
-        if loop.is_running():
-            try:
-                asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
-            finally:
-                loop.call_soon_threadsafe(loop.stop)
-        if thread is not None:
-            thread.join(10)
-        loop.close()
+        stop_server_loop(loop, thread, first)
 
     def __enter__(self) -> Self:
         return self.start()

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Self
 
+from drivers.loop_thread import stop_server_loop
 from drivers.opcua_config import OpcuaMachine, OpcuaServer
 from drivers.simulator import INPUTS, Plant
 
@@ -174,25 +175,14 @@ class OpcuaSimulator:
         if loop is None:
             return
 
-        async def shutdown() -> None:
+        async def first() -> None:
             if self._stepper is not None:
                 self._stepper.cancel()
             if self._server is not None:
                 with contextlib.suppress(Exception):  # stopping anyway
                     await self._server.stop()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
 
-        if loop.is_running():
-            try:
-                asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
-            finally:
-                loop.call_soon_threadsafe(loop.stop)
-        if thread is not None:
-            thread.join(10)
-        loop.close()
+        stop_server_loop(loop, thread, first)
 
     def __enter__(self) -> Self:
         return self.start()
