@@ -64,6 +64,14 @@ class LatestReadings:
                 self._load(source)
             return [(reading, list(self._trends[machine_id])) for machine_id, reading in self._latest.items()]
 
+    def readings(self, source: Source) -> list[StoredReading]:
+        """Each machine's newest reading, without its trend (/metrics): what `source.latest_by_machine()` would
+        read and decode from the database."""
+        with self._lock:
+            if not self._loaded:
+                self._load(source)
+            return list(self._latest.values())
+
     def _load(self, source: Source) -> None:
         """Under the lock, so no commit is applied meanwhile; one applied just before is in the store too, and the
         ts rule above keeps it from counting twice."""

@@ -177,6 +177,10 @@ class AgentSnapshot:
         """Each machine's saved alarm as JSON text (agent/alarms.py's MachineAlarm), as last committed."""
         return self._parts().store.machines("$.alarm")
 
+    def saved_alarms_of(self, machine_id: str) -> Mapping[str, Any]:
+        """`saved_alarms` of one machine (empty when it has no saved state), without reading every machine's."""
+        return self._parts().store.machines("$.alarm", machine_id)
+
     @cached_property
     def open_episodes(self) -> tuple[OpenEpisode, ...]:
         """The machines' open alarm episodes (agent/episodes.py), the worst first."""

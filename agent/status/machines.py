@@ -49,7 +49,7 @@ def machine_detail(snap: AgentSnapshot, machine_id: str, history: int) -> Machin
                    physical_min=i.physical_range.min, physical_max=i.physical_range.max, ood=i.name in latest.ood)
         for i in model.manifest.inputs
     ]
-    fields = _machine_fields(latest, _alarms(snap).get(machine_id), model, snap.taken_at,
+    fields = _machine_fields(latest, _alarm(snap, machine_id), model, snap.taken_at,
                              [r.health for r in readings[-TREND_POINTS:]])
     return MachineDetail(
         **fields, inputs=inputs, modes=[mode_risk(mode, risk, model) for mode, risk in fields["risk"].items()],
@@ -95,6 +95,15 @@ def _alarms(snap: AgentSnapshot) -> dict[str, dict[str, Any] | None]:
     for machine_id in [m for m, alarm in alarms.items() if alarm is None]:
         log.warning("machine %s: saved state unreadable", machine_id)
     return alarms
+
+
+def _alarm(snap: AgentSnapshot, machine_id: str) -> dict[str, Any] | None:
+    """One machine's saved alarm: only its own is read and decoded."""
+    saved = snap.saved_alarms_of(machine_id)
+    alarm = saved_alarm(saved.get(machine_id))
+    if alarm is None and machine_id in saved:
+        log.warning("machine %s: saved state unreadable", machine_id)
+    return alarm
 
 
 def _machine_fields(reading: StoredReading, alarm: dict[str, Any] | None, model: Model, now: float,
