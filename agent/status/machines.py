@@ -29,7 +29,7 @@ MACHINE_EVENTS = 20
 def machine_infos(snap: AgentSnapshot) -> list[MachineInfo]:
     """Every machine with its latest reading, alarm state and trend, the worst first (the page's and `pdm-edge demo`'s
     list)."""
-    model, alarms, now = snap.model, _alarms(snap), snap.taken_at
+    model, alarms, now = snap.model, snap.latest.alarms(snap.records), snap.taken_at
     forget_after_h = snap.config.machines.forget_after_h
     machines = [MachineInfo(**_machine_fields(reading, alarms.get(reading.machine_id), model, now, trend))
                 for reading, trend in snap.latest.view(snap.records) if heard(reading, forget_after_h, now)]
@@ -87,14 +87,6 @@ def mode_risk(mode: str, risk: float, model: Model) -> ModeRisk:
     threshold = model.manifest.thresholds.modes.get(mode)
     return ModeRisk(mode=mode, label=words["label"], meaning=words["meaning"], advice=words["advice"], risk=risk,
                     threshold=threshold, elevated=threshold is not None and risk >= threshold)
-
-
-def _alarms(snap: AgentSnapshot) -> dict[str, dict[str, Any] | None]:
-    """Each machine's saved alarm (MachineAlarm.to_json()), as the pipeline last committed it."""
-    alarms = {machine_id: saved_alarm(text) for machine_id, text in snap.saved_alarms.items()}
-    for machine_id in [m for m, alarm in alarms.items() if alarm is None]:
-        log.warning("machine %s: saved state unreadable", machine_id)
-    return alarms
 
 
 def _alarm(snap: AgentSnapshot, machine_id: str) -> dict[str, Any] | None:
