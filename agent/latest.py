@@ -1,7 +1,9 @@
-"""Each machine's newest committed reading and health trend, kept in memory for the status API (`LatestReadings`).
+"""Each machine's newest committed reading, health trend and saved alarm, kept in memory for the status API
+(`LatestReadings`).
 
-The pipeline hands every newly committed reading to `committed()` right after its batch's commit, so a request of
-/api/v1/machines reads no reading from the database and decodes none: it costs what changed, not the ingest rate.
+The pipeline hands every newly committed reading, and the alarm of every machine whose state the batch saved, to
+`committed()` right after its batch's commit, so a request of /api/v1/machines reads no reading or alarm from the
+database and decodes none: it costs what changed, not the ingest rate.
 What the process did not commit itself (the readings stored before a restart, what the buffer cap or the retention
 deleted) is read from the store at the next request after `start` or `forget()`, once.
 
@@ -11,12 +13,16 @@ threads (`view`); a lock guards the maps.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
-from collections.abc import Iterable
-from typing import Protocol
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
 
+from agent.alarms import Seen, saved_alarm
 from agent.store import StoredReading
+
+log = logging.getLogger(__name__)
 
 TREND_POINTS = 60  # readings in each machine's trend on /api/v1/machines
 
@@ -28,6 +34,8 @@ class Source(Protocol):
 
     def trend(self, machine_id: str, limit: int) -> list[tuple[float, float]]: ...
 
+    def machines(self, path: str | None = None, machine_id: str | None = None) -> dict[str, Any]: ...
+
 
 class LatestReadings:
     """The newest reading of each machine (by ts) and the health of its newest TREND_POINTS readings, oldest first. A
@@ -37,11 +45,15 @@ class LatestReadings:
         self._lock = threading.Lock()
         self._latest: dict[str, StoredReading] = {}
         self._trends: dict[str, deque[float]] = {}
+        self._alarms: dict[str, Seen] = {}  # each machine's alarm as saved (MachineAlarm.to_json())
         self._loaded = False  # from the store, since the start or the last forget()
 
-    def committed(self, readings: Iterable[StoredReading]) -> None:
-        """Readings just committed, in arrival order (never a duplicate of a stored one)."""
+    def committed(self, readings: Iterable[StoredReading], alarms: Mapping[str, Seen] | None = None) -> None:
+        """Readings just committed, in arrival order (never a duplicate of a stored one), and the alarms saved with
+        them (by machine id; never changed afterwards: an update saves a new dict)."""
         with self._lock:
+            if alarms:
+                self._alarms.update(alarms)
             for reading in readings:
                 newest = self._latest.get(reading.machine_id)
                 if newest is not None and reading.ts <= newest.ts:
@@ -64,6 +76,22 @@ class LatestReadings:
                 self._load(source)
             return [(reading, list(self._trends[machine_id])) for machine_id, reading in self._latest.items()]
 
+    def alarms(self, source: Source) -> dict[str, Seen]:
+        """Each machine's saved alarm (MachineAlarm.to_json()), as last committed; a machine without one (none
+        saved yet, or unreadable) is not listed."""
+        with self._lock:
+            if not self._loaded:
+                self._load(source)
+            return dict(self._alarms)
+
+    def readings(self, source: Source) -> list[StoredReading]:
+        """Each machine's newest reading, without its trend (/metrics): what `source.latest_by_machine()` would
+        read and decode from the database."""
+        with self._lock:
+            if not self._loaded:
+                self._load(source)
+            return list(self._latest.values())
+
     def _load(self, source: Source) -> None:
         """Under the lock, so no commit is applied meanwhile; one applied just before is in the store too, and the
         ts rule above keeps it from counting twice."""
@@ -79,7 +107,14 @@ class LatestReadings:
             trends[machine_id] = deque((rounded(h) for _, h in points), maxlen=TREND_POINTS)
             if not points:
                 trends[machine_id].append(rounded(reading.health))
-        self._latest, self._trends, self._loaded = latest, trends, True
+        alarms = {}
+        for machine_id, text in source.machines("$.alarm").items():
+            alarm = saved_alarm(text)
+            if alarm is None:
+                log.warning("machine %s: saved state unreadable", machine_id)
+            else:
+                alarms[machine_id] = alarm
+        self._latest, self._trends, self._alarms, self._loaded = latest, trends, alarms, True
 
 
 def rounded(health: float) -> float:

@@ -11,6 +11,7 @@ import json
 import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from agent.alarms import Alarms, MachineAlarm, Shown
 from agent.store import MachineRecord, OutboxRecord, StoredReading
@@ -28,6 +29,9 @@ class Machines:
         """`keep`: whether a closed window's summary goes to the outbox (summaries on change, sync/onchange.py)."""
         self.gateway_id = gateway_id
         self.keep = keep
+        # The alarms (MachineAlarm.to_json()) in the machine states of the last update() or close_due(): what the
+        # pipeline hands to LatestReadings once they are committed.
+        self.saved_alarms: dict[str, dict[str, Any]] = {}
         self.summaries = Summariser(summary.window_s, summary.grace_s)
         self.alarms = Alarms(alarms)
         self.use_model(model)
@@ -94,6 +98,7 @@ class Machines:
                  now: float) -> tuple[list[OutboxRecord], list[MachineRecord]]:
         outbox = events + [record for window in closed if (record := self._summary(window, now)) is not None]
         touched |= {w.machine_id for w in closed}
+        self.saved_alarms = {}
         return outbox, [self._saved(machine_id, now) for machine_id in sorted(touched)]
 
     def _event(self, reading: StoredReading, before: StateName, after: StateName, now: float) -> OutboxRecord:
@@ -124,7 +129,8 @@ class Machines:
 
     def _saved(self, machine_id: str, now: float) -> MachineRecord:
         window = self.summaries.open.get(machine_id)
-        state = {"alarm": self.alarms.machines.get(machine_id, MachineAlarm()).to_json(),
+        alarm = self.saved_alarms[machine_id] = self.alarms.machines.get(machine_id, MachineAlarm()).to_json()
+        state = {"alarm": alarm,
                  "window": window.to_json() if window else None,
                  "closed_until": self.summaries.closed_until.get(machine_id)}
         return MachineRecord(machine_id, json.dumps(state), now)

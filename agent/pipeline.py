@@ -255,7 +255,7 @@ class Pipeline:
             ))
         new, outbox, machines = self._summarise(scorer, batch, stored, shadow)
         self._write(stored, quarantined, outbox, machines)
-        self.latest.committed(new)
+        self.latest.committed(new, self._machines.saved_alarms if self._machines is not None else None)
         for reading in batch:
             if reading.ack is not None:
                 reading.ack()
@@ -359,6 +359,7 @@ class Pipeline:
         outbox, machines = self._machines.close_due(self._clock())
         if outbox or machines:
             self._write([], [], outbox, machines)
+            self.latest.committed((), self._machines.saved_alarms)
 
     def _write(self, stored: list[StoredReading], quarantined: list[QuarantinedReading],
                outbox: Sequence[OutboxRecord] = (), machines: Sequence[MachineRecord] = ()) -> WriteResult:

@@ -75,6 +75,8 @@ class Records(Protocol):
 
     def healths_after(self, after_id: int, limit: int) -> list[tuple[int, str, float, float]]: ...
 
+    def machines(self, path: str | None = None, machine_id: str | None = None) -> dict[str, Any]: ...
+
     def events(self, machine_id: str | None = None, since: float | None = None,
                limit: int = 100) -> list[tuple[OutboxRecord, bool]]: ...
 
@@ -176,6 +178,10 @@ class AgentSnapshot:
     def saved_alarms(self) -> Mapping[str, Any]:
         """Each machine's saved alarm as JSON text (agent/alarms.py's MachineAlarm), as last committed."""
         return self._parts().store.machines("$.alarm")
+
+    def saved_alarms_of(self, machine_id: str) -> Mapping[str, Any]:
+        """`saved_alarms` of one machine (empty when it has no saved state), without reading every machine's."""
+        return self._parts().store.machines("$.alarm", machine_id)
 
     @cached_property
     def open_episodes(self) -> tuple[OpenEpisode, ...]:

@@ -336,13 +336,17 @@ class Store:
                 found.update(connection.execute(sql, [v for key in chunk for v in key]))
         return found
 
-    def machines(self, path: str | None = None) -> dict[str, Any]:
-        """Every machine's saved state (JSON), by machine id; with a JSON `path` such as "$.alarm.state", only the
-        value there (None where the state is not JSON), picked out by SQLite at a fraction of decoding the states."""
+    def machines(self, path: str | None = None, machine_id: str | None = None) -> dict[str, Any]:
+        """Every machine's saved state (JSON), by machine id, or only that of `machine_id`; with a JSON `path` such as
+        "$.alarm.state", only the value there (None where the state is not JSON), picked out by SQLite at a fraction
+        of decoding the states."""
         sql = ("SELECT machine_id, state FROM machines" if path is None else
                "SELECT machine_id, CASE WHEN json_valid(state) THEN json_extract(state, ?) END FROM machines")
+        params: tuple[str, ...] = () if path is None else (path,)
+        if machine_id is not None:
+            sql, params = sql + " WHERE machine_id = ?", (*params, machine_id)
         with self._guard("reading machine states from") as connection:
-            return dict(connection.execute(sql, () if path is None else (path,)))
+            return dict(connection.execute(sql, params))
 
     def outbox(self, kind: str | None = None, pending: bool = True) -> list[OutboxRecord]:
         """Outbox records, oldest first: the pending ones (not yet accepted by central) or all."""

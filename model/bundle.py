@@ -27,15 +27,17 @@ import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
 from model.manifest import MANIFEST_FILE, Described, Manifest, PackageError
 from model.package import read_package_file
+
+# cryptography is imported where a key is made, read or used: the agent imports this module at start, and
+# cryptography's bindings cost it 9 MB of RSS on a gateway that has no trusted keys (BENCHMARKS: ingest, RSS).
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 SIGNATURE_FILE = "signature.json"
 ONNX_FILE = "model.onnx"
@@ -69,12 +71,17 @@ class Bundle(Described):
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
+    from cryptography.hazmat.primitives import serialization
+
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
 def new_key_pair(private_path: Path, public_path: Path) -> str:
     """Write a new Ed25519 key pair (the private key 0600, never overwriting a file); its key id."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     private = Ed25519PrivateKey.generate()
     pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
@@ -89,6 +96,9 @@ def new_key_pair(private_path: Path, public_path: Path) -> str:
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except OSError as exc:
@@ -102,6 +112,9 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         key = serialization.load_pem_public_key(Path(path).read_bytes())
     except OSError as exc:
@@ -150,6 +163,8 @@ def pack(files: Mapping[str, bytes]) -> bytes:
 
 def read_bundle(data: bytes, trusted: Mapping[str, Ed25519PublicKey]) -> Bundle:
     """A verified bundle from untrusted bytes; BundleError (one line) for anything else."""
+    from cryptography.exceptions import InvalidSignature
+
     if len(data) > MAX_BUNDLE_BYTES:
         raise BundleError(f"the bundle is {len(data):,} bytes, more than {MAX_BUNDLE_BYTES:,}")
     files = _members(data)

@@ -29,9 +29,9 @@ MACHINE_EVENTS = 20
 def machine_infos(snap: AgentSnapshot) -> list[MachineInfo]:
     """Every machine with its latest reading, alarm state and trend, the worst first (the page's and `pdm-edge demo`'s
     list)."""
-    model, alarms, now = snap.model, _alarms(snap), snap.taken_at
-    forget_after_h = snap.config.machines.forget_after_h
-    machines = [MachineInfo(**_machine_fields(reading, alarms.get(reading.machine_id), model, now, trend))
+    model, alarms, now = snap.model, snap.latest.alarms(snap.records), snap.taken_at
+    forget_after_h, bands = snap.config.machines.forget_after_h, _bands(model)
+    machines = [MachineInfo(**_machine_fields(reading, alarms.get(reading.machine_id), model, now, trend, bands))
                 for reading, trend in snap.latest.view(snap.records) if heard(reading, forget_after_h, now)]
     machines.sort(key=lambda m: (-SEVERITY.get(m.state, 0), m.machine_id))
     return machines
@@ -49,8 +49,8 @@ def machine_detail(snap: AgentSnapshot, machine_id: str, history: int) -> Machin
                    physical_min=i.physical_range.min, physical_max=i.physical_range.max, ood=i.name in latest.ood)
         for i in model.manifest.inputs
     ]
-    fields = _machine_fields(latest, _alarms(snap).get(machine_id), model, snap.taken_at,
-                             [r.health for r in readings[-TREND_POINTS:]])
+    fields = _machine_fields(latest, _alarm(snap, machine_id), model, snap.taken_at,
+                             [r.health for r in readings[-TREND_POINTS:]], _bands(model))
     return MachineDetail(
         **fields, inputs=inputs, modes=[mode_risk(mode, risk, model) for mode, risk in fields["risk"].items()],
         history=[HistoryPoint(ts=at(r.ts), health=r.health, p_failure=r.p_failure, state=r.state) for r in readings],
@@ -89,21 +89,28 @@ def mode_risk(mode: str, risk: float, model: Model) -> ModeRisk:
                     threshold=threshold, elevated=threshold is not None and risk >= threshold)
 
 
-def _alarms(snap: AgentSnapshot) -> dict[str, dict[str, Any] | None]:
-    """Each machine's saved alarm (MachineAlarm.to_json()), as the pipeline last committed it."""
-    alarms = {machine_id: saved_alarm(text) for machine_id, text in snap.saved_alarms.items()}
-    for machine_id in [m for m, alarm in alarms.items() if alarm is None]:
+def _alarm(snap: AgentSnapshot, machine_id: str) -> dict[str, Any] | None:
+    """One machine's saved alarm: only its own is read and decoded."""
+    saved = snap.saved_alarms_of(machine_id)
+    alarm = saved_alarm(saved.get(machine_id))
+    if alarm is None and machine_id in saved:
         log.warning("machine %s: saved state unreadable", machine_id)
-    return alarms
+    return alarm
+
+
+def _bands(model: Model) -> tuple[float, float]:
+    """The model's health at its warning and at its alarm threshold."""
+    points = dict(model.manifest.health.points)
+    thresholds = model.manifest.thresholds
+    return points[thresholds.warning], points[thresholds.alarm]
 
 
 def _machine_fields(reading: StoredReading, alarm: dict[str, Any] | None, model: Model, now: float,
-                    trend: list[float]) -> dict[str, Any]:
-    """MachineInfo's fields: the state and the reading that holds it (agent/alarms.py), against the model."""
-    points = dict(model.manifest.health.points)
-    thresholds = model.manifest.thresholds
+                    trend: list[float], bands: tuple[float, float]) -> dict[str, Any]:
+    """MachineInfo's fields: the state and the reading that holds it (agent/alarms.py), against the model (`bands`:
+    `_bands(model)`, worked out once per request rather than once per machine)."""
     state, shown = technician_view(alarm, reading.state, Shown(reading.health, reading.p_failure, reading.risk),
-                                   points[thresholds.warning], points[thresholds.alarm])
+                                   *bands)
     dominant = max(shown.risk, key=shown.risk.__getitem__) if shown.risk else None
     return {
         "machine_id": reading.machine_id, "machine_type": reading.machine_type, "state": state,

@@ -153,7 +153,7 @@ def _machines(snap: AgentSnapshot) -> Iterable[Metric]:
                             labels=["machine"])
     age = GaugeMetricFamily("pdm_machine_last_reading_age_seconds", "Since the latest reading was received.",
                             labels=["machine"])
-    latest = snap.records.latest_by_machine().values()
+    latest = snap.latest.readings(snap.records)  # in memory: none read from the database, none decoded
     for reading in labelled(latest, snap.config.machines.forget_after_h, now):
         machine_id = reading.machine_id
         health.add_metric([machine_id], reading.health)

@@ -47,3 +47,21 @@ def test_hysteresis(readings, expected):
 
 def test_thresholds_of_one_reading_each_way():
     assert changes([WARN, OK], enter_after=1, leave_after=1) == [("ok", "warning"), ("warning", "ok")]
+
+
+def test_a_saved_alarm_is_every_field_of_the_machine_alarm():
+    """MachineAlarm.to_json() is written by hand for speed: it must stay what dataclasses.asdict would give, so a
+    field added later is saved too."""
+    import dataclasses
+
+    from agent.alarms import MachineAlarm, Shown
+
+    alarms = Alarms(AlarmsConfig())
+    alarms.set_bands(*BANDS)
+    for state, health in [WARN] * 2:
+        alarms.update("m1", state, health, Shown(health, 0.5, {"TWF": 0.1, "HDF": 0.4}))
+    machine = alarms.machines["m1"]
+    machine.episode, machine.episode_at = "e1", 12.5
+    assert machine.to_json() == dataclasses.asdict(machine)
+    assert MachineAlarm().to_json() == dataclasses.asdict(MachineAlarm())
+    assert machine.candidate == {"health": 60.0, "p_failure": 0.5, "risk": {"TWF": 0.1, "HDF": 0.4}}

@@ -38,3 +38,28 @@ def test_after_a_deletion_it_reads_the_store_again(tmp_path: Path):
         store.delete_readings_before(50.0)
         latest.forget()
         assert trends(latest, store) == {"b": (100.0, [60.0])}
+
+
+def test_the_saved_alarms_are_read_once_then_follow_the_commits(tmp_path: Path, caplog):
+    """/api/v1/machines takes each machine's alarm from here, not from the machines table at every request."""
+    import json
+
+    from agent.store import MachineRecord
+
+    def saved(state: str) -> dict:
+        return {"state": state, "direction": 0, "streak": 0, "target": 0, "shown": None, "candidate": None,
+                "episode": None, "episode_at": None}
+
+    with Store.open(tmp_path / "agent.db") as store:
+        store.write([reading("a", 1.0, 50.0), reading("b", 1.0, 60.0)], [], machines=[
+            MachineRecord("a", json.dumps({"alarm": saved("warning"), "window": None}), 1.0),
+            MachineRecord("b", "not json", 1.0)])
+        latest = LatestReadings()
+        assert latest.alarms(store) == {"a": saved("warning")}
+        assert "machine b: saved state unreadable" in caplog.text
+        store.write([reading("a", 2.0, 90.0)], [], machines=[
+            MachineRecord("a", json.dumps({"alarm": saved("ok"), "window": None}), 2.0)])
+        latest.committed([reading("a", 2.0, 90.0)], {"a": saved("ok")})
+        assert latest.alarms(store) == {"a": saved("ok")}
+        latest.forget()
+        assert latest.alarms(store) == {"a": saved("ok")}  # as the store has it
