@@ -5,20 +5,23 @@ with its worker off never delivers, and its delivery log says whether any worker
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import psycopg
 import requests
 
+from central.notify import process
 from testkit import batches
 from testkit.batches import event
 from testkit.net import free_port, wait_until
 from tests.central.notify_support import SECRET, Receiver
-from tests.central.support import OPS, PDM_CENTRAL, Server, bearer, environment
+from tests.central.support import OPS, PDM_CENTRAL, Server, bearer, environment, make_settings
 
 DELIVERIES = "/api/v1/notifications/deliveries"
 
@@ -155,3 +158,34 @@ def test_the_api_with_its_worker_off_never_delivers(central_url, gateways, tmp_p
             conn.execute("DELETE FROM notify_outbox WHERE route = %s", [route])
     assert receiver.seen == 0
     assert [(s, a) for _, s, a in rows] == [("pending", 0), ("pending", 0)]
+
+
+def test_an_ingest_wakes_the_notifier_at_once_not_at_its_next_poll(central_url, gateways, tmp_path):
+    """The API's ingest NOTIFYs; the notifier, here polling once a minute only, LISTENs and sends at once."""
+    gateway = gateways.add()
+    receiver = Receiver()
+    route = f"wake-{gateway[0]}"
+    config = notify_config(tmp_path, receiver, route, gateway[0])
+    running: dict = {}
+
+    async def notifier_polling_every_minute() -> None:
+        running["loop"], running["stop"] = asyncio.get_running_loop(), asyncio.Event()
+        await process.run(make_settings(central_url, notify_config=config), running["stop"], interval_s=60)
+
+    thread = threading.Thread(target=asyncio.run, args=(notifier_polling_every_minute(),), daemon=True)
+    thread.start()
+    server = api(central_url, config, tmp_path / "api.log")
+    try:
+        wait_until(lambda: listening(server) == 1, 20, interval=0.2)
+        time.sleep(0.5)  # its first round is over: it waits for a NOTIFY or its next poll, a minute away
+        started = time.monotonic()
+        ingest(server, gateway, ["m-1"])
+        assert receiver.first_request.wait(10), "not delivered within 10 s"
+        assert time.monotonic() - started < 5
+    finally:
+        server.terminate()
+        running["loop"].call_soon_threadsafe(running["stop"].set)
+        thread.join(20)
+        receiver.close()
+    assert not thread.is_alive()
+    assert [b["episode"]["machine_id"] for b in receiver.answered.values()] == ["m-1"]
