@@ -10,7 +10,8 @@ this site's own page, as the dashboard's sign-in does):
   POST /api/v1/alarms/{id}/assign        {assignee | null, by?}
   POST /api/v1/alarms/{id}/label         {label: failure|false_alarm|unsure, mode (failure only), by?}
   GET  /api/v1/notifications/deliveries  ?state=&episode=&limit=&cursor=: the outbox, newest first, with the counts
-                                         of what is not delivered and this process's worker (running, restarts...)
+                                         of what is not delivered, this process's worker (running, restarts...) and
+                                         how many workers listen in all (`pdm-central notify` processes too)
 Every POST writes an audit row: who (the credential: "ops token" or "dashboard session", and the name given as
 `by`), when, what, and from where (the client address, X-Forwarded-For's only from PDM_CENTRAL_TRUSTED_PROXIES).
 """
@@ -249,7 +250,8 @@ def routes(api: FastAPI, settings: Settings, connection: Connection,
         async with connection(request) as conn:
             rows = await (await conn.execute(DELIVERIES, params)).fetchall()
             counts = await outbox.undelivered(conn)
-        worker = json.dumps(request.app.state.notifications.status())
+            listening = await outbox.listening(conn)
+        worker = json.dumps({**request.app.state.notifications.status(), "listening": listening})
         page = _page("deliveries", rows, limit)
         return Response(f'{{"outbox":{counts},"worker":{worker},{page[1:]}', media_type=JSON)
 

@@ -30,7 +30,8 @@ limited per client address (central/guard.py): 429 with Retry-After beyond 10 a 
 
 An ingest stores its events, the alarm episodes they change (central/episodes.py), the notifications those
 changes owe (central/notify/) and the actions technicians took at the gateway (central/gateway_actions.py) in one
-transaction; the notification worker runs as a task of the lifespan.
+transaction; the notification worker runs as a task of the lifespan (PDM_CENTRAL_NOTIFY_WORKER=inline) or in its own
+process (`pdm-central notify`, central/notify/process.py).
 
 The pool opens without waiting for PostgreSQL: the API starts while the database is down, /readyz says so, and
 every route that needs the database answers 503 {"error": {"code": "database_unavailable"}} with Retry-After.
@@ -378,7 +379,7 @@ def _routes(api: FastAPI, settings: Settings, notifications: Notifications) -> N
                     await limits.refuse_machines_beyond_limit(conn, gateway, batch, settings.max_machines_per_gateway)
                     new_events: list[uuid.UUID] = []
                     result = await ingest.store(conn, gateway, batch, _client(request), new_events)
-                    notified = await notifications.after_store(conn, gateway.id, gateway.name, new_events)
+                    await notifications.after_store(conn, gateway.id, gateway.name, new_events)
                     if batch.actions:  # after the events: an action's episode may have opened in this batch
                         result = result.model_copy(update={"actions": await gateway_actions.apply(
                             conn, gateway.id, gateway.name, batch.actions, ingest.address(_client(request)))})
@@ -399,8 +400,6 @@ def _routes(api: FastAPI, settings: Settings, notifications: Notifications) -> N
             reason = first_line(exc)
             raise ApiError(422, "invalid_batch", f"PostgreSQL refused a value of the batch: {reason}",
                            [{"loc": [], "msg": reason, "type": "database_refused"}]) from None
-        if notified:
-            notifications.wake()
         log.debug("gateway %s: batch %s stored", gateway.name, batch.batch_id,
                   extra={"accepted": result.accepted.model_dump(), "duplicates": result.duplicates.model_dump()})
         # Without `actions` unless the batch had some: an agent older than them reads the answer with a strict model.

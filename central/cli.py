@@ -98,6 +98,17 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _notify(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncio
+
+    from central.notify import process
+    from web import logs
+
+    logs.setup(settings.log_level, settings.log_format)
+    asyncio.run(process.run(settings))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="pdm-central", description=__doc__.split("\n")[0])
     root.add_argument("--version", action="version", version=f"pdm-central {__version__}")
@@ -121,6 +132,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="default: the host of PDM_CENTRAL_BIND (127.0.0.1)")
     serve.add_argument("--port", type=int, help="default: the port of PDM_CENTRAL_BIND (8000)")
     serve.set_defaults(handler=_serve)
+    commands.add_parser("notify", help="deliver the notifications in a process of its own, until SIGTERM (production: "
+                        "with PDM_CENTRAL_NOTIFY_WORKER=off for the API)").set_defaults(handler=_notify)
     return root
 
 

@@ -61,3 +61,6 @@ def when_ready(server: Any) -> None:  # gunicorn.arbiter.Arbiter
     server.log.info("%d workers x up to %d PostgreSQL connections each: at most %d on the primary%s", workers,
                     _settings.pool_max_size, workers * _settings.pool_max_size,
                     f" and {workers * _settings.pool_max_size} on the read replica" if replica else "")
+    if _settings.notify_config is not None:
+        server.log.info("notifications delivered by %s", "each worker (PDM_CENTRAL_NOTIFY_WORKER=inline)"
+                        if _settings.notify_worker == "inline" else "`pdm-central notify` processes, not the workers")

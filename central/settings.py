@@ -21,6 +21,8 @@
     PDM_CENTRAL_SESSION_LIFETIME_S  28800                                   dashboard session, from login (60 s-7 days)
     PDM_CENTRAL_SESSION_COOKIE_SECURE  true                                 false: plain http, loopback bind only
     PDM_CENTRAL_NOTIFY_CONFIG       (none: no notifications)                TOML routes and channels (central/notify)
+    PDM_CENTRAL_NOTIFY_WORKER       inline                                  inline: the API process delivers them;
+                                                                            off: `pdm-central notify` does (production)
     PDM_CENTRAL_RETAIN_SUMMARIES_DAYS  30                                   raw summaries (daily partitions dropped)
     PDM_CENTRAL_RETAIN_ROLLUP_DAYS  1830                                    the hourly roll-up (monthly partitions)
     PDM_CENTRAL_RETAIN_EVENTS_DAYS  400                                     state changes (monthly partitions)
@@ -107,6 +109,8 @@ class Settings(BaseModel):
     session_lifetime_s: int = Field(8 * 3600, ge=60, le=7 * 24 * 3600)
     session_cookie_secure: bool = True
     notify_config: Path | None = None  # notification routes and channels (central/notify/config.py)
+    # Who delivers them: a task of each API process (inline), or only `pdm-central notify` processes (off).
+    notify_worker: Literal["inline", "off"] = "inline"
     # Partitions and retention (central/partitions.py).
     retain_summaries_days: int = Field(30, ge=1)
     retain_rollup_days: int = Field(5 * 366, ge=1)

@@ -1,6 +1,7 @@
-"""A background task of the API process that must keep running: the notification worker, partition maintenance,
-the rollouts. Each loop survives its failed rounds; should it die all the same (a bug), it is logged with its
-traceback, counted and started again after a backoff (2, 4, 8 s ... up to `max_backoff_s`). stop() ends it for good.
+"""A background task that must keep running: the notification worker (in an API process or in `pdm-central
+notify`), partition maintenance, the rollouts. Each loop survives its failed rounds; should it die all the same (a
+bug), it is logged with its traceback, counted and started again after a backoff (2, 4, 8 s ... up to
+`max_backoff_s`). stop() ends it for good.
 """
 
 from __future__ import annotations

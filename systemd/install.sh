@@ -30,6 +30,7 @@
 #   /var/lib/pdm-edge/                         the SQLite buffer, pdm-edge 0750, kept by --uninstall
 #   /var/backups/pdm-edge/                     the buffer as it was before each upgrade, root 0700
 #   /etc/systemd/system/pdm-edge.service       the unit (+ pdm-edge.service.d/10-backoff.conf on systemd >= 254)
+#   (central also pdm-central-notify.service, the notification worker, which pdm-central.service starts and stops)
 #
 # Exit codes: 0 done; 1 failed (nothing half-done is left running: a failed upgrade is rolled back); 2 usage;
 # 3 installed and enabled but not started: the configuration needs attention (the message says what).
@@ -114,6 +115,7 @@ agent)
     SERIAL_GROUP=dialout
     # credential name in the unit : file in /etc/credstore
     CREDENTIALS="central.token:pdm-edge.central.token status.token:pdm-edge.status.token mqtt.password:pdm-edge.mqtt.password"
+    COMPANIONS=""
     ;;
 central)
     NAME=pdm-central
@@ -123,6 +125,8 @@ central)
     STATE_DIR=""
     SERIAL_GROUP=""
     CREDENTIALS="ops_token:pdm-central.ops_token database_url:pdm-central.database_url"
+    # Units the main one Wants= and that are PartOf= it: installed and removed with it, started and stopped by it.
+    COMPANIONS="pdm-central-notify.service"
     ;;
 esac
 PREFIX=/opt/$NAME
@@ -266,8 +270,11 @@ put() { # source dest mode
 }
 
 install_units() {
-    local changed=0
+    local changed=0 companion
     put "$SCRIPT_DIR/$UNIT" "$UNIT_DIR/$UNIT" 0644 && changed=1
+    for companion in $COMPANIONS; do
+        put "$SCRIPT_DIR/$companion" "$UNIT_DIR/$companion" 0644 && changed=1
+    done
     if [ "$(systemd_version)" -ge 254 ]; then
         put "$SCRIPT_DIR/backoff.conf" "$DROPIN" 0644 && changed=1
     elif [ -f "$(p "$DROPIN")" ]; then
@@ -643,9 +650,10 @@ do_rollback() {
 }
 
 do_uninstall() {
-    local pair
+    local pair companion
     disable_unit
     rm -f "$(p "$UNIT_DIR/$UNIT")" "$(p "$DROPIN")"
+    for companion in $COMPANIONS; do rm -f "$(p "$UNIT_DIR/$companion")"; done
     rmdir "$(p "$UNIT_DIR/$UNIT.d")" 2>/dev/null || true
     sdctl daemon-reload
     rm -rf "$(p "$PREFIX")"

@@ -8,6 +8,10 @@ instead of holding a transaction open during the HTTP or SMTP exchange: a worker
 pending, and another worker (or the restarted one) takes it once the lease ends. So a delivery is at least once on
 the wire and once in effect.
 
+An ingest that wrote deliveries also sends NOTIFY on CHANNEL (in the same statement; PostgreSQL delivers it at
+commit): every worker LISTENs on it, in the API processes or in `pdm-central notify` processes alike, and starts a
+round at once. The LISTEN connection is named LISTENER (application_name): the delivery log counts them.
+
 Floods: when a route has already had `digest_after` transitions within `digest_window_s`, further ones are held;
 when the oldest held one is `digest_window_s` old, all held ones of the route become one digest delivery per channel.
 """
@@ -34,6 +38,8 @@ BACKOFF_FIRST_S = 15.0
 BACKOFF_MAX_S = 30 * 60.0
 RETRY_HORIZON = timedelta(hours=24)  # then a delivery is given up as failed (and logged)
 RETENTION = timedelta(days=90)  # delivered and digested rows are kept this long for the delivery log
+CHANNEL = "pdm_notify"  # NOTIFY'd when an ingest has committed deliveries
+LISTENER = "pdm-central notify"  # the application_name of a worker's LISTEN connection
 
 
 def delivery_id(*parts: object) -> uuid.UUID:
@@ -57,20 +63,25 @@ VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s)
 ON CONFLICT (delivery_id) DO NOTHING
 """
 # One statement per route and batch: how many transitions the route had within its digest window decides, in order,
-# which of the new ones are sent and which are held for the digest.
+# which of the new ones are sent and which are held for the digest; rows written to be sent NOTIFY the workers.
 ENQUEUE = """
 WITH recent AS (  -- counted up to digest_after only: all it is compared with (a flood costs no longer scans)
     SELECT count(*) AS n FROM (
         SELECT FROM notify_outbox
         WHERE route = %(route)s AND channel = %(first_channel)s AND created_at > %(since)s AND transition <> 'digest'
         LIMIT %(digest_after)s) AS r
+), written AS (
+    INSERT INTO notify_outbox (delivery_id, route, channel, episode_id, transition, payload, state, created_at,
+                               due_at)
+    SELECT d.delivery_id, %(route)s, d.channel, d.episode_id, d.transition, d.payload,
+           CASE WHEN recent.n + d.ordinal >= %(digest_after)s THEN 'held' ELSE 'pending' END, %(now)s, %(now)s
+    FROM recent, jsonb_to_recordset(%(rows)s::jsonb) AS d(delivery_id uuid, channel text, episode_id bigint,
+                                                         transition text, payload jsonb, ordinal integer)
+    ON CONFLICT (delivery_id) DO NOTHING
+    RETURNING state
 )
-INSERT INTO notify_outbox (delivery_id, route, channel, episode_id, transition, payload, state, created_at, due_at)
-SELECT d.delivery_id, %(route)s, d.channel, d.episode_id, d.transition, d.payload,
-       CASE WHEN recent.n + d.ordinal >= %(digest_after)s THEN 'held' ELSE 'pending' END, %(now)s, %(now)s
-FROM recent, jsonb_to_recordset(%(rows)s::jsonb) AS d(delivery_id uuid, channel text, episode_id bigint,
-                                                     transition text, payload jsonb, ordinal integer)
-ON CONFLICT (delivery_id) DO NOTHING
+SELECT n, CASE WHEN pending > 0 THEN pg_notify(%(channel)s, '') END
+FROM (SELECT count(*) AS n, count(*) FILTER (WHERE state = 'pending') AS pending FROM written) AS w
 """
 
 
@@ -89,8 +100,10 @@ async def enqueue(conn: psycopg.AsyncConnection[Any], config: NotifyConfig, tran
         if rows:
             cursor = await conn.execute(ENQUEUE, {
                 "route": route.name, "first_channel": route.channels[0], "digest_after": route.digest_after,
-                "since": now - timedelta(seconds=route.digest_window_s), "now": now, "rows": json.dumps(rows)})
-            written += cursor.rowcount
+                "since": now - timedelta(seconds=route.digest_window_s), "now": now, "rows": json.dumps(rows),
+                "channel": CHANNEL})
+            row = await cursor.fetchone()
+            written += int(row[0]) if row else 0
     return written
 
 
@@ -235,3 +248,11 @@ FROM notify_outbox WHERE state IN ('pending', 'held', 'failed')
 async def undelivered(conn: psycopg.AsyncConnection[Any]) -> str:
     row = await (await conn.execute(UNDELIVERED)).fetchone()
     return str(row[0]) if row else "{}"
+
+
+async def listening(conn: psycopg.AsyncConnection[Any]) -> int:
+    """How many workers, in whichever process, listen for deliveries now: 0 with routes configured means nothing
+    delivers (no `pdm-central notify` running while the API's workers are off)."""
+    row = await (await conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+                                    "AND datname = current_database()", [LISTENER])).fetchone()
+    return int(row[0]) if row else 0

@@ -1,4 +1,5 @@
-"""What the API holds of notifications: the configuration, the ingest's hook, the worker's task."""
+"""What the API holds of notifications: the configuration, the ingest's hook, the worker's task (none when
+PDM_CENTRAL_NOTIFY_WORKER=off: then `pdm-central notify` processes deliver, central/notify/process.py)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ log = logging.getLogger("central.notify")
 
 
 class Notifications:
-    def __init__(self, config: NotifyConfig, clock: Callable[[], datetime] = utc_now) -> None:
-        self.config, self.clock = config, clock
+    def __init__(self, config: NotifyConfig, clock: Callable[[], datetime] = utc_now, inline: bool = True) -> None:
+        self.config, self.clock, self.inline = config, clock, inline
         self.worker: Worker | None = None
         self.background = True  # tests turn it off and drive worker.run_once on a fake clock
         self._task: Supervised | None = None
@@ -31,10 +32,11 @@ class Notifications:
     @classmethod
     def from_settings(cls, settings: Settings) -> Notifications:
         """SettingsError listing every problem of PDM_CENTRAL_NOTIFY_CONFIG's file."""
+        inline = settings.notify_worker == "inline"
         if settings.notify_config is None:
-            return cls(NotifyConfig())
+            return cls(NotifyConfig(), inline=inline)
         try:
-            return cls(load(settings.notify_config, production=settings.production))
+            return cls(load(settings.notify_config, production=settings.production), inline=inline)
         except NotifyConfigError as exc:
             raise SettingsError([f"PDM_CENTRAL_NOTIFY_CONFIG: {line}" for line in exc.problems]) from None
 
@@ -48,7 +50,8 @@ class Notifications:
         return await outbox.enqueue(conn, self.config, transitions, now)
 
     def start(self, pool: AsyncConnectionPool[Any], interval_s: float = 1.0) -> None:
-        if not self.config.routes:
+        """The worker, unless there is nothing to deliver or this process leaves it to `pdm-central notify`."""
+        if not self.config.routes or not self.inline:
             return
         self.worker = Worker(pool, self.config, self.clock, interval_s)
         if self.background:
@@ -58,12 +61,9 @@ class Notifications:
     def status(self) -> dict[str, Any]:
         """This process's worker, for the delivery log."""
         task = self._task
-        return {"running": task is not None and task.running, "restarts": task.restarts if task else 0,
+        return {"inline": self.inline, "running": task is not None and task.running,
+                "restarts": task.restarts if task else 0,
                 **(self.worker.status() if self.worker else {})}
-
-    def wake(self) -> None:
-        if self.worker is not None:
-            self.worker.wake()
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -1,6 +1,8 @@
-"""The delivery worker: an asyncio task in each API process's lifespan.
+"""The delivery worker: an asyncio task of a `pdm-central notify` process (production: central/notify/process.py), or
+of each API process's lifespan when PDM_CENTRAL_NOTIFY_WORKER=inline (the default: one process does everything).
 
-Each round (every `interval_s`, or when an ingest has written deliveries: at once after a quiet spell, else
+Each round (every `interval_s`, or when an ingest has written deliveries, which the worker hears by LISTEN on
+outbox.CHANNEL whichever process the ingest ran in: at once after a quiet spell, else
 `gather_s` after the previous round began, so that under load one round sends what several ingests wrote):
 escalations that are due, digests that are due, then up to `batch` pending deliveries claimed (`FOR UPDATE SKIP
 LOCKED` plus a lease: several gunicorn workers share the outbox without sending a row twice at a time) and sent
@@ -17,9 +19,11 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from central.notify import channels, outbox
@@ -56,11 +60,42 @@ class Worker:
     def status(self) -> dict[str, int]:
         return {"delivered": self.delivered, "given_up": self.given_up, "failed_rounds": self.failed_rounds}
 
-    def wake(self) -> None:
-        """Deliver now: an ingest has just committed deliveries (saves up to a round's wait)."""
-        self._wake.set()
-
     async def run(self) -> None:
+        listener = asyncio.create_task(self._listen(), name="notify-listen")
+        try:
+            await self._rounds()
+        finally:
+            listener.cancel()
+            with suppress(asyncio.CancelledError):
+                await listener
+
+    async def _listen(self) -> None:
+        """Wake a round whenever an ingest has committed deliveries (outbox.CHANNEL). On a connection of its own,
+        outside the pool, named outbox.LISTENER; while it cannot listen, the worker polls every interval_s, and it
+        logs that once, and once when it listens again."""
+        down = False
+        while True:
+            try:
+                conninfo, kwargs = self.pool.conninfo, self.pool.kwargs
+                if not isinstance(conninfo, str) or not isinstance(kwargs, dict):  # db.make_pool's are
+                    raise TypeError("the pool's conninfo and kwargs must be fixed values to listen alike")
+                kwargs = {**kwargs, "application_name": outbox.LISTENER, "autocommit": True}
+                async with await psycopg.AsyncConnection.connect(conninfo, **kwargs) as conn:
+                    await conn.execute(f"LISTEN {outbox.CHANNEL}")
+                    if down:
+                        log.info("the notification worker listens for new deliveries again")
+                        down = False
+                    self._wake.set()  # what was committed while it was not listening
+                    async for _ in conn.notifies():
+                        self._wake.set()
+            except Exception as exc:  # noqa: BLE001 (the database gone: poll meanwhile, try again)
+                if not down:
+                    log.warning("the notification worker cannot listen for new deliveries (it polls every %g s "
+                                "meanwhile): %s", self.interval_s, first_line(exc))
+                    down = True
+            await asyncio.sleep(self.interval_s)
+
+    async def _rounds(self) -> None:
         while True:
             started = time.monotonic()
             self._wake.clear()  # a wake-up from here on may be for rows this round does not see: another round

@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMD = REPO / "systemd"
-UNITS = ("pdm-edge.service", "pdm-central.service")
+UNITS = ("pdm-edge.service", "pdm-central.service", "pdm-central-notify.service")
+PROGRAMS = {"pdm-edge.service": "opt/pdm-edge/venv/bin/pdm-edge", "pdm-central.service": "opt/pdm-central/venv/bin/gunicorn",
+            "pdm-central-notify.service": "opt/pdm-central/venv/bin/pdm-central"}  # what each unit starts
 BUILD_LITTER = (".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis",
                 "artifacts", ".env")
 

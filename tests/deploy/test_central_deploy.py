@@ -150,7 +150,7 @@ def service_networks(service: dict) -> dict[str, dict]:
 
 def test_services_and_published_ports(compose: dict) -> None:
     services = compose["services"]
-    assert set(services) == {"db", "migrate", "central", "nginx"}
+    assert set(services) == {"db", "migrate", "central", "notify", "nginx"}
     publishing = {name for name, service in services.items() if service.get("ports")}
     assert publishing == {"nginx"}
     assert sorted(str(port) for port in services["nginx"]["ports"]) == ["443:443", "80:80"]
@@ -235,7 +235,7 @@ def test_central_accepts_the_compose_settings(compose: dict, tmp_path: Path) -> 
                "ops_token": "Zq4vK8pX2mN7bR1tY6wC3hJ9dF5gL0sA"}
     for name, value in secrets.items():
         (tmp_path / name).write_text(value + "\n")
-    for service in ("central", "migrate"):
+    for service in ("central", "migrate", "notify"):
         env = {k: v.replace("/run/secrets/", f"{tmp_path}/") for k, v in environment(compose["services"][service])
                .items()}
         settings = load_settings(env)
@@ -243,6 +243,23 @@ def test_central_accepts_the_compose_settings(compose: dict, tmp_path: Path) -> 
         if service == "central":  # migrate serves nothing: it gets the database URL only
             assert settings.serving_problems() == []
             assert settings.ops_token is not None and settings.trusted_proxies
+
+
+def test_one_notifier_delivers_for_the_api_instances(compose: dict) -> None:
+    """The API instances write deliveries only; one `notify` container, restarted if it dies, sends them."""
+    from central.settings import Settings, load_settings
+
+    services = compose["services"]
+    notify, central = services["notify"], services["central"]
+    assert notify["command"] == ["pdm-central", "notify"] and notify["image"] == central["image"]
+    assert notify["restart"] == "unless-stopped" and int(notify.get("deploy", {}).get("replicas", 1)) == 1
+    assert load_settings({"PDM_CENTRAL_NOTIFY_WORKER": environment(central)["PDM_CENTRAL_NOTIFY_WORKER"]}) \
+        .notify_worker == "off"
+    assert Settings().notify_worker == "inline"  # `pdm-central serve` alone still delivers
+    assert environment(notify)["PDM_CENTRAL_NOTIFY_CONFIG"] == environment(central)["PDM_CENTRAL_NOTIFY_CONFIG"]
+    assert set(service_networks(notify)) == {"backend", "outbound"}
+    assert compose["networks"]["outbound"].get("internal") is not True  # receivers are out there
+    assert not notify.get("ports") and not notify.get("expose")
 
 
 def test_two_api_instances_share_postgres_connections_within_its_limit(compose: dict) -> None:

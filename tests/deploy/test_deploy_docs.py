@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.conftest import REPO, SYSTEMD, UNITS, exposure, minimal_root
+from tests.deploy.conftest import PROGRAMS, REPO, SYSTEMD, UNITS, exposure, minimal_root
 
 DEPLOYMENT = (REPO / "DEPLOYMENT.md").read_text()
 CHECKLIST = (REPO / "PRODUCTION_CHECKLIST.md").read_text()
@@ -47,9 +47,10 @@ def test_checklist_covers_the_audit_floor(floor: str) -> None:
 def test_quoted_exposure_figures_are_measured(systemd_analyze: str, tmp_path: Path) -> None:
     root = minimal_root(tmp_path)
     (root / "etc/systemd/system").mkdir(parents=True)
-    for unit, program in zip(UNITS, ("opt/pdm-edge/venv/bin/pdm-edge", "opt/pdm-central/venv/bin/gunicorn")):
+    for unit in UNITS:
+        program = PROGRAMS[unit]
         (root / "etc/systemd/system" / unit).write_bytes((SYSTEMD / unit).read_bytes())
-        (root / program).parent.mkdir(parents=True)
+        (root / program).parent.mkdir(parents=True, exist_ok=True)
         (root / program).write_text("#!/bin/sh\n")
         (root / program).chmod(0o755)
         level, _ = exposure(systemd_analyze, root, unit)

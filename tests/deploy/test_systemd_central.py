@@ -18,6 +18,7 @@ from tests.deploy.systemd_box import PIP_OFFLINE, SystemdBox
 
 pytestmark = pytest.mark.timeout(1200)
 UNIT = "pdm-central.service"
+NOTIFIER = "pdm-central-notify.service"
 PY = "/opt/pdm-central/venv/bin/python"
 ADMIN = ("env", "PDM_CENTRAL_DATABASE_URL_FILE=/etc/credstore/pdm-central.database_url", "/usr/local/bin/pdm-central")
 
@@ -55,8 +56,10 @@ def ops_token(server: SystemdBox, wheel: Path) -> str:
         printf '%s\\n' '{token}' | install -m 0600 /dev/stdin /etc/credstore/pdm-central.ops_token
         # Only in a container: PrivateUsers=yes with ProtectProc=invisible fails there with 217/USER ("Failed to set
         # up user namespacing", systemd issue 29656); on a machine's own systemd the unit runs as shipped.
-        printf '[Service]\\nProtectProc=default\\n' |
-            install -D -m 0644 /dev/stdin /etc/systemd/system/pdm-central.service.d/50-container.conf
+        for unit in pdm-central pdm-central-notify; do
+            printf '[Service]\\nProtectProc=default\\n' |
+                install -D -m 0644 /dev/stdin /etc/systemd/system/$unit.service.d/50-container.conf
+        done
     """)
     started = time.monotonic()
     result = box.exec("env", f"PDM_PIP_ARGS={PIP_OFFLINE}", "/src/systemd/install.sh", "--central", "--from",
@@ -107,6 +110,28 @@ def test_kill_9_is_restarted(server: SystemdBox, ops_token: str) -> None:
 
     engine.wait_for("pdm-central after kill -9", back, timeout=120)
     assert "gw-central-test" in box.exec(*ADMIN, "list-gateways").stdout
+
+
+def test_the_notifier_runs_beside_the_api_restarted_on_kill_9_stopped_and_started_with_it(server: SystemdBox,
+                                                                                          ops_token: str) -> None:
+    box = server
+    props = box.show(NOTIFIER, "ActiveState", "SubState", "User")
+    assert props == {"ActiveState": "active", "SubState": "running", "User": "pdm-central"}, box.diagnose(NOTIFIER)
+    pid = box.main_pid(NOTIFIER)
+    command = box.exec("cat", f"/proc/{pid}/cmdline").stdout.split("\0")
+    assert "notify" in command and any(arg.endswith("/bin/pdm-central") for arg in command), command
+    box.exec("kill", "-9", str(pid))
+
+    def back() -> bool:
+        props = box.show(NOTIFIER, "ActiveState", "MainPID")
+        return props["ActiveState"] == "active" and int(props["MainPID"]) not in (0, pid)
+
+    engine.wait_for("pdm-central-notify after kill -9", back, timeout=60)
+    box.systemctl("stop", UNIT)
+    assert box.show(NOTIFIER, "ActiveState")["ActiveState"] == "inactive"  # PartOf=
+    box.systemctl("start", UNIT)
+    engine.wait_for("pdm-central-notify with the API", lambda: box.active(NOTIFIER), timeout=60)
+    engine.wait_for("pdm-central ready", lambda: get(box, "/readyz")[0] == 200, timeout=120)
 
 
 def test_stop_exits_0_and_upgrade_and_rollback(server: SystemdBox, ops_token: str, wheel: Path) -> None:

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.conftest import SYSTEMD, UNITS, exposure, minimal_root, verify
+from tests.deploy.conftest import PROGRAMS, SYSTEMD, UNITS, exposure, minimal_root, verify
 
 MAX_EXPOSURE = 2.0
-PROGRAMS = {"pdm-edge.service": "opt/pdm-edge/venv/bin/pdm-edge", "pdm-central.service": "opt/pdm-central/venv/bin/gunicorn"}
 
 
 def directives(unit: str) -> dict[str, list[str]]:
@@ -39,7 +38,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for unit in UNITS:
         shutil.copy(SYSTEMD / unit, units / unit)
         program = root / PROGRAMS[unit]
-        program.parent.mkdir(parents=True)
+        program.parent.mkdir(parents=True, exist_ok=True)
         program.write_text("#!/bin/sh\n")
         program.chmod(0o755)
     return root
@@ -89,7 +88,9 @@ def test_central_unit_matches_central() -> None:
     assert unit["Type"] == ["notify"]  # gunicorn's arbiter sends READY=1
     assert unit["ExecStart"] == ["/opt/pdm-central/venv/bin/gunicorn -c python:central.gunicorn_conf"]
     assert importlib.util.find_spec("central.gunicorn_conf") is not None
-    assert unit["Environment"] == ["PDM_CENTRAL_MODE=production"]
+    # The notifications are delivered by pdm-central-notify.service, which the API starts: its own worker is off.
+    assert unit["Environment"] == ["PDM_CENTRAL_MODE=production", "PDM_CENTRAL_NOTIFY_WORKER=off"]
+    assert "pdm-central-notify.service" in unit["Wants"]
     assert unit["EnvironmentFile"] == ["/etc/pdm-central/central.env"]
     assert unit["Restart"] == ["always"] and unit["User"] == ["pdm-central"]
     credentials = dict(value.split(":") for value in unit["LoadCredential"])
@@ -99,6 +100,21 @@ def test_central_unit_matches_central() -> None:
     names = {line.lstrip("# ").split("=")[0] for line in example if line.lstrip("# ").startswith("PDM_CENTRAL_")}
     known = {f"PDM_CENTRAL_{field.upper()}" for field in Settings.model_fields if field != "sources"}
     assert names and names <= known, names - known
+
+
+def test_notifier_unit_matches_central_and_follows_the_api() -> None:
+    from central.cli import parser
+
+    unit, api = directives("pdm-central-notify.service"), directives("pdm-central.service")
+    assert unit["ExecStart"] == ["/opt/pdm-central/venv/bin/pdm-central notify"]
+    assert parser().parse_args(["notify"]).command == "notify"
+    assert unit["PartOf"] == ["pdm-central.service"]  # stopped and restarted with the API, which Wants= it
+    assert unit["Restart"] == ["always"]  # a notifier that dies is started again; the outbox keeps what it owed
+    assert unit["Environment"] == ["PDM_CENTRAL_MODE=production"]  # not NOTIFY_WORKER=off: it is the worker
+    for same in ("EnvironmentFile", "User", "Group", "WorkingDirectory", "ConfigurationDirectory", "ReadOnlyPaths"):
+        assert unit[same] == api[same], same
+    credentials = dict(value.split(":") for value in unit["LoadCredential"])
+    assert credentials == {"database_url": "pdm-central.database_url"}  # no ops token: it serves nothing
 
 
 def test_backoff_drop_in_is_for_new_systemd_only() -> None:
