@@ -14,7 +14,6 @@ the machines' latest state are written by one statement: one round trip, one tra
 from __future__ import annotations
 
 import ipaddress
-import json
 import uuid
 import zlib
 from collections.abc import Iterator, Sequence
@@ -168,7 +167,7 @@ WITH sent AS MATERIALIZED (
         summary_id uuid, machine_id text, window_start timestamptz, window_end timestamptz, model jsonb,
         readings integer, rejected integer, out_of_distribution integer, health_min double precision,
         health_mean double precision, health_last double precision, p_failure_max double precision,
-        p_failure_mean double precision, worst_state text, mode_risk_max jsonb, inputs jsonb)
+        p_failure_mean double precision, worst_state text, mode_risk_max jsonb, inputs jsonb, shadow jsonb)
 ), limited AS ({limits.REFUSED}), gw AS (
     UPDATE gateways SET last_seen_at = now(), last_addr = %(addr)s, agent_version = %(agent_version)s,
                         last_batch_id = %(batch_id)s, last_status = %(status)s::jsonb
@@ -222,8 +221,8 @@ WITH sent AS MATERIALIZED (
            sum((x.shadow->>'live_warning')::bigint), sum((x.shadow->>'live_alarm')::bigint),
            sum((x.shadow->>'warning')::bigint), sum((x.shadow->>'alarm')::bigint),
            sum((x.shadow->>'out_of_distribution')::bigint), sum((x.shadow->>'score_s')::double precision)
-    FROM new_summaries n JOIN jsonb_to_recordset(%(shadows)s::jsonb) AS x(summary_id uuid, shadow jsonb)
-         ON x.summary_id = n.summary_id
+    FROM new_summaries n JOIN sent AS x ON x.summary_id = n.summary_id AND x.window_start = n.window_start
+    WHERE x.shadow IS NOT NULL
     GROUP BY 1, 2, 3
     ON CONFLICT (gateway_id, name, version) DO UPDATE SET
         readings = f.readings + excluded.readings, agreed = f.agreed + excluded.agreed,
@@ -257,9 +256,9 @@ async def store(conn: psycopg.AsyncConnection, gateway: Gateway, batch: IngestBa
         "agent_version": batch.agent_version, "status": batch.gateway.model_dump_json(exclude_none=True),
         "machine_ids": limits.machine_ids(batch), "max_machines": max_machines, "sent_count": len(batch.summaries),
         "events": _EVENTS.dump_json(batch.events).decode(),
-        "summaries": _SUMMARIES.dump_json(batch.summaries, exclude={"__all__": {"shadow"}}).decode(),
-        "shadows": json.dumps([{"summary_id": str(s.summary_id), "shadow": s.shadow.model_dump(mode="json")}
-                               for s in batch.summaries if s.shadow is not None])})
+        # Without the None fields (a missing key is NULL to jsonb_to_recordset, and only `shadow` and the model's
+        # package_digest can be None): a third cheaper than excluding `shadow` by name.
+        "summaries": _SUMMARIES.dump_json(batch.summaries, exclude_none=True).decode()})
     if refused:
         assert max_machines is not None
         raise limits.refusal(gateway, batch, known, refused, max_machines)
