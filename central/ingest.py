@@ -7,8 +7,11 @@ steps, so a gzip bomb costs at most the limit in memory before it gets 413.
 Storing: the batch is re-serialised by pydantic (normalised: ISO timestamps, no lax values) and handed to
 PostgreSQL as one jsonb value per kind, unpacked by `jsonb_to_recordset` into `INSERT ... ON CONFLICT DO NOTHING
 RETURNING`: strings travel as JSON values, never as SQL. The rows returned are the accepted ones; the rest of the
-batch were duplicates (sent before, or twice in the batch). The gateway's last status, the events, the summaries and
-the machines' latest state are written by one statement: one round trip, one transaction, whatever the batch size.
+batch were duplicates (sent before, or twice in the batch). The machine limit's check (central/limits.py), the
+gateway's last status, the events, the summaries, the machines' latest state, the shadow figures and the conflicting
+duplicates (central/conflicts.py) are one statement: one round trip, whatever the batch size. A batch of summaries
+alone needs no transaction block (a statement is atomic); the caller opens one for events and actions, whose
+episodes and notifications follow in further statements.
 """
 
 from __future__ import annotations
