@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from typing import Annotated, Any
 
 import psycopg
@@ -57,13 +57,11 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from central import (
     __version__,
     alarms,
-    conflicts,
     dashboard,
     db,
     gateway_actions,
     guard,
     ingest,
-    limits,
     ops,
     partitions,
     replica,
@@ -375,16 +373,18 @@ def _routes(api: FastAPI, settings: Settings, notifications: Notifications) -> N
         try:
             async with connection(request) as conn:
                 await known_partitions.ensure_for(conn, batch)
-                async with conn.transaction():  # the events, their episodes and notifications: all or nothing
-                    await limits.refuse_machines_beyond_limit(conn, gateway, batch, settings.max_machines_per_gateway)
+                # The events, their episodes and notifications, the actions: all or nothing. A batch of summaries
+                # alone is one statement (ingest.STORE, with the machine limit and the conflicting duplicates),
+                # atomic without a transaction block: no BEGIN and COMMIT round trips.
+                atomic = conn.transaction() if batch.events or batch.actions else nullcontext()
+                async with atomic:
                     new_events: list[uuid.UUID] = []
-                    result = await ingest.store(conn, gateway, batch, _client(request), new_events)
+                    result = await ingest.store(conn, gateway, batch, _client(request), new_events,
+                                                settings.max_machines_per_gateway)
                     await notifications.after_store(conn, gateway.id, gateway.name, new_events)
                     if batch.actions:  # after the events: an action's episode may have opened in this batch
                         result = result.model_copy(update={"actions": await gateway_actions.apply(
                             conn, gateway.id, gateway.name, batch.actions, ingest.address(_client(request)))})
-                if result.duplicates.summaries:  # a resend; or a conflicting duplicate, which must not pass silently
-                    await conflicts.record(conn, gateway, batch)
         except ingest.Revoked:
             gateways.drop(token)
             raise _unauthorized("unknown or revoked gateway token") from None

@@ -7,14 +7,16 @@ steps, so a gzip bomb costs at most the limit in memory before it gets 413.
 Storing: the batch is re-serialised by pydantic (normalised: ISO timestamps, no lax values) and handed to
 PostgreSQL as one jsonb value per kind, unpacked by `jsonb_to_recordset` into `INSERT ... ON CONFLICT DO NOTHING
 RETURNING`: strings travel as JSON values, never as SQL. The rows returned are the accepted ones; the rest of the
-batch were duplicates (sent before, or twice in the batch). The gateway's last status, the events, the summaries and
-the machines' latest state are written by one statement: one round trip, one transaction, whatever the batch size.
+batch were duplicates (sent before, or twice in the batch). The machine limit's check (central/limits.py), the
+gateway's last status, the events, the summaries, the machines' latest state, the shadow figures and the conflicting
+duplicates (central/conflicts.py) are one statement: one round trip, whatever the batch size. A batch of summaries
+alone needs no transaction block (a statement is atomic); the caller opens one for events and actions, whose
+episodes and notifications follow in further statements.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
 import uuid
 import zlib
 from collections.abc import Iterator, Sequence
@@ -25,6 +27,7 @@ import psycopg
 from pydantic import TypeAdapter, ValidationError
 from starlette.requests import Request
 
+from central import conflicts, limits
 from central.auth import Gateway
 from central.db import one_row
 from central.errors import ApiError
@@ -156,15 +159,22 @@ def _off_range(loc: list[str | int]) -> dict[str, Any]:
 _SUMMARIES = TypeAdapter(list[Summary])
 _EVENTS = TypeAdapter(list[Event])
 
-# One statement, so one round trip and one transaction (a statement is atomic): the gateway's status, the events,
-# the summaries, the machines' latest state. Every part runs only when the gateway is still active (`gw` has its
-# row): a token revoked while the batch was being read stores nothing. The machines' latest state moves forward
-# only: a late batch of old windows leaves it alone.
-STORE = """
-WITH gw AS (
+# One statement, so one round trip and one transaction (a statement is atomic): the machine limit's check, the
+# gateway's status, the events, the summaries, the machines' latest state, the shadow figures, the conflicting
+# duplicates. Every part runs only when the gateway is still active and the batch names no machine beyond its limit
+# (`gw` has its row): a token revoked while the batch was being read, or a refused batch, stores nothing. The
+# machines' latest state moves forward only: a late batch of old windows leaves it alone.
+STORE = f"""
+WITH sent AS MATERIALIZED (
+    SELECT * FROM jsonb_to_recordset(%(summaries)s::jsonb) AS s(
+        summary_id uuid, machine_id text, window_start timestamptz, window_end timestamptz, model jsonb,
+        readings integer, rejected integer, out_of_distribution integer, health_min double precision,
+        health_mean double precision, health_last double precision, p_failure_max double precision,
+        p_failure_mean double precision, worst_state text, mode_risk_max jsonb, inputs jsonb, shadow jsonb)
+), limited AS ({limits.REFUSED}), gw AS (
     UPDATE gateways SET last_seen_at = now(), last_addr = %(addr)s, agent_version = %(agent_version)s,
                         last_batch_id = %(batch_id)s, last_status = %(status)s::jsonb
-    WHERE id = %(gateway_id)s AND revoked_at IS NULL
+    WHERE id = %(gateway_id)s AND revoked_at IS NULL AND (SELECT cardinality(refused) = 0 FROM limited)
     RETURNING id
 ), new_events AS (
     INSERT INTO events (gateway_id, event_id, machine_id, ts, from_state, to_state, p_failure, health, dominant_mode,
@@ -184,16 +194,15 @@ WITH gw AS (
     SELECT gw.id, s.summary_id, s.machine_id, s.window_start, s.window_end, s.model->>'name', s.model->>'version',
            s.model->>'sha256', s.readings, s.rejected, s.out_of_distribution, s.health_min, s.health_mean,
            s.health_last, s.p_failure_max, s.p_failure_mean, s.worst_state, s.mode_risk_max, s.inputs, %(batch_id)s
-    FROM gw, jsonb_to_recordset(%(summaries)s::jsonb) AS s(
-        summary_id uuid, machine_id text, window_start timestamptz, window_end timestamptz, model jsonb,
-        readings integer, rejected integer, out_of_distribution integer, health_min double precision,
-        health_mean double precision, health_last double precision, p_failure_max double precision,
-        p_failure_mean double precision, worst_state text, mode_risk_max jsonb, inputs jsonb)
+    FROM gw, sent AS s
     ON CONFLICT DO NOTHING
-    RETURNING gateway_id, summary_id, machine_id, window_start, window_end, worst_state, health_last, p_failure_max,
-              mode_risk_max, model_name, model_version
+    RETURNING gateway_id, {conflicts.RETURNED}
+), stored AS (
+    SELECT count(*) AS n FROM new_summaries
 ), latest AS (
-    SELECT DISTINCT ON (machine_id) * FROM new_summaries ORDER BY machine_id, window_start DESC
+    SELECT DISTINCT ON (machine_id) gateway_id, machine_id, summary_id, window_start, window_end, worst_state,
+                                    health_last, p_failure_max, mode_risk_max, model_name, model_version
+    FROM new_summaries ORDER BY machine_id, window_start DESC
 ), machines AS (
     INSERT INTO machines AS m (gateway_id, machine_id, summary_id, window_start, window_end, worst_state, health_last,
                                p_failure_max, mode_risk_max, model_name, model_version)
@@ -215,8 +224,8 @@ WITH gw AS (
            sum((x.shadow->>'live_warning')::bigint), sum((x.shadow->>'live_alarm')::bigint),
            sum((x.shadow->>'warning')::bigint), sum((x.shadow->>'alarm')::bigint),
            sum((x.shadow->>'out_of_distribution')::bigint), sum((x.shadow->>'score_s')::double precision)
-    FROM new_summaries n JOIN jsonb_to_recordset(%(shadows)s::jsonb) AS x(summary_id uuid, shadow jsonb)
-         ON x.summary_id = n.summary_id
+    FROM new_summaries n JOIN sent AS x ON x.summary_id = n.summary_id AND x.window_start = n.window_start
+    WHERE x.shadow IS NOT NULL
     GROUP BY 1, 2, 3
     ON CONFLICT (gateway_id, name, version) DO UPDATE SET
         readings = f.readings + excluded.readings, agreed = f.agreed + excluded.agreed,
@@ -224,9 +233,11 @@ WITH gw AS (
         warning = f.warning + excluded.warning, alarm = f.alarm + excluded.alarm,
         out_of_distribution = f.out_of_distribution + excluded.out_of_distribution,
         score_s = f.score_s + excluded.score_s, updated_at = now()
-)
-SELECT (SELECT count(*) FROM gw), (SELECT count(*) FROM new_events), (SELECT count(*) FROM new_summaries),
-       (SELECT array_agg(event_id) FROM new_events)
+), {conflicts.CTES}
+SELECT (SELECT count(*) FROM gw), (SELECT count(*) FROM new_events), (SELECT n FROM stored),
+       (SELECT array_agg(event_id) FROM new_events), limited.known, limited.refused,
+       {conflicts.RESULTS}
+FROM limited
 """
 
 
@@ -235,19 +246,32 @@ class Revoked(Exception):
 
 
 async def store(conn: psycopg.AsyncConnection, gateway: Gateway, batch: IngestBatch,
-                client_host: str | None, new_events: list[uuid.UUID] | None = None) -> IngestResult:
-    """Write the batch atomically (`conn` in autocommit mode: STORE is its own transaction); Revoked, with nothing
-    written, when the token was revoked meanwhile. `new_events` receives the ids of the events newly stored (not the
-    duplicates): the alarm episodes are built from these, in the caller's transaction (central/episodes.py)."""
-    active, events, summaries, event_ids = await one_row(conn, STORE, {
+                client_host: str | None, new_events: list[uuid.UUID] | None = None,
+                max_machines: int | None = None) -> IngestResult:
+    """Write the batch atomically (STORE is one statement: atomic in autocommit mode, or part of the caller's
+    transaction); nothing is written and ApiError 422 `too_many_machines` is raised when it names new machines beyond
+    `max_machines` (None: no limit), Revoked when the token was revoked meanwhile. `new_events` receives the ids of
+    the events newly stored (not the duplicates): the alarm episodes are built from these, in the caller's
+    transaction (central/episodes.py). Conflicting duplicates are recorded and logged (central/conflicts.py)."""
+    (active, events, summaries, event_ids, known, refused, conflicted,
+     unmatched) = await one_row(conn, STORE, {
         "gateway_id": gateway.id, "batch_id": batch.batch_id, "addr": address(client_host),
         "agent_version": batch.agent_version, "status": batch.gateway.model_dump_json(exclude_none=True),
+        "machine_ids": limits.machine_ids(batch), "max_machines": max_machines, "sent_count": len(batch.summaries),
         "events": _EVENTS.dump_json(batch.events).decode(),
-        "summaries": _SUMMARIES.dump_json(batch.summaries, exclude={"__all__": {"shadow"}}).decode(),
-        "shadows": json.dumps([{"summary_id": str(s.summary_id), "shadow": s.shadow.model_dump(mode="json")}
-                               for s in batch.summaries if s.shadow is not None])})
+        # Without the None fields (a missing key is NULL to jsonb_to_recordset, and only `shadow` and the model's
+        # package_digest can be None): a third cheaper than excluding `shadow` by name.
+        "summaries": _SUMMARIES.dump_json(batch.summaries, exclude_none=True).decode()})
+    if refused:
+        assert max_machines is not None
+        raise limits.refusal(gateway, batch, known, refused, max_machines)
     if not active:
         raise Revoked()
+    if conflicted:
+        conflicts.log_first(gateway, batch.batch_id, conflicted)
+    if unmatched:  # stored by a concurrent batch after this statement's snapshot
+        ids = set(unmatched)
+        await conflicts.record(conn, gateway, batch.batch_id, [s for s in batch.summaries if s.summary_id in ids])
     if new_events is not None:
         new_events.extend(event_ids or [])
     return IngestResult(

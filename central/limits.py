@@ -7,6 +7,9 @@ splits the batch until the refused records stand alone, sends the rest, and sets
 dead letters with this reason (counted in its `pdm_sync_set_aside_total`). Refusing, rather than accepting the
 batch and dropping the records quietly, keeps what was refused visible on both sides; new machines within the
 limit are taken in machine id order, so the split converges. Central logs the refusals once a minute per gateway.
+
+The check is part of ingest's one statement (REFUSED below), which stores nothing of a batch it refuses: no round
+trip of its own.
 """
 
 from __future__ import annotations
@@ -15,10 +18,7 @@ import logging
 import time
 from collections.abc import Sequence
 
-import psycopg
-
 from central.auth import Gateway
-from central.db import one_row
 from central.errors import ApiError
 from sync.protocol import Event, IngestBatch, Summary
 
@@ -27,34 +27,39 @@ log = logging.getLogger(__name__)
 MAX_DETAILS = 50
 LOG_EVERY_S = 60.0
 
-# The gateway's machine count, and which of the batch's machines it does not have yet.
-KNOWN_AND_NEW = """
-SELECT (SELECT count(*) FROM machines WHERE gateway_id = %(gateway_id)s),
-       coalesce((SELECT array_agg(m.machine_id ORDER BY m.machine_id) FROM unnest(%(ids)s::text[]) AS m(machine_id)
-                 WHERE NOT EXISTS (SELECT 1 FROM machines WHERE gateway_id = %(gateway_id)s
-                                   AND machine_id = m.machine_id)), '{}')
+# A CTE of ingest's statement (central/ingest.py, `limited`): the gateway's machine count and, of the batch's machines
+# it does not have yet (`machine_ids`: the batch's, machine_ids()), those beyond `max_machines`, taken in machine id order. The
+# statement writes nothing when `refused` is not empty; `max_machines` NULL: no limit.
+REFUSED = """
+SELECT k.known, coalesce(array_agg(n.machine_id ORDER BY n.machine_id)
+                         FILTER (WHERE n.rank > %(max_machines)s::bigint - k.known), '{}') AS refused
+FROM (SELECT count(*) AS known FROM machines WHERE gateway_id = %(gateway_id)s) AS k
+LEFT JOIN (SELECT m.machine_id, row_number() OVER (ORDER BY m.machine_id) AS rank
+           FROM unnest(%(machine_ids)s::text[]) AS m(machine_id)
+           WHERE NOT EXISTS (SELECT FROM machines WHERE gateway_id = %(gateway_id)s AND machine_id = m.machine_id)
+          ) AS n ON true
+GROUP BY k.known
 """
 
 _unlogged: dict[str, tuple[float, int]] = {}  # gateway name -> (when the next line may be logged, refusals since)
 
 
-async def refuse_machines_beyond_limit(conn: psycopg.AsyncConnection, gateway: Gateway, batch: IngestBatch,
-                                       limit: int) -> None:
-    """Raise 422 when the batch names new machines beyond the gateway's limit; nothing is stored then."""
-    ids = sorted({s.machine_id for s in batch.summaries} | {e.machine_id for e in batch.events})
-    if not ids:
-        return
-    known, new = await one_row(conn, KNOWN_AND_NEW, {"gateway_id": gateway.id, "ids": ids})
-    refused = set(new[max(0, limit - known):])
-    if not refused:
-        return
+def machine_ids(batch: IngestBatch) -> list[str]:
+    """The machines a batch names (REFUSED's `machine_ids`)."""
+    return sorted({s.machine_id for s in batch.summaries} | {e.machine_id for e in batch.events})
+
+
+def refusal(gateway: Gateway, batch: IngestBatch, known: int, refused: Sequence[str], limit: int) -> ApiError:
+    """The 422 of a batch REFUSED found new machines in beyond the gateway's limit (nothing of it was stored), each
+    refused record listed; logged at most once a minute per gateway."""
     message = f"gateway {gateway.name} has {known:,} machines, the limit is {limit:,}: a new machine is refused"
     named: list[tuple[str, Sequence[Summary | Event]]] = [("summaries", batch.summaries), ("events", batch.events)]
+    refused_ids = set(refused)
     details = [{"loc": [kind, i, "machine_id"], "msg": message, "type": "too_many_machines"}
-               for kind, items in named for i, item in enumerate(items) if item.machine_id in refused]
+               for kind, items in named for i, item in enumerate(items) if item.machine_id in refused_ids]
     _log(gateway.name, len(details), known, limit)
-    raise ApiError(422, "too_many_machines", f"{len(refused)} new machine(s) refused: {message}",
-                   details[:MAX_DETAILS])
+    return ApiError(422, "too_many_machines", f"{len(refused_ids)} new machine(s) refused: {message}",
+                    details[:MAX_DETAILS])
 
 
 def _log(gateway: str, records: int, known: int, limit: int) -> None:
