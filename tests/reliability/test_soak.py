@@ -1,7 +1,7 @@
 """Soak: `pdm-edge run` under steady load — MQTT readings of 20 machines, 5 Modbus devices polled 5 times a second,
 summaries closing, a sync to the real central, the status API scraped — sampling the process from /proc. After a
 warm-up, RSS, open file descriptors and threads must stay flat (growth under 5 %), and no line of the log may be at
-error level. Short: 75 s in the everyday suite; PDM_RELIABILITY=long: an hour. The figures are printed and written
+error level. Short: 45 s in the everyday suite; PDM_RELIABILITY=long: an hour. The figures are printed and written
 to artifacts/reliability/soak-<short|long>.json.
 """
 
@@ -12,6 +12,7 @@ import signal
 import statistics
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -49,12 +50,17 @@ def steady_mqtt(broker_url: str, stop: threading.Event, errors: list[Exception])
     return thread
 
 
-def growth(samples: list[dict], key: str) -> tuple[float, float, float]:
-    """(early, late, relative growth): medians of the first and last fifth of the samples after the warm-up."""
+def growth(samples: list[dict], key: str, level: Callable[[Iterable[float]], float]) -> tuple[float, float, float]:
+    """(early, late, relative growth): `level` of the first and last fifth of the samples after the warm-up."""
     fifth = max(3, len(samples) // 5)
-    early = statistics.median(s[key] for s in samples[:fifth])
-    late = statistics.median(s[key] for s in samples[-fifth:])
+    early = level(s[key] for s in samples[:fifth])
+    late = level(s[key] for s in samples[-fifth:])
     return early, late, late / early - 1
+
+
+# RSS by its median. File descriptors and threads by their floor: a connection open at the moment of a sample (the
+# sync's, a scrape's) comes and goes, and with 18 descriptors in all one of them is 5.6 %; a leak raises the floor.
+LEVEL: dict[str, Callable[[Iterable[float]], float]] = {"rss_kb": statistics.median, "fds": min, "threads": min}
 
 
 @pytest.mark.timeout(DURATION_S + 600)  # the suite's 600 s per test is for tests that do not soak
@@ -83,7 +89,7 @@ def test_soak_rss_fds_and_threads_stay_flat_and_nothing_is_logged_at_error_level
             publishing.join(30)
         assert not publish_errors, publish_errors
         wait_for(lambda: agent.count("outbox WHERE synced_at IS NULL") == 0, 60, "the outbox to be synced")
-        figures = {key: growth(samples, key) for key in ("rss_kb", "fds", "threads")}
+        figures = {key: growth(samples, key, level) for key, level in LEVEL.items()}
         stored = samples[-1]["readings"] - samples[0]["readings"]
         result = {"variant": "long" if LONG else "short", "duration_s": DURATION_S, "warm_up_s": WARM_UP_S,
                   "readings_per_s": round(stored / (samples[-1]["t_s"] - samples[0]["t_s"]), 1),
