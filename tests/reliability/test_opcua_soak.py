@@ -22,8 +22,7 @@ pytest.importorskip("asyncua", reason="the opcua extra: pip install 'pdm-edge[op
 from drivers.simulator import INPUTS
 from testkit.net import free_port
 from testkit.opcua import OpcuaServers
-from tests.reliability.plant import process_figures
-from tests.reliability.test_soak import growth
+from tests.reliability.plant import LEVEL, growth, process_figures
 from tests.scale import LONG, scaled
 
 DURATION_S = scaled(40, 600)
@@ -94,8 +93,7 @@ def test_opcua_soak_with_server_restarts_stays_flat_and_stores_each_change_once(
     rows = stored(data / "agent.db")
     twice = [key for key, count in Counter(rows).items() if count > 1]
     figures = {"duration_s": DURATION_S, "restarts": restarts, "values_written": n, "readings": len(rows),
-               "rss_kb": growth(samples, "rss_kb"), "fds": growth(samples, "fds"),
-               "threads": growth(samples, "threads"), "samples": len(samples)}
+               **{key: growth(samples, key, level) for key, level in LEVEL.items()}, "samples": len(samples)}
     ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
     ARTIFACT.write_text(json.dumps(figures, indent=2))
     print(json.dumps(figures))

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import signal
-import statistics
 import threading
 import time
-from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,16 @@ from testkit.mqtt import Publisher
 from testkit.net import ServiceError
 from tests.agent.test_run import AgentProcess, reading, wait_for
 from tests.central.support import Server
-from tests.reliability.plant import accepted, add_modbus, error_lines, healthy_unit, process_figures, status_base
+from tests.reliability.plant import (
+    LEVEL,
+    accepted,
+    add_modbus,
+    error_lines,
+    growth,
+    healthy_unit,
+    process_figures,
+    status_base,
+)
 from tests.scale import LONG, scaled
 
 DURATION_S = scaled(45, 3600)
@@ -48,19 +55,6 @@ def steady_mqtt(broker_url: str, stop: threading.Event, errors: list[Exception])
     thread = threading.Thread(target=publish, daemon=True)
     thread.start()
     return thread
-
-
-def growth(samples: list[dict], key: str, level: Callable[[Iterable[float]], float]) -> tuple[float, float, float]:
-    """(early, late, relative growth): `level` of the first and last fifth of the samples after the warm-up."""
-    fifth = max(3, len(samples) // 5)
-    early = level(s[key] for s in samples[:fifth])
-    late = level(s[key] for s in samples[-fifth:])
-    return early, late, late / early - 1
-
-
-# RSS by its median. File descriptors and threads by their floor: a connection open at the moment of a sample (the
-# sync's, a scrape's) comes and goes, and with 18 descriptors in all one of them is 5.6 %; a leak raises the floor.
-LEVEL: dict[str, Callable[[Iterable[float]], float]] = {"rss_kb": statistics.median, "fds": min, "threads": min}
 
 
 @pytest.mark.timeout(DURATION_S + 600)  # the suite's 600 s per test is for tests that do not soak
