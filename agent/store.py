@@ -224,7 +224,7 @@ class Store:
     def open(
         cls, path: Path, *, synchronous: str = "NORMAL", quarantine_cap: int = DEFAULT_QUARANTINE_CAP,
         quarantine_max_bytes: int = DEFAULT_QUARANTINE_MAX_BYTES,
-    ) -> Store:
+    ) -> Self:
         """Open or create the buffer at `path` and migrate its schema to SCHEMA_VERSION."""
         level = str(synchronous).upper()
         if level not in SYNCHRONOUS_LEVELS:

@@ -27,7 +27,7 @@ from pathlib import Path
 import psycopg
 import requests
 
-from agent.config import AlarmsConfig, PipelineConfig, SummaryConfig
+from agent.config import PipelineConfig
 from agent.machines import Machines
 from agent.pipeline import Pipeline
 from agent.store import Store
@@ -40,6 +40,7 @@ from model.score import Scorer
 from sync.client import SyncClient
 from sync.config import CentralConfig
 from sync.protocol import GatewayStatus
+from sync.remote import AlarmsConfig, SummaryConfig
 from testkit.models import derive_package
 
 MACHINES = 20

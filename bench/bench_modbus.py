@@ -329,7 +329,7 @@ def ladder(server: ServerProcess, k: int, seconds: float, repeats: int) -> list[
     from pymodbus.client import AsyncModbusTcpClient
 
     from drivers.base import RawReading
-    from drivers.modbus import Link
+    from drivers.modbus_link import Link
     from drivers.registers import decode_response, plan_reads
 
     request = plan_reads(REGISTERS)[0]

@@ -112,7 +112,7 @@ def score_profile(scorer, batch: list[dict], rounds: int = 200) -> str:
     for _ in range(rounds):
         scorer.score(batch)
     profiler.disable()
-    stats = pstats.Stats(profiler).stats  # {(file, line, function): (calls, ncalls, own, cumulative, callers)}
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]  # {(file, line, function): (calls, ncalls, own, cumulative, callers)}
     total = sum(own for _, _, own, _, _ in stats.values())
     top = sorted(stats.items(), key=lambda item: -item[1][2])[:5]
     return (f"cProfile of validate + score, µs of own time per batch of {len(batch)} (of {total / rounds * 1e6:,.0f} "

@@ -125,7 +125,9 @@ def cpu_s(pid: int) -> float:
 def bare_rate(server: ServerProcess, window_s: float, mark=lambda: None) -> dict:
     """Notifications per second a bare asyncua client receives from the server's machines; the server's rounds.
     `mark()` is called when the window starts and when it ends."""
-    from asyncua import Client, ua
+    from asyncua import ua
+    from asyncua.client.client import Client
+    from asyncua.ua.attribute_ids import AttributeIds
 
     async def run() -> dict:
         client = Client(f"opc.tcp://127.0.0.1:{server.port}", timeout=10)
@@ -137,7 +139,7 @@ def bare_rate(server: ServerProcess, window_s: float, mark=lambda: None) -> dict
                     ((f"m{i + 1}", n) for i in range(server.machines) for n in INPUTS), start=1):
                 requests.append(ua.MonitoredItemCreateRequest(
                     ItemToMonitor=ua.ReadValueId(NodeId=ua.NodeId.from_string(f"ns=2;s={machine}.{name}"),
-                                                 AttributeId=ua.AttributeIds.Value),
+                                                 AttributeId=AttributeIds.Value),
                     MonitoringMode=ua.MonitoringMode.Reporting, RequestedParameters=ua.MonitoringParameters(
                         ClientHandle=handle, SamplingInterval=PUBLISH_MS, QueueSize=10, DiscardOldest=True)))
             await subscription.create_monitored_items(requests)

@@ -96,6 +96,10 @@ class Side:
 
     name = ""
 
+    @property
+    def log(self) -> Path:
+        raise NotImplementedError
+
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.delivered: dict[int, float] = {}  # seq -> first delivery time

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 from testkit.net import LOCALHOST, ServiceError, free_port, port_open
 
@@ -71,6 +71,8 @@ class ThrowawayPostgres(Postgres):
     nobody (pytest's own temporary folders are closed to other users). `stop()` is idempotent; `start()` after
     `stop()` brings the same server back on the same port; `close()` stops it and deletes its folder.
     """
+
+    _state: dict[str, Any]  # set through object.__setattr__: Postgres is frozen
 
     def __init__(self, binaries: Path, folder: Path, port: int) -> None:
         super().__init__(LOCALHOST, port)

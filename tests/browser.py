@@ -68,7 +68,8 @@ def screenshot(driver: WebDriver, name: str) -> Path:
 
 def console_errors(driver: WebDriver) -> list[str]:
     """Console messages at SEVERE level (script errors, CSP violations, failed requests)."""
-    return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+    entries = driver.get_log("browser")  # type: ignore[attr-defined]  # Chromium's driver has it
+    return [entry["message"] for entry in entries if entry["level"] == "SEVERE"]
 
 
 def retrying(driver: WebDriver, action, timeout: float = 15.0) -> None:

@@ -25,8 +25,8 @@ import pytest
 
 from agent.alarms import Alarms
 from agent.cli import main
-from agent.config import AlarmsConfig
 from drivers.simulator import Drift, Plant
+from sync.remote import AlarmsConfig
 from testkit.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -104,7 +104,7 @@ def test_the_readme_states_the_machine_id_rule_the_code_applies():
     from drivers.base import MachineId
     from drivers.mqtt import _MACHINE_ID
 
-    pattern = MachineId.__metadata__[0].pattern
+    pattern = MachineId.__metadata__[0].pattern  # type: ignore[attr-defined]  # Annotated[str, ...]
     assert pattern == f"^{_MACHINE_ID.pattern}$"
     assert f"`{_MACHINE_ID.pattern}`" in README.read_text()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -50,7 +51,7 @@ class Subscriber:
             return self._changed.wait_for(condition, timeout)
 
     def connect(self) -> None:
-        options = {}
+        options: dict[str, Any] = {}
         if self.protocol == MQTTProtocolVersion.MQTTv5:
             options["clean_start"] = False
             options["properties"] = Properties(PacketTypes.CONNECT)

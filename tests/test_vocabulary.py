@@ -36,7 +36,7 @@ def own_vocabulary(node: ast.AST) -> str | None:
 
 def definitions(path: Path) -> list[str]:
     tree = ast.parse(path.read_text(), str(path))
-    return [f"{path.relative_to(ROOT)}:{node.lineno} defines its own {kind} words"
+    return [f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 0)} defines its own {kind} words"
             for node in ast.walk(tree) if (kind := own_vocabulary(node))]
 
 

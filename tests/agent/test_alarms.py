@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from agent.alarms import Alarms
-from agent.config import AlarmsConfig
+from sync.remote import AlarmsConfig
 
 # Health bands of the shipped model's mapping: 70 at the warning threshold, 40 at the alarm threshold.
 BANDS = (70.0, 40.0)

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 
-from agent.config import AlarmsConfig, SummaryConfig
 from agent.episodes import closed_episodes, open_episodes
 from agent.machines import Machines
 from agent.store import Store
 from model.package import load
+from sync.remote import AlarmsConfig, SummaryConfig
 from tests.agent.test_summaries import stored
 
 T0 = 1_790_000_000.0

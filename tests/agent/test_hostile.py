@@ -13,6 +13,7 @@ import socket
 import stat
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -24,11 +25,11 @@ TOKEN = "hostile-test-token-Xq7vR2pL9sKd3mWz"
 IDLE_CONNECTIONS = 70  # above uvicorn's limit_concurrency (64): what locked the API
 
 
-def get(port: int, path: str, source: str = "127.0.0.1", token: str | None = None) -> http.client.HTTPResponse:
+def get(port: int, path: str, source: str = "127.0.0.1", token: str | None = None) -> Any:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
     connection.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
-    response = connection.getresponse()
-    response.body = response.read()
+    response: Any = connection.getresponse()
+    response.body = response.read()  # read before the connection closes
     connection.close()
     return response
 

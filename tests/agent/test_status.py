@@ -134,7 +134,7 @@ def open_agent(directory: Path, broker) -> Iterator[Served]:
             "session_expiry_s": 0}
     with serving(directory, mqtt=mqtt) as running:
         running.fed_at = feed(running.agent)
-        wait_for(lambda: running.agent.drivers[0].status()["connected"], "the MQTT driver to connect")
+        wait_for(lambda: running.agent.drivers[0].stats().connected, "the MQTT driver to connect")
         yield running
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 
-from agent.config import AlarmsConfig, PipelineConfig, SummaryConfig
+from agent.config import PipelineConfig
 from agent.machines import Machines
 from agent.pipeline import Pipeline
 from agent.store import Store, StoredReading
 from agent.summaries import Summariser
 from drivers.base import RawReading
 from sync.protocol import Event, Summary
+from sync.remote import AlarmsConfig, SummaryConfig
 
 T0 = 1_790_000_080.0  # 40 s into a 60 s window
 

@@ -46,7 +46,7 @@ def test_find_gateway_refuses_revoked_and_unknown_tokens(central_url, gateways):
 
 def test_the_gateway_cache_expires_and_is_bounded(monkeypatch):
     now = [1000.0]
-    monkeypatch.setattr(auth.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr("central.auth.time.monotonic", lambda: now[0])
     cache = auth.GatewayCache(ttl_s=60, max_entries=2)
     gateway = auth.Gateway(1, "gw-1")
     cache.put("token-1", gateway)

@@ -60,7 +60,7 @@ def served(central_url, gateways, conn, tmp_path):
     ingest(server, south, [window(south[0], "drill-11", now, "alarm", 18.0, "PWF", 0.97),
                            window(south[0], "saw-12", now, "ok", 93.0)], buffer_pending=0, dropped_total=0)
     conn.execute("UPDATE gateways SET last_seen_at = now() - interval '3 hours' WHERE name = %s", [south[0]])
-    server.never = gateways.add("unboxed")[0]  # added, never connected (issue 14 item 8)
+    server.never = gateways.add("unboxed")[0]  # type: ignore[attr-defined]  # added, never connected (issue 14 item 8)
     try:
         yield server, north[0], south[0]
     finally:

@@ -13,7 +13,8 @@ import requests
 from central import guard
 from sync.protocol import MAX_DROPPED_KINDS
 from testkit import batches
-from tests.central.support import OPS, OPS_TOKEN, Server, bearer
+from testkit.central import OPS_TOKEN
+from tests.central.support import OPS, Server, bearer
 
 MIB = 2**20
 HOSTILE_BODY = 256 * MIB  # the 300 MB body grew central from 68 to 681 MB

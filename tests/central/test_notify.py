@@ -44,7 +44,7 @@ class Central:
 
     def __init__(self, url: str, config: Path, clock: Clock) -> None:
         app = create_app(make_settings(url, notify_config=config))
-        self.notifications = app.app.state.notifications
+        self.notifications = app.app.state.notifications  # type: ignore[attr-defined]  # the guard wraps the app
         self.notifications.clock = clock
         self.notifications.background = False
         self.clock = clock

@@ -78,7 +78,7 @@ def test_arm64_install_verifies_the_model_and_scores_as_x86_64(tmp_path: Path, w
         assert a["state"] == n["state"] and a["dominant_mode"] == n["dominant_mode"]
         assert abs(float(a["health"]) - float(n["health"])) <= 0.1 + 1e-9  # type: ignore[arg-type]
         pairs = [(float(a[k]), float(n[k])) for k in NUMBERS]  # type: ignore[arg-type]
-        pairs += [(float(a["risk"][m]), float(n["risk"][m])) for m in n["risk"]]  # type: ignore[index]
+        pairs += [(float(a["risk"][m]), float(n["risk"][m])) for m in n["risk"]]  # type: ignore[index, attr-defined]
         worst = max([worst, *(abs(x - y) for x, y in pairs)])
     print(f"largest difference arm64 - x86-64: {worst:.2e}")
     assert worst <= 1e-5

@@ -34,15 +34,14 @@ import pytest
 
 from drivers.base import RawReading
 from drivers.modbus import (
-    Link,
     ModbusDriver,
     ModbusRtuDevice,
-    ModbusSetupError,
     ModbusTcpDevice,
     Register,
     backoff_s,
     check_lines,
 )
+from drivers.modbus_link import Link, ModbusSetupError
 from drivers.probe import ProbeError, format_rows, matches, probe
 from drivers.registers import encode, plan_reads
 from testkit.modbus import ModbusServers, ModbusUnit

@@ -18,9 +18,10 @@ import pytest
 from drivers.modbus import ModbusDriver, ModbusTcpDevice
 from drivers.mqtt import MqttConfig, MqttDriver
 from drivers.registers import decode, decode_raw
-from drivers.simulator import INPUTS, MODES, RESOLUTION, Drift, Plant, failure_modes, power_w
+from drivers.simulator import INPUTS, RESOLUTION, Drift, Plant, failure_modes, power_w
 from drivers.simulator_modbus import POWER, REGISTERS, TOOL_CHANGES_ADDRESS, ModbusSimulator, unit_words
 from drivers.simulator_mqtt import MqttSimulator
+from model.modes import MODES
 from testkit.net import free_port, wait_until
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

@@ -75,7 +75,8 @@ class ScriptedCentral(socketserver.ThreadingTCPServer):
 
         class Handler(socketserver.StreamRequestHandler):
             def handle(self):
-                if self.rfile.peek(4)[:4] == b"GET ":  # the token check: passes, the batches are what is fuzzed
+                start = self.rfile.peek(4)[:4]  # type: ignore[attr-defined]  # a BufferedReader
+                if start == b"GET ":  # the token check: passes, the batches are what is fuzzed
                     while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
                         pass
                     self.wfile.write(b"HTTP/1.1 304 Not Modified\r\nConnection: close\r\n\r\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.score import State
+from model.states import State
 from model.validate import Rejection
 from tests.model.test_validate import reading
 

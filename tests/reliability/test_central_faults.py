@@ -18,13 +18,13 @@ from socketserver import BaseRequestHandler, ThreadingTCPServer
 import psycopg
 import pytest
 
-from agent.config import AlarmsConfig, SummaryConfig
 from agent.machines import Machines
 from agent.store import Store
 from model.package import load
 from sync.client import BACKOFF_MAX_S, BACKOFF_MIN_S, Outcome, SyncClient
 from sync.config import CentralConfig
 from sync.protocol import GatewayStatus
+from sync.remote import AlarmsConfig, SummaryConfig
 from testkit.net import LOCALHOST, free_port
 from tests.agent.test_summaries import stored
 from tests.central.support import Server

@@ -18,7 +18,7 @@ import pytest
 
 import agent.service
 import sync.client
-from agent.config import AgentConfig, AlarmsConfig, PipelineConfig, SummaryConfig
+from agent.config import AgentConfig, PipelineConfig
 from agent.machines import Machines
 from agent.pipeline import Pipeline
 from agent.service import Agent
@@ -27,6 +27,7 @@ from agent.store import Store
 from drivers.base import RawReading
 from sync.client import BACKOFF_MAX_S, BACKOFF_MIN_S, Outcome
 from sync.protocol import Summary
+from sync.remote import AlarmsConfig, SummaryConfig
 from testkit.net import LOCALHOST, free_port
 from tests.agent.test_pipeline import VALUES
 from tests.central.support import Server

@@ -77,9 +77,9 @@ def accept_all(batch):
 
 
 def records(store, n_events=0, n_summaries=0):
-    from agent.config import AlarmsConfig, SummaryConfig
     from agent.machines import Machines
     from model.package import load
+    from sync.remote import AlarmsConfig, SummaryConfig
     from tests.agent.test_summaries import stored
 
     machines = Machines("gw-1", SummaryConfig(window_s=60), AlarmsConfig(), load(), {})

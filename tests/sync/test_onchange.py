@@ -61,11 +61,11 @@ def test_off_by_default_every_window_is_sent():
 def test_rows_saved_on_the_simulator_plant(shipped_model):
     """The demo's plant (5 machines, one drifting), 2 hours of one reading a second through the agent's windows and
     the shipped model: the windows sent with and without summaries on change."""
-    from agent.config import AlarmsConfig, SummaryConfig
     from agent.machines import Machines
     from agent.store import StoredReading
     from drivers.simulator import Plant
     from model.score import Score, Scorer
+    from sync.remote import AlarmsConfig, SummaryConfig
 
     def run(keep) -> int:
         plant, scorer = Plant(machines=5, seed=7, drift=("m2", "TWF")), Scorer(shipped_model)
