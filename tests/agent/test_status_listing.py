@@ -43,6 +43,7 @@ def test_a_reading_committed_after_the_rows_were_encoded_is_listed(tmp_path):
         feed(running.agent)
         before = running.get("/api/v1/machines").json()
         assert [m["machine_id"] for m in before["machines"]] == ["m-hdf", "m-ood", "m-ok"]
+        assert running.get("/api/v1/status").json()["machines"] == {"ok": 1, "warning": 0, "alarm": 2}
 
         store, start = running.agent.store, time.time()
         for i in range(READINGS_EACH):  # m-ok overheats: into alarm after the hysteresis
@@ -54,6 +55,7 @@ def test_a_reading_committed_after_the_rows_were_encoded_is_listed(tmp_path):
         assert hot["state"] == hot["reading_state"] == "alarm" and hot["dominant"]["mode"] == "HDF"
         assert abs(datetime.fromisoformat(hot["last_reading_at"]).timestamp() - (start + READINGS_EACH - 1)) < 1e-3
         assert hot["trend"][-1] < hot["trend"][0] and len(hot["trend"]) == 2 * READINGS_EACH
+        assert running.get("/api/v1/status").json()["machines"] == {"ok": 0, "warning": 0, "alarm": 3}
 
 
 def test_the_ages_follow_the_clock_while_nothing_is_committed(tmp_path):
