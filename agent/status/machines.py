@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
+from functools import cache
 from typing import Any
 
 from agent.alarms import Shown, saved_alarm, technician_view
@@ -83,10 +84,16 @@ def event_infos(records: Records, machine_id: str | None, since: datetime | None
 
 
 def mode_risk(mode: str, risk: float, model: Model) -> ModeRisk:
-    words = mode_words(mode)
+    label, meaning, advice = _words(mode)
     threshold = model.manifest.thresholds.modes.get(mode)
-    return ModeRisk(mode=mode, label=words["label"], meaning=words["meaning"], advice=words["advice"], risk=risk,
-                    threshold=threshold, elevated=threshold is not None and risk >= threshold)
+    return ModeRisk(mode=mode, label=label, meaning=meaning, advice=advice, risk=risk, threshold=threshold,
+                    elevated=threshold is not None and risk >= threshold)
+
+
+@cache  # a model's few modes: once each rather than once per machine and request
+def _words(mode: str) -> tuple[str, str, str]:
+    words = mode_words(mode)
+    return words["label"], words["meaning"], words["advice"]
 
 
 def _alarm(snap: AgentSnapshot, machine_id: str) -> dict[str, Any] | None:
