@@ -16,7 +16,6 @@ from prometheus_client import (
     GCCollector,
     PlatformCollector,
     ProcessCollector,
-    generate_latest,
 )
 from pydantic import BeforeValidator
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -29,7 +28,7 @@ from agent.status.gateway import gateway_info, ready
 from agent.status.guard import ERRORS, ApiError, Guard, documented, error
 from agent.status.listing import MachineListing
 from agent.status.machines import event_infos, machine_detail
-from agent.status.metrics import AgentCollector
+from agent.status.metrics import AgentCollector, exposition
 from agent.status.models import EventList, GatewayInfo, Health, MachineDetail, MachineList
 from agent.status.page import page
 from web.http import STATUS_CODES, BodyLimit
@@ -111,7 +110,7 @@ def create_app(read: Callable[[], AgentSnapshot], status: StatusConfig) -> FastA
              responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, **documented(400, 401, 429, 500)})
     def metrics() -> Response:
         """Prometheus metrics, read from the agent at scrape time."""
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> HTMLResponse:

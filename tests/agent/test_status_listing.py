@@ -1,5 +1,6 @@
-"""/api/v1/machines from rows encoded once per change (agent/status/listing.py), on a real agent: the body is the one
-pydantic encodes of the machines' models, and it follows what is committed after a row was encoded, and the clock."""
+"""/api/v1/machines from rows encoded once per change (agent/status/listing.py) and /metrics from per-machine families
+rendered once per change (agent/status/metrics.py), on a real agent: the machines' body is the one pydantic encodes
+of their models, and both follow what is committed after they were encoded, and the clock."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from agent.status.listing import MachineListing
 from agent.status.machines import machine_infos
 from agent.status.models import MachineList
 from drivers.base import RawReading
-from tests.agent.test_status import HEAT, READINGS_EACH, feed, serving, wait_for
+from tests.agent.test_status import HEAT, READINGS_EACH, families, feed, serving, value, wait_for
 
 MACHINE_LIST = TypeAdapter(MachineList)
 
@@ -68,3 +69,27 @@ def test_the_ages_follow_the_clock_while_nothing_is_committed(tmp_path):
         for old, new in zip(first["machines"], second["machines"], strict=True):
             assert new["last_reading_age_s"] >= old["last_reading_age_s"] + 0.04
             assert {**new, "last_reading_age_s": None} == {**old, "last_reading_age_s": None}
+
+
+def test_metrics_follow_a_reading_committed_after_they_were_rendered(tmp_path):
+    with serving(tmp_path) as running:
+        feed(running.agent)
+        before = families(running.get("/metrics").text)
+        assert value(before, "pdm_machine_alarm_level", machine="m-ok") == 0
+        assert value(before, "pdm_machine_health", machine="m-ok") > 70
+        time.sleep(0.05)
+        again = families(running.get("/metrics").text)  # nothing committed: the same, but for the ages
+        age = "pdm_machine_last_reading_age_seconds"
+        assert value(again, age, machine="m-ok") >= value(before, age, machine="m-ok") + 0.04
+        assert value(again, "pdm_machine_mode_risk", machine="m-hdf", mode="HDF") == value(
+            before, "pdm_machine_mode_risk", machine="m-hdf", mode="HDF")
+
+        store, start = running.agent.store, time.time()
+        for i in range(READINGS_EACH):
+            running.agent.pipeline.put(RawReading("m-ok", start + i, dict(HEAT), "test", time.time()))
+        wait_for(lambda: store.counters().readings_accepted == 4 * READINGS_EACH, "the new readings to be committed")
+        after = families(running.get("/metrics").text)
+        assert value(after, "pdm_machine_alarm_level", machine="m-ok") == 2
+        assert value(after, "pdm_machine_health", machine="m-ok") < 40
+        assert value(after, "pdm_machine_mode_risk", machine="m-ok", mode="HDF") > value(
+            before, "pdm_machine_mode_risk", machine="m-ok", mode="HDF")
