@@ -3,12 +3,13 @@
 
 The pipeline hands every newly committed reading, and the alarm of every machine whose state the batch saved, to
 `committed()` right after its batch's commit, so a request of /api/v1/machines reads no reading or alarm from the
-database and decodes none: it costs what changed, not the ingest rate.
+database and decodes none: it costs what changed, not the ingest rate. Each change of a machine gives it another
+version, so the status API encodes a machine again only when it changed (agent/status/listing.py, metrics.py).
 What the process did not commit itself (the readings stored before a restart, what the buffer cap or the retention
 deleted) is read from the store at the next request after `start` or `forget()`, once.
 
 Who calls it: the pipeline thread (`committed`), the retention and the cap (`forget`), the status API's worker
-threads (`view`); a lock guards the maps.
+threads (`machines`, `alarms`, `view`); a lock guards the maps.
 """
 
 from __future__ import annotations
@@ -111,14 +112,6 @@ class LatestReadings:
             if not self._loaded:
                 self._load(source)
             return dict(self._alarms)
-
-    def readings(self, source: Source) -> list[StoredReading]:
-        """Each machine's newest reading, without its trend (/metrics): what `source.latest_by_machine()` would
-        read and decode from the database."""
-        with self._lock:
-            if not self._loaded:
-                self._load(source)
-            return list(self._latest.values())
 
     def _load(self, source: Source) -> None:
         """Under the lock, so no commit is applied meanwhile; one applied just before is in the store too, and the
