@@ -142,4 +142,4 @@ class LatestReadings:
 
 
 def rounded(health: float) -> float:
-    return round(health, 1)  # plenty for a sparkline, and a third of the bytes of a full float
+    return round(float(health), 1)  # plenty for a sparkline, and a third of the bytes of a full float
