@@ -131,7 +131,10 @@ def within_band(health: float, level: int, at_warning: float, at_alarm: float) -
 
 
 def saved_alarm(text: object) -> Seen | None:
-    """A machine's alarm as saved (the JSON of MachineAlarm.to_json()); None when unreadable."""
+    """A machine's alarm as saved (the JSON of MachineAlarm.to_json(), or that JSON decoded); None when
+    unreadable."""
+    if isinstance(text, dict):
+        return text
     try:
         alarm = json.loads(text) if isinstance(text, str) else None
     except ValueError:

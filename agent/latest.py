@@ -3,12 +3,13 @@
 
 The pipeline hands every newly committed reading, and the alarm of every machine whose state the batch saved, to
 `committed()` right after its batch's commit, so a request of /api/v1/machines reads no reading or alarm from the
-database and decodes none: it costs what changed, not the ingest rate.
+database and decodes none: it costs what changed, not the ingest rate. Each change of a machine gives it another
+version, so the status API encodes a machine again only when it changed (agent/status/listing.py, metrics.py).
 What the process did not commit itself (the readings stored before a restart, what the buffer cap or the retention
 deleted) is read from the store at the next request after `start` or `forget()`, once.
 
 Who calls it: the pipeline thread (`committed`), the retention and the cap (`forget`), the status API's worker
-threads (`view`); a lock guards the maps.
+threads (`machines`, `alarms`, `view`); a lock guards the maps.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from agent.alarms import Seen, saved_alarm
 from agent.store import StoredReading
@@ -37,6 +38,15 @@ class Source(Protocol):
     def machines(self, path: str | None = None, machine_id: str | None = None) -> dict[str, Any]: ...
 
 
+class MachineView(NamedTuple):
+    """One machine as the status API lists it."""
+
+    reading: StoredReading  # its newest
+    trend: list[float]
+    alarm: Seen | None  # as saved; None: none saved yet, or unreadable
+    version: int  # another whenever its reading, trend or alarm changes (never one it had before)
+
+
 class LatestReadings:
     """The newest reading of each machine (by ts) and the health of its newest TREND_POINTS readings, oldest first. A
     reading older than its machine's newest (late, or redelivered) changes neither: it is in the machine's history."""
@@ -47,13 +57,19 @@ class LatestReadings:
         self._trends: dict[str, deque[float]] = {}
         self._alarms: dict[str, Seen] = {}  # each machine's alarm as saved (MachineAlarm.to_json())
         self._loaded = False  # from the store, since the start or the last forget()
+        self._version = 0  # of the last change
+        self._changed: dict[str, int] = {}  # the version of each machine's last change
+        self._machines: tuple[MachineView, ...] | None = None  # machines() since the last change
 
     def committed(self, readings: Iterable[StoredReading], alarms: Mapping[str, Seen] | None = None) -> None:
         """Readings just committed, in arrival order (never a duplicate of a stored one), and the alarms saved with
         them (by machine id; never changed afterwards: an update saves a new dict)."""
         with self._lock:
+            self._version += 1
+            self._machines = None
             if alarms:
                 self._alarms.update(alarms)
+                self._changed.update(dict.fromkeys(alarms, self._version))
             for reading in readings:
                 newest = self._latest.get(reading.machine_id)
                 if newest is not None and reading.ts <= newest.ts:
@@ -63,6 +79,7 @@ class LatestReadings:
                 if trend is None:
                     trend = self._trends[reading.machine_id] = deque(maxlen=TREND_POINTS)
                 trend.append(rounded(reading.health))
+                self._changed[reading.machine_id] = self._version
 
     def forget(self) -> None:
         """Readings were deleted: read everything from the store again at the next view."""
@@ -76,6 +93,18 @@ class LatestReadings:
                 self._load(source)
             return [(reading, list(self._trends[machine_id])) for machine_id, reading in self._latest.items()]
 
+    def machines(self, source: Source) -> tuple[MachineView, ...]:
+        """Each machine's newest reading, trend and saved alarm, and the version of them: the same tuple until
+        something changes."""
+        with self._lock:
+            if not self._loaded:
+                self._load(source)
+            if self._machines is None:
+                self._machines = tuple(
+                    MachineView(reading, list(self._trends[machine_id]), self._alarms.get(machine_id),
+                                self._changed[machine_id]) for machine_id, reading in self._latest.items())
+            return self._machines
+
     def alarms(self, source: Source) -> dict[str, Seen]:
         """Each machine's saved alarm (MachineAlarm.to_json()), as last committed; a machine without one (none
         saved yet, or unreadable) is not listed."""
@@ -83,14 +112,6 @@ class LatestReadings:
             if not self._loaded:
                 self._load(source)
             return dict(self._alarms)
-
-    def readings(self, source: Source) -> list[StoredReading]:
-        """Each machine's newest reading, without its trend (/metrics): what `source.latest_by_machine()` would
-        read and decode from the database."""
-        with self._lock:
-            if not self._loaded:
-                self._load(source)
-            return list(self._latest.values())
 
     def _load(self, source: Source) -> None:
         """Under the lock, so no commit is applied meanwhile; one applied just before is in the store too, and the
@@ -115,7 +136,10 @@ class LatestReadings:
             else:
                 alarms[machine_id] = alarm
         self._latest, self._trends, self._alarms, self._loaded = latest, trends, alarms, True
+        self._version += 1
+        self._changed = dict.fromkeys(latest.keys() | alarms.keys(), self._version)
+        self._machines = None
 
 
 def rounded(health: float) -> float:
-    return round(health, 1)  # plenty for a sparkline, and a third of the bytes of a full float
+    return round(float(health), 1)  # plenty for a sparkline, and a third of the bytes of a full float

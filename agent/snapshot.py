@@ -22,6 +22,7 @@ from functools import cached_property
 from typing import Any, Protocol
 
 from agent.actions import ActionLog
+from agent.alarms import Seen
 from agent.config import AgentConfig
 from agent.counters import BufferCounters
 from agent.downlink import Downlink, DownlinkStats
@@ -166,18 +167,20 @@ class AgentSnapshot:
     @cached_property
     def alarm_states(self) -> Mapping[str, str]:
         """Each machine's alarm state (after the hysteresis), as the pipeline last committed it."""
-        states = {}
-        for machine_id, state in self._parts().store.machines("$.alarm.state").items():
-            if state in SEVERITY:
+        states: dict[str, str] = {}
+        for machine_id, alarm in self.saved_alarms.items():
+            if isinstance(state := alarm.get("state"), str) and state in SEVERITY:
                 states[machine_id] = state
             else:
                 log.warning("machine %s: saved state unreadable", machine_id)
         return states
 
     @cached_property
-    def saved_alarms(self) -> Mapping[str, Any]:
-        """Each machine's saved alarm as JSON text (agent/alarms.py's MachineAlarm), as last committed."""
-        return self._parts().store.machines("$.alarm")
+    def saved_alarms(self) -> Mapping[str, Seen]:
+        """Each machine's saved alarm (agent/alarms.py's MachineAlarm.to_json()), as last committed: from `latest`,
+        in memory, rather than read from every machine's saved state in the database and decoded at each request;
+        one unreadable is left out."""
+        return self.latest.alarms(self.records)
 
     def saved_alarms_of(self, machine_id: str) -> Mapping[str, Any]:
         """`saved_alarms` of one machine (empty when it has no saved state), without reading every machine's."""

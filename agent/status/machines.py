@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
+from functools import cache
 from typing import Any
 
 from agent.alarms import Shown, saved_alarm, technician_view
@@ -30,8 +31,8 @@ def machine_infos(snap: AgentSnapshot) -> list[MachineInfo]:
     """Every machine with its latest reading, alarm state and trend, the worst first (the page's and `pdm-edge demo`'s
     list)."""
     model, alarms, now = snap.model, snap.latest.alarms(snap.records), snap.taken_at
-    forget_after_h, bands = snap.config.machines.forget_after_h, _bands(model)
-    machines = [MachineInfo(**_machine_fields(reading, alarms.get(reading.machine_id), model, now, trend, bands))
+    forget_after_h, bands = snap.config.machines.forget_after_h, health_bands(model)
+    machines = [MachineInfo(**machine_fields(reading, alarms.get(reading.machine_id), model, now, trend, bands))
                 for reading, trend in snap.latest.view(snap.records) if heard(reading, forget_after_h, now)]
     machines.sort(key=lambda m: (-SEVERITY.get(m.state, 0), m.machine_id))
     return machines
@@ -49,8 +50,8 @@ def machine_detail(snap: AgentSnapshot, machine_id: str, history: int) -> Machin
                    physical_min=i.physical_range.min, physical_max=i.physical_range.max, ood=i.name in latest.ood)
         for i in model.manifest.inputs
     ]
-    fields = _machine_fields(latest, _alarm(snap, machine_id), model, snap.taken_at,
-                             [r.health for r in readings[-TREND_POINTS:]], _bands(model))
+    fields = machine_fields(latest, _alarm(snap, machine_id), model, snap.taken_at,
+                             [r.health for r in readings[-TREND_POINTS:]], health_bands(model))
     return MachineDetail(
         **fields, inputs=inputs, modes=[mode_risk(mode, risk, model) for mode, risk in fields["risk"].items()],
         history=[HistoryPoint(ts=at(r.ts), health=r.health, p_failure=r.p_failure, state=r.state) for r in readings],
@@ -83,10 +84,16 @@ def event_infos(records: Records, machine_id: str | None, since: datetime | None
 
 
 def mode_risk(mode: str, risk: float, model: Model) -> ModeRisk:
-    words = mode_words(mode)
+    label, meaning, advice = _words(mode)
     threshold = model.manifest.thresholds.modes.get(mode)
-    return ModeRisk(mode=mode, label=words["label"], meaning=words["meaning"], advice=words["advice"], risk=risk,
-                    threshold=threshold, elevated=threshold is not None and risk >= threshold)
+    return ModeRisk(mode=mode, label=label, meaning=meaning, advice=advice, risk=risk, threshold=threshold,
+                    elevated=threshold is not None and risk >= threshold)
+
+
+@cache  # a model's few modes: once each rather than once per machine and request
+def _words(mode: str) -> tuple[str, str, str]:
+    words = mode_words(mode)
+    return words["label"], words["meaning"], words["advice"]
 
 
 def _alarm(snap: AgentSnapshot, machine_id: str) -> dict[str, Any] | None:
@@ -98,17 +105,17 @@ def _alarm(snap: AgentSnapshot, machine_id: str) -> dict[str, Any] | None:
     return alarm
 
 
-def _bands(model: Model) -> tuple[float, float]:
+def health_bands(model: Model) -> tuple[float, float]:
     """The model's health at its warning and at its alarm threshold."""
     points = dict(model.manifest.health.points)
     thresholds = model.manifest.thresholds
     return points[thresholds.warning], points[thresholds.alarm]
 
 
-def _machine_fields(reading: StoredReading, alarm: dict[str, Any] | None, model: Model, now: float,
+def machine_fields(reading: StoredReading, alarm: dict[str, Any] | None, model: Model, now: float,
                     trend: list[float], bands: tuple[float, float]) -> dict[str, Any]:
     """MachineInfo's fields: the state and the reading that holds it (agent/alarms.py), against the model (`bands`:
-    `_bands(model)`, worked out once per request rather than once per machine)."""
+    `health_bands(model)`, worked out once per request rather than once per machine)."""
     state, shown = technician_view(alarm, reading.state, Shown(reading.health, reading.p_failure, reading.risk),
                                    *bands)
     dominant = max(shown.risk, key=shown.risk.__getitem__) if shown.risk else None
@@ -119,6 +126,11 @@ def _machine_fields(reading: StoredReading, alarm: dict[str, Any] | None, model:
         "dominant": mode_risk(dominant, shown.risk[dominant], model) if dominant else None, "risk": shown.risk,
         "ood": list(reading.ood), "values": reading.values, "last_reading_at": at(reading.ts),
         "last_received_at": at(reading.received_at),
-        "last_reading_age_s": round(max(0.0, now - reading.received_at), 3),
+        "last_reading_age_s": age_s(reading, now),
         "model_version": reading.model_version, "trend": trend,
     }
+
+
+def age_s(reading: StoredReading, now: float) -> float:
+    """Since the reading was received, to the millisecond."""
+    return round(max(0.0, now - reading.received_at), 3)

@@ -1,6 +1,9 @@
 """/metrics: Prometheus families computed from an `AgentSnapshot` at each scrape (nothing is counted twice: the
 store's counters are the durable truth). A part that cannot be read is left out and counted in
-`pdm_status_scrape_errors`; the scrape itself does not fail. README's metric table names every family."""
+`pdm_status_scrape_errors`; the scrape itself does not fail. README's metric table names every family.
+
+The per-machine families but the ages are rendered once per change of the machines (`MachineFamilies`), and
+`exposition` takes their text as rendered: with 500 machines they are most of the text."""
 
 from __future__ import annotations
 
@@ -8,9 +11,12 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from agent import __version__
+from agent.latest import MachineView
 from agent.roster import labelled
 from agent.snapshot import AgentSnapshot
 from model.states import SEVERITY
@@ -24,6 +30,7 @@ class AgentCollector:
 
     def __init__(self, read: Callable[[], AgentSnapshot]) -> None:
         self._read = read
+        self._machines = MachineFamilies()
 
     def collect(self) -> Iterator[Metric]:
         snap = self._read()
@@ -35,7 +42,7 @@ class AgentCollector:
         if not snap.running:
             return
         errors = 0
-        for part in (_model, _store, _pipeline, _sync, _drivers, _machines, _scoring, _alarms):
+        for part in (_model, _store, _pipeline, _sync, _drivers, self._machines.machines, _scoring, _alarms):
             try:
                 metrics = list(part(snap))
             except Exception as exc:  # noqa: BLE001 - the rest of the scrape is still worth having
@@ -140,8 +147,52 @@ def _drivers(snap: AgentSnapshot) -> Iterable[Metric]:
     yield from (up, device_up, errors, polls, skips)
 
 
-def _machines(snap: AgentSnapshot) -> Iterable[Metric]:
-    states, now = snap.alarm_states, time.time()
+class Rendered(Metric):
+    """A family and its text as generate_latest renders it."""
+
+    def __init__(self, family: Metric) -> None:
+        super().__init__(family.name, family.documentation, family.type, family.unit)
+        self.samples = family.samples
+        self.text = generate_latest(_Only(family))
+
+
+class _Only(Collector):
+    def __init__(self, family: Metric) -> None:
+        self._family = family
+
+    def collect(self) -> Iterable[Metric]:
+        return [self._family]
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    """generate_latest(registry), byte for byte, with a `Rendered` family's text taken as it was rendered."""
+    return b"".join(family.text if isinstance(family, Rendered) else generate_latest(_Only(family))
+                    for family in registry.collect())
+
+
+class MachineFamilies:
+    """Each machine's health, alarm level, p_failure, risks and ood inputs, rendered again only when the machines
+    changed (agent/latest.py's view of them is another) or another set of them is labelled; the ages at each scrape.
+    Who calls it: the status API's worker threads, any number at once (two may render the same families)."""
+
+    def __init__(self) -> None:
+        self._rendered: tuple[tuple[MachineView, ...], list[str], list[Metric]] | None = None
+
+    def machines(self, snap: AgentSnapshot) -> Iterable[Metric]:
+        views, now = snap.latest.machines(snap.records), time.time()
+        listed = labelled([view.reading for view in views], snap.config.machines.forget_after_h, now)
+        ids, rendered = [reading.machine_id for reading in listed], self._rendered
+        if rendered is None or rendered[0] is not views or rendered[1] != ids:
+            rendered = self._rendered = views, ids, [Rendered(f) for f in _latest_families(views, set(ids))]
+        age = GaugeMetricFamily("pdm_machine_last_reading_age_seconds", "Since the latest reading was received.",
+                                labels=["machine"])
+        for reading in listed:
+            age.add_metric([reading.machine_id], max(0.0, now - reading.received_at))
+        return [*rendered[2], age]
+
+
+def _latest_families(views: tuple[MachineView, ...], ids: set[str]) -> list[Metric]:
+    """Of the machines `ids` (in memory: none read from the database, none decoded), by id."""
     health = GaugeMetricFamily("pdm_machine_health", "Health of the latest reading, 0-100.", labels=["machine"])
     level = GaugeMetricFamily("pdm_machine_alarm_level", "Alarm state after the hysteresis: 0 ok, 1 warning, "
                               "2 alarm.", labels=["machine"])
@@ -151,19 +202,17 @@ def _machines(snap: AgentSnapshot) -> Iterable[Metric]:
                              labels=["machine", "mode"])
     ood = GaugeMetricFamily("pdm_machine_ood_inputs", "Inputs of the latest reading outside the training range.",
                             labels=["machine"])
-    age = GaugeMetricFamily("pdm_machine_last_reading_age_seconds", "Since the latest reading was received.",
-                            labels=["machine"])
-    latest = snap.latest.readings(snap.records)  # in memory: none read from the database, none decoded
-    for reading in labelled(latest, snap.config.machines.forget_after_h, now):
-        machine_id = reading.machine_id
+    for view in sorted((v for v in views if v.reading.machine_id in ids), key=lambda v: v.reading.machine_id):
+        reading, machine_id = view.reading, view.reading.machine_id
+        saved = view.alarm.get("state") if view.alarm else None
+        state = saved if isinstance(saved, str) and saved in SEVERITY else reading.state
         health.add_metric([machine_id], reading.health)
-        level.add_metric([machine_id], SEVERITY.get(states.get(machine_id, reading.state), 0))
+        level.add_metric([machine_id], SEVERITY.get(state, 0))
         p_failure.add_metric([machine_id], reading.p_failure)
         for mode, value in reading.risk.items():
             risk.add_metric([machine_id, mode], value)
         ood.add_metric([machine_id], len(reading.ood))
-        age.add_metric([machine_id], max(0.0, now - reading.received_at))
-    yield from (health, level, p_failure, risk, ood, age)
+    return [health, level, p_failure, risk, ood]
 
 
 def _scoring(snap: AgentSnapshot) -> Iterable[Metric]:

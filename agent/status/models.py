@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel
 
 from sync.protocol import Applied
 from web.http import ErrorBody, ErrorResponse
@@ -224,5 +224,3 @@ class AlarmList(BaseModel):
     actions_error: str | None  # why they are kept back (a central older than them), if they are
     can_act: bool  # acknowledging and labelling are on: status.token is set
 
-
-MACHINE_LIST = TypeAdapter(MachineList)

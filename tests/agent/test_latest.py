@@ -63,3 +63,18 @@ def test_the_saved_alarms_are_read_once_then_follow_the_commits(tmp_path: Path, 
         assert latest.alarms(store) == {"a": saved("ok")}
         latest.forget()
         assert latest.alarms(store) == {"a": saved("ok")}  # as the store has it
+
+
+def test_a_machine_changes_with_an_alarm_saved_without_a_reading(tmp_path: Path):
+    """An alarm saved with no new reading (its window closed by the clock) is a change of the machine too: the
+    status API, which encodes a machine again only when it changed, shows the alarm as saved."""
+    with Store.open(tmp_path / "agent.db") as store:
+        store.write([reading("a", 1.0, 50.0), reading("b", 1.0, 60.0)], [])
+        latest = LatestReadings()
+        before = {m.reading.machine_id: m for m in latest.machines(store)}
+        assert latest.machines(store) is latest.machines(store)  # nothing changed: the same view
+        alarm = {"state": "warning", "shown": None}
+        latest.committed([], {"a": alarm})
+        after = {m.reading.machine_id: m for m in latest.machines(store)}
+        assert after["a"].alarm == alarm and after["a"].version != before["a"].version
+        assert after["b"] == before["b"]
