@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from model import data, evaluate, features
+from model import data, ensemble, evaluate, features
 from model.features import FEATURE_NAMES, FEATURES, INPUTS, MACHINE_TYPE_INPUT, OPSET, READINGS
 from model.manifest import (
     Dataset,
@@ -131,43 +131,29 @@ def warning_threshold(y: np.ndarray, p: np.ndarray, max_healthy: float = WARNING
 
 
 def export(models: dict[str, Any], version: str = VERSION) -> bytes:
-    """One ONNX graph: raw readings -> features -> each calibrated classifier -> p_failure, p_mode."""
+    """One ONNX graph: raw readings -> features -> every calibrated classifier in one tree-ensemble node (see
+    model.ensemble) -> p_failure, p_mode."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
-    from skl2onnx import convert_sklearn
-    from skl2onnx.common.data_types import FloatTensorType
 
     nodes, constants, inputs = features.feature_graph()
-    constants += [numpy_helper.from_array(np.array(1, dtype=np.int64), "positive"),
-                  numpy_helper.from_array(np.array([1], dtype=np.int64), "positive_column")]
-    opsets = dict(OPSET)
-    for target, model in models.items():
-        converted = convert_sklearn(
-            model,
-            initial_types=[(FEATURES, FloatTensorType([None, len(FEATURE_NAMES)]))],
-            options={id(model): {"zipmap": False}},
-            target_opset=OPSET,
-        )
-        converted = onnx.compose.add_prefix(converted, f"{target}_")
-        for node in converted.graph.node:
-            node.input[:] = [FEATURES if name == f"{target}_{FEATURES}" else name for name in node.input]
-        nodes += converted.graph.node
-        constants += converted.graph.initializer
-        for opset in converted.opset_import:
-            opsets[opset.domain] = max(opsets.get(opset.domain, 0), opset.version)
-        probabilities = f"{target}_probabilities"
-        if target == "failure":
-            nodes.append(helper.make_node("Gather", [probabilities, "positive"], [P_FAILURE], axis=1))
-        else:
-            nodes.append(helper.make_node("Gather", [probabilities, "positive_column"], [f"{target}_risk"], axis=1))
-    nodes.append(helper.make_node("Concat", [f"{m}_risk" for m in MODES], [P_MODE], axis=1))
+    constants += [numpy_helper.from_array(np.array(0, dtype=np.int64), "failure_column"),
+                  numpy_helper.from_array(np.array([1], dtype=np.int64), "modes_start"),
+                  numpy_helper.from_array(np.array([1 + len(MODES)], dtype=np.int64), "modes_end"),
+                  numpy_helper.from_array(np.array([1], dtype=np.int64), "column_axis")]
+    targets = ["failure", *MODES]
+    nodes += [
+        ensemble.ensemble_node([models[t] for t in targets], FEATURES, "probabilities", len(FEATURE_NAMES)),
+        helper.make_node("Gather", ["probabilities", "failure_column"], [P_FAILURE], axis=1),
+        helper.make_node("Slice", ["probabilities", "modes_start", "modes_end", "column_axis"], [P_MODE]),
+    ]
     outputs = [
         helper.make_tensor_value_info(P_FAILURE, TensorProto.FLOAT, [None]),
         helper.make_tensor_value_info(P_MODE, TensorProto.FLOAT, [None, len(MODES)]),
     ]
     graph = helper.make_graph(nodes, NAME, inputs, outputs, constants)
     graph.doc_string = f"p_failure and the risk of {', '.join(MODES)} from raw AI4I-style readings"
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in sorted(opsets.items())],
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in sorted(OPSET.items())],
                               producer_name="pdm-edge", model_version=1)
     helper.set_model_props(model, {"name": NAME, "version": version})
     onnx.checker.check_model(model, full_check=True)
