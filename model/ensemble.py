@@ -43,7 +43,10 @@ def trees_and_base(calibrated: Any, n_features: int) -> tuple[list[Tree], float,
         count = len(model.estimators_)
         trees = [Tree(t.tree_, _positive_share(t.tree_.value) / count) for t in model.estimators_]
         base = 0.0
-    return trees, base, float(calibrator.a_), float(calibrator.b_)
+    # a and b at float32, as a calibration graph holds them: the optimiser that fits them ends a few units of the 9th
+    # digit apart on another BLAS kernel, which would move the last bit of hundreds of leaf weights (and the file's
+    # sha256); rounded first, the leaf weights move only if a or b itself crosses a float32 boundary.
+    return trees, base, float(np.float32(calibrator.a_)), float(np.float32(calibrator.b_))
 
 
 def _positive_share(value: np.ndarray) -> np.ndarray:
