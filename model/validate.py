@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from itertools import chain
+from itertools import chain, compress
 from numbers import Real
 from operator import itemgetter
 from typing import Any
@@ -197,11 +197,11 @@ class Validator:
 
     def _ood(self, values: np.ndarray) -> list[tuple[str, ...]]:
         outside = (values < self._train_low) | (values > self._train_high)
-        flagged = np.asarray(outside.any(axis=1))
-        if not flagged.any():
-            return [_NO_OOD] * len(values)
-        names = self._names
-        return [tuple(n for n, o in zip(names, row) if o) if f else _NO_OOD for row, f in zip(outside, flagged)]
+        ood = [_NO_OOD] * len(values)
+        flagged = np.flatnonzero(outside.any(axis=1))
+        for row, inputs in zip(flagged.tolist(), outside[flagged].tolist()):
+            ood[row] = tuple(compress(self._names, inputs))
+        return ood
 
 
 def _to_float(value: float) -> float:
