@@ -9,10 +9,12 @@ reading never affects the others in its batch.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from itertools import chain, compress
 from numbers import Real
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -49,7 +51,7 @@ class ValidBatch:
     ood: list[tuple[str, ...]]  # per accepted reading: the inputs outside their training range
 
 
-_FAST_TYPES = (float, int)  # exact types; anything else (bool, str, numpy scalars...) takes the careful path
+_FAST_TYPES = frozenset((float, int))  # exact types; anything else (bool, str, numpy scalars...) takes the careful path
 _NO_OOD: tuple[str, ...] = ()
 
 
@@ -74,6 +76,8 @@ class Validator:
         self._inputs = manifest.inputs
         self._names = manifest.input_names
         self._type_key = manifest.machine_type.name
+        self._values_of = _getter(self._names)
+        self._type_of = itemgetter(self._type_key)
         self._type_values = manifest.machine_type.values
         self._machine_types = frozenset(self._type_values)
         self._low = np.array([i.physical_range.min for i in self._inputs])
@@ -123,15 +127,42 @@ class Validator:
     def validate(self, readings: Sequence[Any]) -> tuple[ValidBatch, dict[int, Rejection]]:
         """A batch: the accepted readings as arrays, and the rejections by position. A reading may be anything
         (parsed JSON): the fast path tries it as a mapping, check() explains what it is not."""
-        names, type_key, machine_types = self._names, self._type_key, self._machine_types
+        plain = self._plain_batch(readings)
+        if plain is not None:
+            rows, types = plain
+            index, rejected = list(range(len(rows))), dict[int, Rejection]()
+        else:
+            rows, types, index, rejected = self._one_by_one(readings)
+        values = self._as_array(rows)
+        inside = ((values >= self._low) & (values <= self._high)).all(axis=1)  # NaN compares False
+        if not inside.all():
+            for position in np.flatnonzero(~inside):
+                rejected[index[position]] = self._rejection(readings[index[position]])
+            keep = np.flatnonzero(inside)
+            values, index, types = values[keep], [index[k] for k in keep], [types[k] for k in keep]
+        return ValidBatch(index, values.astype(np.float32), self._types_array(types), self._ood(values)), rejected
+
+    def _plain_batch(self, readings: Sequence[Any]) -> tuple[list[Sequence[Any]], list[str]] | None:
+        """The usual batch in a few C-level passes: every reading a mapping of plain numbers with a known machine
+        type; None if any is not (the per-reading path then sorts them out)."""
+        try:
+            rows = list(map(self._values_of, readings))
+            types = list(map(self._type_of, readings))
+            plain = self._machine_types.issuperset(types) and _FAST_TYPES.issuperset(map(type, chain.from_iterable(rows)))
+        # not a mapping, a missing key, an unhashable type...
+        except Exception:  # noqa: BLE001
+            return None
+        return (rows, types) if plain else None
+
+    def _one_by_one(self, readings: Sequence[Any]) -> tuple[list[Sequence[Any]], list[str], list[int],
+                                                             dict[int, Rejection]]:
         rows, types, index, rejected = [], [], [], {}
         for i, reading in enumerate(readings):
             try:
-                row = [reading[name] for name in names]
-                machine_type = reading[type_key]
-                plain = machine_type in machine_types and all(type(v) in _FAST_TYPES for v in row)
-            # not a mapping, a missing key, an unhashable type...: the careful path explains
-            except Exception:  # noqa: BLE001
+                row = self._values_of(reading)
+                machine_type = reading[self._type_key]
+                plain = machine_type in self._machine_types and _FAST_TYPES.issuperset(map(type, row))
+            except Exception:  # noqa: BLE001  (as in _plain_batch: check() explains)
                 plain = False
             if not plain:
                 checked = self.check(reading)
@@ -142,14 +173,7 @@ class Validator:
             rows.append(row)
             types.append(machine_type)
             index.append(i)
-        values = self._as_array(rows)
-        inside = ((values >= self._low) & (values <= self._high)).all(axis=1)  # NaN compares False
-        if not inside.all():
-            for position in np.flatnonzero(~inside):
-                rejected[index[position]] = self._rejection(readings[index[position]])
-            keep = np.flatnonzero(inside)
-            values, index, types = values[keep], [index[k] for k in keep], [types[k] for k in keep]
-        return ValidBatch(index, values.astype(np.float32), self._types_array(types), self._ood(values)), rejected
+        return rows, types, index, rejected
 
     def _rejection(self, reading: object) -> Rejection:
         """check()'s rejection of a reading the array test found out of range (never accepted, whatever check says)."""
@@ -158,9 +182,10 @@ class Validator:
             return checked
         return Rejection(Reason.OUT_OF_RANGE, "an input is outside its physical range")
 
-    def _as_array(self, rows: list[list[float]]) -> np.ndarray:
+    def _as_array(self, rows: list[Sequence[Any]]) -> np.ndarray:
+        width = len(self._names)
         try:
-            return np.array(rows, dtype=np.float64).reshape(len(rows), len(self._names))
+            return np.fromiter(chain.from_iterable(rows), np.float64, len(rows) * width).reshape(len(rows), width)
         except OverflowError:  # an int beyond float range: convert row by row, it becomes out of range
             return np.array([[_to_float(v) for v in row] for row in rows], dtype=np.float64).reshape(-1, len(self._names))
 
@@ -172,11 +197,11 @@ class Validator:
 
     def _ood(self, values: np.ndarray) -> list[tuple[str, ...]]:
         outside = (values < self._train_low) | (values > self._train_high)
-        flagged = np.asarray(outside.any(axis=1))
-        if not flagged.any():
-            return [_NO_OOD] * len(values)
-        names = self._names
-        return [tuple(n for n, o in zip(names, row) if o) if f else _NO_OOD for row, f in zip(outside, flagged)]
+        ood = [_NO_OOD] * len(values)
+        flagged = np.flatnonzero(outside.any(axis=1))
+        for row, inputs in zip(flagged.tolist(), outside[flagged].tolist()):
+            ood[row] = tuple(compress(self._names, inputs))
+        return ood
 
 
 def _to_float(value: float) -> float:
@@ -184,3 +209,11 @@ def _to_float(value: float) -> float:
         return float(value)
     except OverflowError:
         return math.inf if value > 0 else -math.inf
+
+
+def _getter(names: Sequence[str]) -> Callable[[Any], Sequence[Any]]:
+    """reading -> its values of `names`, as a tuple even for one name (itemgetter's one C call)."""
+    if len(names) == 1:
+        name = names[0]
+        return lambda reading: (reading[name],)
+    return itemgetter(*names)

@@ -51,7 +51,7 @@ def test_table_shows_machines_worst_first_and_a_gateway_line(served, capsys):
     assert heat.split()[:2] == ["m-hdf", "alarm"] and "heat dissipation (HDF 99%)" in heat
     assert worn.split()[:2] == ["m-ood", "alarm"] and "overstrain (OSF" in worn
     assert "outside training range: tool_wear" in worn
-    assert fine.split()[:3] == ["m-ok", "ok", "91"] and "none elevated" in fine and " ago" in fine
+    assert fine.split()[:3] == ["m-ok", "ok", "93"] and "none elevated" in fine and " ago" in fine
     assert "\033[" not in "\n".join(lines)  # no colour when not on a terminal
     gateway = lines[-1]
     for part in ("gateway gw-status-test", "model ai4i-failure 1.0.0", "sync off", "drivers: mqtt connected",
