@@ -5,7 +5,8 @@ boosting its initial log-odds plus the learning rate times the sum of its trees'
 the mean of its trees' leaf probabilities. A sum over trees followed by a logistic function is what
 TreeEnsembleRegressor computes with post_transform LOGISTIC, so each leaf weight becomes -a times the leaf's share of
 s, the base value -(a·s0 + b), and each classifier one output column of the same node. Converted one by one
-(skl2onnx), each classifier and its calibration took a dozen small nodes, which dominated small batches.
+(skl2onnx, used until 2026-12), each classifier and its calibration took a dozen small nodes, which dominated small
+batches; skl2onnx is no longer a dependency.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ WARNING_MAX_HEALTHY = 0.02  # share of healthy out-of-fold readings allowed at o
 HEALTH_AT_WARNING = 70.0
 HEALTH_AT_ALARM = 40.0
 P_FAILURE, P_MODE = "p_failure", "p_mode"
-TRAINING_PACKAGES = ("scikit-learn", "skl2onnx", "onnx", "onnxruntime", "numpy", "scipy")  # recorded in the manifest
+TRAINING_PACKAGES = ("scikit-learn", "onnx", "onnxruntime", "numpy", "scipy")  # recorded in the manifest
 
 
 def estimators(trees: int = TREES) -> dict[str, str]:

@@ -11,7 +11,7 @@ EXIT_MISSING_EXTRA = 2
 MODULES = {
     "psycopg": "central", "psycopg_pool": "central", "psycopg_binary": "central",
     "gunicorn": "central", "uvicorn_worker": "central",
-    "sklearn": "train", "skl2onnx": "train", "onnx": "train", "scipy": "train", "google": "train",
+    "sklearn": "train", "onnx": "train", "scipy": "train", "google": "train",
 }
 
 
