@@ -62,55 +62,67 @@ INSERT INTO notify_outbox (delivery_id, route, channel, episode_id, transition, 
 VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s)
 ON CONFLICT (delivery_id) DO NOTHING
 """
-# One statement per route and batch: how many transitions the route had within its digest window decides, in order,
-# which of the new ones are sent and which are held for the digest; rows written to be sent NOTIFY the workers.
+# One statement per batch, whatever the routes: how many transitions each route had within its digest window
+# decides, in order, which of its new ones are sent and which are held for the digest; a batch that wrote rows
+# NOTIFYs the workers once (held rows too: the worker then knows when their digest is due).
 ENQUEUE = """
-WITH recent AS (  -- counted up to digest_after only: all it is compared with (a flood costs no longer scans)
-    SELECT count(*) AS n FROM (
-        SELECT FROM notify_outbox
-        WHERE route = %(route)s AND channel = %(first_channel)s AND created_at > %(since)s AND transition <> 'digest'
-        LIMIT %(digest_after)s) AS r
+WITH routes AS MATERIALIZED (  -- once per route; counted up to digest_after only (a flood costs no longer scans)
+    SELECT r.route, r.digest_after, (
+        SELECT count(*) FROM (
+            SELECT FROM notify_outbox o
+            WHERE o.route = r.route AND o.channel = r.first_channel AND o.created_at > r.since
+              AND o.transition <> 'digest'
+            LIMIT r.digest_after) AS recent) AS n
+    FROM jsonb_to_recordset(%(routes)s::jsonb) AS r(route text, first_channel text, digest_after integer,
+                                                    since timestamptz)
 ), written AS (
     INSERT INTO notify_outbox (delivery_id, route, channel, episode_id, transition, payload, state, created_at,
                                due_at)
-    SELECT d.delivery_id, %(route)s, d.channel, d.episode_id, d.transition, d.payload,
-           CASE WHEN recent.n + d.ordinal >= %(digest_after)s THEN 'held' ELSE 'pending' END, %(now)s, %(now)s
-    FROM recent, jsonb_to_recordset(%(rows)s::jsonb) AS d(delivery_id uuid, channel text, episode_id bigint,
-                                                         transition text, payload jsonb, ordinal integer)
+    SELECT d.delivery_id, d.route, d.channel, d.episode_id, d.transition, d.payload,
+           CASE WHEN r.n + d.ordinal >= r.digest_after THEN 'held' ELSE 'pending' END, %(now)s, %(now)s
+    FROM jsonb_to_recordset(%(rows)s::jsonb) AS d(delivery_id uuid, route text, channel text, episode_id bigint,
+                                                 transition text, payload jsonb, ordinal integer)
+    JOIN routes r ON r.route = d.route
     ON CONFLICT (delivery_id) DO NOTHING
-    RETURNING state
+    RETURNING 1
 )
-SELECT n, CASE WHEN pending > 0 THEN pg_notify(%(channel)s, '') END
-FROM (SELECT count(*) AS n, count(*) FILTER (WHERE state = 'pending') AS pending FROM written) AS w
+SELECT n, CASE WHEN n > 0 THEN pg_notify(%(channel)s, '') END FROM (SELECT count(*) AS n FROM written) AS w
 """
 
 
 async def enqueue(conn: psycopg.AsyncConnection[Any], config: NotifyConfig, transitions: Iterable[Transition],
                   now: datetime) -> int:
     """Write the deliveries of these transitions (in the caller's transaction); how many rows were written."""
-    written = 0
     transitions = list(transitions)
+    routes, rows = [], []
     for route in config.routes:
-        rows = []
-        for ordinal, transition in enumerate(t for t in transitions if wanted(route, t)):
+        matched = [t for t in transitions if wanted(route, t)]
+        if not matched:
+            continue
+        routes.append({"route": route.name, "first_channel": route.channels[0], "digest_after": route.digest_after,
+                       "since": (now - timedelta(seconds=route.digest_window_s)).isoformat()})
+        for ordinal, transition in enumerate(matched):
+            document = transition.document()
             for channel in route.channels:
-                ident, payload = _delivery(route, transition, transition.kind, channel)
-                rows.append({"delivery_id": str(ident), "channel": channel, "episode_id": transition.episode_id,
-                             "transition": transition.kind, "payload": payload, "ordinal": ordinal})
-        if rows:
-            cursor = await conn.execute(ENQUEUE, {
-                "route": route.name, "first_channel": route.channels[0], "digest_after": route.digest_after,
-                "since": now - timedelta(seconds=route.digest_window_s), "now": now, "rows": json.dumps(rows),
-                "channel": CHANNEL})
-            row = await cursor.fetchone()
-            written += int(row[0]) if row else 0
-    return written
+                ident = delivery_id(transition.episode_id, transition.kind, route.name, channel)
+                rows.append({"delivery_id": str(ident), "route": route.name, "channel": channel,
+                             "episode_id": transition.episode_id, "transition": transition.kind,
+                             "payload": _payload(ident, route, document), "ordinal": ordinal})
+    if not rows:
+        return 0
+    cursor = await conn.execute(ENQUEUE, {"routes": json.dumps(routes), "rows": json.dumps(rows), "now": now,
+                                          "channel": CHANNEL})
+    row = await cursor.fetchone()
+    return int(row[0]) if row else 0
+
+
+def _payload(ident: uuid.UUID, route: Route, document: dict[str, Any]) -> dict[str, Any]:
+    return {"schema": SCHEMA, "delivery_id": str(ident), "route": route.name, **document}
 
 
 def _delivery(route: Route, transition: Transition, kind: str, channel: str) -> tuple[uuid.UUID, dict[str, Any]]:
     ident = delivery_id(transition.episode_id, kind, route.name, channel)
-    return ident, {"schema": SCHEMA, "delivery_id": str(ident), "route": route.name, **transition.document(),
-                   "transition": kind}
+    return ident, _payload(ident, route, {**transition.document(), "transition": kind})
 
 
 async def _insert(conn: psycopg.AsyncConnection[Any], route: Route, transition: Transition, kind: str, state: str,
