@@ -304,6 +304,7 @@ class Run:
     cpu_ms: float  # the API process's CPU per batch
     notifier_cpu_ms: float  # the notifier process's CPU per batch (0 with notifications off)
     postgres_cpu_ms: float  # the database's backends' CPU per batch (the API's, the notifier's, the bench's drain)
+    receiver_cpu_ms: float  # the webhook receiver's CPU per batch: the bench's, on the same 2 cores (0 when off)
     lag_ms: float | None  # the last delivery's arrival after the last answer (notifications on)
 
 
@@ -320,6 +321,7 @@ def ingest_run(url: str, server: tuple[int, str], count: int, per_batch: int, re
         postgres = backends_cpu(backends(url))
         cpu = cpu_seconds(pid)
         notifier_cpu = cpu_seconds(notifier) if notifier else 0.0
+        receiver_cpu = cpu_seconds(receiver.process.pid) if receiver else 0.0
         started = now()
         for body in bodies:
             accepted += client.post(body)["accepted"]["events"]
@@ -338,7 +340,9 @@ def ingest_run(url: str, server: tuple[int, str], count: int, per_batch: int, re
         drain(url)
     notifier_ms = (cpu_seconds(notifier) - notifier_cpu) / count * 1000 if notifier else 0.0
     api_ms = (cpu_seconds(pid) - cpu) / count * 1000
-    return Run(count * BATCH / elapsed, api_ms, notifier_ms, backends_cpu_since(url, postgres) / count * 1000, lag)
+    receiver_ms = (cpu_seconds(receiver.process.pid) - receiver_cpu) / count * 1000 if receiver else 0.0
+    return Run(count * BATCH / elapsed, api_ms, notifier_ms, backends_cpu_since(url, postgres) / count * 1000,
+               receiver_ms, lag)
 
 
 def warm_up(url: str, base: str, receiver: Receiver | None, count: int, per_batch: int) -> None:
@@ -442,7 +446,8 @@ def main() -> None:
             a, b = runs["on"][-1], runs["off"][-1]
             print(f"pair {r + 1}/{repeats}: on {a.rate:,.0f}, off {b.rate:,.0f} summaries/s (on / off "
                   f"{a.rate / b.rate:.2f}); API CPU per batch on {a.cpu_ms:.1f}, off {b.cpu_ms:.1f} ms; notifier "
-                  f"{a.notifier_cpu_ms:.1f} ms; PostgreSQL on {a.postgres_cpu_ms:.1f}, off {b.postgres_cpu_ms:.1f} ms",
+                  f"{a.notifier_cpu_ms:.1f} ms; PostgreSQL on {a.postgres_cpu_ms:.1f}, off {b.postgres_cpu_ms:.1f} ms; "
+                  f"receiver {a.receiver_cpu_ms:.1f} ms",
                   file=sys.stderr)
         deliveries, delivered, retried = outbox_summary(url)
         if delivered != deliveries or receiver.bad_signatures:
@@ -472,6 +477,8 @@ def main() -> None:
          + " ms", ""),
         ("PostgreSQL backends' CPU per batch, notifications off / on",
          f"{median_spread(cpu_postgres['off'], '{:.1f}')} / {median_spread(cpu_postgres['on'], '{:.1f}')} ms", ""),
+        ("the bench's webhook receiver's CPU per batch (on the same cores, charged to \"on\")",
+         median_spread([r.receiver_cpu_ms for r in runs["on"]], "{:.1f}") + " ms", ""),
         ("on: last webhook request after the last ingest answer", median_spread(lags, "{:,.1f}") + " ms", ""),
     ]
     body = table(rows) + (
