@@ -36,7 +36,7 @@ log = logging.getLogger("central.notify")
 PRUNE_EVERY_S = 3600.0
 GATHER_S = 0.2  # at most one wake-up round per this long: see run()
 HELD = outbox.HELD_NOTICE.encode()
-IDLE_MAX_S = 300.0  # a round at least this often when nothing is due (a clock step, a row written by hand)
+IDLE_MAX_S = 300.0  # checks and a round at least this often (a clock step, a row written by hand)
 
 
 def utc_now() -> datetime:
@@ -93,6 +93,7 @@ class Worker:
                         log.info("the notification worker listens for new deliveries again")
                         down = False
                     self._listening = True
+                    self._next_checks = 0.0  # held rows may have been written while it was not listening
                     self._wake.set()  # what was committed while it was not listening
                     await self._hear(conn)
             except Exception as exc:  # noqa: BLE001 (the database gone: poll meanwhile, try again)
@@ -202,7 +203,7 @@ class Worker:
         later = [time.monotonic() + self.interval_s] if self._escalating else []
         digest = self._schedule(digest_at, now)
         later += [] if digest is None else [max(digest, time.monotonic() + self.interval_s)]
-        self._next_checks = min(later) if later else self._next_prune
+        self._next_checks = min(later) if later else time.monotonic() + IDLE_MAX_S
 
     def close(self) -> None:
         """Let the send threads go once their deliveries end (an attempt cut short is retried: the lease)."""
