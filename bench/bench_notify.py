@@ -273,11 +273,38 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def backends(url: str) -> list[int]:
+    """The PostgreSQL backends serving the bench's database (the servers', the notifier's), not this query's."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                            "AND pid <> pg_backend_pid()").fetchall()
+    return [int(row[0]) for row in rows]
+
+
+def backends_cpu(pids: list[int]) -> dict[int, float]:
+    """CPU seconds so far of each backend still there (one that ended is left out of both ends of a run)."""
+    found = {}
+    for pid in pids:
+        try:
+            found[pid] = cpu_seconds(pid)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return found
+
+
+def backends_cpu_since(url: str, before: dict[int, float]) -> float:
+    """CPU seconds the database's backends used since `before` (a backend started meanwhile counts from 0)."""
+    after = backends_cpu(backends(url))
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
+
+
 @dataclass(frozen=True)
 class Run:
     rate: float  # summaries/s, first POST -> last answer
     cpu_ms: float  # the API process's CPU per batch
     notifier_cpu_ms: float  # the notifier process's CPU per batch (0 with notifications off)
+    postgres_cpu_ms: float  # the database's backends' CPU per batch (the API's, the notifier's, the bench's drain)
+    receiver_cpu_ms: float  # the webhook receiver's CPU per batch: the bench's, on the same 2 cores (0 when off)
     lag_ms: float | None  # the last delivery's arrival after the last answer (notifications on)
 
 
@@ -291,8 +318,10 @@ def ingest_run(url: str, server: tuple[int, str], count: int, per_batch: int, re
     client = Client(base, token)
     try:
         accepted = 0
+        postgres = backends_cpu(backends(url))
         cpu = cpu_seconds(pid)
         notifier_cpu = cpu_seconds(notifier) if notifier else 0.0
+        receiver_cpu = cpu_seconds(receiver.process.pid) if receiver else 0.0
         started = now()
         for body in bodies:
             accepted += client.post(body)["accepted"]["events"]
@@ -310,7 +339,10 @@ def ingest_run(url: str, server: tuple[int, str], count: int, per_batch: int, re
         lag = max(0.0, (max(a.at for a in arrivals) - ended) * 1000)
         drain(url)
     notifier_ms = (cpu_seconds(notifier) - notifier_cpu) / count * 1000 if notifier else 0.0
-    return Run(count * BATCH / elapsed, (cpu_seconds(pid) - cpu) / count * 1000, notifier_ms, lag)
+    api_ms = (cpu_seconds(pid) - cpu) / count * 1000
+    receiver_ms = (cpu_seconds(receiver.process.pid) - receiver_cpu) / count * 1000 if receiver else 0.0
+    return Run(count * BATCH / elapsed, api_ms, notifier_ms, backends_cpu_since(url, postgres) / count * 1000,
+               receiver_ms, lag)
 
 
 def warm_up(url: str, base: str, receiver: Receiver | None, count: int, per_batch: int) -> None:
@@ -414,7 +446,9 @@ def main() -> None:
             a, b = runs["on"][-1], runs["off"][-1]
             print(f"pair {r + 1}/{repeats}: on {a.rate:,.0f}, off {b.rate:,.0f} summaries/s (on / off "
                   f"{a.rate / b.rate:.2f}); API CPU per batch on {a.cpu_ms:.1f}, off {b.cpu_ms:.1f} ms; notifier "
-                  f"{a.notifier_cpu_ms:.1f} ms", file=sys.stderr)
+                  f"{a.notifier_cpu_ms:.1f} ms; PostgreSQL on {a.postgres_cpu_ms:.1f}, off {b.postgres_cpu_ms:.1f} ms; "
+                  f"receiver {a.receiver_cpu_ms:.1f} ms",
+                  file=sys.stderr)
         deliveries, delivered, retried = outbox_summary(url)
         if delivered != deliveries or receiver.bad_signatures:
             raise RuntimeError(f"{deliveries} deliveries, {delivered} delivered, "
@@ -423,6 +457,7 @@ def main() -> None:
     ratios = [a / b for a, b in zip(on, off, strict=True)]
     cpu_on, cpu_off = [r.cpu_ms for r in runs["on"]], [r.cpu_ms for r in runs["off"]]
     cpu_notifier = [r.notifier_cpu_ms for r in runs["on"]]
+    cpu_postgres = {label: [r.postgres_cpu_ms for r in runs[label]] for label in ("on", "off")}
     lags = [r.lag_ms for r in runs["on"] if r.lag_ms is not None]
     rows = [
         ("ingest with an alarm event → webhook request, p99", f"{percentile(latencies, 0.99):,.1f} ms",
@@ -440,6 +475,10 @@ def main() -> None:
         ("central API CPU per batch, notifications on (its worker off)", median_spread(cpu_on, "{:.1f}") + " ms", ""),
         (f"notifier process CPU per batch (its {args.events} deliveries)", median_spread(cpu_notifier, "{:.1f}")
          + " ms", ""),
+        ("PostgreSQL backends' CPU per batch, notifications off / on",
+         f"{median_spread(cpu_postgres['off'], '{:.1f}')} / {median_spread(cpu_postgres['on'], '{:.1f}')} ms", ""),
+        ("the bench's webhook receiver's CPU per batch (on the same cores, charged to \"on\")",
+         median_spread([r.receiver_cpu_ms for r in runs["on"]], "{:.1f}") + " ms", ""),
         ("on: last webhook request after the last ingest answer", median_spread(lags, "{:,.1f}") + " ms", ""),
     ]
     body = table(rows) + (

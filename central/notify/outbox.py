@@ -39,6 +39,7 @@ BACKOFF_MAX_S = 30 * 60.0
 RETRY_HORIZON = timedelta(hours=24)  # then a delivery is given up as failed (and logged)
 RETENTION = timedelta(days=90)  # delivered and digested rows are kept this long for the delivery log
 CHANNEL = "pdm_notify"  # NOTIFY'd when an ingest has committed deliveries
+HELD_NOTICE = "held"  # the NOTIFY's payload when some of them are held for a digest
 LISTENER = "pdm-central notify"  # the application_name of a worker's LISTEN connection
 
 
@@ -62,55 +63,69 @@ INSERT INTO notify_outbox (delivery_id, route, channel, episode_id, transition, 
 VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s)
 ON CONFLICT (delivery_id) DO NOTHING
 """
-# One statement per route and batch: how many transitions the route had within its digest window decides, in order,
-# which of the new ones are sent and which are held for the digest; rows written to be sent NOTIFY the workers.
+# One statement per batch, whatever the routes: how many transitions each route had within its digest window
+# decides, in order, which of its new ones are sent and which are held for the digest; a batch that wrote rows
+# NOTIFYs the workers once, with HELD as the payload when some were held (the worker then learns when their digest
+# is due).
 ENQUEUE = """
-WITH recent AS (  -- counted up to digest_after only: all it is compared with (a flood costs no longer scans)
-    SELECT count(*) AS n FROM (
-        SELECT FROM notify_outbox
-        WHERE route = %(route)s AND channel = %(first_channel)s AND created_at > %(since)s AND transition <> 'digest'
-        LIMIT %(digest_after)s) AS r
+WITH routes AS MATERIALIZED (  -- once per route; counted up to digest_after only (a flood costs no longer scans)
+    SELECT r.route, r.digest_after, (
+        SELECT count(*) FROM (
+            SELECT FROM notify_outbox o
+            WHERE o.route = r.route AND o.channel = r.first_channel AND o.created_at > r.since
+              AND o.transition <> 'digest'
+            LIMIT r.digest_after) AS recent) AS n
+    FROM jsonb_to_recordset(%(routes)s::jsonb) AS r(route text, first_channel text, digest_after integer,
+                                                    since timestamptz)
 ), written AS (
     INSERT INTO notify_outbox (delivery_id, route, channel, episode_id, transition, payload, state, created_at,
                                due_at)
-    SELECT d.delivery_id, %(route)s, d.channel, d.episode_id, d.transition, d.payload,
-           CASE WHEN recent.n + d.ordinal >= %(digest_after)s THEN 'held' ELSE 'pending' END, %(now)s, %(now)s
-    FROM recent, jsonb_to_recordset(%(rows)s::jsonb) AS d(delivery_id uuid, channel text, episode_id bigint,
-                                                         transition text, payload jsonb, ordinal integer)
+    SELECT d.delivery_id, d.route, d.channel, d.episode_id, d.transition, d.payload,
+           CASE WHEN r.n + d.ordinal >= r.digest_after THEN 'held' ELSE 'pending' END, %(now)s, %(now)s
+    FROM jsonb_to_recordset(%(rows)s::jsonb) AS d(delivery_id uuid, route text, channel text, episode_id bigint,
+                                                 transition text, payload jsonb, ordinal integer)
+    JOIN routes r ON r.route = d.route
     ON CONFLICT (delivery_id) DO NOTHING
     RETURNING state
 )
-SELECT n, CASE WHEN pending > 0 THEN pg_notify(%(channel)s, '') END
-FROM (SELECT count(*) AS n, count(*) FILTER (WHERE state = 'pending') AS pending FROM written) AS w
+SELECT n, CASE WHEN n > 0 THEN pg_notify(%(channel)s, CASE WHEN held > 0 THEN %(held)s ELSE '' END) END
+FROM (SELECT count(*) AS n, count(*) FILTER (WHERE state = 'held') AS held FROM written) AS w
 """
 
 
 async def enqueue(conn: psycopg.AsyncConnection[Any], config: NotifyConfig, transitions: Iterable[Transition],
                   now: datetime) -> int:
     """Write the deliveries of these transitions (in the caller's transaction); how many rows were written."""
-    written = 0
     transitions = list(transitions)
+    routes, rows = [], []
     for route in config.routes:
-        rows = []
-        for ordinal, transition in enumerate(t for t in transitions if wanted(route, t)):
+        matched = [t for t in transitions if wanted(route, t)]
+        if not matched:
+            continue
+        routes.append({"route": route.name, "first_channel": route.channels[0], "digest_after": route.digest_after,
+                       "since": (now - timedelta(seconds=route.digest_window_s)).isoformat()})
+        for ordinal, transition in enumerate(matched):
+            document = transition.document()
             for channel in route.channels:
-                ident, payload = _delivery(route, transition, transition.kind, channel)
-                rows.append({"delivery_id": str(ident), "channel": channel, "episode_id": transition.episode_id,
-                             "transition": transition.kind, "payload": payload, "ordinal": ordinal})
-        if rows:
-            cursor = await conn.execute(ENQUEUE, {
-                "route": route.name, "first_channel": route.channels[0], "digest_after": route.digest_after,
-                "since": now - timedelta(seconds=route.digest_window_s), "now": now, "rows": json.dumps(rows),
-                "channel": CHANNEL})
-            row = await cursor.fetchone()
-            written += int(row[0]) if row else 0
-    return written
+                ident = delivery_id(transition.episode_id, transition.kind, route.name, channel)
+                rows.append({"delivery_id": str(ident), "route": route.name, "channel": channel,
+                             "episode_id": transition.episode_id, "transition": transition.kind,
+                             "payload": _payload(ident, route, document), "ordinal": ordinal})
+    if not rows:
+        return 0
+    cursor = await conn.execute(ENQUEUE, {"routes": json.dumps(routes), "rows": json.dumps(rows), "now": now,
+                                          "channel": CHANNEL, "held": HELD_NOTICE})
+    row = await cursor.fetchone()
+    return int(row[0]) if row else 0
+
+
+def _payload(ident: uuid.UUID, route: Route, document: dict[str, Any]) -> dict[str, Any]:
+    return {"schema": SCHEMA, "delivery_id": str(ident), "route": route.name, **document}
 
 
 def _delivery(route: Route, transition: Transition, kind: str, channel: str) -> tuple[uuid.UUID, dict[str, Any]]:
     ident = delivery_id(transition.episode_id, kind, route.name, channel)
-    return ident, {"schema": SCHEMA, "delivery_id": str(ident), "route": route.name, **transition.document(),
-                   "transition": kind}
+    return ident, _payload(ident, route, {**transition.document(), "transition": kind})
 
 
 async def _insert(conn: psycopg.AsyncConnection[Any], route: Route, transition: Transition, kind: str, state: str,
@@ -164,14 +179,19 @@ WHERE route = %s AND state = 'held' ORDER BY created_at, delivery_id FOR UPDATE 
 """
 
 
-async def flush_digests(conn: psycopg.AsyncConnection[Any], config: NotifyConfig, now: datetime) -> int:
-    """Turn each route's held transitions into one digest per channel once the oldest is a window old."""
-    written = 0
+async def flush_digests(conn: psycopg.AsyncConnection[Any], config: NotifyConfig,
+                        now: datetime) -> tuple[int, datetime | None]:
+    """Turn each route's held transitions into one digest per channel once the oldest is a window old; how many
+    digests were written, and when the next one falls due (None: nothing is held)."""
+    written, later = 0, []
     for route in config.routes:
-        cutoff = now - timedelta(seconds=route.digest_window_s)
+        window = timedelta(seconds=route.digest_window_s)
         oldest = await (await conn.execute(
             "SELECT min(created_at) FROM notify_outbox WHERE route = %s AND state = 'held'", [route.name])).fetchone()
-        if oldest is None or oldest[0] is None or oldest[0] > cutoff:
+        if oldest is None or oldest[0] is None:
+            continue
+        if oldest[0] > now - window:
+            later.append(oldest[0] + window)
             continue
         async with conn.transaction():
             rows = await (await conn.execute(HELD, [route.name])).fetchall()
@@ -188,7 +208,7 @@ async def flush_digests(conn: psycopg.AsyncConnection[Any], config: NotifyConfig
                 written += cursor.rowcount
                 await conn.execute("UPDATE notify_outbox SET state = 'digested', digest_id = %s "
                                    "WHERE delivery_id = ANY(%s)", [ident, [i for i, _ in held]])
-    return written
+    return written, min(later) if later else None
 
 
 CLAIM = """
@@ -207,26 +227,47 @@ async def claim(conn: psycopg.AsyncConnection[Any], now: datetime, lease_s: floa
     return [(row[0], row[1], row[2], row[3], row[4]) for row in await cursor.fetchall()]
 
 
-async def delivered(conn: psycopg.AsyncConnection[Any], idents: list[uuid.UUID], now: datetime) -> None:
-    if idents:
-        await conn.execute("UPDATE notify_outbox SET state = 'delivered', delivered_at = %s, last_error = NULL "
-                           "WHERE delivery_id = ANY(%s)", [now, idents])
-
-
 def backoff_s(attempts: int) -> float:
     """15 s, 30 s, 1 min, ... up to 30 min between attempts, with jitter (receivers coming back are not stormed)."""
     base = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** max(0, attempts - 1))
     return float(base * random.uniform(0.8, 1.2))
 
 
-async def failed(conn: psycopg.AsyncConnection[Any], ident: uuid.UUID, attempts: int, created_at: datetime,
-                 now: datetime, reason: str) -> bool:
-    """Schedule the next attempt, or give the delivery up past RETRY_HORIZON; True when given up."""
-    give_up = now - created_at >= RETRY_HORIZON
-    await conn.execute("UPDATE notify_outbox SET state = %s, due_at = %s, last_error = %s WHERE delivery_id = %s",
-                       ["failed" if give_up else "pending", now + timedelta(seconds=backoff_s(attempts)),
-                        reason[:500], ident])
-    return give_up
+# A round's outcomes in one statement: delivered, or pending again after a backoff, or failed past RETRY_HORIZON;
+# and when the next pending delivery (another round's retry, or another worker's lease) falls due.
+SETTLE = """
+WITH settled AS (
+    UPDATE notify_outbox o SET
+        state = CASE WHEN u.error IS NULL THEN 'delivered' WHEN u.give_up THEN 'failed' ELSE 'pending' END,
+        delivered_at = CASE WHEN u.error IS NULL THEN %(now)s ELSE o.delivered_at END,
+        due_at = coalesce(u.retry_at, o.due_at), last_error = u.error
+    FROM unnest(%(ids)s::uuid[], %(errors)s::text[], %(retries)s::timestamptz[], %(give_up)s::boolean[])
+         AS u(delivery_id, error, retry_at, give_up)
+    WHERE o.delivery_id = ANY(%(ids)s::uuid[]) AND o.delivery_id = u.delivery_id  -- by the primary key
+)
+SELECT min(due_at) FROM notify_outbox WHERE state = 'pending' AND delivery_id <> ALL(%(ids)s::uuid[])
+"""
+
+
+async def settle(conn: psycopg.AsyncConnection[Any], outcomes: list[tuple[uuid.UUID, int, datetime, str | None]],
+                 now: datetime) -> tuple[list[bool], datetime | None]:
+    """Record each (delivery, attempts, created_at, error or None) of a round: whether each failed one was given
+    up, and when the next pending delivery falls due (None: none is pending)."""
+    give_up = [error is not None and now - created_at >= RETRY_HORIZON for _, _, created_at, error in outcomes]
+    retries = [None if error is None else now + timedelta(seconds=backoff_s(attempts))
+               for _, attempts, _, error in outcomes]
+    row = await (await conn.execute(SETTLE, {
+        "ids": [ident for ident, *_ in outcomes], "errors": [None if e is None else e[:500] for *_, e in outcomes],
+        "retries": retries, "give_up": give_up, "now": now})).fetchone()
+    due = [at for at, (*_, error), gone in zip(retries, outcomes, give_up, strict=True) if error and not gone]
+    found = [at for at in [row[0] if row else None, *due] if at is not None]
+    return give_up, min(found) if found else None
+
+
+async def next_due(conn: psycopg.AsyncConnection[Any]) -> datetime | None:
+    """When the first pending delivery falls due (None: none is pending)."""
+    row = await (await conn.execute("SELECT min(due_at) FROM notify_outbox WHERE state = 'pending'")).fetchone()
+    return row[0] if row else None
 
 
 async def prune(conn: psycopg.AsyncConnection[Any], now: datetime) -> int:

@@ -16,7 +16,9 @@ from pathlib import Path
 import psycopg
 import requests
 
+from central.notify import outbox as outbox_module
 from central.notify import process
+from central.notify.outbox import LISTENER
 from testkit import batches
 from testkit.batches import event
 from testkit.net import free_port, wait_until
@@ -189,3 +191,72 @@ def test_an_ingest_wakes_the_notifier_at_once_not_at_its_next_poll(central_url, 
         receiver.close()
     assert not thread.is_alive()
     assert [b["episode"]["machine_id"] for b in receiver.answered.values()] == ["m-1"]
+
+
+def listeners(url: str) -> list[int]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s "
+                            "AND datname = current_database()", [LISTENER]).fetchall()
+    return [int(pid) for pid, in rows]
+
+
+def test_a_notifier_cut_from_the_database_listens_again_and_the_next_ingest_wakes_it(central_url, gateways, tmp_path):
+    """The LISTEN connection killed (a PostgreSQL restart, a proxy's idle timeout): the notifier connects again, and
+    the next alarm goes out at once, not at the next time something falls due (minutes away: it does not poll)."""
+    gateway = gateways.add()
+    receiver = Receiver()
+    route = f"cut-{gateway[0]}"
+    config = notify_config(tmp_path, receiver, route, gateway[0])
+    running: dict = {}
+
+    async def notifier() -> None:
+        running["loop"], running["stop"] = asyncio.get_running_loop(), asyncio.Event()
+        await process.run(make_settings(central_url, notify_config=config), running["stop"], interval_s=0.2)
+
+    thread = threading.Thread(target=asyncio.run, args=(notifier(),), daemon=True)
+    thread.start()
+    server = api(central_url, config, tmp_path / "api.log")
+    try:
+        wait_until(lambda: listening(server) == 1, 20, interval=0.2)
+        [cut] = listeners(central_url)
+        with psycopg.connect(central_url, autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(%s)", [cut])
+        wait_until(lambda: len(found := listeners(central_url)) == 1 and cut not in found, 20, interval=0.1)
+        ingest(server, gateway, ["m-1"])
+        assert receiver.first_request.wait(20), "not delivered within 20 s"
+    finally:
+        server.terminate()
+        running["loop"].call_soon_threadsafe(running["stop"].set)
+        thread.join(20)
+        receiver.close()
+    assert not thread.is_alive()
+    assert [b["episode"]["machine_id"] for b in receiver.answered.values()] == ["m-1"]
+
+
+def test_a_failed_delivery_is_sent_again_when_its_backoff_ends_by_a_notifier_that_does_not_poll(
+        central_url, gateways, tmp_path, monkeypatch):
+    """Nothing wakes an idle notifier but an ingest or what it knows falls due: a retry is one of those."""
+    monkeypatch.setattr(outbox_module, "BACKOFF_FIRST_S", 0.5)
+    gateway = gateways.add()
+    receiver = Receiver(fail=1)
+    route = f"retry-{gateway[0]}"
+    config = notify_config(tmp_path, receiver, route, gateway[0])
+    running: dict = {}
+
+    async def notifier_checking_every_hour() -> None:
+        running["loop"], running["stop"] = asyncio.get_running_loop(), asyncio.Event()
+        await process.run(make_settings(central_url, notify_config=config), running["stop"], interval_s=3600)
+
+    thread = threading.Thread(target=asyncio.run, args=(notifier_checking_every_hour(),), daemon=True)
+    thread.start()
+    server = api(central_url, config, tmp_path / "api.log")
+    try:
+        wait_until(lambda: listening(server) == 1, 20, interval=0.2)
+        ingest(server, gateway, ["m-1"])
+        wait_until(lambda: [s for _, s, _ in outbox(central_url, route)] == ["delivered"], 20, interval=0.2)
+    finally:
+        server.terminate()
+        running["loop"].call_soon_threadsafe(running["stop"].set)
+        thread.join(20)
+        receiver.close()
+    assert [a for _, _, a in outbox(central_url, route)] == [2]  # refused once, then sent
