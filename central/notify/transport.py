@@ -43,7 +43,6 @@ class _Receiver:
     headers: dict[str, str]  # basic auth from the URL
     tls: ssl.SSLContext | None
     tunnel: tuple[str, int] | None  # https through a proxy: CONNECT to this
-    tunnel_headers: dict[str, str] = field(default_factory=dict)  # the proxy's login, for CONNECT
     idle: list[http.client.HTTPConnection] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -60,7 +59,7 @@ class _Receiver:
         else:
             conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout_s)
         if self.tunnel is not None:
-            conn.set_tunnel(*self.tunnel, headers=self.tunnel_headers)
+            conn.set_tunnel(*self.tunnel)
         return conn
 
     def keep(self, conn: http.client.HTTPConnection) -> None:
@@ -98,9 +97,8 @@ def post(url: str, raw: bytes, headers: dict[str, str], timeout_s: float) -> int
 
 
 def _readable(sock: socket.socket) -> bool:
-    poller = select.poll()  # not select.select: a busy API process has descriptors past its 1,024
-    poller.register(sock, select.POLLIN)
-    return bool(poller.poll(0))
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
 
 
 def _bundle() -> str:
@@ -115,7 +113,10 @@ def _receiver(url: str, bundle: str) -> _Receiver:
     host, https = parts.hostname or "", parts.scheme == "https"
     port = parts.port or (443 if https else 80)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    headers = _basic(parts.username, parts.password, "Authorization")
+    headers = {}
+    if parts.username is not None:
+        login = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(login).decode()
     tls = None
     if https:
         folder, file = (bundle, None) if os.path.isdir(bundle) else (None, bundle)
@@ -124,17 +125,8 @@ def _receiver(url: str, bundle: str) -> _Receiver:
     if proxy and not urllib.request.proxy_bypass(host):
         via = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
         via_port = via.port or (443 if via.scheme == "https" else 80)
-        to_proxy = _basic(via.username, via.password, "Proxy-Authorization")
         if https:  # CONNECT through the proxy, TLS with the receiver inside the tunnel
-            return _Receiver(via.hostname or "", via_port, path, headers, tls, (host, port), to_proxy)
+            return _Receiver(via.hostname or "", via_port, path, headers, tls, (host, port))
         netloc = host if parts.port is None else f"{host}:{port}"
-        return _Receiver(via.hostname or "", via_port, f"http://{netloc}{path}", {**headers, **to_proxy}, None,
-                         None)
+        return _Receiver(via.hostname or "", via_port, f"http://{netloc}{path}", headers, None, None)
     return _Receiver(host, port, path, headers, tls, None)
-
-
-def _basic(user: str | None, password: str | None, header: str) -> dict[str, str]:
-    if user is None:
-        return {}
-    login = f"{unquote(user)}:{unquote(password or '')}".encode()
-    return {header: "Basic " + base64.b64encode(login).decode()}
