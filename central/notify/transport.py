@@ -1,16 +1,17 @@
 """The webhook's HTTP exchange, on urllib3 (the transport under requests) without requests' per-request work.
 
 requests cost about 0.5 ms of CPU per POST here (its environment, netrc and proxy lookups at every request), urllib3
-0.19 ms; the worker pays it for every delivery, in the process that also takes the ingest. Kept as requests did it
-for a webhook: the CA bundle requests would use (REQUESTS_CA_BUNDLE, else CURL_CA_BUNDLE, else certifi's), the
-environment's proxy for the URL, a user and password in the URL as basic auth, no redirect followed, no retry here
-(the outbox retries), and a kept-alive connection the receiver has closed is not reused (urllib3 checks at checkout).
+0.19 ms; the worker pays it for every delivery. Kept as requests did it for a webhook: the CA bundle requests would
+use (REQUESTS_CA_BUNDLE, else CURL_CA_BUNDLE, else certifi's), the environment's proxy for the URL with the login in
+the proxy's URL if any, a user and password in the URL as basic auth, no redirect followed, no retry here (the outbox
+retries), and a kept-alive connection the receiver has closed is not reused (urllib3 checks at checkout).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import urllib.parse
 import urllib.request
 
 import certifi
@@ -66,5 +67,7 @@ def _pool(url: str, bundle: str) -> urllib3.PoolManager:
     parts = urllib3.util.parse_url(url)
     proxy = urllib.request.getproxies().get(parts.scheme or "http")
     if proxy and not urllib.request.proxy_bypass(parts.host or ""):
-        return urllib3.ProxyManager(proxy, maxsize=POOL_SIZE, ca_certs=file, ca_cert_dir=folder)
+        login = urllib3.util.parse_url(proxy).auth  # urllib3 does not send it by itself
+        headers = urllib3.util.make_headers(proxy_basic_auth=urllib.parse.unquote(login)) if login else None
+        return urllib3.ProxyManager(proxy, maxsize=POOL_SIZE, ca_certs=file, ca_cert_dir=folder, proxy_headers=headers)
     return urllib3.PoolManager(maxsize=POOL_SIZE, ca_certs=file, ca_cert_dir=folder)

@@ -4,6 +4,7 @@ keep-alive connection does not cost a delivery its first attempt; https trusts t
 
 from __future__ import annotations
 
+import base64
 import ssl
 import threading
 import time
@@ -68,6 +69,7 @@ class ClosesIdle:
 
     def __init__(self, cert: Path | None = None) -> None:
         self.delivered: list[str] = []
+        self.proxy_logins: list[str | None] = []
         self.closed = threading.Semaphore(0)
         receiver = self
 
@@ -80,6 +82,7 @@ class ClosesIdle:
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers["Content-Length"]))
                 receiver.delivered.append(self.headers["X-PDM-Delivery"])
+                receiver.proxy_logins.append(self.headers.get("Proxy-Authorization"))
                 self.send_response(200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -137,17 +140,18 @@ def test_https_trusts_the_ca_bundle_requests_would_and_refuses_another(tmp_path,
     assert receiver.delivered == ["trusted"]
 
 
-def test_a_receiver_behind_an_environment_proxy_is_reached_through_it(secret_file, monkeypatch):
+def test_a_receiver_behind_an_environment_proxy_is_reached_through_it_with_its_login(secret_file, monkeypatch):
     proxy = ClosesIdle()  # takes the absolute-URI request a proxy gets
     for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTP_PROXY", proxy.url.removesuffix("/hook"))
+    monkeypatch.setenv("HTTP_PROXY", proxy.url.removesuffix("/hook").replace("://", "://pdm:s%40cret@"))
     try:
         channels.send(hook_to("http://hooks.example.invalid/pdm-proxied", secret_file), "via-proxy",
                       {"delivery_id": "via-proxy"})
     finally:
         proxy.close()
     assert proxy.delivered == ["via-proxy"]
+    assert proxy.proxy_logins == ["Basic " + base64.b64encode(b"pdm:s@cret").decode()]
 
 
 def test_every_delivery_of_a_round_is_attempted_at_once(central, receivers, secret_file, gateways, monkeypatch):
