@@ -11,6 +11,8 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -162,34 +164,47 @@ def test_the_api_with_its_worker_off_never_delivers(central_url, gateways, tmp_p
     assert [(s, a) for _, s, a in rows] == [("pending", 0), ("pending", 0)]
 
 
+@contextmanager
+def notifier_in_thread(central_url: str, config: Path, interval_s: float) -> Iterator[None]:
+    """`pdm-central notify`'s loop (process.run) in a thread of this process, with its periodic check every
+    `interval_s`; stopped as SIGTERM stops it, and joined."""
+    running: dict = {}
+
+    async def notifier() -> None:
+        running["loop"], running["stop"] = asyncio.get_running_loop(), asyncio.Event()
+        await process.run(make_settings(central_url, notify_config=config), running["stop"], interval_s=interval_s)
+
+    thread = threading.Thread(target=asyncio.run, args=(notifier(),), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        wait_until(lambda: "stop" in running, 20, interval=0.05)
+        running["loop"].call_soon_threadsafe(running["stop"].set)
+        thread.join(20)
+    assert not thread.is_alive()
+
+
 def test_an_ingest_wakes_the_notifier_at_once_not_at_its_next_poll(central_url, gateways, tmp_path):
     """The API's ingest NOTIFYs; the notifier, here polling once a minute only, LISTENs and sends at once."""
     gateway = gateways.add()
     receiver = Receiver()
     route = f"wake-{gateway[0]}"
     config = notify_config(tmp_path, receiver, route, gateway[0])
-    running: dict = {}
-
-    async def notifier_polling_every_minute() -> None:
-        running["loop"], running["stop"] = asyncio.get_running_loop(), asyncio.Event()
-        await process.run(make_settings(central_url, notify_config=config), running["stop"], interval_s=60)
-
-    thread = threading.Thread(target=asyncio.run, args=(notifier_polling_every_minute(),), daemon=True)
-    thread.start()
-    server = api(central_url, config, tmp_path / "api.log")
     try:
-        wait_until(lambda: listening(server) == 1, 20, interval=0.2)
-        time.sleep(0.5)  # its first round is over: it waits for a NOTIFY or its next poll, a minute away
-        started = time.monotonic()
-        ingest(server, gateway, ["m-1"])
-        assert receiver.first_request.wait(10), "not delivered within 10 s"
-        assert time.monotonic() - started < 5
+        with notifier_in_thread(central_url, config, interval_s=60):
+            server = api(central_url, config, tmp_path / "api.log")
+            try:
+                wait_until(lambda: listening(server) == 1, 20, interval=0.2)
+                time.sleep(0.5)  # its first round is over: it waits for a NOTIFY or its next poll, a minute away
+                started = time.monotonic()
+                ingest(server, gateway, ["m-1"])
+                assert receiver.first_request.wait(10), "not delivered within 10 s"
+                assert time.monotonic() - started < 5
+            finally:
+                server.terminate()
     finally:
-        server.terminate()
-        running["loop"].call_soon_threadsafe(running["stop"].set)
-        thread.join(20)
         receiver.close()
-    assert not thread.is_alive()
     assert [b["episode"]["machine_id"] for b in receiver.answered.values()] == ["m-1"]
 
 
@@ -207,29 +222,21 @@ def test_a_notifier_cut_from_the_database_listens_again_and_the_next_ingest_wake
     receiver = Receiver()
     route = f"cut-{gateway[0]}"
     config = notify_config(tmp_path, receiver, route, gateway[0])
-    running: dict = {}
-
-    async def notifier() -> None:
-        running["loop"], running["stop"] = asyncio.get_running_loop(), asyncio.Event()
-        await process.run(make_settings(central_url, notify_config=config), running["stop"], interval_s=0.2)
-
-    thread = threading.Thread(target=asyncio.run, args=(notifier(),), daemon=True)
-    thread.start()
-    server = api(central_url, config, tmp_path / "api.log")
     try:
-        wait_until(lambda: listening(server) == 1, 20, interval=0.2)
-        [cut] = listeners(central_url)
-        with psycopg.connect(central_url, autocommit=True) as conn:
-            conn.execute("SELECT pg_terminate_backend(%s)", [cut])
-        wait_until(lambda: len(found := listeners(central_url)) == 1 and cut not in found, 20, interval=0.1)
-        ingest(server, gateway, ["m-1"])
-        assert receiver.first_request.wait(20), "not delivered within 20 s"
+        with notifier_in_thread(central_url, config, interval_s=0.2):
+            server = api(central_url, config, tmp_path / "api.log")
+            try:
+                wait_until(lambda: listening(server) == 1, 20, interval=0.2)
+                [cut] = listeners(central_url)
+                with psycopg.connect(central_url, autocommit=True) as conn:
+                    conn.execute("SELECT pg_terminate_backend(%s)", [cut])
+                wait_until(lambda: len(found := listeners(central_url)) == 1 and cut not in found, 20, interval=0.1)
+                ingest(server, gateway, ["m-1"])
+                assert receiver.first_request.wait(20), "not delivered within 20 s"
+            finally:
+                server.terminate()
     finally:
-        server.terminate()
-        running["loop"].call_soon_threadsafe(running["stop"].set)
-        thread.join(20)
         receiver.close()
-    assert not thread.is_alive()
     assert [b["episode"]["machine_id"] for b in receiver.answered.values()] == ["m-1"]
 
 
@@ -241,22 +248,15 @@ def test_a_failed_delivery_is_sent_again_when_its_backoff_ends_by_a_notifier_tha
     receiver = Receiver(fail=1)
     route = f"retry-{gateway[0]}"
     config = notify_config(tmp_path, receiver, route, gateway[0])
-    running: dict = {}
-
-    async def notifier_checking_every_hour() -> None:
-        running["loop"], running["stop"] = asyncio.get_running_loop(), asyncio.Event()
-        await process.run(make_settings(central_url, notify_config=config), running["stop"], interval_s=3600)
-
-    thread = threading.Thread(target=asyncio.run, args=(notifier_checking_every_hour(),), daemon=True)
-    thread.start()
-    server = api(central_url, config, tmp_path / "api.log")
     try:
-        wait_until(lambda: listening(server) == 1, 20, interval=0.2)
-        ingest(server, gateway, ["m-1"])
-        wait_until(lambda: [s for _, s, _ in outbox(central_url, route)] == ["delivered"], 20, interval=0.2)
+        with notifier_in_thread(central_url, config, interval_s=3600):
+            server = api(central_url, config, tmp_path / "api.log")
+            try:
+                wait_until(lambda: listening(server) == 1, 20, interval=0.2)
+                ingest(server, gateway, ["m-1"])
+                wait_until(lambda: [s for _, s, _ in outbox(central_url, route)] == ["delivered"], 20, interval=0.2)
+            finally:
+                server.terminate()
     finally:
-        server.terminate()
-        running["loop"].call_soon_threadsafe(running["stop"].set)
-        thread.join(20)
         receiver.close()
     assert [a for _, _, a in outbox(central_url, route)] == [2]  # refused once, then sent
