@@ -376,3 +376,21 @@ def test_the_buffer_cap_drops_synced_records_then_old_readings_then_summaries_ne
         store.enforce_cap(200 * 2000 + 150 * 2000)  # room for the events and some summaries only
         assert len(store.outbox("event")) == 200  # never dropped
         assert store.counters().dropped["summaries"] > 0 and store.history("m1", 0, 10) == []
+
+
+def test_the_backlog_counts_what_central_has_not_accepted_and_dates_it_by_the_first_written(tmp_path):
+    from agent.store import OutboxRecord
+
+    def record(kind: str, i: int) -> OutboxRecord:
+        return OutboxRecord(kind, f"{kind}-{i}", "m1", float(i), "{}", 1000.0 + i)
+
+    with Store.open(tmp_path / "backlog.db") as store:
+        assert store.outbox_backlog() == (0, None)
+        store.write([], [], [record("summary", i) for i in range(5)] + [record("event", i) for i in range(5, 8)])
+        assert store.outbox_backlog() == (8, 1000.0)
+        store.mark_synced([f"summary-{i}" for i in range(5)])
+        assert store.outbox_backlog() == (3, 1005.0)  # the events' first, now that no summary waits
+        store.write([], [], [record("summary", 9)])
+        assert store.outbox_backlog() == (4, 1005.0)
+        store.mark_synced(["event-5", "event-6", "event-7"])
+        assert store.outbox_backlog() == (1, 1009.0)
