@@ -308,8 +308,16 @@ def test_credential_copies_are_removed_on_ctrl_c(central_root: Path, central_con
     try:
         env = {**os.environ, "PDM_SYSTEMD_VERSION": "252", "TMPDIR": str(temp)}
         env.pop("PDM_ROOT", None)
-        process = subprocess.Popen(["bash", INSTALL, "--root", central_root, "--central", "--from", wheel], env=env,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        # The installer starts with SIGINT at its default, as under a terminal: a test run started in the background
+        # (`cmd &`, nohup) has it ignored, a child would inherit that, and bash can neither trap nor reset a signal
+        # ignored when it starts. A handled signal is reset to its default by exec.
+        before = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            process = subprocess.Popen(["bash", INSTALL, "--root", central_root, "--central", "--from", wheel],
+                                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                       start_new_session=True)
+        finally:
+            signal.signal(signal.SIGINT, before)
         try:
             assert wait_until(lambda: seen.exists() or process.poll() is not None, timeout=300)
             assert process.poll() is None, process.stderr.read().decode()
