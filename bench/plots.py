@@ -30,7 +30,7 @@ def draw() -> list[str]:
     written = []
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    rates = results["rates"]
+    rates = sorted({s["offered"] for key, _, _ in sides for s in results[key]["steps"]})
     axes.plot(rates, rates, linestyle=":", color="grey", label="offered")
     for key, label, color in sides:
         steps = results[key]["steps"]
