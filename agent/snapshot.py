@@ -223,8 +223,11 @@ class AgentSnapshot:
                 Check("pipeline", pipeline.progressing, f"the pipeline made no progress for {PIPELINE_STALL_S:g} s")]
 
 
+clock = time.time  # the moment a snapshot is taken: every age the status API shows is measured from it
+
+
 def snapshot(agent: Parts) -> AgentSnapshot:
-    return AgentSnapshot(agent.config, agent.started_at, time.time(), agent.running)
+    return AgentSnapshot(agent.config, agent.started_at, clock(), agent.running)
 
 
 def _stats(driver: Driver) -> DriverStats:

@@ -8,7 +8,6 @@ The per-machine families but the ages are rendered once per change of the machin
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -88,7 +87,7 @@ def _store(snap: AgentSnapshot) -> Iterable[Metric]:
     yield gauge("pdm_outbox_pending", "Summaries and events not yet accepted by central.", buffer.pending)
     oldest = buffer.oldest_pending_at
     yield gauge("pdm_outbox_oldest_pending_age_seconds", "Age of the oldest record not yet accepted by central "
-                "(0 when none).", 0.0 if oldest is None else max(0.0, time.time() - oldest))
+                "(0 when none).", 0.0 if oldest is None else max(0.0, snap.taken_at - oldest))
 
 
 def _pipeline(snap: AgentSnapshot) -> Iterable[Metric]:
@@ -179,7 +178,7 @@ class MachineFamilies:
         self._rendered: tuple[tuple[MachineView, ...], list[str], list[Metric]] | None = None
 
     def machines(self, snap: AgentSnapshot) -> Iterable[Metric]:
-        views, now = snap.latest.machines(snap.records), time.time()
+        views, now = snap.latest.machines(snap.records), snap.taken_at
         listed = labelled([view.reading for view in views], snap.config.machines.forget_after_h, now)
         ids, rendered = [reading.machine_id for reading in listed], self._rendered
         if rendered is None or rendered[0] is not views or rendered[1] != ids:

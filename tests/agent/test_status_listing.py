@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
+import pytest
 from pydantic import TypeAdapter
 
+import agent.snapshot
 from agent.snapshot import AgentSnapshot, snapshot
 from agent.status.gateway import at
 from agent.status.listing import MachineListing
@@ -59,28 +61,45 @@ def test_a_reading_committed_after_the_rows_were_encoded_is_listed(tmp_path):
         assert running.get("/api/v1/status").json()["machines"] == {"ok": 0, "warning": 0, "alarm": 3}
 
 
-def test_the_ages_follow_the_clock_while_nothing_is_committed(tmp_path):
+class Later:
+    """The status API's clock (agent.snapshot.clock), `ahead_s` ahead of the real one."""
+
+    def __init__(self) -> None:
+        self.ahead_s = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.ahead_s
+
+
+@pytest.fixture
+def later(monkeypatch):
+    clock = Later()
+    monkeypatch.setattr(agent.snapshot, "clock", clock)
+    return clock
+
+
+def test_the_ages_follow_the_clock_while_nothing_is_committed(tmp_path, later):
     with serving(tmp_path) as running:
         feed(running.agent)
         first = running.get("/api/v1/machines").json()
-        time.sleep(0.05)
+        later.ahead_s = 90
         second = running.get("/api/v1/machines").json()
-        assert datetime.fromisoformat(second["now"]) > datetime.fromisoformat(first["now"])
+        assert datetime.fromisoformat(second["now"]) - datetime.fromisoformat(first["now"]) >= timedelta(seconds=90)
         for old, new in zip(first["machines"], second["machines"], strict=True):
-            assert new["last_reading_age_s"] >= old["last_reading_age_s"] + 0.04
+            assert new["last_reading_age_s"] >= old["last_reading_age_s"] + 90
             assert {**new, "last_reading_age_s": None} == {**old, "last_reading_age_s": None}
 
 
-def test_metrics_follow_a_reading_committed_after_they_were_rendered(tmp_path):
+def test_metrics_follow_a_reading_committed_after_they_were_rendered(tmp_path, later):
     with serving(tmp_path) as running:
         feed(running.agent)
         before = families(running.get("/metrics").text)
         assert value(before, "pdm_machine_alarm_level", machine="m-ok") == 0
         assert value(before, "pdm_machine_health", machine="m-ok") > 70
-        time.sleep(0.05)
+        later.ahead_s = 90
         again = families(running.get("/metrics").text)  # nothing committed: the same, but for the ages
         age = "pdm_machine_last_reading_age_seconds"
-        assert value(again, age, machine="m-ok") >= value(before, age, machine="m-ok") + 0.04
+        assert value(again, age, machine="m-ok") >= value(before, age, machine="m-ok") + 90
         assert value(again, "pdm_machine_mode_risk", machine="m-hdf", mode="HDF") == value(
             before, "pdm_machine_mode_risk", machine="m-hdf", mode="HDF")
 
