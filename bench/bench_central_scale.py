@@ -45,10 +45,14 @@ import requests
 from bench.bench_central import bench_database
 from bench.report import table, write_section
 from central import auth
+from model.package import load
+from sync.onchange import OnChange, OnChangeConfig
 from testkit.central import OPS_TOKEN
 from testkit.net import LOCALHOST, free_port
+from testkit.plant import summaries_sent
 
 FLEET_EVERY_S = 5.0
+PLANT_MACHINES, PLANT_HOURS = 5, 2.0  # summaries on change: the demo's plant, offline
 THREADS = 24
 OLD_DAY = timedelta(days=40)
 SHA = "ab" * 32
@@ -198,6 +202,17 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:,.0f} ms"
 
 
+def rows_on_change() -> tuple[float, float]:
+    """Summaries per machine and hour that the simulator's plant sends through the agent's windows and the shipped
+    model: every window, and with summaries on change (`[central.on_change] enabled = true`)."""
+    model = load()
+    on_change = OnChange(OnChangeConfig(enabled=True), model.manifest.thresholds.modes)
+    machine_hours = PLANT_MACHINES * PLANT_HOURS
+    every, fewer = (summaries_sent(model, keep, PLANT_MACHINES, PLANT_HOURS) / machine_hours
+                    for keep in (None, on_change.keep))
+    return every, fewer
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="20 s at 2,000 summaries/s (50 gateways x 100)")
@@ -262,6 +277,7 @@ def main() -> None:
         size_after, rows_after = table_bytes(url, "summaries")
         hourly_row = rollup_row_bytes(url)
 
+    every, on_change = rows_on_change()
     ok = [s for s in samples if s[3] == 200]
     failed = len(samples) - len(ok)
     accepted = sum(s[4] for s in ok)
@@ -292,6 +308,9 @@ def main() -> None:
          ms(max(before, default=0.0)), ""),
         ("disk per summary (partitions' heap + indexes)", f"{bytes_per_row:,.0f} bytes", ""),
         ("disk per machine-hour of the roll-up (live row + its key, estimated)", f"{hourly_row:,.0f} bytes", ""),
+        ((f"summaries stored per machine and hour, simulator's plant ({PLANT_MACHINES} machines, {PLANT_HOURS:g} h): "
+          "every window / summaries on change"), f"{every:.1f} / {on_change:.1f} ({1 - on_change / every:.0%} fewer)",
+         ""),
     ])
     mode = "quick" if args.quick else f"{args.seconds:g} s"
     write_section("central_scale", "python -m bench.bench_central_scale" + (" --quick" if args.quick else ""),

@@ -8,6 +8,7 @@ import pytest
 from sync.onchange import OnChange, OnChangeConfig
 from sync.protocol import Summary
 from testkit import batches
+from testkit.plant import summaries_sent
 
 THRESHOLDS = {"TWF": 0.3, "HDF": 0.3, "PWF": 0.3, "OSF": 0.3}
 
@@ -61,31 +62,9 @@ def test_off_by_default_every_window_is_sent():
 def test_rows_saved_on_the_simulator_plant(shipped_model):
     """The demo's plant (5 machines, one drifting), 2 hours of one reading a second through the agent's windows and
     the shipped model: the windows sent with and without summaries on change."""
-    from agent.machines import Machines
-    from agent.store import StoredReading
-    from drivers.simulator import Plant
-    from model.score import Score, Scorer
-    from sync.remote import AlarmsConfig, SummaryConfig
-
-    def run(keep) -> int:
-        plant, scorer = Plant(machines=5, seed=7, drift=("m2", "TWF")), Scorer(shipped_model)
-        machines = Machines("gw", SummaryConfig(), AlarmsConfig(), shipped_model, {}, started_at=0.0, keep=keep)
-        t0, summaries = 1_790_000_000.0, 0
-        for second in range(2 * 3600):
-            values = plant.step(1.0)
-            ids = list(values)
-            readings = [{**values[i], "machine_type": plant.machine_type(i)} for i in ids]
-            stored = [StoredReading(i, t0 + second, values[i], plant.machine_type(i), s.p_failure, s.risk, s.health,
-                                    str(s.state), s.ood, "1", t0 + second)
-                      for i, s in zip(ids, scorer.score(readings), strict=True)
-                      if isinstance(s, Score)]
-            outbox, _ = machines.update(stored, [], t0 + second)
-            summaries += sum(1 for record in outbox if record.kind == "summary")
-        return summaries
-
-    every = run(None)
+    every = summaries_sent(shipped_model, None)
     on_change = OnChange(OnChangeConfig(enabled=True), shipped_model.manifest.thresholds.modes)
-    fewer = run(on_change.keep)
+    fewer = summaries_sent(shipped_model, on_change.keep)
     print(f"\nsimulator plant, 5 machines x 2 h: {every} windows sent without, {fewer} with summaries on change "
           f"({100 * (1 - fewer / every):.0f} % fewer rows)")
     assert every >= 5 * 115  # about one a minute per machine
