@@ -328,9 +328,9 @@ def _drift(args: argparse.Namespace) -> Drift | None:
 
 
 def _simulate_modbus(args: argparse.Namespace) -> int:
-    from agent.demo import simulate_modbus
+    from agent.demo import simulate_server
 
-    return simulate_modbus(args.machines, args.port, args.host, _drift(args), args.seed, args.interval)
+    return simulate_server("modbus", args.machines, args.port, args.host, _drift(args), args.seed, args.interval)
 
 
 def _simulate_mqtt(args: argparse.Namespace) -> int:
@@ -340,12 +340,12 @@ def _simulate_mqtt(args: argparse.Namespace) -> int:
 
 
 def _simulate_opcua(args: argparse.Namespace) -> int:
-    from agent.demo import simulate_opcua
+    from agent.demo import simulate_server
     from agent.opcua_cli import missing_extra
 
     if missing_extra("simulate opcua"):
         return 2
-    return simulate_opcua(args.machines, args.port, args.host, _drift(args), args.seed, args.interval)
+    return simulate_server("opcua", args.machines, args.port, args.host, _drift(args), args.seed, args.interval)
 
 
 def _demo(args: argparse.Namespace) -> int:

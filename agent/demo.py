@@ -62,22 +62,33 @@ def _stop_event() -> threading.Event:
     return stop
 
 
-def simulate_modbus(machines: int, port: int, host: str, drift: Drift | None, seed: int | None,
+def _start_server(protocol: str, plant: Plant, port: int, host: str,
+                  interval_s: float) -> ModbusSimulator | OpcuaSimulator:
+    if protocol == "modbus":  # each imported only when asked for: OPC UA needs the `opcua` extra
+        from drivers.simulator_modbus import ModbusSimulator
+
+        return ModbusSimulator(plant, port, host, interval_s).start()
+    from drivers.simulator_opcua import OpcuaSimulator
+
+    return OpcuaSimulator(plant, port, host, interval_s).start()
+
+
+def simulate_server(protocol: str, machines: int, port: int, host: str, drift: Drift | None, seed: int | None,
                     interval_s: float) -> int:
-    from drivers.simulator_modbus import ModbusSimulator, describe
+    """`pdm-edge simulate modbus|opcua`: the plant served as a Modbus TCP or OPC UA server until Ctrl-C."""
 
     try:
         plant = Plant(machines, seed, drift)
     except ValueError as exc:
-        print(f"pdm-edge simulate modbus: {exc}", file=sys.stderr)
+        print(f"pdm-edge simulate {protocol}: {exc}", file=sys.stderr)
         return 2
     try:
-        simulator = ModbusSimulator(plant, port, host, interval_s).start()
+        simulator = _start_server(protocol, plant, port, host, interval_s)
     except OSError as exc:
-        print(f"pdm-edge simulate modbus: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"pdm-edge simulate {protocol}: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     stop = _stop_event()
-    print(describe(simulator) + "\nCtrl-C to stop", flush=True)
+    print(simulator.describe() + "\nCtrl-C to stop", flush=True)
     stop.wait()
     simulator.stop()
     return 0
@@ -107,25 +118,6 @@ def simulate_mqtt(machines: int, url: str, drift: Drift | None, seed: int | None
     return 0
 
 
-def simulate_opcua(machines: int, port: int, host: str, drift: Drift | None, seed: int | None,
-                   interval_s: float) -> int:
-    from drivers.simulator_opcua import OpcuaSimulator, describe
-
-    try:
-        plant = Plant(machines, seed, drift)
-    except ValueError as exc:
-        print(f"pdm-edge simulate opcua: {exc}", file=sys.stderr)
-        return 2
-    try:
-        simulator = OpcuaSimulator(plant, port, host, interval_s).start()
-    except OSError as exc:
-        print(f"pdm-edge simulate opcua: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    stop = _stop_event()
-    print(describe(simulator) + "\nCtrl-C to stop", flush=True)
-    stop.wait()
-    simulator.stop()
-    return 0
 
 
 def demo_config(plant: Plant, modbus_port: int, data_dir: Path, status_port: int, central: str | None,

@@ -139,6 +139,12 @@ class Plant:
             raise ValueError(f"cannot drift {drift.machine_id}: the plant has machines m1..m{machines}")
         self.drift = drift
 
+    def drift_note(self, machine_id: str) -> str:
+        """", drifting towards TWF over 30 min" for the machine that drifts, "" for the others."""
+        drift = self.drift
+        return "" if drift is None or drift.machine_id != machine_id else \
+            f", drifting towards {drift.mode} over {drift.minutes:g} min"
+
     def machine_type(self, machine_id: str) -> MachineType:
         return self.machines[machine_id].machine_type
 

@@ -159,6 +159,14 @@ class ModbusSimulator:
         bits = [SimData(0, values=False, datatype=DataType.BITS)]
         return SimDevice(unit, simdata=(bits, list(bits), blocks("holding"), blocks("input")), action=action)
 
+    def describe(self) -> str:
+        """Lines for the terminal: where each machine is served."""
+        lines = [(f"Modbus TCP plant simulator on {self.host}:{self.port}, stepping every {self.interval_s:g} s "
+                  "(register layout: drivers/simulator_modbus.py, agent config: examples/simulator-modbus.toml)")]
+        lines += [f"  unit {unit}: {machine_id} (type {self.plant.machine_type(machine_id)})"
+                  f"{self.plant.drift_note(machine_id)}" for machine_id, unit in self.units.items()]
+        return "\n".join(lines)
+
     def stop(self) -> None:
         loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
         if loop is None:
@@ -198,17 +206,3 @@ class _socket_probe:
 
     def __exit__(self, *exc_info: object) -> None:
         self._sock.close()
-
-
-def describe(simulator: ModbusSimulator) -> str:
-    """Lines for the terminal: where each machine is served."""
-    lines = [(f"Modbus TCP plant simulator on {simulator.host}:{simulator.port}, stepping every "
-              f"{simulator.interval_s:g} s (register layout: drivers/simulator_modbus.py, agent config: "
-              "examples/simulator-modbus.toml)")]
-    drift = simulator.plant.drift
-    for machine_id, unit in simulator.units.items():
-        note = f", drifting towards {drift.mode} over {drift.minutes:g} min" if drift and \
-            drift.machine_id == machine_id else ""
-        lines.append(f"  unit {unit}: {machine_id} (type {simulator.plant.machine_type(machine_id)}){note}")
-    return "\n".join(lines)
-

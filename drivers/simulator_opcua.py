@@ -170,6 +170,14 @@ class OpcuaSimulator:
                 self.latest = readings
                 self.steps += 1
 
+    def describe(self) -> str:
+        """Lines for the terminal: where each machine is served."""
+        lines = [(f"OPC UA plant simulator on {self.url} (security None), stepping every {self.interval_s:g} s "
+                  "(address space: drivers/simulator_opcua.py, agent config: examples/simulator-opcua.toml)")]
+        lines += [f"  {machine_id} (type {self.plant.machine_type(machine_id)}): ns=2;s={machine_id}.<input>"
+                  f"{self.plant.drift_note(machine_id)}" for machine_id in self.plant.machines]
+        return "\n".join(lines)
+
     def stop(self) -> None:
         loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
         if loop is None:
@@ -189,15 +197,3 @@ class OpcuaSimulator:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-
-
-def describe(simulator: OpcuaSimulator) -> str:
-    lines = [(f"OPC UA plant simulator on {simulator.url} (security None), stepping every {simulator.interval_s:g} "
-              "s (address space: drivers/simulator_opcua.py, agent config: examples/simulator-opcua.toml)")]
-    drift = simulator.plant.drift
-    for machine_id in simulator.plant.machines:
-        note = f", drifting towards {drift.mode} over {drift.minutes:g} min" if drift and \
-            drift.machine_id == machine_id else ""
-        lines.append(f"  {machine_id} (type {simulator.plant.machine_type(machine_id)}): "
-                     f"ns=2;s={machine_id}.<input>{note}")
-    return "\n".join(lines)
