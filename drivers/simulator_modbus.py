@@ -21,21 +21,16 @@ Writes are accepted and ignored: the plant decides its values. Unit ids that are
 
 from __future__ import annotations
 
-import asyncio
-import threading
-import time
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING
 
 from drivers.base import MachineType
-from drivers.loop_thread import stop_server_loop
 from drivers.modbus import ModbusTcpDevice, Register
 from drivers.registers import encode, encode_raw
 from drivers.simulator import Plant, power_w
+from drivers.simulator_server import LOOPBACK, PlantServer
 
 if TYPE_CHECKING:
     from pymodbus.simulator import SimData, SimDevice
-
-LOOPBACK = "127.0.0.1"
 
 REGISTERS: dict[str, Register] = {
     "air_temperature": Register(address=0, table="input", type="int16", scale=0.01, offset=273.15),
@@ -72,23 +67,15 @@ def device_config(machine_id: str, machine_type: MachineType, unit_id: int, port
                            registers=dict(REGISTERS))
 
 
-class ModbusSimulator:
-    """Serves a Plant over Modbus TCP from a background thread with its own event loop.
+class ModbusSimulator(PlantServer):
+    """Serves a Plant over Modbus TCP (see PlantServer)."""
 
-    `start()` returns once the server listens (raises OSError when the port is taken); `stop()` is idempotent.
-    `latest` holds the last values served per machine ({machine_id: {input: value}}), read under `lock`.
-    """
+    thread_name = "modbus-simulator"
 
     def __init__(self, plant: Plant, port: int, host: str = LOOPBACK, interval_s: float = 1.0) -> None:
-        self.plant, self.host, self.port, self.interval_s = plant, host, port, interval_s
+        super().__init__(plant, port, host, interval_s)
         self.units = {machine_id: index + 1 for index, machine_id in enumerate(plant.machines)}
-        self.lock = threading.Lock()
-        self.latest: dict[str, dict[str, float]] = {}
         self._words: dict[int, dict[str, dict[int, int]]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._server: Any = None
-        self._stepper: asyncio.Task[None] | None = None
         self._advance(0.0)
 
     def _advance(self, dt: float) -> None:
@@ -98,36 +85,18 @@ class ModbusSimulator:
         with self.lock:
             self.latest, self._words = readings, words
 
-    def start(self) -> Self:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        self._thread = threading.Thread(target=loop.run_forever, name="modbus-simulator", daemon=True)
-        self._thread.start()
-        try:
-            asyncio.run_coroutine_threadsafe(self._start(), loop).result(10)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    async def _start(self) -> None:
+    async def _serve(self) -> None:
         from pymodbus.server import ModbusTcpServer
 
-        # bind first: pymodbus reports a taken port only in its log, and we want an OSError here
-        with _socket_probe(self.host, self.port):
-            pass
         self._server = ModbusTcpServer([self._device(unit) for unit in self.units.values()],
                                        address=(self.host, self.port))
         await self._server.serve_forever(background=True)
-        self._stepper = asyncio.create_task(self._step_forever())
 
-    async def _step_forever(self) -> None:
-        last = time.monotonic()
-        while True:
-            await asyncio.sleep(self.interval_s - (time.monotonic() - last) % self.interval_s)
-            now = time.monotonic()
-            self._advance(now - last)
-            last = now
+    async def _step(self, dt: float) -> None:
+        self._advance(dt)
+
+    async def _close(self) -> None:
+        await self._server.shutdown()
 
     def _device(self, unit: int) -> SimDevice:
         from pymodbus.simulator import DataType, SimData, SimDevice
@@ -166,43 +135,3 @@ class ModbusSimulator:
         lines += [f"  unit {unit}: {machine_id} (type {self.plant.machine_type(machine_id)})"
                   f"{self.plant.drift_note(machine_id)}" for machine_id, unit in self.units.items()]
         return "\n".join(lines)
-
-    def stop(self) -> None:
-        loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
-        if loop is None:
-            return
-
-        async def first() -> None:
-            if self._stepper is not None:
-                self._stepper.cancel()
-            if self._server is not None:
-                await self._server.shutdown()
-
-        stop_server_loop(loop, thread, first)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-
-class _socket_probe:
-    """Bind the address once (then release it): raises OSError (EADDRINUSE) when another process has the port."""
-
-    def __init__(self, host: str, port: int) -> None:
-        import socket
-
-        self._sock = socket.socket()
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self._sock.bind((host, port))
-        except OSError:
-            self._sock.close()
-            raise
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._sock.close()

@@ -18,19 +18,15 @@ the agent's `[[opcua]]` table for it (examples/simulator-opcua.toml spells it ou
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import threading
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, Self
+from typing import Any
 
-from drivers.loop_thread import stop_server_loop
 from drivers.opcua_config import OpcuaMachine, OpcuaServer
 from drivers.simulator import INPUTS, Plant
+from drivers.simulator_server import LOOPBACK, PlantServer
 
-LOOPBACK = "127.0.0.1"
 NAMESPACE = "urn:pdm-edge:simulator"
 UNECE = "http://www.opcfoundation.org/UA/units/un/cefact"
 UNITS = {"air_temperature": ("KEL", "K", "kelvin"), "process_temperature": ("KEL", "K", "kelvin"),
@@ -107,22 +103,17 @@ async def write(server: Any, node: Any, value: float, source_ts: datetime | None
         SourceTimestamp=stamp, ServerTimestamp=stamp))  # type: ignore[arg-type]  # ua.DateTime is a datetime
 
 
-class OpcuaSimulator:
-    """Serves a Plant over OPC UA from a background thread with its own event loop.
+class OpcuaSimulator(PlantServer):
+    """Serves a Plant over OPC UA (see PlantServer); `steps` counts the plant's steps served."""
 
-    `start()` returns once the server listens (raises OSError when the port is taken); `stop()` is idempotent.
-    `latest` holds the last values served per machine, read under `lock`."""
+    thread_name = "opcua-simulator"
+    start_timeout_s = 30.0
 
     def __init__(self, plant: Plant, port: int, host: str = LOOPBACK, interval_s: float = 1.0) -> None:
-        self.plant, self.host, self.port, self.interval_s = plant, host, port, interval_s
-        self.lock = threading.Lock()
-        self.latest: dict[str, dict[str, float]] = plant.step(0.0)
+        super().__init__(plant, port, host, interval_s)
+        self.latest = plant.step(0.0)
         self.steps = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._server: Any = None
         self._nodes: dict[tuple[str, str], Any] = {}
-        self._stepper: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
@@ -131,44 +122,26 @@ class OpcuaSimulator:
     def machines(self) -> dict[str, str]:
         return {machine_id: self.plant.machine_type(machine_id) for machine_id in self.plant.machines}
 
-    def start(self) -> Self:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        self._thread = threading.Thread(target=loop.run_forever, name="opcua-simulator", daemon=True)
-        self._thread.start()
-        try:
-            asyncio.run_coroutine_threadsafe(self._start(), loop).result(30)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    async def _start(self) -> None:
-
+    async def _serve(self) -> None:
         from drivers.opcua import quiet_library
-        from drivers.simulator_modbus import _socket_probe
 
         quiet_library()
-        with _socket_probe(self.host, self.port):  # an OSError here when the port is taken
-            pass
         self._server, self._nodes = await build_server(self.host, self.port, self.machines(), self.latest)
         await self._server.start()
-        self._stepper = asyncio.create_task(self._step_forever())
 
-    async def _step_forever(self) -> None:
-        last = time.monotonic()
-        while True:
-            await asyncio.sleep(self.interval_s - (time.monotonic() - last) % self.interval_s)
-            now = time.monotonic()
-            readings = self.plant.step(now - last)
-            last = now
-            stamp = datetime.now(UTC)
-            for machine_id, values in readings.items():
-                for name, value in values.items():
-                    await write(self._server, self._nodes[(machine_id, name)], value, stamp)
-            with self.lock:
-                self.latest = readings
-                self.steps += 1
+    async def _step(self, dt: float) -> None:
+        readings = self.plant.step(dt)
+        stamp = datetime.now(UTC)
+        for machine_id, values in readings.items():
+            for name, value in values.items():
+                await write(self._server, self._nodes[(machine_id, name)], value, stamp)
+        with self.lock:
+            self.latest = readings
+            self.steps += 1
+
+    async def _close(self) -> None:
+        with contextlib.suppress(Exception):  # stopping anyway
+            await self._server.stop()
 
     def describe(self) -> str:
         """Lines for the terminal: where each machine is served."""
@@ -177,23 +150,3 @@ class OpcuaSimulator:
         lines += [f"  {machine_id} (type {self.plant.machine_type(machine_id)}): ns=2;s={machine_id}.<input>"
                   f"{self.plant.drift_note(machine_id)}" for machine_id in self.plant.machines]
         return "\n".join(lines)
-
-    def stop(self) -> None:
-        loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
-        if loop is None:
-            return
-
-        async def first() -> None:
-            if self._stepper is not None:
-                self._stepper.cancel()
-            if self._server is not None:
-                with contextlib.suppress(Exception):  # stopping anyway
-                    await self._server.stop()
-
-        stop_server_loop(loop, thread, first)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()

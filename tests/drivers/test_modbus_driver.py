@@ -194,9 +194,11 @@ def test_readings_are_taken_on_the_interval_grid(servers, driver_for):
     _, sink = driver_for([tcp("m", port, {"x": Register(address=0)}, interval_s=0.05)])
     until(lambda: len(sink.of("m")) >= 20, what="20 readings")
     ts = [r.ts for r in sink.of("m")]
-    ticks = [round(t / 0.05) for t in ts]
+    # A request is sent at its tick or, on a busy machine, a little after it: within the interval it belongs to.
+    ticks = [math.floor(t / 0.05) for t in ts]
     assert all(b - a >= 1 for a, b in pairwise(ticks)), "two readings in one interval"
-    assert max(abs(t - k * 0.05) for t, k in zip(ts, ticks)) < 0.025
+    # On the grid, not `interval_s` after the previous poll: a drifting schedule would spread these over the interval.
+    assert statistics.median(t - k * 0.05 for t, k in zip(ts, ticks, strict=True)) < 0.0125
 
 
 # --- RTU ----------------------------------------------------------------------------------------------------------
