@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import Histogram
 from prometheus_client.core import Metric
@@ -27,7 +28,7 @@ from agent.machines import Machines
 from agent.roster import MACHINE_LABELS_MAX, Roster
 from agent.store import MachineRecord, OutboxRecord, QuarantinedReading, Store, StoredReading, StoreError, WriteResult
 from agent.summaries import ShadowScore
-from drivers.base import Availability, RawReading
+from drivers.base import Availability, BatchAck, RawReading
 from model.score import Scorer
 from model.validate import Reason, Rejection
 from sync.protocol import ModelRef
@@ -256,9 +257,7 @@ class Pipeline:
         new, outbox, machines = self._summarise(scorer, batch, stored, shadow)
         self._write(stored, quarantined, outbox, machines)
         self.latest.committed(new, self._machines.saved_alarms if self._machines is not None else None)
-        for reading in batch:
-            if reading.ack is not None:
-                reading.ack()
+        _acknowledge(batch)
         self.batches += 1
         self.batch_size.observe(len(batch))
         self._count_by_machine(outcomes)
@@ -378,6 +377,19 @@ class Pipeline:
 
 class _Abandoned(Exception):
     """The agent is stopping and the database still fails: leave the batch unacknowledged."""
+
+
+def _acknowledge(batch: list[RawReading]) -> None:
+    """Each reading's ack, in order; the BatchAcks of one sender in one call at the end."""
+    tokens: dict[Callable[[list[Any]], object], list[Any]] = {}
+    for reading in batch:
+        ack = reading.ack
+        if isinstance(ack, BatchAck):
+            tokens.setdefault(ack.send, []).append(ack.token)
+        elif ack is not None:
+            ack()
+    for send, sent in tokens.items():
+        send(sent)
 
 
 def _quarantined(reading: RawReading, rejection: Rejection) -> QuarantinedReading:

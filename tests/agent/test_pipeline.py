@@ -10,7 +10,7 @@ import pytest
 from agent.config import PipelineConfig
 from agent.pipeline import Pipeline
 from agent.store import Store, StoreError
-from drivers.base import RawReading
+from drivers.base import BatchAck, RawReading
 from model.validate import Reason, Rejection
 
 VALUES = {"machine_type": "M", "air_temperature": 300.0, "process_temperature": 310.0, "rotational_speed": 1500,
@@ -50,6 +50,23 @@ def test_each_reading_is_acknowledged_only_after_its_commit(scorer, store):
     assert pipeline.stop(timeout=30)
     assert seen_at_ack == {i: True for i in range(300)}
     assert len(stored_ts(store.path)) == 300
+
+
+def test_batch_acks_of_a_sender_go_out_together_once_each_after_their_commit(scorer, store):
+    """An MQTT driver's acks (BatchAck): one call per committed batch and sender, every message id once, in order."""
+    sent = []
+
+    def send(tokens):
+        sent.append((list(tokens), all(1_764_000_000.0 + i in stored_ts(store.path) for i in tokens)))
+
+    other = []
+    pipeline = pipeline_for(scorer, store, batch_max=100)
+    for i in range(300):  # queued before the pipeline starts: three full batches
+        pipeline.put(raw(i, ack=BatchAck(send, i) if i % 3 else lambda i=i: other.append(i)))
+    pipeline.start()
+    assert pipeline.stop(timeout=30)
+    assert sent == [([i for i in range(b, b + 100) if i % 3], True) for b in (0, 100, 200)]
+    assert other == list(range(0, 300, 3))
 
 
 def test_rejections_from_drivers_and_validation_are_quarantined_and_acknowledged(scorer, store):
