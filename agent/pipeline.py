@@ -10,6 +10,7 @@ queue fills and the drivers slow down; nothing accepted is dropped.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -393,5 +394,6 @@ def _acknowledge(batch: list[RawReading]) -> None:
 
 
 def _quarantined(reading: RawReading, rejection: Rejection) -> QuarantinedReading:
+    payload = reading.payload or (json.dumps(reading.fields, default=repr) if reading.fields else "")
     return QuarantinedReading(reading.received_at, reading.source, reading.machine_id, rejection.reason.value,
-                              rejection.message, reading.payload)
+                              rejection.message, payload)

@@ -49,7 +49,7 @@ class RawReading:
     fields: dict[str, Any]  # model inputs and machine type as received; validated by the pipeline
     source: str  # e.g. "mqtt:pdm/press-1/telemetry", "modbus:press-1"
     received_at: float
-    payload: str = ""  # the raw payload, kept for the quarantine if the reading is rejected
+    payload: str = ""  # the raw payload, kept for the quarantine if the reading is rejected ("": its fields as JSON)
     rejection: Rejection | None = None  # set when the driver could not make a reading of the payload
     ack: Callable[[], object] | None = None  # to call once committed (an MQTT QoS 1 PUBACK); its result is ignored
 

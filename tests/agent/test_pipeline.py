@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 
@@ -85,6 +86,16 @@ def test_rejections_from_drivers_and_validation_are_quarantined_and_acknowledged
     counters = store.counters()
     assert counters.readings_accepted == 1
     assert counters.rejected["not_a_number"] == counters.rejected["malformed"] == 1
+
+
+def test_a_rejected_reading_without_a_payload_is_quarantined_with_its_fields_as_json(scorer, store):
+    """Modbus readings carry no payload: the quarantine shows the values the device sent instead."""
+    pipeline = pipeline_for(scorer, store)
+    pipeline.start()
+    pipeline.put(RawReading("press-1", 1_764_000_000.0, {**VALUES, "torque": "40"}, "modbus:press-1", 1_764_000_000.0))
+    assert pipeline.stop(timeout=30)
+    [quarantined] = store.quarantine(10)
+    assert quarantined.reason == "not_a_number" and json.loads(quarantined.payload) == {**VALUES, "torque": "40"}
 
 
 def test_a_reading_without_a_machine_id_is_quarantined_not_stored_and_the_pipeline_goes_on(scorer, store):
