@@ -555,7 +555,7 @@ def _reading_row(reading: StoredReading) -> tuple[Any, ...]:
         json.dumps(reading.risk),
         reading.health,
         reading.state,
-        json.dumps(reading.ood),
+        json.dumps(reading.ood) if reading.ood else "[]",  # mostly none: a third of the row's JSON cost
         reading.model_version,
         reading.received_at,
     )
