@@ -155,27 +155,37 @@ class Link:
     async def read_timed(self, table: str, address: int, count: int, unit_id: int,
                          timeout: float) -> tuple[list[int], float]:
         """read(), and the loop time at which the request was sent (after waiting for the line and connecting)."""
-        loop = asyncio.get_running_loop()
         async with self._lock:
-            delay = self._quiet_until - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            try:
+            if not self.pause_s:
                 response, sent = await self._request(table, address, count, unit_id, timeout)
-            finally:
-                self._quiet_until = loop.time() + self.pause_s
+            else:
+                response, sent = await self._request_after_pause(table, address, count, unit_id, timeout)
         if response.isError():
             raise DeviceException(int(getattr(response, "exception_code", 0)))
-        registers = list(response.registers)
+        registers = response.registers
         if len(registers) < count:
             raise ConnectionLost(f"the device sent {len(registers)} registers instead of {count}")
         return registers[:count], sent
+
+    async def _request_after_pause(self, table: str, address: int, count: int, unit_id: int,
+                                   timeout: float) -> tuple[Any, float]:
+        """_request once the line has been silent for pause_s since the last response (a serial line)."""
+        loop = asyncio.get_running_loop()
+        delay = self._quiet_until - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        try:
+            return await self._request(table, address, count, unit_id, timeout)
+        finally:
+            self._quiet_until = loop.time() + self.pause_s
 
     async def _request(self, table: str, address: int, count: int, unit_id: int,
                        timeout: float) -> tuple[Any, float]:
         """The request, awaited in the caller's task (no task of its own): a timeout or the connection's loss
         cancels the await."""
-        client = await self._connected(timeout)
+        client = self._client
+        if client is None or not client.connected:
+            client = await self._connected(timeout)
         method = client.read_holding_registers if table == "holding" else client.read_input_registers
         task = asyncio.current_task()
         if task is None:
