@@ -222,9 +222,9 @@ class Pipeline:
             remaining = deadline - self._monotonic()
             if remaining <= 0:
                 break
-            try:
-                batch.append(self._queue.get(timeout=min(remaining, LINGER_S)))
-            except queue.Empty:
+            # Slept, then drained: waiting in get() would wake this thread for every reading put meanwhile.
+            time.sleep(min(remaining, LINGER_S))
+            if self._queue.empty():
                 break
         return batch
 
