@@ -10,6 +10,7 @@ queue fills and the drivers slow down; nothing accepted is dropped.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -17,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import Histogram
 from prometheus_client.core import Metric
@@ -27,7 +29,7 @@ from agent.machines import Machines
 from agent.roster import MACHINE_LABELS_MAX, Roster
 from agent.store import MachineRecord, OutboxRecord, QuarantinedReading, Store, StoredReading, StoreError, WriteResult
 from agent.summaries import ShadowScore
-from drivers.base import Availability, RawReading
+from drivers.base import Availability, BatchAck, RawReading
 from model.score import Scorer
 from model.validate import Reason, Rejection
 from sync.protocol import ModelRef
@@ -220,9 +222,9 @@ class Pipeline:
             remaining = deadline - self._monotonic()
             if remaining <= 0:
                 break
-            try:
-                batch.append(self._queue.get(timeout=min(remaining, LINGER_S)))
-            except queue.Empty:
+            # Slept, then drained: waiting in get() would wake this thread for every reading put meanwhile.
+            time.sleep(min(remaining, LINGER_S))
+            if self._queue.empty():
                 break
         return batch
 
@@ -256,9 +258,7 @@ class Pipeline:
         new, outbox, machines = self._summarise(scorer, batch, stored, shadow)
         self._write(stored, quarantined, outbox, machines)
         self.latest.committed(new, self._machines.saved_alarms if self._machines is not None else None)
-        for reading in batch:
-            if reading.ack is not None:
-                reading.ack()
+        _acknowledge(batch)
         self.batches += 1
         self.batch_size.observe(len(batch))
         self._count_by_machine(outcomes)
@@ -380,6 +380,20 @@ class _Abandoned(Exception):
     """The agent is stopping and the database still fails: leave the batch unacknowledged."""
 
 
+def _acknowledge(batch: list[RawReading]) -> None:
+    """Each reading's ack, in order; the BatchAcks of one sender in one call at the end."""
+    tokens: dict[Callable[[list[Any]], object], list[Any]] = {}
+    for reading in batch:
+        ack = reading.ack
+        if isinstance(ack, BatchAck):
+            tokens.setdefault(ack.send, []).append(ack.token)
+        elif ack is not None:
+            ack()
+    for send, sent in tokens.items():
+        send(sent)
+
+
 def _quarantined(reading: RawReading, rejection: Rejection) -> QuarantinedReading:
+    payload = reading.payload or (json.dumps(reading.fields, default=repr) if reading.fields else "")
     return QuarantinedReading(reading.received_at, reading.source, reading.machine_id, rejection.reason.value,
-                              rejection.message, reading.payload)
+                              rejection.message, payload)

@@ -316,7 +316,7 @@ def driver_rate(server: ServerProcess, k: int, seconds: float, interval_s: float
 
 
 LADDER = ("bare read_holding_registers", "+ Link.read_timed (lock, a task per request, wait for answer / lost / timeout)",
-          "+ decode_response + fields + RawReading + json.dumps", "+ await run_in_executor(sink thread, sink.put)",
+          "+ decode_response + fields + RawReading", "+ await run_in_executor(sink thread, sink.put)",
           "+ sleep to the next 1 ms tick (the driver's grid)")
 
 
@@ -352,8 +352,7 @@ def ladder(server: ServerProcess, k: int, seconds: float, repeats: int) -> list[
                     words, _ = await links[i].read_timed("holding", 0, 6, 1, 1.0)
                 if level >= 2:
                     fields = {**decode_response(request, words, REGISTERS), TYPE_KEY: "M"}
-                    reading = RawReading(f"dev{i:03d}", time.time(), fields, "modbus:x", time.time(),
-                                         json.dumps(fields))
+                    reading = RawReading(f"dev{i:03d}", time.time(), fields, "modbus:x", time.time())
                 if level >= 3:
                     await loop.run_in_executor(executor, sink.put, reading)
                 if level >= 4:
@@ -528,7 +527,7 @@ def main() -> None:
         f"`pdm-edge run` freezes its own (gc.freeze()); jitter is the reading's `ts` (when its request "
         f"was sent, stamped by the driver) minus its 1 s tick; CPU is getrusage of the whole process (all threads) "
         f"over the window; RSS is VmRSS every 100 ms. Rate: over {rate_s:g} s after 1 s of warm-up; the driver "
-        f"decodes, builds a RawReading (with its JSON payload) and offers it to a sink that only counts, on its "
+        f"decodes, builds a RawReading and offers it to a sink that only counts, on its "
         f"event loop, as it offers the pipeline (its sink thread takes only what a full sink refuses); the bare loop awaits read_holding_registers and checks the register count. Both use one "
         f"connection per device and one request in flight per connection. Load average (1 min) at start / end: "
         f"{load[0]:.2f} / {load[-1]:.2f} on {os.cpu_count()} cores: rates are wall-clock figures and move with "

@@ -3,10 +3,11 @@
 Who calls what: the agent starts each driver with a sink (the pipeline); the driver's own thread or event loop
 calls `sink.put()` for every reading it receives, which blocks while the pipeline is full (back-pressure reaches
 the device or the broker, memory stays bounded). The pipeline calls `reading.ack()` once the reading, or its
-rejection, is committed. `stop()` may be called at any time, twice, or without `start()`; once it returns the
-driver puts nothing more. `close()` (after `stop()`, or instead of it) disconnects; it too is safe twice and without
-`start()`. `stats()` may be called from any thread at any time, before `start()` and after `close()` included, and
-never raises: it is what the status API and the metrics show of the driver.
+rejection, is committed (a `BatchAck` together with the others of its sender, in one call). `stop()` may be called
+at any time, twice, or without `start()`; once it returns the driver puts nothing more. `close()` (after `stop()`,
+or instead of it) disconnects; it too is safe twice and without `start()`. `stats()` may be called from any thread
+at any time, before `start()` and after `close()` included, and never raises: it is what the status API and the
+metrics show of the driver.
 """
 
 from __future__ import annotations
@@ -48,9 +49,24 @@ class RawReading:
     fields: dict[str, Any]  # model inputs and machine type as received; validated by the pipeline
     source: str  # e.g. "mqtt:pdm/press-1/telemetry", "modbus:press-1"
     received_at: float
-    payload: str = ""  # the raw payload, kept for the quarantine if the reading is rejected
+    payload: str = ""  # the raw payload, kept for the quarantine if the reading is rejected ("": its fields as JSON)
     rejection: Rejection | None = None  # set when the driver could not make a reading of the payload
     ack: Callable[[], object] | None = None  # to call once committed (an MQTT QoS 1 PUBACK); its result is ignored
+
+
+class BatchAck:
+    """A reading's ack that can go out with those of other readings from the same sender: the pipeline calls
+    `send(tokens)` once per sender and committed batch (an MQTT driver sends all its PUBACKs in one write) instead
+    of each ack alone. Called alone, it acknowledges its own reading."""
+
+    __slots__ = ("send", "token")
+
+    def __init__(self, send: Callable[[list[Any]], object], token: Any) -> None:
+        self.send = send  # the same object for every ack it can send together
+        self.token = token  # what `send` needs to acknowledge this reading (an MQTT message id)
+
+    def __call__(self) -> object:
+        return self.send([self.token])
 
 
 class Sink(Protocol):

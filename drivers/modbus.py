@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import json
 import logging
 import math
 import random
@@ -424,8 +423,8 @@ class ModbusDriver:
                 raise _NoReading(f"{request.describe()}: cannot decode the answer: {exc}") from None
         values[self._type_key] = config.machine_type
         received = self._clock()
-        return RawReading(config.machine_id, received if ts is None else ts, values, poller.source, received,
-                          json.dumps(values))
+        # No payload: the pipeline writes the fields as JSON for the quarantine, the only place that needs it.
+        return RawReading(config.machine_id, received if ts is None else ts, values, poller.source, received)
 
     async def _read(self, poller: _Poller, index: int, request: ReadRequest) -> tuple[list[int], float]:
         """One planned request, retried `retries` times on a timeout, a lost connection, a busy device or a gateway

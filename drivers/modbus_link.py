@@ -108,7 +108,10 @@ class Link:
         self._make_client = make_client  # (trace_connect callback) -> an unconnected pymodbus async client
         self._client: ModbusBaseClient | None = None
         self._waiting: asyncio.Task[Any] | None = None  # the task awaiting a request's answer, cancelled if the
-        self._cut = False  # connection is lost meanwhile (then _cut is set)
+        self._cut = False  # connection is lost meanwhile (then _cut is set) or at its deadline (then _expired is)
+        self._expired = False
+        self._deadline = 0.0  # loop time by which the request in progress must be answered
+        self._timer: asyncio.TimerHandle | None = None  # due at a deadline, or before it: see _watch
         self._lock = asyncio.Lock()
         self._quiet_until = 0.0
 
@@ -152,57 +155,92 @@ class Link:
     async def read_timed(self, table: str, address: int, count: int, unit_id: int,
                          timeout: float) -> tuple[list[int], float]:
         """read(), and the loop time at which the request was sent (after waiting for the line and connecting)."""
-        loop = asyncio.get_running_loop()
         async with self._lock:
-            delay = self._quiet_until - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            try:
+            if not self.pause_s:
                 response, sent = await self._request(table, address, count, unit_id, timeout)
-            finally:
-                self._quiet_until = loop.time() + self.pause_s
+            else:
+                response, sent = await self._request_after_pause(table, address, count, unit_id, timeout)
         if response.isError():
             raise DeviceException(int(getattr(response, "exception_code", 0)))
-        registers = list(response.registers)
+        registers = response.registers
         if len(registers) < count:
             raise ConnectionLost(f"the device sent {len(registers)} registers instead of {count}")
         return registers[:count], sent
+
+    async def _request_after_pause(self, table: str, address: int, count: int, unit_id: int,
+                                   timeout: float) -> tuple[Any, float]:
+        """_request once the line has been silent for pause_s since the last response (a serial line)."""
+        loop = asyncio.get_running_loop()
+        delay = self._quiet_until - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        try:
+            return await self._request(table, address, count, unit_id, timeout)
+        finally:
+            self._quiet_until = loop.time() + self.pause_s
 
     async def _request(self, table: str, address: int, count: int, unit_id: int,
                        timeout: float) -> tuple[Any, float]:
         """The request, awaited in the caller's task (no task of its own): a timeout or the connection's loss
         cancels the await."""
-        client = await self._connected(timeout)
+        client = self._client
+        if client is None or not client.connected:
+            client = await self._connected(timeout)
         method = client.read_holding_registers if table == "holding" else client.read_input_registers
         task = asyncio.current_task()
         if task is None:
             raise RuntimeError("Link.read runs in a task")
-        sent = asyncio.get_running_loop().time()
-        self._waiting, self._cut, cancelling = task, False, task.cancelling()
+        sent = self._watch(task, timeout)
+        cancelling = task.cancelling()
         try:
-            async with asyncio.timeout(timeout):
-                response = await method(address, count=count, device_id=unit_id)
+            response = await method(address, count=count, device_id=unit_id)
             if task.cancelling() > cancelling:
                 # Python 3.11's wait_for (pymodbus awaits the answer with it) returns the answer and drops a
                 # cancellation that came in the same instant: raised here, as the caller asked.
                 raise asyncio.CancelledError
-        except TimeoutError:
-            if not self.serial:
-                # A late answer on this connection could be taken for the next request's; and a device that
-                # rebooted leaves a connection that never answers again. A fresh connection clears both.
-                self.close()
-            raise RequestTimeout(f"no answer within {timeout:g} s") from None
         except asyncio.CancelledError:
-            if not self._cut or task.uncancel() > 0:  # cancelled by the caller (the driver stops), not by the loss
+            if not (self._cut or self._expired) or task.uncancel() > 0:  # cancelled by the caller (a stop)
                 raise
-            self.close()
-            raise ConnectionLost("the connection was closed during the request") from None
+            if self._cut or not self.serial:
+                # After a timeout: a late answer on this connection could be taken for the next request's, and a
+                # device that rebooted leaves a connection that never answers again. A fresh connection clears both.
+                self.close()
+            if self._cut:
+                raise ConnectionLost("the connection was closed during the request") from None
+            raise RequestTimeout(f"no answer within {timeout:g} s") from None
         except Exception as exc:  # pymodbus: not connected, wrong transaction id, a frame it cannot parse
             self.close()
             raise ConnectionLost(f"bad response: {exc}") from exc
         finally:
             self._waiting = None
         return response, sent
+
+    def _watch(self, task: asyncio.Task[Any], timeout: float) -> float:
+        """Make `task` the one awaiting an answer, cancelled (`_expired`) if none comes within `timeout`; returns the
+        loop time, when the request is sent. One timer per link, moved on only when it fires before the deadline
+        of the request then in progress: requests answered within milliseconds do not each create and cancel a
+        timer (asyncio.timeout per request was a tenth of the driver's CPU per reading)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._waiting, self._cut, self._expired = task, False, False
+        self._deadline = now + timeout
+        if self._timer is not None and self._timer.when() > self._deadline:  # a longer timeout's: too late
+            self._timer.cancel()
+            self._timer = None
+        if self._timer is None:
+            self._timer = loop.call_at(self._deadline, self._check_deadline, self._deadline)
+        return now
+
+    def _check_deadline(self, due: float) -> None:
+        self._timer = None
+        waiting = self._waiting
+        if waiting is None or self._cut or self._expired:
+            return
+        if self._deadline > due:  # a later request's deadline
+            self._timer = asyncio.get_running_loop().call_at(self._deadline, self._check_deadline, self._deadline)
+            return
+        self._expired = True
+        waiting.cancel()
 
     async def _connected(self, timeout: float) -> ModbusBaseClient:
         if self._client is not None and self._client.connected:
@@ -211,7 +249,7 @@ class Link:
 
         def trace(connected: bool) -> None:
             waiting = self._waiting
-            if not connected and waiting is not None and not self._cut and self._client is client:
+            if not connected and waiting is not None and not (self._cut or self._expired) and self._client is client:
                 self._cut = True
                 waiting.cancel()
 

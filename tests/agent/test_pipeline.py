@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 
@@ -10,7 +11,7 @@ import pytest
 from agent.config import PipelineConfig
 from agent.pipeline import Pipeline
 from agent.store import Store, StoreError
-from drivers.base import RawReading
+from drivers.base import BatchAck, RawReading
 from model.validate import Reason, Rejection
 
 VALUES = {"machine_type": "M", "air_temperature": 300.0, "process_temperature": 310.0, "rotational_speed": 1500,
@@ -52,6 +53,23 @@ def test_each_reading_is_acknowledged_only_after_its_commit(scorer, store):
     assert len(stored_ts(store.path)) == 300
 
 
+def test_batch_acks_of_a_sender_go_out_together_once_each_after_their_commit(scorer, store):
+    """An MQTT driver's acks (BatchAck): one call per committed batch and sender, every message id once, in order."""
+    sent = []
+
+    def send(tokens):
+        sent.append((list(tokens), all(1_764_000_000.0 + i in stored_ts(store.path) for i in tokens)))
+
+    other = []
+    pipeline = pipeline_for(scorer, store, batch_max=100)
+    for i in range(300):  # queued before the pipeline starts: three full batches
+        pipeline.put(raw(i, ack=BatchAck(send, i) if i % 3 else lambda i=i: other.append(i)))
+    pipeline.start()
+    assert pipeline.stop(timeout=30)
+    assert sent == [([i for i in range(b, b + 100) if i % 3], True) for b in (0, 100, 200)]
+    assert other == list(range(0, 300, 3))
+
+
 def test_rejections_from_drivers_and_validation_are_quarantined_and_acknowledged(scorer, store):
     acked = []
     pipeline = pipeline_for(scorer, store)
@@ -68,6 +86,16 @@ def test_rejections_from_drivers_and_validation_are_quarantined_and_acknowledged
     counters = store.counters()
     assert counters.readings_accepted == 1
     assert counters.rejected["not_a_number"] == counters.rejected["malformed"] == 1
+
+
+def test_a_rejected_reading_without_a_payload_is_quarantined_with_its_fields_as_json(scorer, store):
+    """Modbus readings carry no payload: the quarantine shows the values the device sent instead."""
+    pipeline = pipeline_for(scorer, store)
+    pipeline.start()
+    pipeline.put(RawReading("press-1", 1_764_000_000.0, {**VALUES, "torque": "40"}, "modbus:press-1", 1_764_000_000.0))
+    assert pipeline.stop(timeout=30)
+    [quarantined] = store.quarantine(10)
+    assert quarantined.reason == "not_a_number" and json.loads(quarantined.payload) == {**VALUES, "torque": "40"}
 
 
 def test_a_reading_without_a_machine_id_is_quarantined_not_stored_and_the_pipeline_goes_on(scorer, store):

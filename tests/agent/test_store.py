@@ -96,6 +96,13 @@ def test_redelivered_reading_is_stored_once_and_counted(store: Store) -> None:
     assert store.counters() == BufferCounters(readings_accepted=3, readings_duplicate=2)
 
 
+def test_stored_tells_which_readings_a_redelivery_would_duplicate(store: Store) -> None:
+    """What the pipeline asks before counting a batch into summaries and alarms: more keys than one query takes."""
+    store.write([reading(machine_id=f"m{i % 3}", ts=float(i)) for i in range(1000)], [])
+    asked = [(f"m{i % 3}", float(i)) for i in range(900, 1100)] + [("m1", 0.0), ("m0", 0.0), ("m0", 0.0)]
+    assert store.stored(asked * 3) == {(f"m{i % 3}", float(i)) for i in range(900, 1000)} | {("m0", 0.0)}
+
+
 def test_failed_write_stores_nothing_of_its_batch(store: Store, db: Path) -> None:
     broken = reading(machine_id=None, ts=2.0)
 

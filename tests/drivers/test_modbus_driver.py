@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import json
 import logging
 import math
 import os
@@ -177,7 +176,7 @@ def test_a_mixed_map_over_tcp_reads_exactly_the_values_the_server_holds(servers,
                 assert fields[name] == pytest.approx(value, rel=1e-12), name
         assert set(fields) == set(MIXED)
         assert reading.source == "modbus:press-1" and reading.rejection is None
-        assert json.loads(reading.payload) == reading.fields
+        assert reading.payload == ""  # the pipeline writes the fields as JSON only for a quarantined reading
         assert reading.ts <= reading.received_at < reading.ts + 1
 
     # holding 0-19 in one request; input 100-115, 120-121 and 130-131 within largest_gap 10: one more.
