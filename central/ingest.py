@@ -201,19 +201,23 @@ WITH sent AS MATERIALIZED (
     SELECT count(*) AS n FROM new_summaries
 ), latest AS (
     SELECT DISTINCT ON (machine_id) gateway_id, machine_id, summary_id, window_start, window_end, worst_state,
-                                    health_last, p_failure_max, mode_risk_max, model_name, model_version
+                                    health_last, p_failure_max, mode_risk_max, model_name, model_version,
+                                    -- the failure mode of highest risk (ties: the first name), null when none
+                                    (SELECT key FROM jsonb_each(mode_risk_max) WHERE jsonb_typeof(value) = 'number'
+                                     ORDER BY value::double precision DESC, key LIMIT 1) AS dominant_mode
     FROM new_summaries ORDER BY machine_id, window_start DESC
 ), machines AS (
     INSERT INTO machines AS m (gateway_id, machine_id, summary_id, window_start, window_end, worst_state, health_last,
-                               p_failure_max, mode_risk_max, model_name, model_version)
+                               p_failure_max, mode_risk_max, model_name, model_version, dominant_mode)
     SELECT gateway_id, machine_id, summary_id, window_start, window_end, worst_state, health_last, p_failure_max,
-           mode_risk_max, model_name, model_version
+           mode_risk_max, model_name, model_version, dominant_mode
     FROM latest
     ON CONFLICT (gateway_id, machine_id) DO UPDATE SET
         summary_id = excluded.summary_id, window_start = excluded.window_start, window_end = excluded.window_end,
         worst_state = excluded.worst_state, health_last = excluded.health_last,
         p_failure_max = excluded.p_failure_max, mode_risk_max = excluded.mode_risk_max,
-        model_name = excluded.model_name, model_version = excluded.model_version, updated_at = now()
+        model_name = excluded.model_name, model_version = excluded.model_version,
+        dominant_mode = excluded.dominant_mode, updated_at = now()
     WHERE m.window_start <= excluded.window_start
 ), shadows AS (
     -- Shadow figures of newly stored summaries only (a resend counts once): the rollout gates' input.
