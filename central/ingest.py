@@ -161,8 +161,9 @@ _EVENTS = TypeAdapter(list[Event])
 
 # One statement, so one round trip and one transaction (a statement is atomic): the machine limit's check, the
 # gateway's status, the events, the summaries, the machines' latest state, the shadow figures, the conflicting
-# duplicates. Every part runs only when the gateway is still active and the batch names no machine beyond its limit
-# (`gw` has its row): a token revoked while the batch was being read, or a refused batch, stores nothing. The
+# duplicates. Every part runs only when the gateway is still active under the token the batch came with and the batch
+# names no machine beyond its limit (`gw` has its row): a token revoked (or replaced) while the batch was being read,
+# or a refused batch, stores nothing. The
 # machines' latest state moves forward only: a late batch of old windows leaves it alone.
 STORE = f"""
 WITH sent AS MATERIALIZED (
@@ -174,7 +175,8 @@ WITH sent AS MATERIALIZED (
 ), limited AS ({limits.REFUSED}), gw AS (
     UPDATE gateways SET last_seen_at = now(), last_addr = %(addr)s, agent_version = %(agent_version)s,
                         last_batch_id = %(batch_id)s, last_status = %(status)s::jsonb
-    WHERE id = %(gateway_id)s AND revoked_at IS NULL AND (SELECT cardinality(refused) = 0 FROM limited)
+    WHERE id = %(gateway_id)s AND token_hash = %(token_hash)s AND revoked_at IS NULL
+      AND (SELECT cardinality(refused) = 0 FROM limited)
     RETURNING id
 ), new_events AS (
     INSERT INTO events (gateway_id, event_id, machine_id, ts, from_state, to_state, p_failure, health, dominant_mode,
@@ -246,7 +248,7 @@ FROM limited
 
 
 class Revoked(Exception):
-    """The gateway's token was revoked while its batch was being processed."""
+    """The gateway's token was revoked (or replaced by a new one) while its batch was being processed."""
 
 
 async def store(conn: psycopg.AsyncConnection, gateway: Gateway, batch: IngestBatch,
@@ -259,7 +261,7 @@ async def store(conn: psycopg.AsyncConnection, gateway: Gateway, batch: IngestBa
     transaction (central/episodes.py). Conflicting duplicates are recorded and logged (central/conflicts.py)."""
     (active, events, summaries, event_ids, known, refused, conflicted,
      unmatched) = await one_row(conn, STORE, {
-        "gateway_id": gateway.id, "batch_id": batch.batch_id, "addr": address(client_host),
+        "gateway_id": gateway.id, "token_hash": gateway.token_hash, "batch_id": batch.batch_id, "addr": address(client_host),
         "agent_version": batch.agent_version, "status": batch.gateway.model_dump_json(exclude_none=True),
         "machine_ids": limits.machine_ids(batch), "max_machines": max_machines, "sent_count": len(batch.summaries),
         "events": _EVENTS.dump_json(batch.events).decode(),
