@@ -12,7 +12,7 @@ run faster than the clock when G x M / R is under 60 s). Only public interfaces:
 python:central.gunicorn_conf`, `pdm-central maintain`, and auth.add_gateway (what `pdm-central add-gateway` runs).
 
   - load: P sender processes, open loop: each batch has a scheduled time (start + i / batches per second) and is
-    sent by one of 24 threads per process; a batch is measured from its scheduled time to central's answer, so a
+    sent by one of 24 threads per process, its gzipped body built before the start; a batch is measured from its scheduled time to central's answer, so a
     server that falls behind shows in the latency (no coordinated omission), and from its actual send
   - fleet view: GET /api/v1/dashboard/fleet?limit=200 every 5 s with the ops token
   - retention: before the run, a day 40 days back is ingested (its own partition); at half time `pdm-central
@@ -37,6 +37,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
+from multiprocessing.sharedctypes import Synchronized
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
 import psycopg
@@ -85,10 +87,18 @@ def body(gateway: str, machines: int, minute: int, t0: datetime) -> bytes:
     return gzip.compress((envelope + ",".join(items) + "]}").encode(), 5)
 
 
-def sender(base: str, gateways: list[tuple[str, str]], machines: int, batches_per_s: float, start: float,
-           seconds: float, t0_iso: str, out: str) -> None:
-    """One sender process: its gateways in turn at `batches_per_s`, open loop; samples written to `out`."""
+def sender(base: str, gateways: list[tuple[str, str]], machines: int, batches_per_s: float, seconds: float,
+           t0_iso: str, out: str, built: Barrier, start_at: Synchronized) -> None:
+    """One sender process: its gateways in turn at `batches_per_s`, open loop; samples written to `out`. Its bodies
+    are built first (as bench_central's are): during the run the load generator only posts, and its JSON and gzip
+    (a real gateway's work, on the gateway) take none of the cores central shares with it. Then it meets the others
+    at `built` twice: once all are built, and once the main process has set `start_at`."""
     t0 = datetime.fromisoformat(t0_iso)
+    total = int(batches_per_s * seconds)
+    payloads = [body(gateways[i % len(gateways)][0], machines, i // len(gateways), t0) for i in range(total)]
+    built.wait()
+    built.wait()
+    start = start_at.value
     local = threading.local()
     samples: list[tuple[float, float, float, int, int]] = []
     lock = threading.Lock()
@@ -98,8 +108,7 @@ def sender(base: str, gateways: list[tuple[str, str]], machines: int, batches_pe
             local.session = requests.Session()
         return local.session
 
-    def send(scheduled: float, name: str, token: str, minute: int) -> None:
-        payload = body(name, machines, minute, t0)
+    def send(scheduled: float, token: str, payload: bytes) -> None:
         sent = time.time()
         try:
             response = session().post(base + "/api/v1/ingest", data=payload, timeout=30, headers={
@@ -111,15 +120,13 @@ def sender(base: str, gateways: list[tuple[str, str]], machines: int, batches_pe
         with lock:
             samples.append((scheduled, sent, time.time(), status, accepted))
 
-    total = int(batches_per_s * seconds)
     with ThreadPoolExecutor(THREADS) as pool:
         for i in range(total):
             scheduled = start + i / batches_per_s
             delay = scheduled - time.time()
             if delay > 0:
                 time.sleep(delay)
-            name, token = gateways[i % len(gateways)]
-            pool.submit(send, scheduled, name, token, i // len(gateways))
+            pool.submit(send, scheduled, gateways[i % len(gateways)][1], payloads[i])
     Path(out).write_text(json.dumps(samples))
 
 
@@ -253,15 +260,18 @@ def main() -> None:
                 response.raise_for_status()
         size_before, rows_before = table_bytes(url, "summaries")
 
-        start = time.time() + 2.0
         files = [workdir / f"sender-{i}.json" for i in range(args.senders)]
         context = multiprocessing.get_context("spawn")
+        built, start_at = context.Barrier(args.senders + 1), context.Value("d", 0.0)
         senders = [context.Process(target=sender, args=(base, gateways[i::args.senders], args.machines,
-                                                        batches_per_s / args.senders, start, args.seconds,
-                                                        today.isoformat(), str(files[i])))
+                                                        batches_per_s / args.senders, args.seconds,
+                                                        today.isoformat(), str(files[i]), built, start_at))
                    for i in range(args.senders)]
         for proc in senders:
             proc.start()
+        built.wait(600)  # every sender's bodies are built
+        start = start_at.value = time.time() + 1.0
+        built.wait()
         fleet_latency: list[float] = []
         stop = threading.Event()
         poller = threading.Thread(target=poll_fleet, args=(base, stop, fleet_latency), daemon=True)

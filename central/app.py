@@ -341,7 +341,7 @@ def _routes(api: FastAPI, settings: Settings, notifications: Notifications) -> N
         token = bearer_token(request.headers.get("authorization"))
         if token is None:
             raise _unauthorized("missing gateway token (Authorization: Bearer <token>)")
-        await gateway_of(request, token)
+        await gateway_of(request, token, fresh=True)  # the cache is ingest's (its STORE checks the token again)
         async with connection(request) as conn:
             data = await fleet_bundles.bundle_bytes(conn, name, version)
         if data is None:

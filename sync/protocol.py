@@ -20,9 +20,11 @@ from pydantic import (
     GetJsonSchemaHandler,
     StringConstraints,
     model_validator,
+    with_config,
 )
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError
+from typing_extensions import TypedDict  # pydantic needs typing_extensions' TypedDict before Python 3.12
 
 from model.states import StateName as State
 
@@ -55,6 +57,8 @@ PRINTABLE_LINES = rf"^[^\u0000-\u0008\u000b-\u001f{_UNSAFE_FORMAT}]*$"
 def require_printable(text: str) -> str:
     """Free text is shown on terminals (`pdm-central list-gateways`) and pages: no control or format characters
     (ESC sequences rewrite lines and window titles, bidi overrides reorder what is shown), no line breaks."""
+    if text.isascii() and text.isprintable():  # the usual case, without the pattern: ASCII's unsafe are \0-\x1f, \x7f
+        return text
     if not _PRINTABLE.fullmatch(text):
         raise PydanticCustomError("printable_text", "must be printable text: no control characters, line breaks or "
                                   "invisible format characters")
@@ -69,7 +73,8 @@ class _DocumentedAs:
 
 
 Printable = Annotated[str, AfterValidator(require_printable), _DocumentedAs()]
-Text = Annotated[Printable, StringConstraints(max_length=200)]
+# The length first: checked by pydantic-core itself (after a Python validator it would be a Python check too).
+Text = Annotated[str, StringConstraints(max_length=200), AfterValidator(require_printable), _DocumentedAs()]
 
 
 def escape_controls(text: str) -> str:
@@ -96,7 +101,11 @@ class ModelRef(_Strict):
     package_digest: Sha256 | None = None
 
 
-class Spread(_Strict):
+@with_config(ConfigDict(extra="forbid", allow_inf_nan=False))
+class Spread(TypedDict):
+    """An input's range over a window. A dict, not a model: a summary has one per input, and validating them as
+    models was a third of central's validation of a batch."""
+
     min: float
     mean: float
     max: float

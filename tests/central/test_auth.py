@@ -48,7 +48,7 @@ def test_the_gateway_cache_expires_and_is_bounded(monkeypatch):
     now = [1000.0]
     monkeypatch.setattr("central.auth.time.monotonic", lambda: now[0])
     cache = auth.GatewayCache(ttl_s=60, max_entries=2)
-    gateway = auth.Gateway(1, "gw-1")
+    gateway = auth.Gateway(1, "gw-1", auth.token_hash("token-1"))
     cache.put("token-1", gateway)
     assert cache.get("token-1") == gateway and cache.get("token-2") is None
     now[0] += 61
@@ -76,3 +76,21 @@ def test_a_revoked_token_in_the_cache_is_refused_every_time(client, gateways, co
     assert malformed.status_code == 401
     assert conn.execute("SELECT count(*) FROM summaries s JOIN gateways g ON g.id = s.gateway_id "
                         "WHERE g.name = %s", [name]).fetchone()[0] == 3
+
+
+def test_a_cached_token_replaced_by_a_new_one_stores_nothing(client, gateways, conn):
+    """Revoked, then given a new token (`pdm-central add-gateway` again): the old token, still in the app's cache,
+    is refused with 401 and stores nothing; the new one is taken."""
+    from testkit import batches
+    from tests.central.support import bearer
+
+    name, old = gateways.add()
+    assert client.post("/api/v1/ingest", json=batches.batch(name), headers=bearer(old)).status_code == 200
+    gateways.revoke(name)
+    with psycopg.connect(gateways.url) as admin:
+        new = auth.add_gateway(admin, name)
+    late = batches.batch(name, summaries=[batches.summary(name, minute=10)], events=[])
+    assert client.post("/api/v1/ingest", json=late, headers=bearer(old)).status_code == 401
+    assert client.post("/api/v1/ingest", json=late, headers=bearer(new)).json()["accepted"]["summaries"] == 1
+    assert conn.execute("SELECT count(*) FROM summaries s JOIN gateways g ON g.id = s.gateway_id "
+                        "WHERE g.name = %s", [name]).fetchone()[0] == 4

@@ -11,7 +11,7 @@ import uuid
 import psycopg
 
 from central import conflicts as central_conflicts
-from central.auth import Gateway
+from central.auth import Gateway, token_hash
 from sync.protocol import Summary
 from testkit import batches
 from tests.central.support import OPS, bearer
@@ -96,7 +96,7 @@ def test_record_compares_the_duplicates_the_statement_could_not(client, gateway,
 
     async def record():
         async with await psycopg.AsyncConnection.connect(central_url, autocommit=True) as aconn:
-            await central_conflicts.record(aconn, Gateway(gateway_id, name), uuid.uuid4(), [sent, same])
+            await central_conflicts.record(aconn, Gateway(gateway_id, name, token_hash(token)), uuid.uuid4(), [sent, same])
 
     with caplog.at_level(logging.WARNING, logger="central"):
         asyncio.run(record())

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from central import db, ingest
-from central.auth import Gateway
+from central.auth import Gateway, token_hash
 from sync.protocol import IngestBatch, IngestResult
 from testkit import batches
 from testkit.batches import event, summary
@@ -167,14 +167,14 @@ def test_events_and_summaries_are_stored_in_one_transaction(make_client, gateway
 
 
 def test_a_token_revoked_while_the_batch_was_read_stores_nothing(central_url, gateways, conn):
-    name, _ = gateways.add()
+    name, token = gateways.add()
     gateway_id = conn.execute("SELECT id FROM gateways WHERE name = %s", [name]).fetchone()[0]
     gateways.revoke(name)
     batch = IngestBatch.model_validate_json(json.dumps(batches.batch(name)))
 
     async def store():
         async with await psycopg.AsyncConnection.connect(central_url, autocommit=True) as aconn:
-            await ingest.store(aconn, Gateway(gateway_id, name), batch, "10.1.2.3")
+            await ingest.store(aconn, Gateway(gateway_id, name, token_hash(token)), batch, "10.1.2.3")
 
     with pytest.raises(ingest.Revoked):
         asyncio.run(store())
