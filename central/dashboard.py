@@ -6,7 +6,8 @@ Routes (added to the API by `routes()`):
   POST /login            form field `token` = the ops token -> a session cookie, 303 to /; a wrong token: 401 form
   POST /logout           ends the session (deleted server-side), expires the cookie, 303 to /login
   GET  /api/v1/dashboard/fleet     machines in alarm, then warning, then ok (?gateway=&state=&mode=&limit=), counts,
-                                   gateways with last-seen age, backlog and drops
+                                   the first `gateways` (200) gateways by attention with last-seen age, backlog and
+                                   drops, and how many gateways there are, silent and never connected
   GET  /api/v1/dashboard/gateways/{gateway}/machines/{machine_id}   ?since=&until=&points=: health and per-mode
                                    risk in at most `points` buckets, the events of the range, the latest inputs
                                    against the model's normal (training) ranges
@@ -71,6 +72,7 @@ from web.throttle import FailedAuth
 
 JSON = "application/json"
 SILENT_AFTER = timedelta(minutes=10)  # a gateway syncs every few seconds; 10 minutes without a batch is silent
+GATEWAYS_LISTED = 200  # the fleet view lists the gateways needing attention first; the counts cover them all
 DEFAULT_SPAN = timedelta(hours=24)
 MAX_SPAN = timedelta(days=400)
 HOUR = 3600  # buckets this long or longer come from the hourly roll-up
@@ -237,11 +239,14 @@ FLEET_COUNTS = "SELECT m.worst_state, count(*) FROM machines m WHERE {where} GRO
 FLEET_STATE_COUNTS = ("SELECT c.worst_state, sum(c.machines)::bigint FROM machine_states c WHERE {where} "
                       "GROUP BY c.worst_state")
 
+# The gateways that need attention first (silent, never connected, most alarms, most warnings), at most
+# %(gateways)s of them, and how many there are of each kind: the page polls this every few seconds, and a fleet of
+# 10,000 gateways listed whole was 2.6 MB of JSON per poll.
 FLEET_GATEWAYS = """
-SELECT coalesce(json_agg(x ORDER BY x.silent DESC, x.never_connected DESC, x.alarm DESC, x.warning DESC, x.name), '[]')::text FROM (
+WITH x AS (
     SELECT g.name, g.revoked_at, g.last_seen_at, g.agent_version,
            extract(epoch FROM now() - g.last_seen_at)::double precision AS last_seen_age_s,
-           g.revoked_at IS NULL AND g.last_seen_at < now() - %(silent)s AS silent,
+           g.revoked_at IS NULL AND coalesce(g.last_seen_at < now() - %(silent)s, false) AS silent,
            g.revoked_at IS NULL AND g.last_seen_at IS NULL AS never_connected,
            g.last_status->'buffer_pending' AS buffer_pending, g.last_status->'dropped_total' AS dropped_total,
            coalesce(c.machines, 0) AS machines, coalesce(c.alarm, 0) AS alarm, coalesce(c.warning, 0) AS warning
@@ -251,7 +256,12 @@ SELECT coalesce(json_agg(x ORDER BY x.silent DESC, x.never_connected DESC, x.ala
                sum(machines) FILTER (WHERE worst_state = 'warning') AS warning
         FROM machine_states GROUP BY gateway_id
     ) c ON c.gateway_id = g.id
-) x
+)
+SELECT (SELECT coalesce(json_agg(y), '[]') FROM (
+            SELECT * FROM x ORDER BY silent DESC, never_connected DESC, alarm DESC, warning DESC, name
+            LIMIT %(gateways)s) y)::text,
+       count(*), count(*) FILTER (WHERE silent), count(*) FILTER (WHERE never_connected)
+FROM x
 """
 
 MACHINE = """
@@ -323,7 +333,7 @@ def _filters(gateway: str | None, state: str | None, mode: str | None, table: st
 
 
 def fleet_queries(gateway: str | None, state: str | None, mode: str | None,
-                  limit: int) -> dict[str, Statement]:
+                  limit: int, gateways: int = GATEWAYS_LISTED) -> dict[str, Statement]:
     """The fleet view's statements with their parameters (the bench EXPLAINs the same ones)."""
     where, params = _filters(gateway, state, mode)
     if mode is None:
@@ -333,19 +343,21 @@ def fleet_queries(gateway: str | None, state: str | None, mode: str | None,
         counts_where, counts_params = _filters(gateway, None, mode)
         counts = FLEET_COUNTS.format(where=counts_where), counts_params
     return {"page": (FLEET_PAGE.format(where=where), {**params, "limit": limit}), "counts": counts,
-            "gateways": (FLEET_GATEWAYS, {"silent": SILENT_AFTER})}
+            "gateways": (FLEET_GATEWAYS, {"silent": SILENT_AFTER, "gateways": gateways})}
 
 
 async def fleet(conn: psycopg.AsyncConnection, gateway: str | None, state: str | None, mode: str | None,
-                limit: int, reads: dict[str, Any] | None = None) -> str:
-    queries = fleet_queries(gateway, state, mode, limit)
+                limit: int, reads: dict[str, Any] | None = None, gateways: int = GATEWAYS_LISTED) -> str:
+    queries = fleet_queries(gateway, state, mode, limit, gateways)
     rows, shown = await one_row(conn, *queries["page"])
     by_state: dict[str, int] = dict(await (await conn.execute(*queries["counts"])).fetchall())
-    gateways = (await one_row(conn, *queries["gateways"]))[0]
+    listed, total, silent, never = await one_row(conn, *queries["gateways"])
     counts = {s.value: by_state.get(s, 0) for s in WORST_FIRST}
     modes = [mode_of(m) for m in manifest().outputs.modes]
+    gateway_counts = {"total": total, "silent": silent, "never_connected": never}
     return (f'{{"counts":{_json(counts)},"shown":{shown},'
-            f'"machines":{rows},"gateways":{gateways},"modes":{_json(modes)},'
+            f'"machines":{rows},"gateways":{listed},"gateway_counts":{_json(gateway_counts)},'
+            f'"modes":{_json(modes)},'
             f'"silent_after_s":{int(SILENT_AFTER.total_seconds())},"reads":{_json(reads)}}}')
 
 
@@ -500,10 +512,11 @@ def routes(api: FastAPI, settings: Settings, connection: Connection,
     @data.get("/fleet")
     async def fleet_view(request: Request, gateway: Name | None = None, state: StateName | None = None,
                          mode: Mode | None = None,
-                         limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> Response:
+                         limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+                         gateways: Annotated[int, Query(ge=1, le=100_000)] = GATEWAYS_LISTED) -> Response:
         async with read_connection(request) as (conn, source):
             reads = await request.app.state.reads.status(conn, source)
-            body = await fleet(conn, gateway, state, mode, limit, reads)
+            body = await fleet(conn, gateway, state, mode, limit, reads, gateways)
             rollout = await fleet_rollout.status(conn)  # the running model rollout, or the last (issue 17)
         shown = rollout.model_dump_json() if rollout is not None else "null"
         return Response(f'{{"rollout":{shown},{body[1:]}', media_type=JSON)

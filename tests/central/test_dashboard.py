@@ -6,14 +6,19 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
 import requests
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select
 
+from central import db
 from testkit import batches
 from testkit.central import OPS_TOKEN
+from testkit.postgres import create_database, drop_database
 from tests.browser import chromium, console_errors, screenshot, wait_for
+from tests.central.conftest import Gateways
 from tests.central.support import Server, bearer
 
 RISK = {"TWF": 0.01, "HDF": 0.002, "PWF": 0.0, "OSF": 0.001}
@@ -40,9 +45,22 @@ def ingest(server: Server, gateway: tuple[str, str], summaries: list[dict], even
 
 
 @pytest.fixture
-def served(central_url, gateways, conn, tmp_path):
+def own_database(postgres):
+    """A migrated database of this test's own: the page lists the gateways that need attention first, at most 200
+    of them, and the session's database holds every other test's silent and never-connected gateways."""
+    name = create_database(postgres)
+    url = postgres.url(name)
+    with psycopg.connect(url) as conn:
+        db.migrate(conn)
+    yield url
+    drop_database(postgres, name)
+
+
+@pytest.fixture
+def served(own_database, tmp_path):
     """`pdm-central serve` with two plants' gateways, one of them silent, and a mill drifting into an OSF alarm."""
-    server = Server.central(central_url, tmp_path / "log")
+    server = Server.central(own_database, tmp_path / "log")
+    gateways = Gateways(own_database)
     north, south = gateways.add("north"), gateways.add("south")
     now = datetime.now(UTC).replace(second=0, microsecond=0)
     history = []
@@ -59,7 +77,8 @@ def served(central_url, gateways, conn, tmp_path):
         buffer_pending=130, dropped_total=4)
     ingest(server, south, [window(south[0], "drill-11", now, "alarm", 18.0, "PWF", 0.97),
                            window(south[0], "saw-12", now, "ok", 93.0)], buffer_pending=0, dropped_total=0)
-    conn.execute("UPDATE gateways SET last_seen_at = now() - interval '3 hours' WHERE name = %s", [south[0]])
+    with psycopg.connect(own_database) as conn:
+        conn.execute("UPDATE gateways SET last_seen_at = now() - interval '3 hours' WHERE name = %s", [south[0]])
     server.never = gateways.add("unboxed")[0]  # type: ignore[attr-defined]  # added, never connected (issue 14 item 8)
     try:
         yield server, north[0], south[0]
@@ -132,7 +151,10 @@ def test_fleet_and_machine_views_in_chromium(served):
 
         # Filters: gateway, then state, then failure mode.
         stamp = loaded_stamp(driver)
-        Select(driver.find_element(By.ID, "f-gateway")).select_by_value(north)
+        typed = driver.find_element(By.ID, "f-gateway")  # a name typed, the listed gateways offered meanwhile
+        assert {o.get_attribute("value") for o in driver.find_elements(By.CSS_SELECTOR, "#gateway-names option")} == {
+            north, south, server.never}
+        typed.send_keys(north, Keys.TAB)
         reloaded(driver, stamp)
         assert {r.get_attribute("data-gateway") for r in rows(driver)} == {north}
         assert [r.get_attribute("data-machine") for r in rows(driver)] == ["mill-07", "lathe-02", "press-01"]

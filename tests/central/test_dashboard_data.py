@@ -28,6 +28,9 @@ def window(name: str, machine: str, minute: int, state: str, health: float, domi
                            health_last=health, mode_risk_max={**RISK, dominant: risk}, **overrides)
 
 
+EVERY = 100_000  # gateways listed: every test's, where a test looks for its own among them
+
+
 def fleet(client, **params) -> dict:
     response = client.get("/api/v1/dashboard/fleet", params=params, headers=OPS)
     assert response.status_code == 200, response.text
@@ -82,7 +85,7 @@ def test_gateways_show_backlog_drops_and_silence(client, plant, gateways, conn):
     send(client, quiet, [window(quiet[0], "m1", 0, "ok", 90.0)], buffer_pending=0, dropped_total=0)
     conn.execute("UPDATE gateways SET last_seen_at = now() - interval '2 hours' WHERE name = %s", [quiet[0]])
     never = gateways.add("never")
-    listed = {g["name"]: g for g in fleet(client)["gateways"]}
+    listed = {g["name"]: g for g in fleet(client, gateways=EVERY)["gateways"]}
     busy = listed[plant[0]]
     assert (busy["buffer_pending"], busy["dropped_total"], busy["machines"], busy["alarm"], busy["warning"]) == (
         42, 7, 4, 2, 1)
@@ -92,8 +95,30 @@ def test_gateways_show_backlog_drops_and_silence(client, plant, gateways, conn):
     assert not listed[never[0]]["silent"] and listed[never[0]]["never_connected"]
     assert listed[never[0]]["last_seen_at"] is None
     assert not listed[quiet[0]]["never_connected"] and not busy["never_connected"]
-    names = [g["name"] for g in fleet(client)["gateways"]]
+    names = [g["name"] for g in fleet(client, gateways=EVERY)["gateways"]]
     assert names.index(quiet[0]) < names.index(plant[0])  # silent ones first
+
+
+def test_the_gateways_listed_are_the_first_that_need_attention_and_the_counts_cover_them_all(client, gateways,
+                                                                                             conn):
+    quiet = gateways.add("quiet")
+    send(client, quiet, [window(quiet[0], "m1", 0, "ok", 90.0)])
+    conn.execute("UPDATE gateways SET last_seen_at = now() - interval '2 hours' WHERE name = %s", [quiet[0]])
+    never = gateways.add("never")
+    total, silent, unseen = conn.execute(
+        "SELECT count(*), count(*) FILTER (WHERE revoked_at IS NULL AND last_seen_at < now() - interval '10 min'),"
+        " count(*) FILTER (WHERE revoked_at IS NULL AND last_seen_at IS NULL) FROM gateways").fetchone()
+    first = fleet(client, gateways=1)
+    assert first["gateway_counts"] == {"total": total, "silent": silent, "never_connected": unseen}
+    everything = fleet(client, gateways=EVERY)["gateways"]
+    assert len(everything) == total and [g["name"] for g in first["gateways"]] == [everything[0]["name"]]
+    assert len(fleet(client)["gateways"]) == min(total, 200)
+    # Silent first, then never connected, then the rest (by alarms, warnings, name).
+    kinds = [0 if g["silent"] else 1 if g["never_connected"] else 2 for g in everything]
+    assert kinds == sorted(kinds)
+    names = [g["name"] for g in everything]
+    assert names.index(quiet[0]) < names.index(never[0])
+    assert client.get("/api/v1/dashboard/fleet", params={"gateways": 0}, headers=OPS).status_code == 422
 
 
 def test_state_counts_follow_each_machines_latest_window(client, gateways, conn):
@@ -111,7 +136,7 @@ def test_state_counts_follow_each_machines_latest_window(client, gateways, conn)
         "summary_id"])])  # a late, older window: the machine's state stays
     send(client, gateway, [window(name, "m2", 3, "ok", 95.0)])  # ok to ok
     assert counted() == {"alarm": 1, "warning": 0, "ok": 1}
-    listed = next(g for g in fleet(client)["gateways"] if g["name"] == name)
+    listed = next(g for g in fleet(client, gateway=name, gateways=EVERY)["gateways"] if g["name"] == name)
     assert (listed["machines"], listed["alarm"], listed["warning"]) == (2, 1, 0)
     # The kept counts equal a count of the machines themselves, over every test's gateways.
     kept = conn.execute("SELECT gateway_id, worst_state, machines FROM machine_states WHERE machines <> 0"
