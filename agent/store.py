@@ -49,7 +49,7 @@ from agent import counters
 from agent.actions import ACTION_TABLES
 from agent.counters import BufferCounters
 from drivers.base import SOURCE_MAX_CHARS, cut
-from sync.client import Record
+from sync.outbox import Record
 
 SYNCHRONOUS_LEVELS = ("NORMAL", "FULL")
 DEFAULT_QUARANTINE_CAP = 10_000
