@@ -164,6 +164,11 @@ _ADD_TO_COUNTER = (
 )
 
 
+LOOKUP_SIZES = (1, 8, 32, 128, 400)  # (machine_id, ts) pairs in one `stored()` statement
+_LOOKUPS = {size: "SELECT machine_id, ts FROM readings WHERE (machine_id, ts) IN (VALUES "
+                  + ",".join(["(?,?)"] * size) + ")" for size in LOOKUP_SIZES}
+
+
 class StoreError(Exception):
     """The buffer could not be opened, read or written; the message names the operation and the file."""
 
@@ -337,11 +342,14 @@ class Store:
         """Which of these (machine_id, ts) are already stored: what a redelivery would only duplicate."""
         found: set[tuple[str, float]] = set()
         with self._guard("looking up readings in") as connection:
-            for i in range(0, len(keys), 400):  # SQLite allows 32,766 variables; stay far below
-                chunk = keys[i:i + 400]
-                values = ",".join("(?,?)" for _ in chunk)
-                sql = f"SELECT machine_id, ts FROM readings WHERE (machine_id, ts) IN (VALUES {values})"
-                found.update(connection.execute(sql, [v for key in chunk for v in key]))
+            for i in range(0, len(keys), LOOKUP_SIZES[-1]):  # SQLite allows 32,766 variables; stay far below
+                chunk = keys[i:i + LOOKUP_SIZES[-1]]
+                size = next(size for size in LOOKUP_SIZES if size >= len(chunk))
+                # Padded with its last key to one of a few sizes: the connection's statement cache then holds a
+                # few of these statements, not one per batch size (each prepared one of hundreds of rows costs tens
+                # of kB: 9 MB for 128 sizes).
+                chunk = [*chunk, *[chunk[-1]] * (size - len(chunk))]
+                found.update(connection.execute(_LOOKUPS[size], [v for key in chunk for v in key]))
         return found
 
     def machines(self, path: str | None = None, machine_id: str | None = None) -> dict[str, Any]:

@@ -96,6 +96,14 @@ def test_redelivered_reading_is_stored_once_and_counted(store: Store) -> None:
     assert store.counters() == BufferCounters(readings_accepted=3, readings_duplicate=2)
 
 
+@pytest.mark.parametrize("asked", [1, 2, 9, 33, 129, 401, 850])
+def test_stored_tells_which_keys_are_stored_whatever_their_number(store: Store, asked: int) -> None:
+    store.write([reading("m1", ts=float(ts)) for ts in range(0, 900, 2)], [])  # even ts only
+
+    keys = [("m1", float(ts)) for ts in range(asked)] + [("m2", 0.0)]
+    assert store.stored(keys) == {("m1", float(ts)) for ts in range(0, asked, 2)}
+
+
 def test_failed_write_stores_nothing_of_its_batch(store: Store, db: Path) -> None:
     broken = reading(machine_id=None, ts=2.0)
 
