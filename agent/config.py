@@ -344,7 +344,7 @@ def _problem(error: ErrorDetails, found: _Found, config_file: Path) -> str:
         parent = key[:-1]  # in a list: say which item, and where the list was given
         return f"{dotted(key)}: required; add it to {dotted(parent)} ({_origin(found, parent, str(config_file))})"
     origin = _origin(found, key, "not set" if error["input"] is None else "default")
-    if error["type"] == "extra_forbidden":
+    if error["type"] in ("extra_forbidden", "unexpected_keyword_argument"):  # a model's, a dataclass's
         scope = f" for transport {transport!r}" if transport else ""
         message = f"unknown key{scope}; remove it or correct its spelling"
     elif error["type"] == "union_tag_invalid":

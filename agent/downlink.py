@@ -40,8 +40,8 @@ from pydantic import BaseModel
 from model.bundle import BundleError, read_bundle, verify_installed, write_package
 from model.manifest import PackageError
 from model.package import Model
-from sync.client import FetchError
 from sync.desired import Acknowledgement, Applied, BundleRef, DesiredState
+from sync.outbox import FetchError
 from sync.protocol import ModelRef, escape_controls
 from sync.remote import AT_NEXT_START, OverrideError, apply
 

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from pydantic import BaseModel
@@ -40,10 +41,13 @@ from model.bundle import trusted_keys
 from model.manifest import MANIFEST_FILE, PackageError
 from model.package import SHIPPED, Model, load
 from model.score import Scorer
-from sync.client import FetchError, SyncClient
 from sync.onchange import OnChange
+from sync.outbox import FetchError
 from sync.protocol import GatewayStatus
 from sync.remote import AlarmsConfig, SummaryConfig
+
+if TYPE_CHECKING:
+    from sync.client import SyncClient
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +120,8 @@ class Agent:
         for driver in running.drivers:
             driver.start(running.pipeline)
         if config.central.enabled and config.central.url is not None:
+            from sync.client import SyncClient  # requests: loaded only by an agent that syncs
+
             client = SyncClient(config.central, config.gateway_id, __version__, store, self.gateway_status,
                                 downlink=self.downlink,
                                 actions=ActionLog(store, config.gateway_id))

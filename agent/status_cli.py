@@ -14,9 +14,7 @@ import json
 import os
 import sys
 from collections.abc import Mapping
-from typing import Any, TextIO
-
-import requests
+from typing import TYPE_CHECKING, Any, TextIO
 
 from model.states import State
 from sync.protocol import escape_controls
@@ -28,6 +26,9 @@ TIMEOUT_S = 5.0
 STALE_S = 120  # as on the page: a machine silent this long is shown as stale
 COLORS = {State.ALARM: "\033[1;31m", State.WARNING: "\033[1;33m", State.OK: "\033[32m", "stale": "\033[2m"}
 RESET = "\033[0m"
+
+if TYPE_CHECKING:
+    import requests
 
 
 class Unreachable(Exception):
@@ -58,6 +59,8 @@ def token_from_env(environ: Mapping[str, str] | None = None) -> str | None:
 
 
 def main(url: str, token: str | None, as_json: bool, out: TextIO | None = None) -> int:
+    import requests  # this command's alone: `pdm-edge run` builds the same parser and never needs it
+
     out = out or sys.stdout
     base = url.rstrip("/")
     try:
@@ -93,6 +96,8 @@ def _escaped(value: Any) -> Any:
 
 
 def _get(session: requests.Session, base: str, path: str) -> Any:
+    import requests
+
     try:
         response = session.get(base + path, timeout=TIMEOUT_S)
     except requests.RequestException as exc:
@@ -114,6 +119,8 @@ def _get(session: requests.Session, base: str, path: str) -> Any:
 
 
 def _reason(exc: requests.RequestException) -> str:
+    import requests
+
     if isinstance(exc, requests.ConnectionError):
         return "connection refused or no route"
     if isinstance(exc, requests.Timeout):

@@ -13,11 +13,15 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from agent.store import StoreError
 from drivers.base import Availability
-from sync.client import Outcome, Round, SyncClient
 from sync.config import CentralConfig
+from sync.outbox import Outcome, Round
+
+if TYPE_CHECKING:
+    from sync.client import SyncClient
 
 log = logging.getLogger(__name__)
 

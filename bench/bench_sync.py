@@ -26,8 +26,9 @@ import psycopg
 from agent.store import OutboxRecord, Store
 from bench.bench_central import add_gateway, bench_database, run_raw, start_server
 from bench.report import median_spread, table, write_section
-from sync.client import Outcome, SyncClient
+from sync.client import SyncClient
 from sync.config import CentralConfig
+from sync.outbox import Outcome
 from sync.protocol import GatewayStatus, Summary
 from testkit import batches
 

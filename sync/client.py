@@ -39,14 +39,13 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
-from typing import Protocol
 
 import requests
 from pydantic import ValidationError
 
 from sync.config import CentralConfig
-from sync.desired import Acknowledgement, DesiredState
+from sync.desired import DesiredState
+from sync.outbox import ActionOutbox, ActionRecord, DesiredSink, FetchError, Outbox, Outcome, Record, Round
 from sync.protocol import GatewayStatus, IngestResult, escape_controls
 
 log = logging.getLogger(__name__)
@@ -57,68 +56,7 @@ ACTIONS_RETRY_S = 900.0  # after a central that does not take actions: it may ha
 MAX_ACTIONS = 500  # per batch
 
 
-class Record(Protocol):
-    """One outbox record (agent.store.OutboxRecord), read only."""
-
-    @property
-    def kind(self) -> str: ...  # "event" | "summary"
-
-    @property
-    def record_id(self) -> str: ...
-
-    @property
-    def body(self) -> str: ...  # JSON of sync.protocol.Event or Summary
-
-
-class ActionRecord(Protocol):
-    """One pending gateway action (agent.actions.ActionRecord), read only."""
-
-    @property
-    def record_id(self) -> str: ...
-
-    @property
-    def body(self) -> str: ...  # JSON of sync.protocol.Acknowledgement or Label
-
-
-class ActionOutbox(Protocol):
-    def pending_actions(self, limit: int) -> Sequence[ActionRecord]: ...  # oldest first
-    def mark_actions_synced(self, action_ids: Sequence[str]) -> None: ...
-    # Every desired state's list (a new one comes with a new ETag): the acknowledged open episodes, kept for the page.
-    def central_acknowledged(self, acknowledgements: Sequence[Acknowledgement]) -> None: ...
-
-
-class Outbox(Protocol):
-    def pending(self, limit: int) -> Sequence[Record]: ...  # events first, then summaries, oldest first
-    def mark_synced(self, record_ids: Sequence[str]) -> None: ...
-    def set_aside(self, records: Sequence[Record], reason: str) -> None: ...
-
-
-class DesiredSink(Protocol):
-    """Who takes central's desired state (agent.downlink.Downlink); offer() must return at once."""
-
-    def offer(self, desired: DesiredState) -> None: ...
-
-
-class FetchError(Exception):
-    """A bundle could not be fetched now: retried later by the caller."""
-
-
 MAX_BUNDLE_BYTES = 64 * 2**20
-
-
-class Outcome(StrEnum):
-    SYNCED = "synced"  # the outbox is empty
-    RETRY = "retry"  # transient failure: try again after `retry_after`
-    REFUSED = "refused"  # 401/403: the gateway is not allowed
-
-
-@dataclass(frozen=True, slots=True)
-class Round:
-    outcome: Outcome
-    sent: int  # records central accepted or already had
-    set_aside: int
-    retry_after: float  # seconds until the next round
-    error: str | None = None
 
 
 @dataclass(slots=True)

@@ -19,7 +19,7 @@ from agent.latest import MachineView
 from agent.roster import labelled
 from agent.snapshot import AgentSnapshot
 from model.states import SEVERITY
-from sync.client import Outcome
+from sync.outbox import Outcome
 
 log = logging.getLogger("agent.status")
 

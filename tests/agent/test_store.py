@@ -103,6 +103,14 @@ def test_stored_tells_which_readings_a_redelivery_would_duplicate(store: Store) 
     assert store.stored(asked * 3) == {(f"m{i % 3}", float(i)) for i in range(900, 1000)} | {("m0", 0.0)}
 
 
+@pytest.mark.parametrize("asked", [1, 2, 9, 33, 129, 401, 850])
+def test_stored_tells_which_keys_are_stored_whatever_their_number(store: Store, asked: int) -> None:
+    store.write([reading("m1", ts=float(ts)) for ts in range(0, 900, 2)], [])  # even ts only
+
+    keys = [("m1", float(ts)) for ts in range(asked)] + [("m2", 0.0)]
+    assert store.stored(keys) == {("m1", float(ts)) for ts in range(0, asked, 2)}
+
+
 def test_failed_write_stores_nothing_of_its_batch(store: Store, db: Path) -> None:
     broken = reading(machine_id=None, ts=2.0)
 

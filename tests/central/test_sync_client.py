@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from sync.client import Outcome, SyncClient
+from sync.client import SyncClient
 from sync.config import CentralConfig
+from sync.outbox import Outcome
 from sync.protocol import GatewayStatus
 from testkit import batches
 from testkit.net import free_port

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.config import AgentConfig, ConfigError, check_inputs, load_config
-from drivers.opcua_config import browse_path_parts, node_problem
+from drivers.opcua_config import NODE_FORMS, browse_path_parts, node_problem
 from drivers.opcua_values import MachineReadings, Unusable, convert
 from drivers.simulator import INPUTS
 
@@ -145,6 +145,25 @@ def test_a_bad_node_names_its_key_and_source(tmp_path, monkeypatch):
             '[opcua.machines.nodes]\ntorque = "Torque"\n')
     [problem] = problems(tmp_path, text, monkeypatch)
     assert problem.startswith(f"opcua[0].machines[0].nodes.torque ({tmp_path / 'agent.toml'}): neither a NodeId")
+
+
+def test_a_node_table_with_an_unknown_key_or_a_node_neither_string_nor_table_is_refused(tmp_path, monkeypatch):
+    text = ('[[opcua]]\nurl = "opc.tcp://plc:4840"\n[[opcua.machines]]\nmachine_id = "m1"\nmachine_type = "L"\n'
+            '[opcua.machines.nodes]\ntorque = { node = "i=1", scael = 0.1 }\ntool_wear = 7\n')
+    where = tmp_path / "agent.toml"
+    assert problems(tmp_path, text, monkeypatch) == [
+        f"opcua[0].machines[0].nodes.torque.scael ({where}): unknown key; remove it or correct its spelling",
+        f"opcua[0].machines[0].nodes.tool_wear ({where}): " + NODE_FORMS]
+
+
+def test_a_node_table_keeps_its_scale_offset_and_deadband():
+    config = AgentConfig(gateway_id="gw", opcua=[server(machines=[{
+        "machine_id": "m1", "machine_type": "L", "nodes": {"torque": {"node": "i=1", "scale": 0.1, "offset": 2,
+                                                                     "deadband": 0.5}, "tool_wear": "i=2"}}])])
+    nodes = config.opcua[0].machines[0].nodes
+    assert (nodes["torque"].node, nodes["torque"].scale, nodes["torque"].offset, nodes["torque"].deadband) == (
+        "i=1", 0.1, 2.0, 0.5)
+    assert (nodes["tool_wear"].scale, nodes["tool_wear"].offset, nodes["tool_wear"].deadband) == (1.0, 0.0, None)
 
 
 def test_basic256sha256_needs_certificates_and_username_needs_password_file(tmp_path, monkeypatch):

@@ -17,7 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.store import Store
-from sync.client import BACKOFF_MAX_S, REFUSED_RETRY_S, Outcome
+from sync.client import BACKOFF_MAX_S, REFUSED_RETRY_S
+from sync.outbox import Outcome
 from tests.fuzz.strategies import bad_utf8, fuzz_settings, json_values, nested, to_json
 from tests.sync.test_client import client, records
 

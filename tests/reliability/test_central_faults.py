@@ -21,8 +21,9 @@ import pytest
 from agent.machines import Machines
 from agent.store import Store
 from model.package import load
-from sync.client import BACKOFF_MAX_S, BACKOFF_MIN_S, Outcome, SyncClient
+from sync.client import BACKOFF_MAX_S, BACKOFF_MIN_S, SyncClient
 from sync.config import CentralConfig
+from sync.outbox import Outcome
 from sync.protocol import GatewayStatus
 from sync.remote import AlarmsConfig, SummaryConfig
 from testkit.net import LOCALHOST, free_port

@@ -25,7 +25,8 @@ from agent.service import Agent
 from agent.snapshot import Running
 from agent.store import Store
 from drivers.base import RawReading
-from sync.client import BACKOFF_MAX_S, BACKOFF_MIN_S, Outcome
+from sync.client import BACKOFF_MAX_S, BACKOFF_MIN_S
+from sync.outbox import Outcome
 from sync.protocol import Summary
 from sync.remote import AlarmsConfig, SummaryConfig
 from testkit.net import LOCALHOST, free_port

@@ -9,8 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from sync.client import Outcome, SyncClient
+from sync.client import SyncClient
 from sync.config import CentralConfig
+from sync.outbox import Outcome
 from sync.protocol import GatewayStatus, IngestBatch
 
 TOKEN = "t0ken-for-tests-0123456789"

@@ -8,7 +8,7 @@ import pytest
 
 from agent.actions import ActionLog, EpisodeRef
 from sync import client as sync_client
-from sync.client import Outcome
+from sync.outbox import Outcome
 from sync.protocol import IngestBatch
 from tests.sync.test_client import accept_all, client, records
 
