@@ -47,7 +47,7 @@ def test_machines_and_the_roll_up_carry_on_across_0008(fresh, monkeypatch, make_
         conn.execute(OLD)
         modes_before = conn.execute("SELECT machine_id, dominant_mode FROM machines ORDER BY 1").fetchall()
         assert modes_before == [("m1", "HDF"), ("m2", "OSF"), ("m3", None)]  # the generated column's values
-        assert [m.version for m in db.migrate(conn)] == [8]
+        assert min(m.version for m in db.migrate(conn)) == 8  # 0008, then the later ones
         assert conn.execute("SELECT machine_id, dominant_mode FROM machines ORDER BY 1").fetchall() == modes_before
 
     client = make_client(fresh)
