@@ -89,9 +89,11 @@ FROM (
 
 MACHINES = """
 INSERT INTO machines (gateway_id, machine_id, first_seen_at, summary_id, window_start, window_end, worst_state,
-                      health_last, p_failure_max, mode_risk_max, model_name, model_version)
+                      health_last, p_failure_max, mode_risk_max, model_name, model_version, dominant_mode)
 SELECT s.gateway_id, s.machine_id, now() - interval '30 days', s.summary_id, s.window_start, s.window_end,
-       s.worst_state, s.health_last, s.p_failure_max, s.mode_risk_max, s.model_name, s.model_version
+       s.worst_state, s.health_last, s.p_failure_max, s.mode_risk_max, s.model_name, s.model_version,
+       (SELECT key FROM jsonb_each(s.mode_risk_max) WHERE jsonb_typeof(value) = 'number'
+        ORDER BY value::double precision DESC, key LIMIT 1)  -- as ingest writes it (central/ingest.py)
 FROM summaries s
 WHERE s.window_start = %(now)s
 """
