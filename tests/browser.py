@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -32,9 +33,18 @@ def available() -> bool:
     return Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()
 
 
+def require_browser() -> None:
+    """Fail (not skip) with the fix when the browser is missing: the page tests check what technicians and ops see,
+    and scripts/test.sh installs both packages, so a missing one is a broken test machine, not an optional extra."""
+    if not available():
+        pytest.fail(f"the page tests need Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}): "
+                    "apt-get install chromium chromium-driver (scripts/test.sh does it)", pytrace=False)
+
+
 @contextmanager
 def chromium(width: int = 1280, height: int = 900) -> Iterator[WebDriver]:
     """A fresh headless Chromium with an empty profile, closed on exit."""
+    require_browser()
     profile = tempfile.mkdtemp(prefix="pdm-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM

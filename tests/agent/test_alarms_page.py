@@ -7,16 +7,13 @@ from __future__ import annotations
 import sqlite3
 import time
 
-import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 
 from drivers.base import RawReading
 from tests.agent.test_status import HEALTHY, READINGS_EACH, TOKEN, open_agent, token_agent
 from tests.agent.test_status_page import click
-from tests.browser import available, chromium, console_errors, retrying, screenshot, wait_for
-
-pytestmark = pytest.mark.skipif(not available(), reason="needs Debian's chromium and chromium-driver")
+from tests.browser import chromium, console_errors, retrying, screenshot, wait_for
 
 ROWS = """return [...document.querySelectorAll('#alarms tr.alarm-row')].map(r => ({
     machine: r.dataset.machine, state: r.querySelector('.badge').textContent,

@@ -6,14 +6,13 @@ desired state and shows on the gateway's page (headless Chromium, screenshot).""
 from __future__ import annotations
 
 import psycopg
-import pytest
 import requests
 from selenium.webdriver.common.by import By
 
 from testkit.mqtt import Publisher
 from testkit.net import free_port
 from tests.agent.test_run import AgentProcess, wait_for
-from tests.browser import available, chromium, screenshot
+from tests.browser import chromium, screenshot
 from tests.browser import wait_for as wait_in_page
 from tests.central.support import OPS, Server
 from tests.central.test_end_to_end import DRIFTING, telemetry
@@ -82,7 +81,6 @@ def test_actions_taken_at_the_gateway_while_central_is_down_reach_it_once(tmp_pa
         central.terminate()
 
 
-@pytest.mark.skipif(not available(), reason="needs Debian's chromium and chromium-driver")
 def test_an_acknowledgement_made_at_central_shows_on_the_gateway_s_page(tmp_path, private_broker, central_url,
                                                                         gateways):
     name, token = gateways.add("e2e-ack-down")
