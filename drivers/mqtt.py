@@ -50,6 +50,7 @@ from drivers.base import (
     Sink,
     cut,
 )
+from drivers.mqtt_client import BufferedClient
 from drivers.sparkplug_config import SparkplugConfig
 from model.validate import Reason, Rejection
 
@@ -368,7 +369,7 @@ class MqttDriver:
     def start(self, sink: Sink) -> None:
         config = self.config
         v5 = config.protocol == "5"
-        client = mqtt.Client(
+        client = BufferedClient(
             CallbackAPIVersion.VERSION2,
             client_id=config.client_id,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
