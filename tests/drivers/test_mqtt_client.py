@@ -6,6 +6,7 @@ import socket
 import struct
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from drivers.mqtt_client import BufferedClient
@@ -34,3 +35,9 @@ def test_packets_read_together_are_all_handled_in_one_loop_in_order_and_a_split_
     assert [mid for _, _, mid in got] == [1, 2, 3, 4, 5]
     ours.close()
     broker.close()
+
+
+def test_every_message_goes_to_on_message_per_topic_callbacks_are_refused():
+    client = BufferedClient(CallbackAPIVersion.VERSION2, client_id="t", manual_ack=True)
+    with pytest.raises(NotImplementedError):
+        client.message_callback_add("pdm/#", lambda c, u, m: None)
