@@ -68,7 +68,8 @@ class Roster:
         return None
 
     def _allowed(self, machine_id: str) -> bool:
-        return machine_id in self._listed or any(fnmatch.fnmatchcase(machine_id, p) for p in self._patterns)
+        return machine_id in self._listed or bool(self._patterns) and any(
+            fnmatch.fnmatchcase(machine_id, p) for p in self._patterns)
 
     def _forget(self, now: float) -> None:
         silent_since = now - self.config.forget_after_h * 3600

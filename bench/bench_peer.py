@@ -15,7 +15,8 @@ not raw readings).
 Phases, each on one long-running process per side (RSS sampled every 0.5 s throughout: the soak plot):
 - ladder: each offered rate for a few seconds, climbing until the side stops keeping up (it loses a reading or
   delivers the last one more than KEPT_UP_S after its publish), so its sustained rate is measured, not floored by
-  the ladder; per step: delivered, lost (not delivered drain_s after the last publish), latency publish →
+  the ladder; then, for both sides alike, `refine` more steps each halving the gap between the highest rate kept
+  up with and the lowest one not (7,500 and 10,000: 8,750, then 8,125 or 9,375); per step: delivered, lost (not delivered drain_s after the last publish), latency publish →
   delivered, CPU per reading (the process's user + system time over the step), and the rate the publisher achieved;
 - uplink outage: 1,000 readings/s while the uplink (the server broker, or central) is down for OUTAGE_S seconds;
 - kill -9: 1,000 readings/s, the process killed with SIGKILL and started again at once on the same data.
@@ -308,10 +309,12 @@ class Phases:
     kill_s: float  # publishing at OUTAGE_RATE for this long, killed a third of the way in
     drain_s: float  # a reading not delivered when the side has delivered nothing for this long is lost
     outage_drain_s: float  # the same after the outage: a gateway may wait out its reconnect back-off first
+    refine: int = 0  # after the climb, steps halving the gap between the last rate kept up with and the next
 
 
-FULL = Phases((500, 1000, 2000, 3000, 5000, 7500, 10_000, 12_500, 15_000, 20_000), 10, 60, 15, 20, 50)
+FULL = Phases((500, 1000, 2000, 3000, 5000, 7500, 10_000, 12_500, 15_000, 20_000), 10, 60, 15, 20, 50, refine=2)
 QUICK = Phases((1000, 4000), 2, 5, 5, 5, 15)
+REFINE_ROUND = 125  # readings/s: a refining step's rate is a multiple of this
 
 
 class Load:
@@ -420,6 +423,13 @@ def run_side(side: Side, load: Load, phases: Phases, down, up, settle=dict) -> d
         print(f"{side.name}: {steps[-1]}", file=sys.stderr)
         if not kept_up(steps[-1]):
             break
+    for _ in range(phases.refine):  # then halving the gap between the last rate kept up with and the first not
+        kept, missed = sustained(steps), min((s["offered"] for s in steps if not kept_up(s)), default=0)
+        rate = round((kept + missed) / 2 / REFINE_ROUND) * REFINE_ROUND
+        if not kept < rate < missed:
+            break
+        steps.append(ladder_step(side, load, rate, phases.step_s, phases.drain_s))
+        print(f"{side.name}: {steps[-1]}", file=sys.stderr)
     result = {"steps": steps, "outage": outage(side, load, phases.outage_s, phases.outage_drain_s, down, up)}
     print(f"{side.name}: outage {result['outage']}", file=sys.stderr)
     result["kill9"] = kill9(side, load, phases.kill_s, phases.drain_s)

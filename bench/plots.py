@@ -33,7 +33,7 @@ def draw() -> list[str]:
     rates = sorted({s["offered"] for key, _, _ in sides for s in results[key]["steps"]})
     axes.plot(rates, rates, linestyle=":", color="grey", label="offered")
     for key, label, color in sides:
-        steps = results[key]["steps"]
+        steps = sorted(results[key]["steps"], key=lambda s: s["offered"])  # refining steps come last
         axes.plot([s["offered"] for s in steps], [s["achieved"] for s in steps], marker="o", color=color,
                   label=label)
     axes.set(xlabel="offered load, readings/s (MQTT QoS 1)", ylabel="delivered, readings/s",
@@ -44,7 +44,7 @@ def draw() -> list[str]:
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for key, label, color in sides:
-        steps = [s for s in results[key]["steps"] if s["p50"] is not None]
+        steps = sorted((s for s in results[key]["steps"] if s["p50"] is not None), key=lambda s: s["offered"])
         for q, style in (("p50", "-"), ("p90", "--"), ("p99", ":")):
             axes.plot([s["offered"] for s in steps], [s[q] for s in steps], style, marker="o", color=color,
                       label=f"{label} {q}")

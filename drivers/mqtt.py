@@ -38,6 +38,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import from_json
 
 from drivers.base import (
     SOURCE_MAX_CHARS,
@@ -50,6 +51,7 @@ from drivers.base import (
     Sink,
     cut,
 )
+from drivers.mqtt_client import BufferedClient
 from drivers.sparkplug_config import SparkplugConfig
 from model.validate import Reason, Rejection
 
@@ -171,6 +173,7 @@ def is_topic_filter(topic: str) -> bool:
 # --- the driver ---------------------------------------------------------------------------------------------------
 
 PAYLOAD_KEPT_BYTES = 4096  # of a payload, for the quarantine
+TOPICS_CACHED, TOPIC_CACHED_CHARS = 4096, 128  # the decoder remembers what it read of up to 4,096 short topics
 # What a PUBLISH packet holds besides its payload, at most: fixed header (5), topic (2 + 65,535), packet id (2) and
 # room for properties. A payload within max_payload_bytes always fits; one a little over arrives and is quarantined.
 PACKET_OVERHEAD_BYTES = 5 + 2 + 65_535 + 2 + 16_384
@@ -237,7 +240,8 @@ class PayloadDecoder:
     def __init__(self, config: MqttConfig, type_key: str) -> None:
         self._config = config
         self._type_key = type_key
-        self._skip = {"ts", config.machine_id_from}
+        self._skip = ("ts", config.machine_id_from)
+        self._topics: dict[str, tuple[str | None, str]] = {}  # topic -> its machine id and the readings' source
 
     def topics(self) -> list[str]:
         return self._config.topics
@@ -254,8 +258,7 @@ class PayloadDecoder:
     def decode(self, topic: str, payload: bytes | bytearray, received_at: float) -> RawReading:
         config = self._config
         kept = payload[:PAYLOAD_KEPT_BYTES].decode("utf-8", "replace")
-        machine_id = self._topic_machine_id(topic)
-        source = cut(f"mqtt:{topic}", SOURCE_MAX_CHARS)  # a topic may be 65,535 bytes: junk must stay small
+        machine_id, source = self._topic(topic)
 
         def rejected(reason: Reason, message: str) -> RawReading:
             return RawReading(machine_id, received_at, {}, source, received_at, kept, Rejection(reason, message))
@@ -264,7 +267,7 @@ class PayloadDecoder:
             return rejected(Reason.PAYLOAD_TOO_LARGE,
                             f"{len(payload)} bytes, more than mqtt.max_payload_bytes = {config.max_payload_bytes}")
         try:
-            data = json.loads(payload)
+            data = _loads(payload)
         except ValueError as exc:  # UnicodeDecodeError is one
             return rejected(Reason.MALFORMED, f"not JSON: {exc}")
         except RecursionError:  # nesting deeper than the interpreter's stack: nobody's telemetry
@@ -283,8 +286,11 @@ class PayloadDecoder:
             ts = parse_ts(data.get("ts"), received_at)
         except ValueError as exc:
             return rejected(Reason.MALFORMED, str(exc))
-        given: dict[str, Any] = data  # a JSON object's keys are strings
-        fields = {config.payload_map.get(k, k): v for k, v in given.items() if k not in self._skip}
+        fields: dict[str, Any] = data  # a JSON object's keys are strings; the object is this reading's alone
+        for key in self._skip:
+            fields.pop(key, None)
+        if config.payload_map:
+            fields = {config.payload_map.get(k, k): v for k, v in fields.items()}
         machine_type = config.machines.get(machine_id) or fields.get(self._type_key) or config.default_machine_type
         if machine_type is None:
             return rejected(Reason.UNKNOWN_MACHINE, f"no machine type for {machine_id}: add it to mqtt.machines, "
@@ -298,6 +304,18 @@ class PayloadDecoder:
         return RawReading(None, received_at, {}, cut(f"mqtt:{topic}", SOURCE_MAX_CHARS), received_at, kept,
                           Rejection(Reason.MALFORMED, "could not be decoded: an error in the agent (logged)"))
 
+    def _topic(self, topic: str) -> tuple[str | None, str]:
+        """The topic's machine id (see _topic_machine_id) and the source of its readings, remembered for the
+        usual short topics of a bounded number of machines."""
+        known = self._topics.get(topic)
+        if known is None:
+            known = (self._topic_machine_id(topic), cut(f"mqtt:{topic}", SOURCE_MAX_CHARS))  # a topic may be 65 kB
+            if len(topic) <= TOPIC_CACHED_CHARS:
+                if len(self._topics) >= TOPICS_CACHED:
+                    self._topics.clear()
+                self._topics[topic] = known
+        return known
+
     def _topic_machine_id(self, topic: str) -> str | None:
         """The machine id in the topic; None when there is none or it is not a valid id."""
         if self._config.machine_id_from != "topic":
@@ -306,6 +324,15 @@ class PayloadDecoder:
         segment = self._config.machine_id_segment
         level = levels[segment] if segment < len(levels) else None
         return level if level is not None and _MACHINE_ID.fullmatch(level) else None
+
+
+def _loads(payload: bytes | bytearray) -> Any:
+    """pydantic-core's JSON parser, a fraction of json.loads's time on a telemetry payload; what it refuses is read
+    by json.loads, which has the last word (it reads UTF-16 and a BOM too) and words the error."""
+    try:
+        return from_json(payload, cache_strings="keys")
+    except ValueError:
+        return json.loads(payload)
 
 
 _PUBACK = struct.Struct("!BBH")  # a PUBACK without reason code or properties: MQTT 3.1.1 and 5 (success)
@@ -368,7 +395,7 @@ class MqttDriver:
     def start(self, sink: Sink) -> None:
         config = self.config
         v5 = config.protocol == "5"
-        client = mqtt.Client(
+        client = BufferedClient(
             CallbackAPIVersion.VERSION2,
             client_id=config.client_id,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,

@@ -78,3 +78,30 @@ def test_the_configured_machine_type_wins_over_the_payload_and_the_default():
 )
 def test_timestamps_iso_or_epoch_seconds_naive_is_utc(value, ts):
     assert parse_ts(value, RECEIVED) == ts
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [json.dumps(VALUES).encode("utf-16"),  # JSON in UTF-16, and UTF-8 with a BOM: json.loads reads both
+     b"\xef\xbb\xbf" + json.dumps(VALUES).encode(),
+     json.dumps({**VALUES, "note": "\ud800"}).encode(),  # a lone surrogate, escaped
+     b"[" * 300 + b"]" * 300],  # nested deeper than pydantic-core's parser goes
+)
+def test_json_the_fast_parser_refuses_is_read_as_json_loads_reads_it(raw):
+    reading = decoder(default_machine_type="M").decode(TOPIC, raw, RECEIVED)
+    expected = json.loads(raw)
+    if isinstance(expected, dict):
+        assert reading.rejection is None and reading.fields == {**expected, "machine_type": "M"}
+    else:
+        assert reading.rejection is not None and reading.rejection.reason is Reason.NOT_AN_OBJECT
+
+
+def test_a_topic_seen_again_gives_the_same_machine_and_source_and_long_topics_are_cut():
+    decode = decoder(default_machine_type="M").decode
+    for _ in range(2):
+        reading = decode(TOPIC, payload(), RECEIVED)
+        assert (reading.machine_id, reading.source) == ("press-1", f"mqtt:{TOPIC}")
+    long_topic = "pdm/press-2/" + "x" * 70_000
+    for _ in range(2):
+        reading = decode(long_topic, payload(), RECEIVED)
+        assert reading.machine_id == "press-2" and len(reading.source) == 256 and reading.source.endswith("[cut]")
