@@ -88,6 +88,8 @@ class BufferedClient(mqtt.Client):
         except struct.error:  # too short: paho says how it is malformed
             return super()._handle_publish()
         pos += 2 if qos else 0
+        if pos > len(packet):  # a topic longer than the packet: paho says how it is malformed
+            return super()._handle_publish()
         if self._protocol == MQTTv5:
             if pos >= len(packet) or packet[pos] != 0:  # properties (a topic alias...), or malformed
                 return super()._handle_publish()
