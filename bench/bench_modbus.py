@@ -42,7 +42,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bench.report import median_spread, write_section
-from drivers.modbus import ModbusDriver, ModbusTcpDevice, Register
+from drivers.modbus import ModbusDriver, ModbusTcpDevice, Register, grid_phases
 from drivers.registers import encode
 
 LOCALHOST = "127.0.0.1"
@@ -321,7 +321,7 @@ def driver_rate(server: ServerProcess, k: int, seconds: float, interval_s: float
 
 LADDER = ("bare read_holding_registers", "+ Link.read_timed (lock, a task per request, wait for answer / lost / timeout)",
           "+ decode_response + fields + RawReading", "+ await run_in_executor(sink thread, sink.put)",
-          "+ sleep to the next 1 ms tick (the driver's grid)")
+          "+ sleep to the next 1 ms tick of its own phase (the driver's grid)")
 
 
 def ladder(server: ServerProcess, k: int, seconds: float, repeats: int) -> list[tuple[str, str, str]]:
@@ -346,6 +346,7 @@ def ladder(server: ServerProcess, k: int, seconds: float, repeats: int) -> list[
         links = [Link.tcp(LOCALHOST, port, 1.0) for port in ports]
         loop = asyncio.get_running_loop()
         stop, count, counting = asyncio.Event(), 0, False
+        phases = grid_phases(devices(ports, 0.001))
 
         async def worker(i: int) -> None:
             nonlocal count
@@ -361,7 +362,7 @@ def ladder(server: ServerProcess, k: int, seconds: float, repeats: int) -> list[
                     await loop.run_in_executor(executor, sink.put, reading)
                 if level >= 4:
                     now = time.time()
-                    await asyncio.sleep((math.floor(now / 0.001) + 1) * 0.001 - now)
+                    await asyncio.sleep((math.floor((now - phases[i]) / 0.001) + 1) * 0.001 + phases[i] - now)
                 if counting:
                     count += 1
 
