@@ -11,7 +11,8 @@ per poll) with values derived from its index, and the first reading of every dev
 offer() (taken without waiting, on the driver's event loop) and put().
 
 Paced: every device at interval_s = 1 for the window; a reading's `ts` is when its request was sent (the driver
-stamps it), so its jitter is `ts` minus the 1 s tick it belongs to. Rate: K devices at a tiny interval_s (the driver
+stamps it), so its jitter is `ts` minus the tick of the device's own grid it belongs to (the driver spreads the 200
+devices over the second: device i polls at k + i / 200 s, its `phase_s` in the driver's status). Rate: K devices at a tiny interval_s (the driver
 skips the ticks that fall while a poll runs, so a device polls back to back) against K bare AsyncModbusTcpClients,
 each awaiting read_holding_registers in a loop, on the same K ports of the same server process, in the same run.
 The sink only counts (and, paced, keeps ts and received_at): the pipeline behind it is bench_ingest's subject.
@@ -41,7 +42,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bench.report import median_spread, write_section
-from drivers.modbus import ModbusDriver, ModbusTcpDevice, Register
+from drivers.modbus import ModbusDriver, ModbusTcpDevice, Register, grid_phases
 from drivers.registers import encode
 
 LOCALHOST = "127.0.0.1"
@@ -189,8 +190,8 @@ def sleep_until(wall: float) -> None:
 
 
 def paced(server: ServerProcess, seconds: int, stack: ExitStack) -> dict:
-    """200 devices at 1 Hz: the window is the ticks T0 .. T0 + seconds - 1; CPU is measured over the same span,
-    shifted half a tick earlier so that each tick's polls fall inside it."""
+    """200 devices at 1 Hz: the window is the ticks T0 .. T0 + seconds - 1; CPU is measured over a span as long,
+    half a tick earlier (each device's polls are on its own grid: the span holds one poll of each per second)."""
     gc.collect()
     rss_before = rss_mb()
     sink = Sink(keep=True)
@@ -232,7 +233,10 @@ def paced(server: ServerProcess, seconds: int, stack: ExitStack) -> dict:
         if fields is None or any(not math.isclose(fields[k], v, rel_tol=1e-6) if k != TYPE_KEY else fields[k] != v
                                  for k, v in want.items()):
             raise RuntimeError(f"dev{i:03d} read {fields}, expected {want}")
-    window = [(ts, received) for _, ts, received in sink.readings if first_tick <= round(ts) < first_tick + seconds]
+    phase = {machine_id: device["phase_s"] for machine_id, device in status["devices"].items()}
+    # (ts on the device's own grid, when it was handed over): a reading belongs to the tick nearest its ts - phase
+    window = [(ts - phase[machine_id], received - phase[machine_id]) for machine_id, ts, received in sink.readings
+              if first_tick <= round(ts - phase[machine_id]) < first_tick + seconds]
     per_tick = {}
     for ts, _ in window:
         per_tick[round(ts)] = per_tick.get(round(ts), 0) + 1
@@ -317,7 +321,7 @@ def driver_rate(server: ServerProcess, k: int, seconds: float, interval_s: float
 
 LADDER = ("bare read_holding_registers", "+ Link.read_timed (lock, a task per request, wait for answer / lost / timeout)",
           "+ decode_response + fields + RawReading", "+ await run_in_executor(sink thread, sink.put)",
-          "+ sleep to the next 1 ms tick (the driver's grid)")
+          "+ sleep to the next 1 ms tick of its own phase (the driver's grid)")
 
 
 def ladder(server: ServerProcess, k: int, seconds: float, repeats: int) -> list[tuple[str, str, str]]:
@@ -342,6 +346,7 @@ def ladder(server: ServerProcess, k: int, seconds: float, repeats: int) -> list[
         links = [Link.tcp(LOCALHOST, port, 1.0) for port in ports]
         loop = asyncio.get_running_loop()
         stop, count, counting = asyncio.Event(), 0, False
+        phases = grid_phases(devices(ports, 0.001))
 
         async def worker(i: int) -> None:
             nonlocal count
@@ -357,7 +362,7 @@ def ladder(server: ServerProcess, k: int, seconds: float, repeats: int) -> list[
                     await loop.run_in_executor(executor, sink.put, reading)
                 if level >= 4:
                     now = time.time()
-                    await asyncio.sleep((math.floor(now / 0.001) + 1) * 0.001 - now)
+                    await asyncio.sleep((math.floor((now - phases[i]) / 0.001) + 1) * 0.001 + phases[i] - now)
                 if counting:
                     count += 1
 
@@ -525,7 +530,8 @@ def main() -> None:
         f"client and server share the machine's cores. Paced: the real ModbusDriver (timeout_s 1, retries 2), "
         f"interval_s = 1, a {paced_s} s window after a warm-up tick, the start-up heap frozen out of garbage collection as "
         f"`pdm-edge run` freezes its own (gc.freeze()); jitter is the reading's `ts` (when its request "
-        f"was sent, stamped by the driver) minus its 1 s tick; CPU is getrusage of the whole process (all threads) "
+        f"was sent, stamped by the driver) minus its tick on the device's own grid (device i of {n} polls at "
+        f"k + i / {n} s); CPU is getrusage of the whole process (all threads) "
         f"over the window; RSS is VmRSS every 100 ms. Rate: over {rate_s:g} s after 1 s of warm-up; the driver "
         f"decodes, builds a RawReading and offers it to a sink that only counts, on its "
         f"event loop, as it offers the pipeline (its sink thread takes only what a full sink refuses); the bare loop awaits read_holding_registers and checks the register count. Both use one "

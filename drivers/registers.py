@@ -19,6 +19,7 @@ import math
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Literal, Protocol
 
 REGISTER_WORDS: dict[str, int] = {
@@ -109,11 +110,15 @@ def _shortest_float32(value: float, data: bytes) -> float:
     display shows for these registers."""
     if not math.isfinite(value):
         return value
-    for digits in range(6, 10):
-        candidate = float(f"{value:.{digits}g}")
-        if struct.pack(">f", candidate) == data:
+    for form in _SHORTEST_FORMS:
+        candidate = float(form % value)
+        if _FLOAT32_PACK(candidate) == data:
             return candidate
     return value
+
+
+_SHORTEST_FORMS = ("%.6g", "%.7g", "%.8g", "%.9g")  # 9 significant digits tell every float32 apart
+_FLOAT32_PACK = struct.Struct(">f").pack
 
 
 def encode_raw(value: float, type_: str, word_order: Order = "big", byte_order: Order = "big") -> list[int]:
@@ -132,16 +137,30 @@ def decode(words: Sequence[int], register: Register) -> int | float:
 
 
 def scaled(raw: float, scale: float, offset: float) -> float:
-    """raw * scale + offset. An integer register's value is rounded to the decimals of its scale and offset, its
+    """raw * scale + offset. An integer register's value is exact to the decimals of its scale and offset, its
     resolution: 423 * 0.1 is 42.3, not 42.300000000000004. A float register's value is left as it comes."""
     if scale == 1 and offset == 0:
         return raw
-    value = raw * scale + offset
-    if isinstance(raw, int) and math.isfinite(value):
-        places = max(decimals(scale), decimals(offset))
-        if places <= 15:  # beyond, a double holds no more decimals to clean up
-            return round(value, places)
-    return value
+    if isinstance(raw, int):
+        exact = exact_form(scale, offset)
+        if exact is not None:
+            units, shift, power = exact
+            return (raw * units + shift) / power
+    return raw * scale + offset
+
+
+def exact_form(scale: float, offset: float) -> tuple[int, int, int] | None:
+    """(units, shift, power) with scale = units / power and offset = shift / power as they are written (0.1 is 1 /
+    10), so that an integer's raw * scale + offset is (raw * units + shift) / power: integer arithmetic, then one
+    correctly rounded division (what rounding the float product to these decimals gave, at a tenth of its cost).
+    None when the decimals or the integers are beyond what a double holds: then the float product is as good."""
+    places = max(decimals(scale), decimals(offset))
+    if places > 15:
+        return None
+    units, shift = (int(Decimal(repr(float(x))).scaleb(places)) for x in (scale, offset))
+    if max(abs(units), abs(shift)) >= 2 ** 53:
+        return None
+    return units, shift, 10 ** places
 
 
 def decimals(number: float) -> int:
@@ -238,13 +257,14 @@ class _Field:
     name: str
     start: int  # first byte in the response
     end: int
+    code: str  # its struct format character, big-endian
     unpack: Callable[[bytes], tuple[int | float]]
     wire: tuple[int, ...] | None  # byte order from the wire to big-endian; None: already big-endian (ABCD)
     float32: bool
-    integer: bool
+    exact: tuple[int, int, int] | None  # an integer's value is (raw * units + shift) / power: see exact_form
+    scaled: bool  # else the value is the raw value (scale 1, offset 0)
     scale: float
     offset: float
-    places: int  # decimals of scale and offset: an integer register's value is rounded to them
 
 
 class ResponseDecoder:
@@ -257,6 +277,7 @@ class ResponseDecoder:
         self.request = request
         self._words = struct.Struct(f">{request.count}H")
         self._fields = tuple(self._field(name, index, registers[name]) for name, index in request.inputs)
+        self._joint = self._joint_struct(self._fields)
 
     @staticmethod
     def _field(name: str, index: int, register: Register) -> _Field:
@@ -266,9 +287,24 @@ class ResponseDecoder:
             # Where each byte of the big-endian value is on the wire: decode_raw's _from_wire, as an index map.
             probe = bytes(range(2 * size))
             wire = tuple(_from_wire(_words_of(probe), register.word_order, register.byte_order))
-        return _Field(name, 2 * index, 2 * (index + size), struct.Struct(_STRUCT[register.type]).unpack, wire,
-                      register.type == "float32", not register.type.startswith("float"), register.scale,
-                      register.offset, max(decimals(register.scale), decimals(register.offset)))
+        integer = not register.type.startswith("float")
+        scaled = not (register.scale == 1 and register.offset == 0)
+        code = _STRUCT[register.type]
+        return _Field(name, 2 * index, 2 * (index + size), code[1:], struct.Struct(code).unpack, wire,
+                      register.type == "float32", exact_form(register.scale, register.offset) if integer and scaled
+                      else None, scaled, register.scale, register.offset)
+
+    @staticmethod
+    def _joint_struct(fields: tuple[_Field, ...]) -> Callable[[bytes], tuple[int | float, ...]] | None:
+        """One unpack for every field, when all are big-endian (ABCD) and none overlaps another: the fields' formats
+        in a row, with pad bytes over the words between them."""
+        layout, at = ">", 0
+        for field in fields:
+            if field.wire is not None or field.start < at:
+                return None
+            layout += "x" * (field.start - at) + field.code
+            at = field.end
+        return struct.Struct(layout).unpack_from
 
     def __call__(self, words: Sequence[int]) -> dict[str, int | float]:
         count = self.request.count
@@ -278,27 +314,28 @@ class ResponseDecoder:
             data = self._words.pack(*words[:count])
         except struct.error:
             raise ValueError(f"register values must be 0..65535, got {list(words[:count])}") from None
+        raws = self._joint(data) if self._joint is not None else [_raw_of(field, data) for field in self._fields]
         values: dict[str, int | float] = {}
-        for field in self._fields:
-            chunk = data[field.start:field.end]
-            if field.wire is not None:
-                chunk = bytes([chunk[i] for i in field.wire])
-            raw = field.unpack(chunk)[0]
+        for field, raw in zip(self._fields, raws):
             if field.float32:
-                raw = _shortest_float32(raw, chunk)
-            values[field.name] = _scaled_by(raw, field)
+                raw = _shortest_float32(raw, _FLOAT32_PACK(raw))
+            if field.exact is not None:
+                units, shift, power = field.exact
+                values[field.name] = (raw * units + shift) / power
+            elif field.scaled:
+                values[field.name] = raw * field.scale + field.offset
+            else:
+                values[field.name] = raw
         return values
+
+
+
+def _raw_of(field: _Field, data: bytes) -> int | float:
+    chunk = data[field.start:field.end]
+    if field.wire is not None:
+        chunk = bytes([chunk[i] for i in field.wire])
+    return field.unpack(chunk)[0]
 
 
 def _words_of(data: bytes) -> list[int]:
     return [int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2)]
-
-
-def _scaled_by(raw: float, field: _Field) -> float:
-    """`scaled`, with the decimals already known."""
-    if field.scale == 1 and field.offset == 0:
-        return raw
-    value = raw * field.scale + field.offset
-    if field.integer and field.places <= 15 and math.isfinite(value):
-        return round(value, field.places)
-    return value

@@ -33,12 +33,14 @@ import pytest
 
 from drivers.base import RawReading
 from drivers.modbus import (
+    GRID_SLOTS,
     ModbusDriver,
     ModbusRtuDevice,
     ModbusTcpDevice,
     Register,
     backoff_s,
     check_lines,
+    grid_phases,
 )
 from drivers.modbus_link import Link, ModbusSetupError
 from drivers.probe import ProbeError, format_rows, matches, probe
@@ -200,6 +202,29 @@ def test_readings_are_taken_on_the_interval_grid(servers, driver_for):
     assert statistics.median(t - k * 0.05 for t, k in zip(ts, ticks, strict=True)) < 0.0125
 
 
+def test_devices_at_one_interval_are_spread_evenly_over_it(servers, driver_for):
+    port = servers.tcp({1: ModbusUnit(holding={0: 1})})
+    names = ["a", "b", "c", "d"]
+    driver, sink = driver_for([tcp(name, port, {"x": Register(address=0)}, interval_s=0.2) for name in names]
+                              + [tcp("other", port, {"x": Register(address=0)}, interval_s=0.3)])
+    until(lambda: all(len(sink.of(name)) >= 5 for name in names), what="5 readings of each device")
+    assert [device_status(driver, name)["phase_s"] for name in [*names, "other"]] == pytest.approx([0, 0.05, 0.1, 0.15, 0])
+    for i, name in enumerate(names):
+        # Device i of 4 polls 50 ms after device i - 1: its requests are sent at k * 0.2 + i * 0.05, or a little later.
+        late = [(r.ts - i * 0.05) % 0.2 for r in sink.of(name)]
+        assert statistics.median(late) < 0.0125, (name, late)
+
+
+def test_many_devices_share_the_slots_of_their_interval_in_turn():
+    devices = [tcp(f"m{i}", 502, {"x": Register(address=0)}, interval_s=1.0) for i in range(45)]
+    devices.insert(3, tcp("fast", 502, {"x": Register(address=0)}, interval_s=0.5))
+    phases = dict(zip((d.machine_id for d in devices), grid_phases(devices), strict=True))
+    assert phases["fast"] == 0  # alone at its interval
+    slots = [phases[f"m{i}"] for i in range(45)]
+    assert slots[:GRID_SLOTS] == pytest.approx([i / GRID_SLOTS for i in range(GRID_SLOTS)])
+    assert slots[GRID_SLOTS:] == slots[:45 - GRID_SLOTS]  # neighbours in the list in different slots
+
+
 # --- RTU ----------------------------------------------------------------------------------------------------------
 
 def test_two_unit_ids_share_one_serial_line(servers, driver_for):
@@ -207,7 +232,7 @@ def test_two_unit_ids_share_one_serial_line(servers, driver_for):
     units = {2: ModbusUnit(holding={0: 1111, 1: 0x42F6, 2: 0xE979}), 3: ModbusUnit(input={7: 0xFFFE})}
     line = servers.rtu(units)
     pause_ms = 30
-    rtu = {"transport": "rtu", "machine_type": "L", "serial_port": line, "parity": "N", "interval_s": 0.2,
+    rtu = {"transport": "rtu", "machine_type": "L", "serial_port": line, "parity": "N", "interval_s": 0.01,
            "timeout_s": 0.5, "frame_pause_ms": pause_ms}
     devices = [
         ModbusRtuDevice(machine_id="grinder-2", unit_id=2, **rtu, registers={
@@ -226,10 +251,10 @@ def test_two_unit_ids_share_one_serial_line(servers, driver_for):
     status = driver.status()["devices"]
     assert status["grinder-2"]["link"] == status["grinder-3"]["link"] == line
     assert units[2].max_in_flight == units[3].max_in_flight == 1
-    # Both poll at the same tick; the line takes one request at a time, then stays silent for the pause.
-    first = {round(r.ts / 0.2): r.ts for r in sink.of("grinder-2")}
-    second = {round(r.ts / 0.2): r.ts for r in sink.of("grinder-3")}
-    gaps = [abs(second[tick] - first[tick]) for tick in first.keys() & second.keys()]
+    # The line takes one request at a time, then stays silent for the pause: with both devices polling every 10 ms,
+    # their requests queue for the line, and follow each other no closer than the pause.
+    sent = sorted(r.ts for r in sink.readings)
+    gaps = [b - a for a, b in pairwise(sent)]
     assert gaps and min(gaps) >= pause_ms / 1000 * 0.9, gaps
 
 
@@ -277,8 +302,9 @@ def test_a_device_that_stops_answering_is_logged_once_retried_with_backoff_and_c
     assert len(log_lines(caplog, "mill", "unavailable")) == 1
     assert len(log_lines(caplog, "mill", "available again")) == 1
     assert not log_lines(caplog, "lathe")
-    # The healthy device was polled on every tick throughout.
-    ticks = sorted(round(r.ts / 0.1) for r in sink.of("lathe"))
+    # The healthy device was polled on every tick of its grid throughout.
+    phase = device_status(driver, "lathe")["phase_s"]
+    ticks = sorted(round((r.ts - phase) / 0.1) for r in sink.of("lathe"))
     assert max(b - a for a, b in pairwise(ticks)) == 1
 
 
@@ -609,7 +635,7 @@ def test_stop_hands_nothing_more_and_close_is_idempotent(servers):
 # --- 50 devices, 5 of them dead -----------------------------------------------------------------------------------
 
 def test_50_devices_with_5_dead_the_live_ones_are_polled_on_time(servers, driver_for, caplog):
-    interval, run_s = 0.2, 3.0
+    interval, run_s = 0.2, 6.0  # 1,300 polls: a p99 of what one stall of the test process does to all of them
     live_units = {f"m{i:02d}": ModbusUnit(holding={0: i, 1: 0, 2: 0}) for i in range(45)}
     devices = [tcp(name, servers.tcp({1: unit}), {"a": Register(address=0), "b": Register(address=1, type="int32")},
                    interval_s=interval, timeout_s=0.5, retries=1, backoff_max_s=1.0)
@@ -641,8 +667,9 @@ def test_50_devices_with_5_dead_the_live_ones_are_polled_on_time(servers, driver
         readings = sink.of(name)
         assert len(readings) >= run_s / interval - 1, (name, len(readings))
         assert {r.fields["a"] for r in readings} == {unit.tables["holding"][0]}
-        jitter += [abs(r.ts - round(r.ts / interval) * interval) for r in readings]
         status = device_status(driver, name)
+        jitter += [abs(r.ts - status["phase_s"] - round((r.ts - status["phase_s"]) / interval) * interval)
+                   for r in readings]
         assert status["skipped_overlaps"] == 0 and status["failed_polls"] == 0, (name, status)
     p50, p99 = statistics.quantiles(jitter, n=100)[49], statistics.quantiles(jitter, n=100)[98]
     print(f"\npoll time jitter of the 45 live devices over {len(jitter)} polls: p50 {p50 * 1000:.1f} ms, "
