@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 QUEUE_MAX = 50_000  # notifications waiting for the sink, per server: 5 s of 10,000 items at 1 Hz, about 50 MB
 OVERFLOW = "overflow"  # what `lost` holds when the subscription's queue overflowed
 CLIENT_HANDLE_BASE = 1000
+# Monitored items created per CreateMonitoredItems call: servers cap it (OperationLimits/MaxMonitoredItemsPerCall,
+# often 1,000 on PLCs), and a call for 10,000 items decodes and keeps 10,000 requests and results at once.
+ITEMS_PER_CALL = 1000
 
 
 class OpcuaSetupError(ValueError):
@@ -279,7 +282,7 @@ class OpcuaDriver:
 
         subscription.set_overflow_disconnect_handler(overflowed)
         items: dict[int, _Item] = {}
-        requests = []
+        wanted: list[tuple[int, Any]] = []  # (client handle, NodeId)
         handle = CLIENT_HANDLE_BASE
         errors: dict[str, str] = {}
         for machine in config.machines:
@@ -296,12 +299,15 @@ class OpcuaDriver:
                     continue
                 handle += 1
                 items[handle] = _Item(machine, name, node, readings)
-                requests.append(_request(ua, node_id, handle, config, node))
-        results = await subscription.create_monitored_items(requests) if requests else []
-        for request, result in zip(requests, results):
-            if isinstance(result, ua.StatusCode):
-                item = items.pop(request.RequestedParameters.ClientHandle)
-                errors[f"{item.machine.machine_id}.{item.input}"] = f"{item.node.node}: {result.name}"
+                wanted.append((handle, node_id))
+        for start in range(0, len(wanted), ITEMS_PER_CALL):
+            chunk = wanted[start:start + ITEMS_PER_CALL]
+            results = await subscription.create_monitored_items(
+                [_request(ua, node_id, handle, config, items[handle].node) for handle, node_id in chunk])
+            for (handle, _), result in zip(chunk, results):
+                if isinstance(result, ua.StatusCode):
+                    item = items.pop(handle)
+                    errors[f"{item.machine.machine_id}.{item.input}"] = f"{item.node.node}: {result.name}"
         self._node_errors(state, errors)
         return subscription, items
 
