@@ -412,20 +412,22 @@ class OpcuaDriver:
             received = self._clock()
             fields: dict[str, Any] = {}
             rejection = None
-            shown: dict[str, Any] = {}
             for name in names:
                 value = values[name]
                 if isinstance(value, Unusable):
                     fields[name] = None
-                    shown[name] = value.why
                     if rejection is None:
                         rejection = Rejection(Reason.NOT_A_NUMBER, f"{name} ({machine.nodes[name].node}): "
                                               f"{value.why}", name)
                 else:
-                    fields[name] = shown[name] = value
-            fields[self._type_key] = shown[self._type_key] = machine.machine_type
+                    fields[name] = value
+            fields[self._type_key] = machine.machine_type
+            # The payload is for the quarantine: "" when every value is a number (the pipeline then keeps the fields
+            # as JSON, the same text), so a valid reading carries no JSON of its own.
+            payload = "" if rejection is None else json.dumps(
+                {name: _shown(values.get(name), field) for name, field in fields.items()})
             reading = RawReading(machine.machine_id, source_ts if source_ts is not None else received, fields,
-                                 f"opcua:{state.config.label}", received, json.dumps(shown), rejection)
+                                 f"opcua:{state.config.label}", received, payload, rejection)
             if self._collecting is not None:
                 self._collecting.append(reading)
 
@@ -440,6 +442,11 @@ class OpcuaDriver:
             self._sink.put(reading)
             handed += 1
         return handed
+
+
+def _shown(value: float | Unusable | None, field: Any) -> Any:
+    """What the quarantine shows of an input: why its value is unusable, or the field."""
+    return value.why if isinstance(value, Unusable) else field
 
 
 class _NodeMissing(Exception):
