@@ -26,8 +26,10 @@ import tempfile
 import threading
 import time
 import uuid
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
+
+import requests
 
 from bench.report import median_spread, write_section
 from testkit.mqtt import Mosquitto, Publisher
@@ -214,11 +216,19 @@ def agent_flood(broker: Mosquitto, workdir: Path, messages: list, stack: ExitSta
             "publisher_rate": n / (all_acked - published_at[0]), "lag": last_commit - all_acked}
 
 
-def agent_paced(broker: Mosquitto, workdir: Path, messages: list, keys: list, stack: ExitStack) -> dict:
+def agent_paced(broker: Mosquitto, workdir: Path, messages: list, keys: list, stack: ExitStack,
+                page: bool = False) -> dict:
+    """With `page`, the status page is open meanwhile: loaded before the run, its overview refreshed every second
+    (bench_status.PagePoller): the status API's app is made at its first request (agent/status/server.py)."""
+    from bench.bench_status import PagePoller  # bench_status imports this module
+
     agent = AgentProcess(broker, workdir)
     stack.callback(agent.stop)
     agent.wait_subscribed()
-    published_at, _ = publish(broker, messages, rate=PACED_RATE)
+    if page:
+        requests.get(agent.status_url + "/", timeout=30).raise_for_status()
+    with PagePoller(agent.status_url) if page else nullcontext():
+        published_at, _ = publish(broker, messages, rate=PACED_RATE)
     agent.wait_committed(len(messages))
     rss = agent.rss_mb[:]
     rows = agent.rows()
@@ -248,7 +258,7 @@ def main() -> None:
     flood, _ = telemetry(flood_n, seed=1)
     paced, paced_keys = telemetry(PACED_RATE * paced_s, seed=2)
 
-    runs: dict[str, list[dict]] = {"alone": [], "bare": [], "flood": [], "paced": []}
+    runs: dict[str, list[dict]] = {"alone": [], "bare": [], "flood": [], "paced": [], "paced_page": []}
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp, ExitStack() as stack:
         broker = Mosquitto.start(Path(tmp) / "broker")
         stack.callback(broker.stop)
@@ -260,7 +270,10 @@ def main() -> None:
             broker.restart()
             runs["flood"].append(agent_flood(broker, Path(tmp) / f"flood-{r}", flood, stack))
             broker.restart()
-            runs["paced"].append(agent_paced(broker, Path(tmp) / f"paced-{r}", paced, paced_keys, stack))
+            for page in (r % 2 == 1, r % 2 == 0):  # alternate which goes first
+                broker.restart()
+                runs["paced_page" if page else "paced"].append(
+                    agent_paced(broker, Path(tmp) / f"paced-{r}-{page}", paced, paced_keys, stack, page))
             print(f"run {r + 1}/{repeats}: " + json.dumps({k: v[-1] for k, v in runs.items()}, default=round),
                   file=sys.stderr)
 
@@ -290,6 +303,10 @@ def main() -> None:
         ("latency publish → committed (upper bound), p99", figure("paced", "committed_p99", "{:.1f}") + " ms", ""),
         ("agent RSS during the paced run, median", figure("paced", "rss_median", "{:.1f}") + " MB", "≤ 100"),
         ("agent RSS during the paced run, max", figure("paced", "rss_max", "{:.1f}") + " MB", "≤ 100"),
+        ("the same with the status page open (overview refreshed every second): RSS median / max",
+         figure("paced_page", "rss_median", "{:.1f}") + " / " + figure("paced_page", "rss_max", "{:.1f}") + " MB", ""),
+        ("the same with the status page open: latency publish → committed (upper bound), p99",
+         figure("paced_page", "committed_p99", "{:.1f}") + " ms", ""),
     ]
     body = "| figure | median (min–max) | goal |\n|---|---|---|\n"
     body += "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
@@ -303,7 +320,10 @@ def main() -> None:
         f"(time.time(), the clock of `Publisher.published_at`); the commit follows in the same batch. Commit time is "
         f"observed from outside by polling max(id) of the read-only SQLite file every {POLL_S * 1000:g} ms "
         f"(median interval achieved {figure('paced', 'poll_ms', '{:.1f}')} ms): an upper bound, late by at most one "
-        f"interval. RSS is VmRSS of the agent process every {RSS_EVERY_S * 1000:g} ms during the paced run.")
+        f"interval. RSS is VmRSS of the agent process every {RSS_EVERY_S * 1000:g} ms during the paced run. The "
+        f"status API's app (FastAPI, routes, models) is made at its first request: in the plain paced run nothing "
+        f"asked for it; with the page open, the page is loaded before the run and its overview (/api/v1/status, "
+        f"/api/v1/machines) fetched every second during it, each run in turn first.")
     def limit(phase: str) -> str:
         lag = statistics.median(run["lag"] for run in runs[phase])
         return "the publisher" if lag < LAG_KEEPS_UP_S else "the receiver"

@@ -149,7 +149,9 @@ def main() -> None:
         f"cache). `{' '.join(Path(c).name for c in command())} run` with the default config, a throwaway Mosquitto "
         "for its MQTT driver, a new data dir each run (the SQLite buffer is created and migrated), NOTIFY_SOCKET set "
         "as systemd sets it for Type=notify: READY=1 is sent once the model is loaded, the store open, the drivers "
-        "and the status API started. The agent's RSS under load is in the ingest section.")
+        "and the status API started. Polling /readyz makes the status API's app (it is made at the first request "
+        "that needs one; agent/status/server.py), so this idle RSS is with the API in use. The agent's RSS under "
+        "load, with the page open and without, is in the ingest section.")
     write_section("startup", "python -m bench.bench_startup" + (" --quick" if args.quick else ""), body,
                   ("onnxruntime", "fastapi", "uvicorn", "paho-mqtt"))
     print(body)

@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 QUEUE_MAX = 50_000  # notifications waiting for the sink, per server: 5 s of 10,000 items at 1 Hz, about 50 MB
 OVERFLOW = "overflow"  # what `lost` holds when the subscription's queue overflowed
 CLIENT_HANDLE_BASE = 1000
+# Monitored items created per CreateMonitoredItems call: servers cap it (OperationLimits/MaxMonitoredItemsPerCall,
+# often 1,000 on PLCs), and a call for 10,000 items decodes and keeps 10,000 requests and results at once.
+ITEMS_PER_CALL = 1000
 
 
 class OpcuaSetupError(ValueError):
@@ -279,7 +282,7 @@ class OpcuaDriver:
 
         subscription.set_overflow_disconnect_handler(overflowed)
         items: dict[int, _Item] = {}
-        requests = []
+        wanted: list[tuple[int, Any]] = []  # (client handle, NodeId)
         handle = CLIENT_HANDLE_BASE
         errors: dict[str, str] = {}
         for machine in config.machines:
@@ -296,12 +299,15 @@ class OpcuaDriver:
                     continue
                 handle += 1
                 items[handle] = _Item(machine, name, node, readings)
-                requests.append(_request(ua, node_id, handle, config, node))
-        results = await subscription.create_monitored_items(requests) if requests else []
-        for request, result in zip(requests, results):
-            if isinstance(result, ua.StatusCode):
-                item = items.pop(request.RequestedParameters.ClientHandle)
-                errors[f"{item.machine.machine_id}.{item.input}"] = f"{item.node.node}: {result.name}"
+                wanted.append((handle, node_id))
+        for start in range(0, len(wanted), ITEMS_PER_CALL):
+            chunk = wanted[start:start + ITEMS_PER_CALL]
+            results = await subscription.create_monitored_items(
+                [_request(ua, node_id, handle, config, items[handle].node) for handle, node_id in chunk])
+            for (handle, _), result in zip(chunk, results):
+                if isinstance(result, ua.StatusCode):
+                    item = items.pop(handle)
+                    errors[f"{item.machine.machine_id}.{item.input}"] = f"{item.node.node}: {result.name}"
         self._node_errors(state, errors)
         return subscription, items
 
@@ -406,20 +412,22 @@ class OpcuaDriver:
             received = self._clock()
             fields: dict[str, Any] = {}
             rejection = None
-            shown: dict[str, Any] = {}
             for name in names:
                 value = values[name]
                 if isinstance(value, Unusable):
                     fields[name] = None
-                    shown[name] = value.why
                     if rejection is None:
                         rejection = Rejection(Reason.NOT_A_NUMBER, f"{name} ({machine.nodes[name].node}): "
                                               f"{value.why}", name)
                 else:
-                    fields[name] = shown[name] = value
-            fields[self._type_key] = shown[self._type_key] = machine.machine_type
+                    fields[name] = value
+            fields[self._type_key] = machine.machine_type
+            # The payload is for the quarantine: "" when every value is a number (the pipeline then keeps the fields
+            # as JSON, the same text), so a valid reading carries no JSON of its own.
+            payload = "" if rejection is None else json.dumps(
+                {name: _shown(values.get(name), field) for name, field in fields.items()})
             reading = RawReading(machine.machine_id, source_ts if source_ts is not None else received, fields,
-                                 f"opcua:{state.config.label}", received, json.dumps(shown), rejection)
+                                 f"opcua:{state.config.label}", received, payload, rejection)
             if self._collecting is not None:
                 self._collecting.append(reading)
 
@@ -434,6 +442,11 @@ class OpcuaDriver:
             self._sink.put(reading)
             handed += 1
         return handed
+
+
+def _shown(value: float | Unusable | None, field: Any) -> Any:
+    """What the quarantine shows of an input: why its value is unusable, or the field."""
+    return value.why if isinstance(value, Unusable) else field
 
 
 class _NodeMissing(Exception):

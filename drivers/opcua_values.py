@@ -58,6 +58,8 @@ Emit = Callable[[dict[str, float | Unusable], float | None], None]  # (values, s
 class MachineReadings:
     """One machine's latest values; see the module docstring. Lives on the driver's event loop."""
 
+    __slots__ = ("_changed", "_emit", "_latest", "_stamp", "_ts", "duplicates", "inputs")  # thousands of machines
+
     def __init__(self, inputs: tuple[str, ...], emit: Emit) -> None:
         self.inputs = inputs
         self._emit = emit

@@ -29,8 +29,9 @@ what a technician does about an alarm (acknowledge, label), through the snapshot
 Modules: models (the response models), guard (the outermost layer, errors), routes (the app), gateway (/status,
 /readyz), machines (a machine's fields, its detail, /events), listing (the /machines body, each machine's row encoded
 once per change of it), alarms (/alarms and a technician's actions on them), metrics (/metrics, the per-machine
-families rendered once per change), page (the page and its CSP), server (uvicorn in a thread); each machine's
-newest reading, trend and saved alarm, and the version of them, are agent/latest.py's, in memory.
+families rendered once per change), page (the page and its CSP), server (uvicorn in a thread; the app made at the
+first request that needs it, `OnFirstUse`); each machine's newest reading, trend and saved alarm, and the version of
+them, are agent/latest.py's, in memory.
 """
 
 from agent.latest import TREND_POINTS

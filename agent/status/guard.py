@@ -8,7 +8,7 @@ import hmac
 import logging
 from typing import Any
 
-from fastapi.responses import JSONResponse
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sync.config import is_loopback

@@ -1,16 +1,21 @@
-"""The status API's server: uvicorn in a background thread (`StatusServer`), on a socket bound here."""
+"""The status API's server: uvicorn in a background thread (`StatusServer`), on a socket bound here, serving the
+app it makes at the first request that needs it (`OnFirstUse`)."""
 
 from __future__ import annotations
 
 import logging
 import socket
 import threading
+from collections.abc import Callable
 
 import uvicorn
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from agent.config import StatusConfig
 from agent.http_server import ConnectionLimits, limited_h11
 from agent.snapshot import Parts, snapshot
-from agent.status.routes import create_app
+from agent.status.guard import Guard
 
 log = logging.getLogger("agent.status")
 
@@ -28,6 +33,49 @@ class _Uvicorn(uvicorn.Server):
         self.listening.set()
 
 
+# What the app's /healthz answers (models.Health(status="ok") as FastAPI encodes it): a test holds them equal.
+HEALTHY = {"status": "ok", "checks": {}}
+
+
+class OnFirstUse:
+    """The status API's ASGI app, made by `make` at the first request that needs it, then kept.
+
+    FastAPI, the routes and their response models are about 15 MB of the agent's memory (BENCHMARKS.md, startup):
+    a gateway nobody looks at does not pay them; once the page, `pdm-edge status` or a Prometheus scrape asked for
+    anything, they stay, as they did when made at start-up. Until then GET and HEAD /healthz (a container's
+    liveness probe) are answered here, behind the same guard, with the same body and headers as the app's.
+    The first request waits for the app (a few hundred ms, once). Called only on the server's event loop thread,
+    so it is made once."""
+
+    def __init__(self, make: Callable[[], ASGIApp], status: StatusConfig) -> None:
+        self._make = make
+        self._app: ASGIApp | None = None
+        self._failure: Exception | None = None
+        token = status.token.get_secret_value() if status.token else None
+        self._light = Guard(self._healthz, token=token, bind_host=status.host, cors=bool(status.cors_origins))
+
+    @property
+    def loaded(self) -> bool:
+        return self._app is not None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        app = self._app
+        if app is None:
+            if scope["type"] == "http" and scope["path"] == "/healthz" and scope["method"] in ("GET", "HEAD"):
+                return await self._light(scope, receive, send)
+            try:
+                app = self._app = self._make()
+            except Exception as exc:  # noqa: BLE001 - a bug: the guard logs it, answers a JSON 500 with its headers
+                self._failure = exc
+                return await self._light(scope, receive, send)
+        await app(scope, receive, send)
+
+    async def _healthz(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] != "/healthz":  # only when making the app failed just now
+            raise RuntimeError("the status API's app could not be made") from self._failure
+        await JSONResponse(HEALTHY)(scope, receive, send)
+
+
 class StatusServer:
     """The status API in a background thread: `start()` returns once it listens, `stop()` ends it.
 
@@ -42,6 +90,7 @@ class StatusServer:
         self._server: _Uvicorn | None = None
         self._socket: socket.socket | None = None
         self._thread: threading.Thread | None = None
+        self.app: OnFirstUse | None = None
         self.limits = ConnectionLimits()  # per address and per request (agent/http_server.py)
     @property
     def url(self) -> str:
@@ -57,8 +106,16 @@ class StatusServer:
         agent = self.agent
         sock = _bind(self.host, self.port)
         self.port = sock.getsockname()[1]
+        status = agent.config.status
+
+        def make() -> ASGIApp:
+            from agent.status.routes import create_app  # FastAPI: loaded at the first use (OnFirstUse)
+
+            return create_app(lambda: snapshot(agent), status)
+
+        self.app = OnFirstUse(make, status)
         config = uvicorn.Config(
-            create_app(lambda: snapshot(agent), agent.config.status), log_config=None, log_level="warning",
+            self.app, log_config=None, log_level="warning",
             access_log=False, lifespan="off",
             http=limited_h11(self.limits), ws="none", loop="asyncio", server_header=False, proxy_headers=False,
             limit_concurrency=64, timeout_keep_alive=15, timeout_graceful_shutdown=int(STOP_TIMEOUT_S),

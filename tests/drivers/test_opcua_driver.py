@@ -13,6 +13,7 @@ Every wait is on a condition with a deadline; no timing assertions.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import threading
@@ -121,7 +122,8 @@ def test_scale_and_offset_apply_and_a_text_value_is_rejected_with_its_reason(ser
     assert reading.fields["rotational_speed"] is None
     assert reading.rejection.reason == "not_a_number" and reading.rejection.input == "rotational_speed"
     assert reading.rejection.message == "rotational_speed (ns=2;s=label): not a number: str 'press seven'"
-    assert "press seven" in reading.payload  # kept for the quarantine
+    assert json.loads(reading.payload) == {  # kept for the quarantine: every input, the unusable one as it was
+        **values(reading), "rotational_speed": "not a number: str 'press seven'", TYPE_KEY: "M"}
 
 
 def test_a_node_the_server_does_not_have_is_a_counted_per_node_error_and_the_other_machines_go_on(
@@ -143,6 +145,32 @@ def test_a_node_the_server_does_not_have_is_a_counted_per_node_error_and_the_oth
     assert sink.of("m1") == []  # an input is missing: no reading
     warnings = [r.getMessage() for r in caplog.records if "cannot be monitored" in r.getMessage()]
     assert len(warnings) == 1 and "machine m1 input torque" in warnings[0] and "opcua browse" in warnings[0]
+
+
+def test_items_are_created_a_few_per_call_as_servers_limit_it_and_a_failure_in_a_later_call_is_named(
+        servers, driver_for, monkeypatch):
+    from asyncua.common.subscription import Subscription
+
+    calls: list[int] = []
+    create = Subscription.create_monitored_items
+
+    async def counted(self, items):
+        calls.append(len(items))
+        return await create(self, items)
+
+    monkeypatch.setattr(Subscription, "create_monitored_items", counted)
+    monkeypatch.setattr("drivers.opcua.ITEMS_PER_CALL", 4)
+    machines = {"m1": "L", "m2": "M", "m3": "H"}
+    port = servers.serve(machines)
+    config = node_config(machines, port).model_dump()
+    config["machines"][2]["nodes"]["tool_wear"]["node"] = "ns=2;s=m3.no_such_node"  # in the last call
+    driver, sink = driver_for([fast(OpcuaServer(**config))])
+    until(lambda: sink.of("m1") and sink.of("m2"), what="the readings of m1 and m2")
+    assert calls == [4, 4, 4, 3]
+    status = device(driver, f"127.0.0.1:{port}")
+    assert status["monitored_items"] == 14
+    assert status["failing_nodes"] == {"m3.tool_wear": "ns=2;s=m3.no_such_node: BadNodeIdUnknown"}
+    assert values(sink.of("m2")[0]) == HEALTHY and sink.of("m3") == []
 
 
 def test_several_servers_one_dead_one_slow_the_live_ones_deliver(servers, driver_for, caplog):
