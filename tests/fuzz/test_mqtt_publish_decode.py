@@ -23,7 +23,8 @@ def outcome(client_class: type[mqtt.Client], protocol: int, command: int, packet
     seen: list[tuple[Any, ...]] = []
     client.on_message = lambda c, u, m: seen.append(
         (m._topic, m.payload, m.mid, m.qos, m.dup, m.retain, m.properties.json() if m.properties else {}))  # none = empty
-    client._in_packet = {"command": command, "packet": packet}  # as paho's packet reader leaves it
+    client._in_packet = {"command": command, "have_remaining": 1, "remaining_count": [], "remaining_mult": 1,
+                         "remaining_length": len(packet), "packet": bytearray(packet), "to_process": 0, "pos": 0}
     client._send_pubrec = lambda mid: mqtt.MQTT_ERR_SUCCESS  # QoS 2 answers: not under test, no socket here
     try:
         rc = client._handle_publish()
