@@ -44,9 +44,12 @@ GROUP BY k.known
 _unlogged: dict[str, tuple[float, int]] = {}  # gateway name -> (when the next line may be logged, refusals since)
 
 
-def machine_ids(batch: IngestBatch) -> list[str]:
-    """The machines a batch names (REFUSED's `machine_ids`)."""
-    return sorted({s.machine_id for s in batch.summaries} | {e.machine_id for e in batch.events})
+def machine_ids(batch: IngestBatch) -> str:
+    """The machines a batch names (REFUSED's `machine_ids`), as a PostgreSQL array literal: one text parameter
+    instead of a list psycopg dumps element by element (about 0.8 us per summary). Each is quoted (a machine named
+    NULL stays a name); the protocol's names hold no quote or backslash."""
+    ids = sorted({s.machine_id for s in batch.summaries} | {e.machine_id for e in batch.events})
+    return '{"' + '","'.join(ids) + '"}' if ids else "{}"
 
 
 def refusal(gateway: Gateway, batch: IngestBatch, known: int, refused: Sequence[str], limit: int) -> ApiError:

@@ -63,3 +63,14 @@ def test_the_limit_is_per_gateway(client, gateways, conn):
         full = batches.batch(name, summaries=[summary(name, f"m{i}") for i in range(3)], events=[])
         assert client.post(INGEST, json=full, headers=bearer(token)).status_code == 200
         assert len(machines(conn, name)) == 3
+
+
+def test_a_machine_named_null_counts_as_a_machine(client, gateway, conn):
+    """The batch's machine ids reach the limit's check as an array literal: a machine named NULL is a name there."""
+    name, token = gateway
+    full = batches.batch(name, summaries=[summary(name, m) for m in ("m1", "m2", "NULL")], events=[])
+    assert client.post(INGEST, json=full, headers=bearer(token)).status_code == 200
+    refused = client.post(INGEST, json=batches.batch(name, summaries=[summary(name, "null")], events=[]),
+                          headers=bearer(token))
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "too_many_machines"
+    assert machines(conn, name) == ["NULL", "m1", "m2"]
