@@ -153,7 +153,7 @@ def start_gunicorn(url: str, workdir: Path, workers: int) -> tuple[subprocess.Po
         try:
             if requests.get(base + "/readyz", timeout=1).status_code == 200:
                 return process, base
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or slow on a loaded machine
             pass
         time.sleep(0.2)
     process.kill()
