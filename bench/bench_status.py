@@ -82,6 +82,9 @@ def flood(broker: Mosquitto, workdir: Path, messages: list, stack: ExitStack,
     agent = AgentProcess(broker, workdir)
     stack.callback(agent.stop)
     agent.wait_subscribed()
+    # The status API loads at its first request (agent/status/server.py OnFirstUse): made once before either flood,
+    # so this compares the cost of polling, not the one-time load (the startup section's spawn → /readyz has that).
+    requests.get(f"{agent.status_url}/api/v1/status", timeout=30).raise_for_status()
     cpu_before = cpu_seconds(agent.process.pid)
     with PagePoller(agent.status_url) if polled else nullcontext() as poller:
         published_at, _ = publish(broker, messages)
