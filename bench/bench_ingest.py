@@ -31,7 +31,7 @@ from pathlib import Path
 
 import requests
 
-from bench.report import median_spread, write_section
+from bench.report import cpu_seconds, median_spread, write_section
 from testkit.mqtt import Mosquitto, Publisher
 from testkit.net import free_port
 
@@ -206,14 +206,16 @@ def agent_flood(broker: Mosquitto, workdir: Path, messages: list, stack: ExitSta
     agent = AgentProcess(broker, workdir)
     stack.callback(agent.stop)
     agent.wait_subscribed()
+    cpu_before = cpu_seconds(agent.process.pid)
     published_at, all_acked = publish(broker, messages)
     n = len(messages)
     agent.wait_committed(n)
+    cpu_us = (cpu_seconds(agent.process.pid) - cpu_before) / n * 1e6
     last_commit = agent.commit_time(n)
     last_received = max(row[3] for row in agent.rows())
     agent.stop()
     return {"rate": n / (last_commit - published_at[0]), "received_rate": n / (last_received - published_at[0]),
-            "publisher_rate": n / (all_acked - published_at[0]), "lag": last_commit - all_acked}
+            "publisher_rate": n / (all_acked - published_at[0]), "lag": last_commit - all_acked, "cpu_us": cpu_us}
 
 
 def agent_paced(broker: Mosquitto, workdir: Path, messages: list, keys: list, stack: ExitStack,
@@ -291,6 +293,7 @@ def main() -> None:
          figure("flood", "rate") + " readings/s", ""),
         ("agent: first publish → last received by the driver", figure("flood", "received_rate") + " readings/s", ""),
         ("publisher during the agent run", figure("flood", "publisher_rate") + " msg/s", ""),
+        ("agent CPU per reading, all its threads (flood)", figure("flood", "cpu_us") + " µs", ""),
         ("agent / bare subscriber (first publish → last commit / last received)",
          median_spread(ratios, "{:.2f}"), "≥ 0.8"),
         ("last receive (bare) after the publisher's last PUBACK", figure("bare", "lag", "{:.2f}") + " s", ""),

@@ -48,7 +48,7 @@ import psycopg
 import requests
 
 from bench.bench_central import add_gateway, bench_database, start_server
-from bench.report import median_spread, table, write_section
+from bench.report import cpu_seconds, median_spread, table, write_section
 from central.notify.outbox import LISTENER
 from testkit import batches
 from testkit.net import LOCALHOST
@@ -265,12 +265,6 @@ def drain(url: str, timeout: float = WAIT_S) -> None:
         time.sleep(0.05)
     if left:
         raise RuntimeError(f"{left} deliveries still pending after {timeout:g} s")
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) a process has used so far, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def backends(url: str) -> list[int]:

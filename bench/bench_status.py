@@ -30,7 +30,7 @@ from typing import Self
 import requests
 
 from bench.bench_ingest import AgentProcess, percentile, publish, telemetry
-from bench.report import median_spread, table, write_section
+from bench.report import cpu_seconds, median_spread, table, write_section
 from testkit.mqtt import Mosquitto
 
 MACHINES = 500
@@ -67,12 +67,6 @@ class PagePoller:
                     session.get(self.url + path, timeout=30).raise_for_status()
                 self.refresh_ms.append((time.perf_counter() - started) * 1000)
                 next_at += POLL_S
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) a process has used so far, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def flood(broker: Mosquitto, workdir: Path, messages: list, stack: ExitStack,

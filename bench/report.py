@@ -157,3 +157,9 @@ def trailers(text: str) -> dict[str, str]:
     matches = list(SECTION.finditer(text))
     ends = [m.start() for m in matches[1:]] + [len(text)]
     return {m["name"]: tail for m, end in zip(matches, ends, strict=True) if (tail := text[m.end():end].strip())}
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
