@@ -60,6 +60,7 @@ class LatestReadings:
         self._version = 0  # of the last change
         self._changed: dict[str, int] = {}  # the version of each machine's last change
         self._machines: tuple[MachineView, ...] | None = None  # machines() since the last change
+        self._views: dict[str, MachineView] = {}  # each machine's in machines(), kept until it changes
 
     def committed(self, readings: Iterable[StoredReading], alarms: Mapping[str, Seen] | None = None) -> None:
         """Readings just committed, in arrival order (never a duplicate of a stored one), and the alarms saved with
@@ -100,10 +101,17 @@ class LatestReadings:
             if not self._loaded:
                 self._load(source)
             if self._machines is None:
-                self._machines = tuple(
-                    MachineView(reading, list(self._trends[machine_id]), self._alarms.get(machine_id),
-                                self._changed[machine_id]) for machine_id, reading in self._latest.items())
+                self._machines = tuple(self._view(machine_id, reading) for machine_id, reading in self._latest.items())
             return self._machines
+
+    def _view(self, machine_id: str, reading: StoredReading) -> MachineView:
+        """Under the lock: the machine's view as last made, unless it changed since; its trend copied only then."""
+        version = self._changed[machine_id]
+        view = self._views.get(machine_id)
+        if view is None or view.version != version:
+            view = self._views[machine_id] = MachineView(reading, list(self._trends[machine_id]),
+                                                         self._alarms.get(machine_id), version)
+        return view
 
     def alarms(self, source: Source) -> dict[str, Seen]:
         """Each machine's saved alarm (MachineAlarm.to_json()), as last committed; a machine without one (none
@@ -138,7 +146,7 @@ class LatestReadings:
         self._latest, self._trends, self._alarms, self._loaded = latest, trends, alarms, True
         self._version += 1
         self._changed = dict.fromkeys(latest.keys() | alarms.keys(), self._version)
-        self._machines = None
+        self._machines, self._views = None, {}
 
 
 def rounded(health: float) -> float:

@@ -1,7 +1,9 @@
 """The body of /api/v1/machines (`MachineListing`): each machine's row, a `MachineInfo`, is built and encoded once per
 change of its reading, trend or saved alarm (agent/latest.py's version) or of the model, and the rows are joined at
 each request with what depends on the request's time: `now`, each row's `last_reading_age_s`, which machines are
-still heard. The body is, byte for byte, what pydantic encodes of `MachineList(now, machine_infos(snap))`.
+still heard. The body is, byte for byte, what pydantic encodes of `MachineList(now, machine_infos(snap))`. A row
+whose numbers are all floats (any from this agent) is encoded from its fields without building the MachineInfo
+(`floats`); one that holds another number goes through the model, which would turn an int into a float.
 
 With the page open and no reading coming in, a request costs the join; during a flood every machine changes
 between two refreshes, and each row is built once per request, as before.
@@ -10,7 +12,7 @@ between two refreshes, and each row is built once per request, as before.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from pydantic import TypeAdapter
 from pydantic_core import to_json
@@ -19,7 +21,7 @@ from agent.latest import MachineView
 from agent.roster import heard
 from agent.snapshot import AgentSnapshot
 from agent.status.gateway import at
-from agent.status.machines import age_s, health_bands, machine_fields
+from agent.status.machines import age_s, health_bands, row_fields
 from agent.status.models import MachineInfo
 from agent.store import StoredReading
 from model.package import Model
@@ -29,7 +31,7 @@ ROW = TypeAdapter(MachineInfo)
 NOW = TypeAdapter(datetime)
 AGE = b',"last_reading_age_s":'
 AFTER_AGE = b',"model_version":'  # the field after it: a row's JSON is cut there
-APART = {"last_reading_age_s", "trend"}  # encoded apart from the rest of a row
+AT_REQUEST = {"last_reading_age_s"}  # encoded apart from the rest of a row
 
 
 class Row(NamedTuple):
@@ -53,11 +55,13 @@ class MachineListing:
     def body(self, snap: AgentSnapshot) -> bytes:
         """Every machine heard within `forget_after_h`, the worst first (alarm, warning, ok), then by id."""
         now, forget_after_h = snap.taken_at, snap.config.machines.forget_after_h
+        rows = [row for row in self._rows(snap) if heard(row.reading, forget_after_h, now)]
+        # The ages in one call, then apart: a number holds no comma.
+        ages = to_json([age_s(row.reading, now) for row in rows])[1:-1].split(b",")
         parts = [b'{"now":', NOW.dump_json(at(now)), b',"machines":[']
-        for row in self._rows(snap):
-            if heard(row.reading, forget_after_h, now):
-                parts += (row.head, to_json(age_s(row.reading, now)), row.tail, b",")
-        if parts[-1] == b",":
+        for row, age in zip(rows, ages):
+            parts += (row.head, age, row.tail, b",")
+        if rows:
             parts.pop()
         parts.append(b"]}")
         return b"".join(parts)
@@ -72,19 +76,30 @@ class MachineListing:
         for machine in views:
             row = before.get(machine.reading.machine_id)
             if row is None or row.version != machine.version or row.model is not model:
-                row = _row(machine, model, snap.taken_at, bands)
+                row = _row(machine, model, bands)
             rows.append(row)
         rows.sort(key=lambda row: row.order)
         self._built = views, model, rows
         return rows
 
 
-def _row(machine: MachineView, model: Model, now: float, bands: tuple[float, float]) -> Row:
-    # The trend, the last field, is encoded apart as the floats it holds (agent/latest.py rounds them), not
-    # validated again: of the row's cost, the share its 60 numbers took.
-    info = MachineInfo(**machine_fields(machine.reading, machine.alarm, model, now, [], bands))
-    encoded = ROW.dump_json(info, exclude=APART)
-    cut = encoded.rindex(AFTER_AGE)  # after it only model_version's string
-    tail = encoded[cut:-1] + b',"trend":' + to_json(machine.trend) + b"}"
-    return Row(machine.version, model, machine.reading, encoded[:cut] + AGE, tail,
-               (-SEVERITY.get(info.state, 0), info.machine_id))
+def _row(machine: MachineView, model: Model, bands: tuple[float, float]) -> Row:
+    fields = row_fields(machine.reading, machine.alarm, model, machine.trend, bands)
+    if floats(fields):  # building and validating a MachineInfo cost more than encoding it
+        encoded = to_json(fields, inf_nan_mode="null")
+    else:
+        encoded = ROW.dump_json(MachineInfo(**fields, last_reading_age_s=0.0), exclude=AT_REQUEST)
+    cut = encoded.rindex(AFTER_AGE)  # after it only model_version's string and the trend's numbers
+    return Row(machine.version, model, machine.reading, encoded[:cut] + AGE, encoded[cut:],
+               (-SEVERITY.get(fields["state"], 0), fields["machine_id"]))
+
+
+def floats(fields: dict[str, Any]) -> bool:
+    """Every number of a row's `fields` (row_fields's) is a float already. Then pydantic_core encodes the
+    fields, in MachineInfo's order, as ROW encodes the MachineInfo they make, byte for byte (floats, times, strings;
+    NaN as null): a model would only turn an int into a float, 1 into 1.0. The trend's are (agent/latest.py)."""
+    return (type(fields["health"]) is type(fields["reading_health"]) is type(fields["p_failure"]) is float
+            and set(map(type, fields["risk"].values())) <= FLOAT and set(map(type, fields["values"].values())) <= FLOAT)
+
+
+FLOAT = {float}

@@ -84,10 +84,15 @@ def event_infos(records: Records, machine_id: str | None, since: datetime | None
 
 
 def mode_risk(mode: str, risk: float, model: Model) -> ModeRisk:
+    return ModeRisk(**mode_risk_fields(mode, risk, model))
+
+
+def mode_risk_fields(mode: str, risk: float, model: Model) -> dict[str, Any]:
+    """ModeRisk's fields, in its order."""
     label, meaning, advice = _words(mode)
     threshold = model.manifest.thresholds.modes.get(mode)
-    return ModeRisk(mode=mode, label=label, meaning=meaning, advice=advice, risk=risk, threshold=threshold,
-                    elevated=threshold is not None and risk >= threshold)
+    return {"mode": mode, "label": label, "meaning": meaning, "advice": advice, "risk": risk, "threshold": threshold,
+            "elevated": threshold is not None and risk >= threshold}
 
 
 @cache  # a model's few modes: once each rather than once per machine and request
@@ -116,18 +121,23 @@ def machine_fields(reading: StoredReading, alarm: dict[str, Any] | None, model: 
                     trend: list[float], bands: tuple[float, float]) -> dict[str, Any]:
     """MachineInfo's fields: the state and the reading that holds it (agent/alarms.py), against the model (`bands`:
     `health_bands(model)`, worked out once per request rather than once per machine)."""
+    return {**row_fields(reading, alarm, model, trend, bands), "last_reading_age_s": age_s(reading, now)}
+
+
+def row_fields(reading: StoredReading, alarm: dict[str, Any] | None, model: Model, trend: list[float],
+               bands: tuple[float, float]) -> dict[str, Any]:
+    """MachineInfo's fields but `last_reading_age_s`, in MachineInfo's order; `dominant` as ModeRisk's fields."""
     state, shown = technician_view(alarm, reading.state, Shown(reading.health, reading.p_failure, reading.risk),
                                    *bands)
-    dominant = max(shown.risk, key=shown.risk.__getitem__) if shown.risk else None
+    risk = shown.risk
+    dominant = max(risk, key=risk.__getitem__) if risk else None
     return {
         "machine_id": reading.machine_id, "machine_type": reading.machine_type, "state": state,
         "reading_state": reading.state, "health": shown.health, "reading_health": reading.health,
         "p_failure": shown.p_failure,
-        "dominant": mode_risk(dominant, shown.risk[dominant], model) if dominant else None, "risk": shown.risk,
+        "dominant": mode_risk_fields(dominant, risk[dominant], model) if dominant else None, "risk": risk,
         "ood": list(reading.ood), "values": reading.values, "last_reading_at": at(reading.ts),
-        "last_received_at": at(reading.received_at),
-        "last_reading_age_s": age_s(reading, now),
-        "model_version": reading.model_version, "trend": trend,
+        "last_received_at": at(reading.received_at), "model_version": reading.model_version, "trend": trend,
     }
 
 

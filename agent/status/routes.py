@@ -17,7 +17,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from pydantic import BeforeValidator
+from pydantic import BeforeValidator, TypeAdapter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agent import __version__
@@ -37,6 +37,7 @@ API = "/api/v1"
 HISTORY_DEFAULT, HISTORY_MAX = 300, 5000
 EVENTS_DEFAULT, EVENTS_MAX = 100, 1000
 EPOCH_MAX_S = 2e10  # pydantic reads a larger number as milliseconds; in seconds it is the year 2603
+GATEWAY = TypeAdapter(GatewayInfo)
 # What `since` takes, documented by hand: FastAPI would document a datetime as a date-time string only.
 SINCE_SCHEMA = [{"type": "string", "format": "date-time"}, {"type": "number", "minimum": 0, "maximum": EPOCH_MAX_S}]
 
@@ -77,9 +78,10 @@ def create_app(read: Callable[[], AgentSnapshot], status: StatusConfig) -> FastA
         app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
 
     @app.get(f"{API}/status", response_model=GatewayInfo, responses=ERRORS, tags=["gateway"])
-    def gateway_status() -> GatewayInfo:
+    def gateway_status() -> Response:
         """The gateway: versions, model, uptime, buffer, sync, pipeline, drivers."""
-        return gateway_info(read())
+        # Encoded here as FastAPI would encode it, without its validating the model again in another worker thread.
+        return Response(GATEWAY.dump_json(gateway_info(read())), media_type="application/json")
 
     @app.get(f"{API}/machines", response_model=MachineList, responses=ERRORS, tags=["machines"])
     def machines() -> Response:

@@ -77,4 +77,7 @@ def test_a_machine_changes_with_an_alarm_saved_without_a_reading(tmp_path: Path)
         latest.committed([], {"a": alarm})
         after = {m.reading.machine_id: m for m in latest.machines(store)}
         assert after["a"].alarm == alarm and after["a"].version != before["a"].version
-        assert after["b"] == before["b"]
+        assert after["b"] is before["b"]  # unchanged: its view kept, its trend not copied again
+        latest.committed([reading("b", 2.0, 70.0)])
+        again = {m.reading.machine_id: m for m in latest.machines(store)}
+        assert again["a"] is after["a"] and again["b"].trend == [60.0, 70.0] and after["b"].trend == [60.0]

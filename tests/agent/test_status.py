@@ -28,6 +28,7 @@ from agent import __version__
 from agent.config import load_config
 from agent.service import Agent
 from agent.status import TREND_POINTS, StatusServer
+from agent.status.models import GatewayInfo
 from drivers.base import Availability, RawReading
 from model.validate import Reason, Rejection
 from testkit.modbus import ModbusServers, ModbusUnit
@@ -216,7 +217,11 @@ def test_an_agent_not_started_is_alive_but_not_ready(tmp_path):
 # --- the data -------------------------------------------------------------------------------------------------------
 
 def test_status_describes_the_gateway(served):
-    status = served.get("/api/v1/status").json()
+    response = served.get("/api/v1/status")
+    # Encoded by the route, as FastAPI encodes the response model: pydantic's JSON of a GatewayInfo.
+    assert response.content == GatewayInfo.model_validate_json(response.content).model_dump_json().encode()
+    assert response.headers["content-type"] == "application/json"
+    status = response.json()
     model = served.agent.pipeline.scorer.model
     assert status["gateway_id"] == "gw-status-test" and status["agent_version"] == __version__
     assert status["model"]["name"] == model.name and status["model"]["version"] == model.version

@@ -10,13 +10,14 @@ from datetime import datetime, timedelta
 
 import pytest
 from pydantic import TypeAdapter
+from pydantic_core import to_json
 
 import agent.snapshot
 from agent.snapshot import AgentSnapshot, snapshot
 from agent.status.gateway import at
-from agent.status.listing import MachineListing
-from agent.status.machines import machine_infos
-from agent.status.models import MachineList
+from agent.status.listing import AGE, ROW, MachineListing, _row, floats
+from agent.status.machines import health_bands, machine_fields, machine_infos, row_fields
+from agent.status.models import MachineInfo, MachineList
 from drivers.base import RawReading
 from tests.agent.test_status import HEAT, READINGS_EACH, families, feed, serving, value, wait_for
 
@@ -39,6 +40,29 @@ def test_the_body_is_the_machines_models_encoded_at_each_request(tmp_path):
         forget_after_s = running.agent.config.machines.forget_after_h * 3600
         gone = replace(first, taken_at=first.taken_at + forget_after_s + 200)  # none heard within forget_after_h
         assert listing.body(gone) == encoded(gone) and MachineList.model_validate_json(listing.body(gone)).machines == []
+
+
+def test_a_row_encoded_without_its_model_is_the_one_pydantic_encodes(tmp_path):
+    """A row whose numbers are all floats is encoded from its fields, without a MachineInfo; one holding an int (as
+    a saved alarm decoded from JSON may) from the model, which makes it a float; either is what pydantic encodes."""
+    with serving(tmp_path) as running:
+        feed(running.agent)
+        snap = snapshot(running.agent)
+        model, bands, now = snap.model, health_bands(snap.model), snap.taken_at
+        views = snap.latest.machines(snap.records)
+        whole = {"health": 40, "p_failure": 0.5, "risk": {"HDF": 1, "OSF": 0.25}}  # ints: not from this agent
+        nan = [view._replace(reading=replace(view.reading, health=float("nan"),
+                                             values={**view.reading.values, "torque": 1e16})) for view in views]
+        ints = [view._replace(alarm={**(view.alarm or {}), "state": "alarm", "shown": whole}) for view in views]
+        ints += [view._replace(reading=replace(view.reading, values={**view.reading.values, "torque": 40}))
+                 for view in views]
+        for view, all_floats in [(view, True) for view in (*views, *nan)] + [(view, False) for view in ints]:
+            fields = row_fields(view.reading, view.alarm, model, view.trend, bands)
+            assert floats(fields) is all_floats
+            row = _row(view, model, bands)
+            info = MachineInfo(**machine_fields(view.reading, view.alarm, model, now, view.trend, bands))
+            assert row.head + to_json(info.last_reading_age_s) + row.tail == ROW.dump_json(info)
+            assert row.head.endswith(AGE)
 
 
 def test_a_reading_committed_after_the_rows_were_encoded_is_listed(tmp_path):
