@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
+from array import array
 from collections.abc import Iterable, Mapping
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeAlias, cast
 
 from agent.alarms import Seen, saved_alarm
 from agent.store import StoredReading
@@ -26,6 +26,9 @@ from agent.store import StoredReading
 log = logging.getLogger(__name__)
 
 TREND_POINTS = 60  # readings in each machine's trend on /api/v1/machines
+# A trend: an array('H') of tenths (2 bytes a point; a deque of float pointers took about 0.8 kB a machine), or an
+# array('d') once a point is not a tenth from 0 to 100 (see _appended).
+Trend: TypeAlias = "array[int] | array[float]"  # array is not subscriptable at run time before 3.12
 
 
 class Source(Protocol):
@@ -54,7 +57,7 @@ class LatestReadings:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._latest: dict[str, StoredReading] = {}
-        self._trends: dict[str, deque[float]] = {}
+        self._trends: dict[str, Trend] = {}
         self._alarms: dict[str, Seen] = {}  # each machine's alarm as saved (MachineAlarm.to_json())
         self._loaded = False  # from the store, since the start or the last forget()
         self._version = 0  # of the last change
@@ -76,10 +79,8 @@ class LatestReadings:
                 if newest is not None and reading.ts <= newest.ts:
                     continue
                 self._latest[reading.machine_id] = reading
-                trend = self._trends.get(reading.machine_id)
-                if trend is None:
-                    trend = self._trends[reading.machine_id] = deque(maxlen=TREND_POINTS)
-                trend.append(rounded(reading.health))
+                trend = self._trends.get(reading.machine_id, _EMPTY)
+                self._trends[reading.machine_id] = _appended(trend, rounded(reading.health))
                 self._changed[reading.machine_id] = self._version
 
     def forget(self) -> None:
@@ -92,7 +93,7 @@ class LatestReadings:
         with self._lock:
             if not self._loaded:
                 self._load(source)
-            return [(reading, list(self._trends[machine_id])) for machine_id, reading in self._latest.items()]
+            return [(reading, _points(self._trends[machine_id])) for machine_id, reading in self._latest.items()]
 
     def machines(self, source: Source) -> tuple[MachineView, ...]:
         """Each machine's newest reading, trend and saved alarm, and the version of them: the same tuple until
@@ -109,7 +110,7 @@ class LatestReadings:
         version = self._changed[machine_id]
         view = self._views.get(machine_id)
         if view is None or view.version != version:
-            view = self._views[machine_id] = MachineView(reading, list(self._trends[machine_id]),
+            view = self._views[machine_id] = MachineView(reading, _points(self._trends[machine_id]),
                                                          self._alarms.get(machine_id), version)
         return view
 
@@ -125,7 +126,7 @@ class LatestReadings:
         """Under the lock, so no commit is applied meanwhile; one applied just before is in the store too, and the
         ts rule above keeps it from counting twice."""
         latest = source.latest_by_machine()
-        trends = {}
+        trends: dict[str, Trend] = {}
         for machine_id, reading in latest.items():
             known = self._latest.get(machine_id)
             if known is not None and known.ts >= reading.ts and len(self._trends[machine_id]) == TREND_POINTS:
@@ -133,9 +134,10 @@ class LatestReadings:
                 latest[machine_id] = known
                 continue
             points = source.trend(machine_id, TREND_POINTS)
-            trends[machine_id] = deque((rounded(h) for _, h in points), maxlen=TREND_POINTS)
-            if not points:
-                trends[machine_id].append(rounded(reading.health))
+            trend: Trend = _EMPTY
+            for health in [h for _, h in points] or [reading.health]:
+                trend = _appended(trend, rounded(health))
+            trends[machine_id] = trend
         alarms = {}
         for machine_id, text in source.machines("$.alarm").items():
             alarm = saved_alarm(text)
@@ -150,10 +152,35 @@ class LatestReadings:
 
 
 def rounded(health: float) -> float:
-    """To 0.1: plenty for a sparkline. Each of the 1,001 values from 0 to 100 is one shared float, so the trends of
-    thousands of machines hold pointers, not a float object per point (about 2 MB at 2,000 machines)."""
+    """To 0.1: plenty for a sparkline. Each of the 1,001 values from 0 to 100 is one shared float, so the trends'
+    lists of thousands of machines hold pointers, not a float object per point (about 2 MB at 2,000 machines)."""
     value = round(float(health), 1)
     return _STEPS.setdefault(value, value) if 0.0 <= value <= 100.0 else value
 
 
 _STEPS: dict[float, float] = {}
+
+
+# A trend's tenths come back as the shared floats of rounded(): the status API shows what the floats would show.
+_TENTHS = tuple(_STEPS.setdefault(k / 10, k / 10) for k in range(1001))
+_EMPTY: array[int] = array("H")
+
+
+def _appended(trend: Trend, point: float) -> Trend:
+    """The trend with `point` appended and its oldest dropped beyond TREND_POINTS: the same array, but for _EMPTY
+    (shared) and a first point that is not a tenth (the array becomes one of floats)."""
+    tenths = round(point * 10) if 0.0 <= point <= 100.0 else -1  # and not NaN
+    if trend.typecode == "H" and tenths >= 0 and _TENTHS[tenths] == point:
+        grown: Trend = array("H") if trend is _EMPTY else trend
+        grown.append(tenths)
+    else:
+        floats = array("d", _points(trend)) if trend.typecode == "H" else cast("array[float]", trend)
+        floats.append(point)
+        grown = floats
+    if len(grown) > TREND_POINTS:
+        del grown[:len(grown) - TREND_POINTS]
+    return grown
+
+
+def _points(trend: Trend) -> list[float]:
+    return [_TENTHS[t] for t in cast("array[int]", trend)] if trend.typecode == "H" else list(trend)

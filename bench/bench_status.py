@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int)
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so that the ExitStack below stops what it started
-    repeats = args.repeats or (1 if args.quick else 5)
+    repeats = args.repeats or (1 if args.quick else 7)
     flood_n, rounds = (10_000, 100) if args.quick else (50_000, 300)  # under paho's 65,535 message ids in flight
     messages, _ = telemetry(flood_n, seed=3, machines=MACHINES)
 

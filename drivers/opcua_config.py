@@ -29,6 +29,7 @@ This module imports no OPC UA library: the gateway's configuration loads without
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -116,6 +117,13 @@ class OpcuaMachine(BaseModel):
     machine_id: MachineId
     machine_type: MachineType
     nodes: dict[str, Annotated[OpcuaNode, BeforeValidator(_shorthand)]] = Field(min_length=1)  # input -> node
+
+    @field_validator("nodes")
+    @classmethod
+    def _shared_names(cls, nodes: dict[str, OpcuaNode]) -> dict[str, OpcuaNode]:
+        # The input names are the same few on every machine: one string each, not one per node (and the driver's
+        # per-machine state keys on them).
+        return {sys.intern(name): node for name, node in nodes.items()}
 
 
 class OpcuaServer(BaseModel):

@@ -55,30 +55,38 @@ def _describe(value: Any) -> str:
 Emit = Callable[[dict[str, float | Unusable], float | None], None]  # (values, source timestamp) -> None
 
 
+_NONE: Any = object()  # no value yet
+
+
 class MachineReadings:
     """One machine's latest values; see the module docstring. Lives on the driver's event loop."""
 
-    __slots__ = ("_changed", "_emit", "_latest", "_stamp", "_ts", "duplicates", "inputs")  # thousands of machines
+    # Thousands of machines: slots, and lists by input position rather than dicts and a set (about 2 MB less at
+    # 2,000 machines).
+    __slots__ = ("_changed", "_emit", "_latest", "_raw", "_source_ts", "_ts", "duplicates", "inputs")
 
     def __init__(self, inputs: tuple[str, ...], emit: Emit) -> None:
         self.inputs = inputs
         self._emit = emit
-        self._latest: dict[str, float | Unusable] = {}
-        self._stamp: dict[str, tuple[Any, Any]] = {}  # input -> (raw value, source timestamp) last applied
-        self._changed: set[str] = set()
+        self._latest: list[float | Unusable] = [_NONE] * len(inputs)
+        # each input's (raw value, source timestamp) last applied
+        self._raw: list[Any] = [_NONE] * len(inputs)
+        self._source_ts: list[float | None] = [None] * len(inputs)
+        self._changed: list[int] = []  # the inputs changed since the last flush
         self._ts: float | None = None  # the newest source timestamp among the changes not yet flushed
         self.duplicates = 0  # values seen again after a reconnect, skipped
 
     def update(self, name: str, raw: Any, value: float | Unusable, source_ts: float | None) -> None:
-        stamp = (raw, source_ts)
-        if self._stamp.get(name) == stamp and source_ts is not None:
+        index = self.inputs.index(name)
+        known = self._raw[index]
+        if source_ts is not None and self._source_ts[index] == source_ts and (known is raw or known == raw):
             self.duplicates += 1
             return
-        if name in self._changed:
+        if index in self._changed:
             self.flush()
-        self._stamp[name] = stamp
-        self._latest[name] = value
-        self._changed.add(name)
+        self._raw[index], self._source_ts[index] = raw, source_ts
+        self._latest[index] = value
+        self._changed.append(index)
         if source_ts is not None and (self._ts is None or source_ts > self._ts):
             self._ts = source_ts
 
@@ -87,9 +95,9 @@ class MachineReadings:
             return
         self._changed.clear()
         ts, self._ts = self._ts, None
-        if len(self._latest) == len(self.inputs):
-            self._emit(dict(self._latest), ts)
+        if self.complete:
+            self._emit(dict(zip(self.inputs, self._latest, strict=True)), ts)
 
     @property
     def complete(self) -> bool:
-        return len(self._latest) == len(self.inputs)
+        return _NONE not in self._latest

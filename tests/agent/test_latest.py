@@ -81,3 +81,18 @@ def test_a_machine_changes_with_an_alarm_saved_without_a_reading(tmp_path: Path)
         latest.committed([reading("b", 2.0, 70.0)])
         again = {m.reading.machine_id: m for m in latest.machines(store)}
         assert again["a"] is after["a"] and again["b"].trend == [60.0, 70.0] and after["b"].trend == [60.0]
+
+
+def test_a_trend_keeps_its_points_exactly_outside_the_tenths_too(tmp_path: Path):
+    # Trends are kept as tenths from 0 to 100 (2 bytes a point); any other health (a model mapping beyond 0-100,
+    # NaN) turns the machine's trend into floats, and the status API shows the same numbers either way.
+    healths = [0.0, 12.3, 100.0, 100.05, 150.25, -3.0, float("nan"), 42.42] + [55.5] * TREND_POINTS
+    with Store.open(tmp_path / "agent.db") as store:
+        latest = LatestReadings()
+        trends(latest, store)  # an empty store: from now on, the commits
+        for t, health in enumerate(healths[:8]):
+            latest.committed([reading("a", float(t), health)])
+        shown = trends(latest, store)["a"][1]
+        assert repr(shown) == repr([0.0, 12.3, 100.0, 100.0, 150.2, -3.0, float("nan"), 42.4])
+        latest.committed(reading("a", 8.0 + t, health) for t, health in enumerate(healths[8:]))
+        assert trends(latest, store)["a"][1] == [55.5] * TREND_POINTS

@@ -20,13 +20,14 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 pytest.importorskip("asyncua", reason="the opcua extra: pip install 'pdm-edge[opcua]'")
 
 from drivers.base import RawReading
-from drivers.opcua import OpcuaDriver, backoff_s
+from drivers.opcua import OpcuaDriver, _release_when_queued, _share_one_node, backoff_s
 from drivers.opcua_config import OpcuaServer
 from drivers.simulator import INPUTS
 from drivers.simulator_opcua import node_config
@@ -91,7 +92,7 @@ def values(reading: RawReading) -> dict[str, float]:
     return {name: reading.fields[name] for name in INPUTS}
 
 
-def test_each_change_makes_a_reading_with_the_latest_values_exactly_as_written(servers, driver_for):
+def test_each_change_makes_a_reading_with_the_latest_values_exactly_as_written(servers, driver_for, caplog):
     port = servers.serve({"m1": "L", "m2": "H"})
     driver, sink = driver_for([fast(node_config({"m1": "L", "m2": "H"}, port))])
     until(lambda: sink.of("m1") and sink.of("m2"), what="the initial readings")
@@ -107,6 +108,14 @@ def test_each_change_makes_a_reading_with_the_latest_values_exactly_as_written(s
     assert len(sink.of("m2")) == 1  # m2 did not change
     status = device(driver, f"127.0.0.1:{port}")
     assert status["connected"] and status["monitored_items"] == 10 and status["readings"] == 3
+    # The publish responses emptied once queued, one Node for all items: on with the asyncua installed (2.1).
+    assert "memory trims are off" not in caplog.text
+
+
+def test_the_memory_trims_step_aside_where_asyncua_keeps_its_state_otherwise():
+    other = SimpleNamespace(uaclient=SimpleNamespace(), _monitored_items=[])  # another asyncua's shapes
+    assert not _release_when_queued(other, SimpleNamespace(subscription_id=1), None)
+    assert not _share_one_node(other, other)
 
 
 def test_scale_and_offset_apply_and_a_text_value_is_rejected_with_its_reason(servers, driver_for):
