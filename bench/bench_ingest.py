@@ -130,16 +130,15 @@ class AgentProcess:
     """`pdm-edge run` in a subprocess on its own data dir and client id, with a commit poller and RSS sampler; its
     status API on a free loopback port (`status_url`)."""
 
-    def __init__(self, broker: Mosquitto, workdir: Path, client_id: str | None = None) -> None:
+    def __init__(self, broker: Mosquitto, workdir: Path) -> None:
         workdir.mkdir(parents=True)
-        self.client_id = client_id or f"pdm-bench-{uuid.uuid4().hex[:8]}"
         self.db_path = workdir / "data" / "agent.db"
         self.log = workdir / "agent.log"
         config = workdir / "agent.toml"
         status_port = free_port()
         config.write_text("\n".join([
             'gateway_id = "bench"', f'data_dir = "{workdir / "data"}"', 'log_format = "json"', "[mqtt]",
-            f'url = "{broker.url}"', f'client_id = "{self.client_id}"',
+            f'url = "{broker.url}"', f'client_id = "pdm-bench-{uuid.uuid4().hex[:8]}"',
             'default_machine_type = "M"', "[status]", f'bind = "127.0.0.1:{status_port}"']) + "\n")
         self.status_url = f"http://127.0.0.1:{status_port}"
         # No PDM_ variables, credentials or .env of ours: the agent sees only this config (cwd is the workdir).

@@ -5,9 +5,8 @@ Run: python -m bench.bench_status [--quick] [--repeats N]   (writes the `status`
 
 Each measurement gets a freshly restarted throwaway Mosquitto and a fresh `pdm-edge run` (bench_ingest's
 AgentProcess: its own data dir, client id and status port). Ingest: a backlog of default-format payloads over 500
-machines, queued by the broker for the agent's MQTT session before the agent starts (as after an outage), drained
-by the agent as fast as it can: rate = readings committed / time, from its status API's first answer to the last
-commit; once with a client that fetches what the page's script fetches at each refresh of its overview
+machines, published while the agent is paused (SIGSTOP, after it subscribed and its status API answered), drained
+by the agent as fast as it can once it goes on (SIGCONT): rate = readings / (SIGCONT → last commit); once with a client that fetches what the page's script fetches at each refresh of its overview
 (/api/v1/status, then /api/v1/machines) every second, once without; the order alternates between runs. A backlog,
 not a live flood: the agent keeps up with one paho publisher, so a flood's rate would be the publisher's. Latency: after the unpolled flood,
 with the agent idle and 500 machines in its store, sequential GETs on one keep-alive connection, each timed from
@@ -25,23 +24,17 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Self
 
-import paho.mqtt.client as mqtt
 import requests
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from bench.bench_ingest import AgentProcess, percentile, publish, telemetry
 from bench.report import cpu_seconds, median_spread, table, write_section
 from testkit.mqtt import Mosquitto
 
 MACHINES = 500
-TOPIC = "pdm/+/telemetry"  # the agent's default subscription
 POLL_S = 1.0
 PAGE_REFRESH = ("/api/v1/status", "/api/v1/machines")  # what agent/static/status.html fetches for its overview
 DETAIL = "/api/v1/machines/m07?history=300"  # what the page fetches for a machine's detail view, besides the status
@@ -77,45 +70,26 @@ class PagePoller:
                 next_at += POLL_S
 
 
-def queue_session(broker: Mosquitto, client_id: str) -> None:
-    """The agent's MQTT session made on the broker before the agent starts, subscribed as the agent subscribes: the
-    broker queues what is published meanwhile and hands it over when the agent resumes the session."""
-    subscribed = threading.Event()
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    client.on_subscribe = lambda *_: subscribed.set()
-    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho's, unannotated
-    properties.SessionExpiryInterval = 3600
-    client.connect(broker.host, broker.port, clean_start=True, properties=properties)
-    client.loop_start()
-    try:
-        client.subscribe(TOPIC, qos=1)
-        if not subscribed.wait(10):
-            raise RuntimeError(f"no SUBACK for {client_id}")
-    finally:
-        client.disconnect()
-        client.loop_stop()
-
-
 def flood(broker: Mosquitto, workdir: Path, messages: list, stack: ExitStack,
           polled: bool) -> tuple[dict, AgentProcess]:
     """The agent's rate and CPU per reading draining `messages` queued for it, the page polled meanwhile or not; and
     the agent, still up."""
-    client_id = f"pdm-bench-{uuid.uuid4().hex[:8]}"
-    queue_session(broker, client_id)
-    publish(broker, messages)
-    agent = AgentProcess(broker, workdir, client_id)
+    agent = AgentProcess(broker, workdir)
     stack.callback(agent.stop)
     agent.wait_subscribed()
     # The status API loads at its first request (agent/status/server.py OnFirstUse): made before the window in both
     # runs, so this compares the cost of polling, not the one-time load (the startup section's spawn → /readyz has it).
     requests.get(f"{agent.status_url}/api/v1/status", timeout=30).raise_for_status()
-    started, cpu_before = time.time(), cpu_seconds(agent.process.pid)
-    done_before = agent.commits[-1][2] if agent.commits else 0
+    os.kill(agent.process.pid, signal.SIGSTOP)  # the backlog builds up at the broker and in the agent's socket
+    try:
+        publish(broker, messages)
+    finally:
+        started, cpu_before = time.time(), cpu_seconds(agent.process.pid)
+        os.kill(agent.process.pid, signal.SIGCONT)
     with PagePoller(agent.status_url) if polled else nullcontext() as poller:
         agent.wait_committed(len(messages))
-    drained = len(messages) - done_before
-    result = {"rate": drained / (agent.commit_time(len(messages)) - started),
-              "cpu_us": (cpu_seconds(agent.process.pid) - cpu_before) / drained * 1e6, "drained": drained}
+    result = {"rate": len(messages) / (agent.commit_time(len(messages)) - started),
+              "cpu_us": (cpu_seconds(agent.process.pid) - cpu_before) / len(messages) * 1e6}
     if poller is not None:
         result["refreshes"] = len(poller.refresh_ms)
         result["refresh_p50"] = percentile(poller.refresh_ms, 0.5)
@@ -188,7 +162,7 @@ def main() -> None:
                  (f"{names[path]}, p50", figure("latency", f"{path} p50") + " ms", ""),
                  (f"{names[path]}, agent CPU per request", figure("latency", f"{path} cpu") + " ms", "")]
     rows += [
-        ("ingest, page not polled (a queued backlog drained)", figure("quiet", "rate", "{:,.0f}") + " readings/s",
+        ("ingest, page not polled (a backlog drained: SIGCONT → last commit)", figure("quiet", "rate", "{:,.0f}") + " readings/s",
          ""),
         ("ingest, page polled every second", figure("polled", "rate", "{:,.0f}") + " readings/s", ""),
         ("ingest polled / not polled", median_spread(ratios, "{:.3f}"), "≥ 0.95"),
@@ -201,19 +175,18 @@ def main() -> None:
     ]
     body = table(rows) + (
         f"\n\n{repeats} runs{' (--quick)' if args.quick else ''}. Each run: two backlogs of {flood_n:,} default-format "
-        f"payloads over {MACHINES} machines (QoS 1, queued by a throwaway Mosquitto, restarted before each, for the "
-        f"agent's MQTT session before the agent starts), each drained by a fresh `pdm-edge run` (default config, its "
-        f"status API on 127.0.0.1), as fast as it can: the rate is the agent's, not a publisher's; readings and time "
-        f"are counted from the status API's first answer (after the session resumed) to the last commit, "
-        f"{figure('quiet', 'drained', '{:,.0f}')} readings counted of each unpolled backlog; during one of them a "
-        f"client fetches what the page fetches at each refresh of its overview "
+        f"payloads over {MACHINES} machines (QoS 1, through a throwaway Mosquitto restarted before each), each "
+        f"published while a fresh `pdm-edge run` (default config, its status API on 127.0.0.1, already answering) is "
+        f"paused by SIGSTOP, then drained by it as fast as it can from SIGCONT to its last commit: the rate is the "
+        f"agent's, not a publisher's (the agent keeps up with one paho publisher); during one of them a client "
+        f"fetches what the page fetches at each refresh of its overview "
         f"({' then '.join(PAGE_REFRESH)}) every {POLL_S:g} s, as the page would if it refreshed every second (it "
         f"refreshes every 5 s); the order alternates from run to run. Latency: after the unpolled flood, the agent "
         f"idle with {MACHINES} machines and {flood_n // MACHINES} readings each in its store, {rounds} sequential "
         f"GETs of each endpoint in turn on one keep-alive connection (after a warm-up request), from sending the "
         f"request to the last byte; p50 and p99 per run, then their median and spread over the runs; the agent's CPU "
         f"time (user + system, /proc) over each endpoint's requests, divided by their number. CPU per reading: the "
-        f"agent's CPU time over the same window, divided by the readings committed in it. The bench's "
+        f"agent's CPU time from SIGCONT to the last commit, divided by the readings. The bench's "
         f"client and the broker share the machine's cores with the agent; load average (1 min) {load_before:.1f} "
         f"before and {load_after:.1f} after the runs, so other work shared them too: the p99s carry its stalls.")
     command = "python -m bench.bench_status" + (" --quick" if args.quick else "")
