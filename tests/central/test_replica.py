@@ -76,7 +76,7 @@ def test_the_dashboard_reads_from_the_replica_and_shows_its_lag(servers, make_cl
     with psycopg.connect(replica_url, autocommit=True) as conn:
         conn.execute("SELECT pg_wal_replay_pause()")
         send(client, "plant-1", token, "press-02")
-        time.sleep(0.5)
+        wait_for(lambda: fleet(client, "plant-1")["reads"]["replica"]["lag_s"] > 0, what="the replica to fall behind")
         assert machines(client, "plant-1") == {"press-01"}
         ops = client.get("/api/v1/machines", params={"gateway": "plant-1"}, headers=OPS).json()  # ops reads too
         assert [m["machine_id"] for m in ops["machines"]] == ["press-01"]
