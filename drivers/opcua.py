@@ -309,7 +309,8 @@ class OpcuaDriver:
                 if isinstance(result, ua.StatusCode):
                     item = items.pop(handle)
                     errors[f"{item.machine.machine_id}.{item.input}"] = f"{item.node.node}: {result.name}"
-        if not (trimmed and _share_one_node(client, subscription)):
+        shared = _share_one_node(client, subscription)
+        if not (trimmed and shared):
             log.warning("OPC UA %s: this asyncua's internals differ from 2.1's: its memory trims are off (the "
                         "subscription works as before, with about 5 MB more per 10,000 items)", state.config.label)
         self._node_errors(state, errors)

@@ -32,6 +32,7 @@ NOW = TypeAdapter(datetime)
 AGE = b',"last_reading_age_s":'
 AFTER_AGE = b',"model_version":'  # the field after it: a row's JSON is cut there
 AT_REQUEST = {"last_reading_age_s"}  # encoded apart from the rest of a row
+FLOAT = {float}
 
 
 class Row(NamedTuple):
@@ -101,5 +102,3 @@ def floats(fields: dict[str, Any]) -> bool:
     return (type(fields["health"]) is type(fields["reading_health"]) is type(fields["p_failure"]) is float
             and set(map(type, fields["risk"].values())) <= FLOAT and set(map(type, fields["values"].values())) <= FLOAT)
 
-
-FLOAT = {float}
