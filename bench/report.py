@@ -163,3 +163,31 @@ def cpu_seconds(pid: int) -> float:
     """CPU time (user + system) a process has used so far, all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None  # exited meanwhile: its time is in its parent's children's time once reaped
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU time used so far by a process and all its descendants, live or exited and reaped (a server's workers and
+    backends). Over an interval, a child alive at the start and reaped before the end counts whole."""
+    parents = {int(p.name): stat for p in Path("/proc").iterdir() if p.name.isdigit()
+               if (stat := _stat(int(p.name))) is not None}
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, stat in parents.items() if int(stat[1]) == parent]
+        tree.update(children)
+        frontier.extend(children)
+    return sum(sum(int(parents[pid][i]) for i in (11, 12, 13, 14)) for pid in tree if pid in parents) / os.sysconf(
+        "SC_CLK_TCK")
+
+
+def busy_cpu_seconds() -> float:
+    """CPU time this machine's cores have spent busy (anything but idle and I/O wait) since boot."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")

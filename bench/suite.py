@@ -101,12 +101,13 @@ GOALS = (
     Goal("pdm-edge / the peer: sustained MQTT readings/s", 20, "peer", r"^pdm-edge's sustained rate / the peer's",
          ">=", 5, ""),
     Goal("central at fleet scale: summaries accepted per second", 21, "central_scale", r"^ingest kept up", ">=",
-         16_700, "summaries/s"),
+         16_700, "summaries/s", quote="CPU per summary accepted"),
     Goal("central at fleet scale: ingest p99 from the batch's scheduled time", 21, "central_scale",
-         r"^ingest latency p99, from the batch's scheduled time", "<=", 500, "ms"),
-    Goal("central at fleet scale: fleet view p99", 21, "central_scale", r"^fleet view p99", "<=", 200, "ms"),
+         r"^ingest latency p99, from the batch's scheduled time", "<=", 500, "ms", quote="CPU per summary accepted"),
+    Goal("central at fleet scale: fleet view p99", 21, "central_scale", r"^fleet view p99", "<=", 200, "ms",
+         quote="CPU per summary accepted"),
     Goal("central at fleet scale: slowest ingest request during a partition drop", 21, "central_scale",
-         r"^slowest ingest request during the partition drop", "<=", 1000, "ms"),
+         r"^slowest ingest request during the partition drop", "<=", 1000, "ms", quote="CPU per summary accepted"),
     Goal("ingest with notifications on / off", 18, "notify", r"^notifications on / off", ">=", 0.9, "",
          "cProfile of the API's main thread by CPU (2026-12-06, 302 batches of 500 summaries, 4 deliveries each): "
          "with the worker in the API process, its rounds (claim, mark, digests) and sends took about 2.1 of 24.8 s, "

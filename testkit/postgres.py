@@ -65,7 +65,8 @@ def postgres_binaries() -> Path:
 
 
 class ThrowawayPostgres(Postgres):
-    """A private PostgreSQL server in a temporary folder, on 127.0.0.1 only, trust authentication, fsync off.
+    """A private PostgreSQL server in a temporary folder, on 127.0.0.1 only, trust authentication, fsync off unless
+    made `durable`.
 
     initdb and pg_ctl refuse to run as root: as root, they run as `nobody` (runuser) in a folder under /tmp owned by
     nobody (pytest's own temporary folders are closed to other users). `stop()` is idempotent; `start()` after
@@ -87,17 +88,24 @@ class ThrowawayPostgres(Postgres):
         return self.folder / "postgres.log"
 
     @classmethod
-    def create(cls, port: int | None = None, timeout: float = 60.0) -> ThrowawayPostgres:
+    def create(cls, port: int | None = None, timeout: float = 60.0, *, durable: bool = False,
+               conf: Path | None = None, binaries: Path | None = None) -> ThrowawayPostgres:
+        """`durable`: fsync and full-page writes on, as in production (for benchmarks; tests run without them).
+        `conf`: a settings file included by postgresql.conf (e.g. deploy/postgresql/pdm-central.conf)."""
         import tempfile
 
-        binaries = postgres_binaries()
         folder = Path(tempfile.mkdtemp(prefix="pdm-postgres-"))
-        server = cls(binaries, folder, port or free_port())
+        server = cls(binaries or postgres_binaries(), folder, port or free_port())
+        server._state["durable"] = durable
         try:
             if os.geteuid() == 0:
                 shutil.chown(folder, "nobody")
             server._run("initdb", "-D", str(folder / "data"), "-U", POSTGRES_USER, "--auth=trust", "--no-sync",
                         "--encoding=UTF8", "--locale=C", timeout=timeout)
+            if conf is not None:
+                shutil.copyfile(conf, folder / "data" / conf.name)
+                with (folder / "data" / "postgresql.conf").open("a") as main:
+                    main.write(f"\ninclude '{conf.name}'\n")
             server.start(timeout)
         except BaseException:
             server.close()
@@ -143,7 +151,9 @@ class ThrowawayPostgres(Postgres):
             return
         if port_open(self.host, self.port):
             raise ServiceError(f"port {self.port} is already in use: cannot start PostgreSQL on it")
-        options = f"-h {self.host} -p {self.port} -k {self.folder} -c fsync=off -c full_page_writes=off"
+        options = f"-h {self.host} -p {self.port} -k {self.folder}"
+        if not self._state.get("durable"):
+            options += " -c fsync=off -c full_page_writes=off"
         self._run("pg_ctl", "-D", str(self.folder / "data"), "-l", str(self.log), "-w", "-t", str(int(timeout)),
                   "-o", options, "start", timeout=timeout + 5)
         self._state["running"] = True
