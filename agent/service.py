@@ -8,6 +8,8 @@ verification is refused and the running one goes on scoring.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import logging
 import os
@@ -355,7 +357,7 @@ def run(config: AgentConfig) -> int:
         log.error("cannot start: %s", exc)
         agent.stop()
         return 1
-    gc.freeze()  # what start-up allocated lives as long as the process: keep full collections from scanning it
+    _settle_memory()
     systemd.send("READY=1", f"STATUS=gateway {config.gateway_id}: running")
     next_ping = 0.0
     while not stop.wait(0.2):
@@ -368,6 +370,15 @@ def run(config: AgentConfig) -> int:
     log.info("stopping")
     systemd.send("STOPPING=1")
     return 0 if agent.stop() else 1
+
+
+def _settle_memory() -> None:
+    """Once started: start-up's garbage collected, what remains frozen (it lives as long as the process: full
+    collections skip it), and the C heap's free pages given back to the system, which glibc otherwise keeps."""
+    gc.collect()
+    gc.freeze()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (musl has no malloc_trim): nothing to give back
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _watchdog(systemd: Notifier, pipeline: Pipeline, next_ping: float) -> float:
