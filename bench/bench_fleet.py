@@ -16,6 +16,7 @@ Run: python -m bench.bench_fleet [--quick] [--repeats N]   (writes the `fleet` s
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 import threading
@@ -162,6 +163,7 @@ def main() -> None:
     parser.add_argument("--gateways", type=int, default=1000)
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so that the ExitStack stops what it started
     n = 10_000 if args.quick else 30_000
     scratch = output_root() / ".bench"
     scratch.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ HTTP, central's validation and insert, and marking the records synced in SQLite.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 import time
@@ -78,6 +79,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=BATCH)
     args = parser.parse_args()
     count = 10_000 if args.quick else BACKLOG
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so that the ExitStack stops what it started
     repeats = 1 if args.quick else args.repeats
     with ExitStack() as stack:
         url, where = bench_database(stack)
