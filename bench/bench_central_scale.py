@@ -50,7 +50,7 @@ import psycopg
 import requests
 
 from bench.bench_central import bench_database
-from bench.report import busy_cpu_seconds, table, tree_cpu_seconds, write_section
+from bench.report import busy_cpu_seconds, proc_stat, table, tree_cpu_seconds, write_section
 from central import auth, db
 from model.package import load
 from sync.onchange import OnChange, OnChangeConfig
@@ -259,7 +259,7 @@ class CpuSplit:
 def postmaster_pid(url: str) -> int:
     with psycopg.connect(url) as conn:  # read while the backend lives
         backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
-        return int(Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        return int(proc_stat(backend)[1])
 
 
 def ms(seconds: float) -> str:

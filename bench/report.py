@@ -159,15 +159,20 @@ def trailers(text: str) -> dict[str, str]:
     return {m["name"]: tail for m, end in zip(matches, ends, strict=True) if (tail := text[m.end():end].strip())}
 
 
+def proc_stat(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name: [1] is the parent, [11:15] the CPU times in clock ticks."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pid: int) -> float:
     """CPU time (user + system) a process has used so far, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = proc_stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _stat(pid: int) -> list[str] | None:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return proc_stat(pid)
     except (FileNotFoundError, ProcessLookupError):
         return None  # exited meanwhile: its time is in its parent's children's time once reaped
 
