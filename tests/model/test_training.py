@@ -139,7 +139,9 @@ def test_a_model_trained_with_another_seed_and_size_records_them_and_evaluates_t
     manifest = Manifest.load(trained_candidate)
     assert manifest.version == "2.0.0" and manifest.training.seed == 7
     assert manifest.training.split.endswith("random_state=7")
-    assert all("n_estimators=12," in text for text in manifest.training.estimators.values())
+    estimators = manifest.training.estimators
+    assert "n_estimators=12," in estimators["failure"]  # and each mode half as many
+    assert all("n_estimators=6," in estimators[mode] for mode in manifest.outputs.modes)
     assert "--seed 7 --trees 12 --model-version 2.0.0" in manifest.training.command
     assert manifest.onnx.sha256 != Manifest.load(SHIPPED).onnx.sha256
     done = subprocess.run([Path(sys.executable).with_name("pdm-edge"), "model", "evaluate", trained_candidate,
