@@ -12,9 +12,12 @@ offer() (taken without waiting, on the driver's event loop) and put().
 
 Paced: every device at interval_s = 1 for the window; a reading's `ts` is when its request was sent (the driver
 stamps it), so its jitter is `ts` minus the tick of the device's own grid it belongs to (the driver spreads the 200
-devices over the second: device i polls at k + i / 200 s, its `phase_s` in the driver's status). Rate: K devices at a tiny interval_s (the driver
-skips the ticks that fall while a poll runs, so a device polls back to back) against K bare AsyncModbusTcpClients,
-each awaiting read_holding_registers in a loop, on the same K ports of the same server process, in the same run.
+devices over the second: device i polls at k + i / 200 s, its `phase_s` in the driver's status). Rate (issue 4: "the
+agent's Modbus readings/s when polling as fast as it can, as a ratio to a bare pymodbus client loop"): K devices at
+an interval_s far below a poll's time (the driver skips the ticks that fall while a poll runs, so a device polls back
+to back, as the bare loop does) against K bare AsyncModbusTcpClients, each awaiting read_holding_registers in a loop,
+on the same K ports of the same server process, in the same run. Also at interval_s 0.001, for information: there
+the 1 ms grid itself caps K devices at K × 1,000 polls/s, and a poll that overruns its tick waits for the next one.
 The sink only counts (and, paced, keeps ts and received_at): the pipeline behind it is bench_ingest's subject.
 Every process it starts is stopped on exit, error included.
 """
@@ -48,7 +51,7 @@ from drivers.registers import encode
 LOCALHOST = "127.0.0.1"
 DEVICES = 200
 FAST_DEVICES = 20
-FAST_INTERVALS_S = (0.001, 0.0001)  # the first one's rate is the ratio's numerator
+FAST_INTERVALS_S = (0.0001, 0.001)  # the first one's rate is the ratio's numerator: back to back, grid never binding
 TYPE_KEY = "type"
 REGISTERS = {  # 6 contiguous registers: one request per poll
     "air_temperature": Register(address=0, type="int16", scale=0.1),
@@ -479,9 +482,10 @@ def main() -> None:
     def figure(phase: str, key: str, fmt: str = "{:,.0f}") -> str:
         return median_spread([run[key] for run in runs[phase]], fmt)
 
-    fast, tiny = (f"driver {i}" for i in FAST_INTERVALS_S)
+    fast, grid = (f"driver {i}" for i in FAST_INTERVALS_S)
     ratios = [d["rate"] / b["rate"] for d, b in zip(runs[fast], runs["bare"])]
-    tiny_ratios = [d["rate"] / b["rate"] for d, b in zip(runs[tiny], runs["bare"])]
+    grid_ratios = [d["rate"] / b["rate"] for d, b in zip(runs[grid], runs["bare"])]
+    grid_ms, grid_cap = FAST_INTERVALS_S[1] * 1000, FAST_DEVICES / FAST_INTERVALS_S[1]
     cpu_ratios = [d["cpu_us"] / b["cpu_us"] for d, b in zip(runs[fast], runs["bare"])]
     n = DEVICES
     rows = [
@@ -505,11 +509,11 @@ def main() -> None:
         ("paced: full (gen 2) garbage collections in the window; longest",
          f"{figure('paced', 'gc_full')}; {figure('paced', 'gc_full_max_ms', '{:.1f}')} ms", ""),
         (f"rate: bare AsyncModbusTcpClient loop, {FAST_DEVICES} connections", figure("bare", "rate") + " reads/s", ""),
-        (f"rate: ModbusDriver, {FAST_DEVICES} devices at interval_s = {FAST_INTERVALS_S[0]:g}",
+        (f"rate: ModbusDriver, {FAST_DEVICES} devices polling back to back (interval_s = {FAST_INTERVALS_S[0]:g})",
          figure(fast, "rate") + " readings/s", ""),
         ("rate: driver / bare", median_spread(ratios, "{:.2f}"), f"≥ {RATIO_GOAL}"),
-        (f"rate: ModbusDriver at interval_s = {FAST_INTERVALS_S[1]:g}; / bare",
-         f"{figure(tiny, 'rate')} readings/s; {median_spread(tiny_ratios, '{:.2f}')}", ""),
+        (f"rate: ModbusDriver on a {grid_ms:g} ms grid (interval_s {FAST_INTERVALS_S[1]:g}: ≤ {grid_cap:,.0f}/s); / bare",
+         f"{figure(grid, 'rate')} readings/s; {median_spread(grid_ratios, '{:.2f}')}", ""),
         ("rate: client-process CPU per read, bare", figure("bare", "cpu_us", "{:.0f}") + " µs", ""),
         (f"rate: client-process CPU per reading, driver (interval_s = {FAST_INTERVALS_S[0]:g})",
          figure(fast, "cpu_us", "{:.0f}") + " µs", ""),
