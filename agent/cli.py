@@ -485,8 +485,8 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=SEED,
                        help="random seed of the split, the folds and the trees (default %(default)s: the shipped model)")
     train.add_argument("--trees", type=_count, default=TREES,
-                       help="trees of the failure forest, each mode half as many (default %(default)s: the shipped model; "
-                            "fewer: quicker, weaker)")
+                       help="trees of the failure forest, each mode half as many (default %(default)s: the shipped "
+                            "model; fewer: quicker, weaker)")
     train.add_argument("--model-version", default=VERSION,
                        help="the package's version (default %(default)s); a model to roll out needs its own")
     train.set_defaults(handler=_train)

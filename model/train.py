@@ -41,7 +41,7 @@ from model.precision import THRESHOLD_DIGITS, threshold_above, threshold_at_or_b
 NAME = "ai4i-failure"
 VERSION = "1.0.0"
 SEED = 42  # of the split, the folds and the estimators; `pdm-edge train --seed` picks another
-TREES = 30  # of the failure forest, each mode half as many; `pdm-edge train --trees` picks another (fewer: quicker, weaker)
+TREES = 30  # of the failure forest, each mode half as many; `pdm-edge train --trees` another (fewer: quicker, weaker)
 FOLDS = 5
 ALARM_MIN_PRECISION = 0.90  # on out-of-fold predictions: at most one false alarm in ten
 MODE_MIN_PRECISION = 0.50  # a mode's risk flag: at least one flagged reading in two really fails that way
@@ -76,11 +76,11 @@ def estimator(target: str, seed: int = SEED, trees: int = TREES) -> Any:  # an u
     if target == "failure":
         # Sizes chosen on out-of-fold ROC-AUC and scoring speed (BENCHMARKS.md), never on the test part: 30 trees
         # with leaves of at least 10 readings (and 30-tree mode models, since halved: mode_trees) reach 0.983 out of
-        # fold where 60 trees with leaves of 1 reached 0.978, at twice the rows per second. Those leaves also grade the risk of a machine
-        # drifting towards a rule's boundary (warning before alarm, tests/test_demo.py), which 30 trees with single-
-        # reading leaves did not, nor gradient boosting (as good out of fold, but from ok straight to alarm). One job:
-        # a parallel predict_proba adds the trees' votes in whatever order the threads finish, so the last bits of
-        # the calibration (and the shipped ONNX) changed from run to run on a busy machine.
+        # fold where 60 trees with leaves of 1 reached 0.978, at twice the rows per second. Those leaves also grade
+        # the risk of a machine drifting towards a rule's boundary (warning before alarm, tests/test_demo.py), which
+        # 30 trees with single-reading leaves did not, nor gradient boosting (as good out of fold, but from ok
+        # straight to alarm). One job: a parallel predict_proba adds the trees' votes in whatever order the threads
+        # finish, so the last bits of the calibration (and the shipped ONNX) changed from run to run on a busy machine.
         return RandomForestClassifier(n_estimators=trees, max_depth=12, min_samples_leaf=10, random_state=seed,
                                       n_jobs=1)
     # Leaves of at least 20 readings: the HDF labels of readings exactly at the rule's 8.6 K boundary are float
