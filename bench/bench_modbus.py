@@ -44,7 +44,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench.report import median_spread, write_section
+from bench.report import cpu_seconds, median_spread, write_section
 from drivers.modbus import ModbusDriver, ModbusTcpDevice, Register, grid_phases
 from drivers.registers import encode
 
@@ -121,8 +121,7 @@ def cpu_s(pid: int | None = None) -> float:
     if pid is None:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return usage.ru_utime + usage.ru_stime
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return cpu_seconds(pid)
 
 
 def rss_mb() -> float:

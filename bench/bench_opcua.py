@@ -33,7 +33,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench.report import median_spread, write_section
+from bench.report import cpu_seconds, median_spread, write_section
 from drivers.simulator import INPUTS
 from testkit.net import free_port
 
@@ -115,11 +115,6 @@ def stop_process(process: subprocess.Popen) -> None:
 def rss_mb(pid: int) -> float:
     return next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
                 if line.startswith("VmRSS")) / 1024
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def bare_rate(server: ServerProcess, window_s: float, mark=lambda: None) -> dict:
@@ -211,7 +206,7 @@ def agent_run(server: ServerProcess, workdir: Path, window_s: float, sampling_ms
     rss, lags = [], []
     n0, _ = agent.rows()
     rounds0 = server.rounds()
-    cpu0, t0 = cpu_s(agent.process.pid), time.monotonic()
+    cpu0, t0 = cpu_seconds(agent.process.pid), time.monotonic()
     while time.monotonic() - t0 < window_s:
         time.sleep(0.5)
         rss.append(rss_mb(agent.process.pid))
@@ -222,7 +217,7 @@ def agent_run(server: ServerProcess, workdir: Path, window_s: float, sampling_ms
     elapsed = time.monotonic() - t0
     produced = (server.rounds() - rounds0) * server.machines
     result = {"rate": (n1 - n0) / elapsed, "share": (n1 - n0) / produced, "produced": produced / elapsed,
-              "writes": produced * len(INPUTS) / elapsed, "cpu": (cpu_s(agent.process.pid) - cpu0) / elapsed,
+              "writes": produced * len(INPUTS) / elapsed, "cpu": (cpu_seconds(agent.process.pid) - cpu0) / elapsed,
               "rss_median": sorted(rss)[len(rss) // 2], "rss_max": max(rss), "lag_max": max(lags),
               "lag_median": sorted(lags)[len(lags) // 2]}
     agent.stop()
@@ -236,7 +231,7 @@ def rate_run(server: ServerProcess, workdir: Path, window_s: float, stack: ExitS
     agent.wait_readings(server.machines * 2)
     marks: list[tuple[float, int, float]] = []
     bare = bare_rate(server, window_s, lambda: marks.append((time.monotonic(), agent.rows()[0],
-                                                              cpu_s(agent.process.pid))))
+                                                              cpu_seconds(agent.process.pid))))
     (t0, n0, cpu0), (t1, n1, cpu1) = marks
     agent.stop()
     return bare, {"rate": (n1 - n0) / (t1 - t0), "cpu": (cpu1 - cpu0) / (t1 - t0),

@@ -45,7 +45,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.bench_ingest import percentile, stop_process
-from bench.report import ROOT, save_results, write_section
+from bench.report import ROOT, cpu_seconds, save_results, write_section
 from testkit.mqtt import Mosquitto, Publisher
 from testkit.net import free_port
 
@@ -71,11 +71,6 @@ def message(seq: int) -> tuple[str, str]:
 
 def seq_of(machine_id: str, ts: float) -> int:
     return round(ts - T0) * MACHINES + int(machine_id[1:])
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:
@@ -134,7 +129,7 @@ class Side:
         self.wait_ready(before)
 
     def cpu(self) -> float:
-        return cpu_s(self.process.pid)
+        return cpu_seconds(self.process.pid)
 
     def kill9(self) -> None:
         self.process.send_signal(signal.SIGKILL)
