@@ -14,10 +14,10 @@ Paced: every device at interval_s = 1 for the window; a reading's `ts` is when i
 stamps it), so its jitter is `ts` minus the tick of the device's own grid it belongs to (the driver spreads the 200
 devices over the second: device i polls at k + i / 200 s, its `phase_s` in the driver's status). Rate (issue 4: "the
 agent's Modbus readings/s when polling as fast as it can, as a ratio to a bare pymodbus client loop"): K devices at
-an interval_s far below a poll's time (the driver skips the ticks that fall while a poll runs, so a device polls back
-to back, as the bare loop does) against K bare AsyncModbusTcpClients, each awaiting read_holding_registers in a loop,
+an interval_s far below a poll's time (a poll that overran its next tick is followed by the next one at once, the
+ticks passed counted as skipped: a device polls back to back, as the bare loop does) against K bare AsyncModbusTcpClients, each awaiting read_holding_registers in a loop,
 on the same K ports of the same server process, in the same run. Also at interval_s 0.001, for information: there
-the 1 ms grid itself caps K devices at K × 1,000 polls/s, and a poll that overruns its tick waits for the next one.
+the 1 ms grid itself caps K devices at K × 1,000 polls/s (a poll that ends before its next tick waits for it).
 The sink only counts (and, paced, keeps ts and received_at): the pipeline behind it is bench_ingest's subject.
 Every process it starts is stopped on exit, error included.
 """
@@ -45,7 +45,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bench.report import cpu_seconds, median_spread, write_section
-from drivers.modbus import ModbusDriver, ModbusTcpDevice, Register, grid_phases
+from drivers.modbus import ModbusDriver, ModbusTcpDevice, Register
 from drivers.registers import encode
 
 LOCALHOST = "127.0.0.1"
@@ -321,34 +321,30 @@ def driver_rate(server: ServerProcess, k: int, seconds: float, interval_s: float
     return result
 
 
-LADDER = ("bare read_holding_registers", "+ Link.read_timed (lock, a task per request, wait for answer / lost / timeout)",
-          "+ decode_response + fields + RawReading", "+ await run_in_executor(sink thread, sink.put)",
-          "+ sleep to the next 1 ms tick of its own phase (the driver's grid)")
+LADDER = ("bare read_holding_registers", "+ Link.read_timed (lock, wait for answer / lost / timeout)",
+          "+ the device's compiled ResponseDecoder + fields + RawReading",
+          "+ offered to the sink at the end of the loop's turn, then a yield (the driver polling back to back)")
 
 
 def ladder(server: ServerProcess, k: int, seconds: float, repeats: int) -> list[tuple[str, str, str]]:
     """Where the driver's time goes: the bare loop with the driver's steps added one at a time (the driver's own
     functions, one event loop, K connections), the steps interleaved `repeats` times. Returns (step, reads/s, client
     CPU µs per read) per step, as median (min–max)."""
-    import concurrent.futures
-
     from pymodbus.client import AsyncModbusTcpClient
 
     from drivers.base import RawReading
     from drivers.modbus_link import Link
-    from drivers.registers import decode_response, plan_reads
+    from drivers.registers import ResponseDecoder, plan_reads
 
-    request = plan_reads(REGISTERS)[0]
+    decoder = ResponseDecoder(plan_reads(REGISTERS)[0], REGISTERS)
 
     async def run(level: int) -> tuple[float, float]:
-        executor = concurrent.futures.ThreadPoolExecutor(1)
         sink = Sink(keep=False)
         ports = server.ports[:k]
         clients = [AsyncModbusTcpClient(LOCALHOST, port=port, timeout=2, retries=0) for port in ports]
         links = [Link.tcp(LOCALHOST, port, 1.0) for port in ports]
         loop = asyncio.get_running_loop()
         stop, count, counting = asyncio.Event(), 0, False
-        phases = grid_phases(devices(ports, 0.001))
 
         async def worker(i: int) -> None:
             nonlocal count
@@ -358,13 +354,12 @@ def ladder(server: ServerProcess, k: int, seconds: float, repeats: int) -> list[
                 else:
                     words, _ = await links[i].read_timed("holding", 0, 6, 1, 1.0)
                 if level >= 2:
-                    fields = {**decode_response(request, words, REGISTERS), TYPE_KEY: "M"}
+                    fields = decoder(words)
+                    fields[TYPE_KEY] = "M"
                     reading = RawReading(f"dev{i:03d}", time.time(), fields, "modbus:x", time.time())
                 if level >= 3:
-                    await loop.run_in_executor(executor, sink.put, reading)
-                if level >= 4:
-                    now = time.time()
-                    await asyncio.sleep((math.floor((now - phases[i]) / 0.001) + 1) * 0.001 + phases[i] - now)
+                    loop.call_soon(sink.offer, reading)
+                    await asyncio.sleep(0)
                 if counting:
                     count += 1
 
@@ -387,7 +382,6 @@ def ladder(server: ServerProcess, k: int, seconds: float, repeats: int) -> list[
             for client, link in zip(clients, links):
                 client.close()
                 link.close()
-            executor.shutdown()
 
     samples: list[list[tuple[float, float]]] = [[] for _ in LADDER]
     for _ in range(repeats):

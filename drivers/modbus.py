@@ -11,7 +11,8 @@ How the driver runs (who calls what, from which thread):
   devices that share an interval over it, so that 200 devices at 1 s do not put 200 requests on the network (or
   one serial line) in the same instant, nor on one server that answers them in turn. The task sleeps until its next
   due tick (the next one after the poll, and after the backoff of a device that stopped answering), never waking on
-  ticks it will not poll. The ticks that pass while a poll runs are skipped and counted, never stacked.
+  ticks it will not poll. A poll that overran the next tick is followed by the next one at once: a device slower
+  than its interval is polled as fast as it answers, one poll at a time; the ticks passed are counted as skipped.
 - Devices that share a TCP host and port share one connection, and devices that share a serial port share one
   line (drivers/modbus_link.py): one request on it at a time (on a serial line with the inter-frame pause between
   requests). A Modbus TCP gateway in front of serial devices (one address, a unit id per device) often accepts only
@@ -382,23 +383,31 @@ class ModbusDriver:
             link.close()
 
     async def _schedule(self, poller: _Poller) -> None:
-        """Poll at multiples of interval_s plus the device's phase (wall clock), sleeping until the next due one: the
-        ticks that pass while a poll runs, or while the device's last reading waits for the sink, are skipped and
-        counted; those of a backoff are not polled. Follows wall clock steps (NTP at boot) instead of drifting off the
-        grid."""
+        """Poll at multiples of interval_s plus the device's phase (wall clock), sleeping until the next due one. A
+        poll that overran the next tick (a slow device, an interval shorter than a poll) is followed by the next one
+        at once, standing for the latest tick passed; the ticks before it are skipped and counted, never stacked.
+        Ticks passed while the device's last reading waits for the sink are skipped and counted; those of a backoff
+        are not polled. Follows wall clock steps (NTP at boot) instead of drifting off the grid."""
         interval, phase = poller.config.interval_s, poller.phase_s
         await poller.link.open(poller.config.timeout_s)
-        last: int | None = None
+        tick: int | None = None
         while not self._stopped:  # also ends a task whose cancellation a library dropped
-            last = await self._sleep_to_due(poller, last)
-            if poller.handing:
-                poller.skipped_overlaps += 1
-                continue
-            await self._poll(poller)
-            passed = math.floor((time.time() - phase) / interval) - last
-            if passed > 0:
-                poller.skipped_overlaps += passed
-                last += passed
+            tick = await self._sleep_to_due(poller, tick)
+            while not self._stopped:
+                if poller.handing:
+                    poller.skipped_overlaps += 1
+                    break
+                await self._poll(poller)
+                latest = math.floor((time.time() - phase) / interval)
+                if latest <= tick:  # on time: sleep to the next tick
+                    break
+                if poller.retry_at:  # failed: the ticks passed are skipped, then the backoff's are not polled
+                    poller.skipped_overlaps += latest - tick
+                    tick = latest
+                    break
+                poller.skipped_overlaps += latest - tick - 1
+                tick = latest
+                await asyncio.sleep(0)  # the reading's hand-off (end of this turn of the loop) comes first
 
     async def _sleep_to_due(self, poller: _Poller, last: int | None) -> int:
         """Sleep until the device's next due tick, after `last` and after its backoff; returns that tick."""

@@ -7,8 +7,8 @@ pseudo-terminal pair (testkit/modbus.py).
 - Faults, each a test: a device that stops answering, one that answers with an exception, one that closes the
   connection mid-request, one switched off and on again; each is logged once when it goes and once when it is back,
   and comes back without restarting the driver.
-- A poll that would overlap the previous one is skipped and counted; 50 devices of which 5 are dead: the live ones
-  are polled on time.
+- A device slower than its interval is polled again as soon as a poll ends, one poll at a time, the ticks it missed
+  counted; 50 devices of which 5 are dead: the live ones are polled on time.
 - The probe reads a real device and says clearly why it could not.
 
 Every wait is on a condition with a deadline.
@@ -526,18 +526,6 @@ def test_a_silent_unit_behind_a_shared_connection_does_not_stop_the_others(serve
 
 # --- scheduling ---------------------------------------------------------------------------------------------------
 
-def test_a_poll_that_would_overlap_the_previous_one_is_skipped_and_counted(servers, driver_for):
-    slow = ModbusUnit(holding={0: 1})
-    slow.delay_s = 0.25  # every poll spans two more ticks of 0.1 s
-    port = servers.tcp({1: slow})
-    driver, _ = driver_for([tcp("slow", port, {"x": Register(address=0)}, timeout_s=1.0)])
-    until(lambda: device_status(driver, "slow")["readings"] >= 4, what="4 readings")
-    status = device_status(driver, "slow")
-    assert status["skipped_overlaps"] >= 2 * status["readings"] - 2
-    assert slow.max_in_flight == 1  # never stacked
-    assert status["failed_polls"] == 0 and status["available"]
-
-
 @pytest.mark.parametrize("failed, jitter, expected", [
     (1, 0.0, 0.5),   # after one failure: the next tick or so
     (1, 0.999, 0.9995),
@@ -592,6 +580,25 @@ def test_a_sink_that_takes_readings_without_waiting_is_offered_them_on_the_event
     driver, _ = driver_for([tcp("m", port, {"x": Register(address=0)}, interval_s=0.02)], sink)
     until(lambda: len(sink.readings) >= 3, what="3 readings")
     assert set(sink.threads) == {"modbus"} and device_status(driver, "m")["readings"] >= 3
+
+
+def test_a_device_slower_than_its_interval_is_polled_again_at_once_never_stacked_ticks_missed_counted(servers,
+                                                                                                        driver_for):
+    slow, slower = ModbusUnit(holding={0: 1}), ModbusUnit(holding={0: 2})
+    slow.delay_s = 0.25  # every poll spans two more ticks of 0.1 s
+    slower.delay_s = 0.25  # a poll overruns its 0.2 s interval by 0.05 s
+    devices = [tcp("slow", servers.tcp({1: slow}), {"x": Register(address=0)}, timeout_s=1.0),
+               tcp("slower", servers.tcp({1: slower}), {"x": Register(address=0)}, timeout_s=1.0, interval_s=0.2)]
+    sink = Offering()  # as the pipeline: a reading is taken at the end of the loop's turn, not by the sink thread
+    driver, _ = driver_for(devices, sink)
+    until(lambda: min(device_status(driver, m)["readings"] for m in ("slow", "slower")) >= 6, what="6 readings each")
+    status = device_status(driver, "slow")
+    assert status["skipped_overlaps"] >= status["readings"] - 1  # at least one tick missed per poll, each counted
+    assert slow.max_in_flight == 1 and slower.max_in_flight == 1  # never stacked
+    assert status["failed_polls"] == 0 and status["available"]
+    # Polled again as soon as the last poll ends (0.25 s apart), not at the next free tick of the grid (0.4 s)
+    gaps = [b.ts - a.ts for a, b in pairwise(sink.of("slower"))]
+    assert statistics.median(gaps) < 0.33, gaps
 
 
 def test_a_full_offering_sink_gets_the_readings_through_its_blocking_put_and_polls_skip_meanwhile(servers,
