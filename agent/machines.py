@@ -29,6 +29,7 @@ class Machines:
         """`keep`: whether a closed window's summary goes to the outbox (summaries on change, sync/onchange.py)."""
         self.gateway_id = gateway_id
         self.keep = keep
+        self.held_back = 0  # closed windows `keep` did not send, since the agent started
         # The alarms (MachineAlarm.to_json()) in the machine states of the last update() or close_due(): what the
         # pipeline hands to LatestReadings once they are committed.
         self.saved_alarms: dict[str, dict[str, Any]] = {}
@@ -123,6 +124,7 @@ class Machines:
     def _summary(self, window: Window, now: float) -> OutboxRecord | None:
         summary = window.summary(self.gateway_id, self.model)
         if self.keep is not None and not self.keep(summary):
+            self.held_back += 1
             return None
         body = summary.model_dump_json(exclude={"shadow"} if summary.shadow is None else None)
         return OutboxRecord("summary", str(summary.summary_id), window.machine_id, window.start, body, now)

@@ -60,6 +60,7 @@ class PipelineStats:
     database_failures: int
     database_last_error: str | None
     readings_by_machine: Mapping[tuple[str, str], int]  # (machine, "accepted" | "rejected") -> committed
+    summaries_held_back: int  # closed windows not sent: like the last one sent (summaries on change)
     histograms: Sequence[Metric]  # batch sizes and scoring time, as Prometheus families
 
 
@@ -134,7 +135,8 @@ class Pipeline:
             last_commit_age_s=None if last is None else max(0.0, self._monotonic() - last),
             progressing=self.progressing(within_s), database_up=database.up,
             database_failures=database.failures_total, database_last_error=database.last_error,
-            readings_by_machine=dict(self.readings_by_machine), histograms=histograms)
+            readings_by_machine=dict(self.readings_by_machine), histograms=histograms,
+            summaries_held_back=self._machines.held_back if self._machines is not None else 0)
 
     @property
     def scorer(self) -> Scorer:

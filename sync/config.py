@@ -21,7 +21,7 @@ class CentralConfig(BaseModel):
     batch_size: int = Field(500, gt=0)
     timeout_s: float = Field(10.0, gt=0)
     ca_file: FilePath | None = None  # CA bundle for a private CA; default: the system's
-    on_change: OnChangeConfig = OnChangeConfig()  # summaries on change (sync/onchange.py); off by default
+    on_change: OnChangeConfig = OnChangeConfig()  # summaries on change (sync/onchange.py); on by default
 
     @property
     def enabled(self) -> bool:

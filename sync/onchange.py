@@ -1,8 +1,9 @@
-"""Summaries on change (issue 21 item 3, opt-in: `[central.on_change] enabled = true`): a machine whose window is like
-the last one sent is not sent, until `max_interval_s` has passed since that one.
+"""Summaries on change (issue 21 item 3; the default, `[central.on_change] enabled = false` sends every window): a
+machine whose window is like the last one sent is not sent, until `max_interval_s` has passed since that one.
 
 "Like" means all of: the same worst state; health (min and mean) within `health_deadband` points; no failure mode's
-risk on the other side of its threshold; the same model; no rejected or out-of-distribution reading in the window.
+risk on the other side of its threshold; the same model; no rejected or out-of-distribution reading in the window;
+no candidate model scored in shadow (its figures per window are what central decides a rollout on).
 The comparison is with the last summary *sent* (not the last one seen), so a slow drift is sent once it adds up to
 the deadband. The first window of each machine after a start is always sent. Events (state changes) are never held
 back: they do not pass here.
@@ -27,7 +28,7 @@ from sync.protocol import Summary
 class OnChangeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    enabled: bool = False
+    enabled: bool = True  # 68 % fewer summaries on the simulator's plant (BENCHMARKS.md, central_scale)
     health_deadband: float = Field(2.0, ge=0, le=50)  # health points
     max_interval_s: int = Field(300, ge=60, le=3600)
 
@@ -56,6 +57,7 @@ class OnChange:
                 or abs(now.health_mean - last.health_mean) > band or abs(now.health_min - last.health_min) > band
                 or now.model != last.model
                 or now.rejected > 0 or now.out_of_distribution > 0
+                or now.shadow is not None  # a candidate's figures (SPEC §9): each window is evidence for its rollout
                 or any(self._crossed(mode, last, now) for mode in self.thresholds)
                 or (now.window_start - last.window_start).total_seconds() >= self.config.max_interval_s)
 

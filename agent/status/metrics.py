@@ -102,6 +102,8 @@ def _pipeline(snap: AgentSnapshot) -> Iterable[Metric]:
         by_machine.add_metric([machine, outcome], n)
     yield by_machine
     yield counter("pdm_pipeline_errors", "Unexpected errors committing a batch (retried).", pipeline.errors)
+    yield counter("pdm_summaries_held_back", "Closed windows not sent to central since the agent started: like the "
+                  "last one sent (summaries on change).", pipeline.summaries_held_back)
     yield gauge("pdm_database_up", "Whether the last database write succeeded.", int(pipeline.database_up))
     yield counter("pdm_database_write_failures", "Failed database writes (retried).", pipeline.database_failures)
 

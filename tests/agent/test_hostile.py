@@ -19,7 +19,7 @@ import pytest
 
 from model.package import SHIPPED
 from testkit.mqtt import Publisher
-from tests.agent.test_run import AgentProcess, reading, wait_for
+from tests.agent.test_run import EVERY_WINDOW, AgentProcess, reading, wait_for
 
 TOKEN = "hostile-test-token-Xq7vR2pL9sKd3mWz"
 IDLE_CONNECTIONS = 70  # above uvicorn's limit_concurrency (64): what locked the API
@@ -152,7 +152,7 @@ def test_a_hot_reloaded_manifest_change_reports_a_new_package_digest(tmp_path, p
     """Issue 22 item 8: moving the alarm threshold 0.584 -> 0.999 reloaded silently with the same reported sha256."""
     package = tmp_path / "package"
     shutil.copytree(SHIPPED, package)
-    agent = AgentProcess(tmp_path, private_broker.url, model={"path": str(package)})
+    agent = AgentProcess(tmp_path, private_broker.url, model={"path": str(package)}, **EVERY_WINDOW)
     try:
         agent.start()
         before = json.loads(get(agent.status_port, "/api/v1/status").body)["model"]

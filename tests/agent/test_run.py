@@ -37,6 +37,10 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+# Summaries on change switched off: for the tests that count every window at central (sync/onchange.py)
+EVERY_WINDOW = {"central.on_change": {"enabled": False}}
+
+
 class AgentProcess:
     """`pdm-edge run` with a config written for the test; its log is a JSON-lines file."""
 

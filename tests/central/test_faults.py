@@ -23,7 +23,7 @@ import psycopg
 
 from testkit.mqtt import Publisher
 from testkit.net import ServiceError, free_port
-from tests.agent.test_run import VALUES, AgentProcess, wait_for
+from tests.agent.test_run import EVERY_WINDOW, VALUES, AgentProcess, wait_for
 from tests.central.support import Server
 
 T0 = 1_790_000_000  # window-aligned for 1 s and 60 s windows, in the past: every window can close by the clock
@@ -105,7 +105,7 @@ def test_agent_killed_9_at_random_moments_while_syncing_stores_every_window_once
     # (regression: it used to close by the clock before they were redelivered, and they became late).
     agent = AgentProcess(tmp_path, private_broker.url, gateway_id=name,
                          central={"url": central.base, "token": token, "sync_interval_s": 0.1, "batch_size": 5},
-                         summary={"window_s": 1, "grace_s": 0.5})
+                         summary={"window_s": 1, "grace_s": 0.5}, **EVERY_WINDOW)
     messages = telemetry(machines, windows, per_window, drift=range(20, 26))
     try:
         agent.start()
@@ -151,7 +151,7 @@ def test_central_killed_9_mid_request_loses_and_duplicates_nothing(tmp_path, pri
     central = start_central()
     agent = AgentProcess(tmp_path, private_broker.url, gateway_id=name,
                          central={"url": central.base, "token": token, "sync_interval_s": 0.1, "batch_size": 5},
-                         summary={"window_s": 1, "grace_s": 0.5})
+                         summary={"window_s": 1, "grace_s": 0.5}, **EVERY_WINDOW)
     messages = telemetry(machines, windows, per_window, drift=range(20, 26))
     try:
         agent.start()
@@ -203,7 +203,8 @@ def test_buffer_cap_with_central_down_drops_oldest_readings_counts_them_and_repo
     port = free_port()  # nothing listens there until central is started at the end
     agent = AgentProcess(tmp_path, private_broker.url, gateway_id=name,
                          central={"url": f"http://127.0.0.1:{port}", "token": token, "sync_interval_s": 0.5},
-                         summary={"window_s": 60, "grace_s": 1}, buffer={"max_db_mb": cap_mb})
+                         summary={"window_s": 60, "grace_s": 1}, buffer={"max_db_mb": cap_mb},
+                         **EVERY_WINDOW)
     drift = range(machines * 1000, machines * 1300)  # early in the stream: its events are older than most readings
     messages = []
     for i in range(total):

@@ -182,7 +182,8 @@ def test_an_agent_syncs_through_nginx_and_a_central_restart_loses_nothing(stack:
         'data_dir = "/tmp/pdm-edge-simulator"', f'data_dir = "{tmp_path / "data"}"').replace(
         "port = 5020", f"port = {port}").replace('bind = "127.0.0.1:8080"', f'bind = "127.0.0.1:{free_port()}"')
     config += (f'\n[central]\nurl = "https://localhost:{stack["https"]}"\nca_file = "{stack["ca"]}"\n'
-               "sync_interval_s = 2\n\n[summary]\nwindow_s = 5\ngrace_s = 1\n")
+               "sync_interval_s = 2\n\n[central.on_change]\nenabled = false\n"  # new summaries every window
+               "\n[summary]\nwindow_s = 5\ngrace_s = 1\n")
     (tmp_path / "agent.toml").write_text(config)
     pdm_edge = str(Path(sys.executable).parent / "pdm-edge")
     env = {**os.environ, "PDM_CENTRAL__TOKEN_FILE": str(tmp_path / "token")}

@@ -21,7 +21,7 @@ from itertools import pairwise
 import pytest
 
 from testkit.modbus import ModbusServers
-from tests.agent.test_run import AgentProcess, wait_for
+from tests.agent.test_run import EVERY_WINDOW, AgentProcess, wait_for
 from tests.central.support import Server
 from tests.central.test_faults import stored
 from tests.reliability.plant import (
@@ -49,7 +49,7 @@ def test_kill_9_under_modbus_ingest_while_windows_close_and_sync_runs_loses_and_
     central = Server.central(central_url, tmp_path / "central.log")
     agent = AgentProcess(tmp_path, private_broker.url, gateway_id=name,
                          central={"url": central.base, "token": token, "sync_interval_s": 0.1, "batch_size": 5},
-                         summary={"window_s": 1, "grace_s": 0.5})
+                         summary={"window_s": 1, "grace_s": 0.5}, **EVERY_WINDOW)
     seen_readings: set[tuple[str, float]] = set()
     seen_records: set[str] = set()
     kills = in_flight = 0

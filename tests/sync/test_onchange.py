@@ -33,6 +33,10 @@ def policy(**config) -> OnChange:
                                                                     "OSF": 0.02}}, False),
     ("a rejected reading", {"rejected": 3}, True),
     ("another model", {"model": {"name": "ai4i-gbt", "version": "2.0.0", "sha256": "cd" * 32}}, True),
+    ("a candidate scored in shadow", {"shadow": {
+        "model": {"name": "ai4i-gbt", "version": "2.0.0", "sha256": "cd" * 32}, "readings": 60, "agreed": 60,
+        "live_warning": 0, "live_alarm": 0, "warning": 0, "alarm": 0, "out_of_distribution": 0, "score_s": 0.01}},
+     True),
 ])
 def test_a_window_is_sent_when_it_differs_from_the_last_one_sent(name, changes, sent):
     on_change = policy()
@@ -54,9 +58,10 @@ def test_a_slow_drift_is_sent_once_it_adds_up_to_the_deadband():
     assert kept == [True, False, False, False, False, True, False, False, False]
 
 
-def test_off_by_default_every_window_is_sent():
-    on_change = OnChange(OnChangeConfig(), THRESHOLDS)
-    assert all(on_change.keep(window(m)) for m in range(5))
+def test_on_by_default_and_switched_off_every_window_is_sent():
+    assert OnChange(OnChangeConfig(), THRESHOLDS).config.enabled
+    on_change = OnChange(OnChangeConfig(enabled=False), THRESHOLDS)
+    assert all(on_change.keep(window(m, rejected=0, out_of_distribution=0)) for m in range(5))
 
 
 def test_rows_saved_on_the_simulator_plant(shipped_model):
