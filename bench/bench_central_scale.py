@@ -292,8 +292,8 @@ class Phase:
     per_batch: int
 
 
-def run_phase(args: argparse.Namespace, phase: Phase) -> tuple[list[tuple[str, str, str]], str]:
-    """One run on a database of its own: its table rows and the line that says how it ran."""
+def run_phase(args: argparse.Namespace, phase: Phase) -> tuple[list[tuple[str, str, str]], str, str]:
+    """One run on a database of its own: its table rows, the line that says how it ran, and its profile."""
     batches_per_s = phase.rate / phase.per_batch
     with ExitStack() as stack:
         if args.postgres == "tuned":
@@ -398,9 +398,8 @@ def run_phase(args: argparse.Namespace, phase: Phase) -> tuple[list[tuple[str, s
     how = (f"**{phase.name}**: {args.gateways:,} gateways of {args.machines} machines, each one gzipped batch of "
            f"{phase.per_batch} one-minute summaries every {args.gateways * phase.per_batch / phase.rate:.1f} s "
            f"({phase.rate:,.0f} summaries/s); PostgreSQL {version} (fsync {fsync}, shared_buffers {buffers}, "
-           f"max_wal_size {wal}) on {where}; `pdm-central maintain` at half time: {drop_report}. Profile: CPU per "
-           f"summary accepted (10–90 % of the run), {' / '.join(split.roots)}: {cpu_split}; cores busy {busy}.")
-    return rows, how
+           f"max_wal_size {wal}) on {where}; `pdm-central maintain` at half time: {drop_report}.")
+    return rows, how, f"{phase.name} {cpu_split}, cores busy {busy}"
 
 
 def main() -> None:
@@ -427,9 +426,10 @@ def main() -> None:
     per_batch = max(1, round(args.machines * on_change / every))
     phases = {"every window": Phase("every window", args.rate, args.machines),
               "on change": Phase("on change", args.rate * per_batch / args.machines, per_batch)}
-    rows, hows = [], []
+    rows, hows, profiles = [], [], []
     for name in args.phases:
-        phase_rows, how = run_phase(args, phases[name])
+        phase_rows, how, profile = run_phase(args, phases[name])
+        profiles.append(profile)
         prefix = "" if name == "every window" else f"{name}: "
         rows += [(prefix + figure, value, goal) for figure, value, goal in phase_rows]
         hows.append(how)
@@ -448,6 +448,8 @@ agent sends summaries on change (`[central.on_change]`, the agent's default), at
 shows (last row): each gateway's batch of a minute holds that share of its machines, in turn.
 
 {text}
+
+Profile: CPU per summary accepted (10–90 % of each run), PostgreSQL / API workers / load generator: {"; ".join(profiles)}.
 """, ("fastapi", "uvicorn", "gunicorn", "psycopg", "psycopg-pool"))
 
 

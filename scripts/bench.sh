@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole benchmark suite: every bench in turn, then BENCHMARKS.md regenerated (machine, goals, plots, sections).
-# Usage: ./scripts/bench.sh [--quick] [--only NAME ...]   (--quick: a few minutes; the full suite: about 55 minutes on
-# 2 cores, 19 of them central_scale's 10-minute run at fleet rate, 7 the peer's)
+# Usage: ./scripts/bench.sh [--quick] [--only NAME ...]   (--quick: a few minutes; the full suite: about 65 minutes on
+# 2 cores, 30 of them central_scale's two 10-minute runs at fleet rate, 7 the peer's)
 # Needs Mosquitto (installed when missing, never started as a service) and PostgreSQL on 127.0.0.1:5432 (else a
 # throwaway one from the dev extra). The full mode also creates .bench/peer-venv with the ThingsBoard IoT Gateway.
 set -euo pipefail
