@@ -274,7 +274,8 @@ class ModbusDriver:
 
     def __init__(self, devices: Sequence[ModbusTcpDevice | ModbusRtuDevice], type_key: str,
                  clock: Callable[[], float] = time.time) -> None:
-        """Raises ModbusSetupError when the devices cannot be polled as configured (no I/O happens here)."""
+        """`clock`: wall time, for the polls' grid and the readings' times. Raises ModbusSetupError when the devices
+        cannot be polled as configured (no I/O happens here)."""
         problems = check_lines(devices)
         if problems:
             raise ModbusSetupError("; ".join(problems))
@@ -398,7 +399,7 @@ class ModbusDriver:
                     poller.skipped_overlaps += 1
                     break
                 await self._poll(poller)
-                latest = math.floor((time.time() - phase) / interval)
+                latest = math.floor((self._clock() - phase) / interval)
                 if latest <= tick:  # on time: sleep to the next tick
                     break
                 if poller.retry_at:  # failed: the ticks passed are skipped, then the backoff's are not polled
@@ -413,10 +414,10 @@ class ModbusDriver:
         """Sleep until the device's next due tick, after `last` and after its backoff; returns that tick."""
         loop = asyncio.get_running_loop()
         interval, phase = poller.config.interval_s, poller.phase_s
-        now = time.time()
+        now = self._clock()
         tick = math.floor((now - phase + max(0.0, poller.retry_at - loop.time())) / interval) + 1
-        if last is not None and tick <= last:  # woke a hair before the tick just handled
-            tick = last + 1
+        if tick == last:  # woke a hair before the tick just handled (a clock stepped back goes on from where it is)
+            tick += 1
         await asyncio.sleep(tick * interval + phase - now)
         return tick
 

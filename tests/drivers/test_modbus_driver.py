@@ -526,6 +526,23 @@ def test_a_silent_unit_behind_a_shared_connection_does_not_stop_the_others(serve
 
 # --- scheduling ---------------------------------------------------------------------------------------------------
 
+def test_polling_goes_on_when_the_wall_clock_steps_back_an_hour(servers):
+    """NTP stepping back a clock that ran an hour ahead: the next poll is at the next tick of the new time, not an
+    hour later."""
+    port = servers.tcp({1: ModbusUnit(holding={0: 1})})
+    step = [0.0]
+    sink = Recorder()
+    driver = ModbusDriver([tcp("m", port, {"x": Register(address=0)})], TYPE_KEY, clock=lambda: time.time() + step[0])
+    driver.start(sink)
+    try:
+        until(lambda: len(sink.of("m")) >= 3, what="3 readings")
+        step[0] = -3600.0
+        before = len(sink.of("m"))
+        until(lambda: len(sink.of("m")) >= before + 3, what="3 readings after the clock stepped back")
+    finally:
+        driver.close()
+
+
 @pytest.mark.parametrize("failed, jitter, expected", [
     (1, 0.0, 0.5),   # after one failure: the next tick or so
     (1, 0.999, 0.9995),
