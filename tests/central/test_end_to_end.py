@@ -8,7 +8,6 @@ steady machine's windows after its first are held back and counted, a change is 
 from __future__ import annotations
 
 import json
-import re
 import signal
 
 import psycopg
@@ -17,6 +16,7 @@ import requests
 from testkit.mqtt import Publisher
 from testkit.net import free_port
 from tests.agent.test_run import EVERY_WINDOW, VALUES, AgentProcess, wait_for
+from tests.agent.test_status import families, value
 from tests.central.support import Server
 
 T0 = 1_790_000_000  # window-aligned for 1 s windows
@@ -91,10 +91,8 @@ def test_every_window_reaches_postgresql_exactly_once_across_a_central_outage(
 
 
 def held_back(agent: AgentProcess) -> int:
-    text = requests.get(f"http://127.0.0.1:{agent.status_port}/metrics", timeout=10).text
-    found = re.search(r"^pdm_summaries_held_back_total (\S+)$", text, re.MULTILINE)
-    assert found, "no pdm_summaries_held_back_total in /metrics"
-    return int(float(found[1]))
+    metrics = families(requests.get(f"http://127.0.0.1:{agent.status_port}/metrics", timeout=10).text)
+    return int(value(metrics, "pdm_summaries_held_back", "pdm_summaries_held_back_total"))
 
 
 def test_by_default_a_steady_machine_is_sent_once_and_a_change_at_once(tmp_path, private_broker, central_url,
