@@ -10,7 +10,7 @@ EXIT_MISSING_EXTRA = 2
 # Top-level modules that only an extra brings, by extra (pyproject.toml's [project.optional-dependencies]).
 MODULES = {
     "psycopg": "central", "psycopg_pool": "central", "psycopg_binary": "central",
-    "gunicorn": "central", "uvicorn_worker": "central",
+    "gunicorn": "central", "uvicorn_worker": "central", "uvloop": "central", "httptools": "central",
     "sklearn": "train", "onnx": "train", "scipy": "train", "google": "train",
 }
 
