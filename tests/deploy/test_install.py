@@ -263,7 +263,8 @@ def test_central_install(central_root: Path, central_first: subprocess.Completed
     assert not [line for line in would_run(result) if line.startswith("systemctl start")]
     env = root / "etc/pdm-central/central.env"
     assert env.read_bytes() == (SYSTEMD / "central.env.example").read_bytes() and mode(env) == "0640"
-    assert run(root / "opt/pdm-central/venv/bin/python", "-c", "import central.app, gunicorn, uvicorn_worker, uvloop, httptools")
+    assert run(root / "opt/pdm-central/venv/bin/python", "-c",
+               "import central.app, gunicorn, uvicorn_worker, uvloop, httptools")
     check = analysable(root, tmp_path / "check", "opt/pdm-central/venv/bin/gunicorn")
     result = verify(systemd_analyze, check, "pdm-central.service")
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
