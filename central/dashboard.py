@@ -241,14 +241,12 @@ FLEET_STATE_COUNTS = ("SELECT c.worst_state, sum(c.machines)::bigint FROM machin
 
 # The gateways that need attention first (silent, never connected, most alarms, most warnings), at most
 # %(gateways)s of them, and how many there are of each kind: the page polls this every few seconds, and a fleet of
-# 10,000 gateways listed whole was 2.6 MB of JSON per poll.
+# 10,000 gateways listed whole was 2.6 MB of JSON per poll. Every gateway is ranked and counted on the few columns
+# that decide its rank; only the rows listed read their status and age (10,000 gateways: 20.5 -> 14.4 ms).
 FLEET_GATEWAYS = """
 WITH x AS (
-    SELECT g.name, g.revoked_at, g.last_seen_at, g.agent_version,
-           extract(epoch FROM now() - g.last_seen_at)::double precision AS last_seen_age_s,
-           g.revoked_at IS NULL AND coalesce(g.last_seen_at < now() - %(silent)s, false) AS silent,
+    SELECT g.id, g.name, g.revoked_at IS NULL AND coalesce(g.last_seen_at < now() - %(silent)s, false) AS silent,
            g.revoked_at IS NULL AND g.last_seen_at IS NULL AS never_connected,
-           g.last_status->'buffer_pending' AS buffer_pending, g.last_status->'dropped_total' AS dropped_total,
            coalesce(c.machines, 0) AS machines, coalesce(c.alarm, 0) AS alarm, coalesce(c.warning, 0) AS warning
     FROM gateways g
     LEFT JOIN (
@@ -258,8 +256,14 @@ WITH x AS (
     ) c ON c.gateway_id = g.id
 )
 SELECT (SELECT coalesce(json_agg(y), '[]') FROM (
-            SELECT * FROM x ORDER BY silent DESC, never_connected DESC, alarm DESC, warning DESC, name
-            LIMIT %(gateways)s) y)::text,
+            SELECT t.name, g.revoked_at, g.last_seen_at, g.agent_version,
+                   extract(epoch FROM now() - g.last_seen_at)::double precision AS last_seen_age_s,
+                   t.silent, t.never_connected, g.last_status->'buffer_pending' AS buffer_pending,
+                   g.last_status->'dropped_total' AS dropped_total, t.machines, t.alarm, t.warning
+            FROM (SELECT * FROM x ORDER BY silent DESC, never_connected DESC, alarm DESC, warning DESC, name
+                  LIMIT %(gateways)s) t
+            JOIN gateways g ON g.id = t.id
+            ORDER BY t.silent DESC, t.never_connected DESC, t.alarm DESC, t.warning DESC, t.name) y)::text,
        count(*), count(*) FILTER (WHERE silent), count(*) FILTER (WHERE never_connected)
 FROM x
 """
