@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from functools import cache
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import psycopg
 from psycopg import conninfo as pg_conninfo
@@ -133,19 +133,17 @@ def connect(settings: Settings) -> psycopg.Connection[tuple[Any, ...]]:
 def one_row_sync(conn: psycopg.Connection[tuple[Any, ...]], query: str,
                  params: Params | None = None) -> tuple[Any, ...]:
     """The row of a statement that always returns one (an aggregate, an upsert's RETURNING)."""
-    row = conn.execute(query, params).fetchone()
-    if row is None:
-        raise RuntimeError(f"no row from a statement that always returns one: {str(query)[:80]!r}")
-    return row
+    return conn.execute(query, params).fetchone() or no_row(query)
 
 
 async def one_row(conn: psycopg.AsyncConnection[tuple[Any, ...]], query: str,
                   params: Params | None = None) -> tuple[Any, ...]:
     """The row of a statement that always returns one (an aggregate, an upsert's RETURNING)."""
-    row = await (await conn.execute(query, params)).fetchone()
-    if row is None:
-        raise RuntimeError(f"no row from a statement that always returns one: {str(query)[:80]!r}")
-    return row
+    return await (await conn.execute(query, params)).fetchone() or no_row(query)
+
+
+def no_row(query: object) -> NoReturn:
+    raise RuntimeError(f"no row from a statement that always returns one: {str(query)[:80]!r}")
 
 
 def schema_version(conn: psycopg.Connection[tuple[Any, ...]]) -> int:

@@ -10,7 +10,7 @@ import uuid
 import psycopg
 import pytest
 
-from central import db, ingest
+from central import db, ingest, partitions
 from central.auth import Gateway, token_hash
 from sync.protocol import IngestBatch, IngestResult
 from testkit import batches
@@ -164,6 +164,54 @@ def test_events_and_summaries_are_stored_in_one_transaction(make_client, gateway
     assert response.status_code == 422 and "division by zero" in response.json()["error"]["message"]
     assert counts(conn, name) == (0, 0)  # the events were rolled back with the summaries
     assert conn.execute("SELECT last_seen_at FROM gateways WHERE name = %s", [name]).fetchone()[0] is None
+
+
+def test_a_batch_of_summaries_that_fails_stores_nothing_and_the_next_one_is_stored(make_client, gateway, conn,
+                                                                                    monkeypatch):
+    name, token = gateway
+    failing = ingest.STORE.replace("s.health_last, s.p_failure_max,", "s.health_last / 0, s.p_failure_max,")
+    monkeypatch.setattr(ingest, "STORE", failing)
+    client = make_client(raise_server_exceptions=False)
+    sent = batches.batch(name, events=[])
+    assert client.post(INGEST, json=sent, headers=bearer(token)).status_code == 422
+    assert counts(conn, name) == (0, 0)
+    assert conn.execute("SELECT last_seen_at FROM gateways WHERE name = %s", [name]).fetchone()[0] is None
+    monkeypatch.undo()  # the same client and pool: its connection is usable after the failed pipeline
+    assert client.post(INGEST, json=sent, headers=bearer(token)).json() == result(accepted=(3, 0))
+
+
+def test_ingest_reuses_its_plan_and_leaves_the_planner_setting_as_it_was(central_url, gateway, conn):
+    """STORE is planned once per connection (planning it again per batch cost more than running it at fleet
+    scale), and the setting that makes it so ends with STORE: the dashboard's queries on the same connection keep
+    PostgreSQL's default, in autocommit as in the caller's transaction."""
+    name, token = gateway
+    gateway_id = conn.execute("SELECT id FROM gateways WHERE name = %s", [name]).fetchone()[0]
+    found = Gateway(gateway_id, name, token_hash(token))
+
+    def sent(minute: int, events: list[dict]) -> IngestBatch:
+        return IngestBatch.model_validate_json(json.dumps(batches.batch(
+            name, summaries=[summary(name, minute=minute)], events=events)))
+
+    async def store() -> tuple[list[str], tuple[int, int]]:
+        async with await psycopg.AsyncConnection.connect(central_url, autocommit=True) as aconn:
+            await partitions.ensure_ahead(aconn, batches.T0, 0)
+            aconn.prepare_threshold = 0  # prepared at once: PostgreSQL's own choice plans the first 5 anew
+            settings = []
+            for minute in range(3):
+                await ingest.store(aconn, found, sent(minute, []), None)
+                settings.append((await (await aconn.execute("SHOW plan_cache_mode")).fetchone())[0])
+            async with aconn.transaction():
+                await ingest.store(aconn, found, sent(3, [event(name, minute=3)]), None)
+                settings.append((await (await aconn.execute("SHOW plan_cache_mode")).fetchone())[0])
+            plans = await (await aconn.execute(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement LIKE %s",
+                ["%INSERT INTO summaries (gateway_id%"])).fetchone()
+            return settings, plans
+
+    settings, (generic, custom) = asyncio.run(store())
+    assert settings == ["auto"] * 4
+    assert (generic, custom) == (4, 0)
+    assert counts(conn, name) == (4, 1)
 
 
 def test_a_token_revoked_while_the_batch_was_read_stores_nothing(central_url, gateways, conn):
