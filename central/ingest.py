@@ -264,12 +264,14 @@ async def store(conn: psycopg.AsyncConnection, gateway: Gateway, batch: IngestBa
                 client_host: str | None, new_events: list[uuid.UUID] | None = None,
                 max_machines: int | None = None) -> IngestResult:
     """Write the batch atomically (STORE is one statement: in autocommit mode its pipeline is one implicit
-    transaction, else it is part of the caller's transaction); nothing is written and ApiError 422 `too_many_machines` is raised when it names new machines beyond
-    `max_machines` (None: no limit), Revoked when the token was revoked meanwhile. `new_events` receives the ids of
-    the events newly stored (not the duplicates): the alarm episodes are built from these, in the caller's
-    transaction (central/episodes.py). Conflicting duplicates are recorded and logged (central/conflicts.py)."""
+    transaction, else it is part of the caller's transaction); nothing is written and ApiError 422
+    `too_many_machines` is raised when it names new machines beyond `max_machines` (None: no limit), Revoked when the
+    token was revoked meanwhile. `new_events` receives the ids of the events newly stored (not the duplicates): the
+    alarm episodes are built from these, in the caller's transaction (central/episodes.py). Conflicting duplicates
+    are recorded and logged (central/conflicts.py)."""
     params = {
-        "gateway_id": gateway.id, "token_hash": gateway.token_hash, "batch_id": batch.batch_id, "addr": address(client_host),
+        "gateway_id": gateway.id, "token_hash": gateway.token_hash, "batch_id": batch.batch_id,
+        "addr": address(client_host),
         "agent_version": batch.agent_version, "status": batch.gateway.model_dump_json(exclude_none=True),
         "machine_ids": limits.machine_ids(batch), "max_machines": max_machines, "sent_count": len(batch.summaries),
         "events": _EVENTS.dump_json(batch.events).decode(),
