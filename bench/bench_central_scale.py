@@ -225,11 +225,14 @@ def table_bytes(url: str, parent: str) -> tuple[int, int]:
 
 
 def rollup_row_bytes(url: str) -> float:
-    """A roll-up row's share of disk once vacuumed: its tuple (+ 24 bytes of header, 4 of line pointer) and its
-    primary key's entry (+ 16). Measured, the table's size would count the dead versions of each hour's updates."""
+    """A roll-up row's share of disk once vacuumed: its tuple (+ 24 bytes of header, 4 of line pointer) over the
+    share of a page that rows fill (the partitions' fillfactor, migration 0010), and its primary key's entry (+ 16).
+    Measured, the table's size would count the dead versions of each hour's updates."""
     with psycopg.connect(url) as conn:
-        return conn.execute("SELECT avg(pg_column_size(t.*) + 28 + pg_column_size((t.gateway_id, t.machine_id, "
-                            "t.hour)) + 16) FROM summaries_hourly t").fetchone()[0] or 0.0
+        return conn.execute(
+            "SELECT avg((pg_column_size(t.*) + 28) * 100.0 / coalesce(p.fillfactor, 100) "
+            "+ pg_column_size((t.gateway_id, t.machine_id, t.hour)) + 16) "
+            "FROM summaries_hourly t, pdm_partitioned p WHERE p.parent = 'summaries_hourly'").fetchone()[0] or 0.0
 
 
 def tuned_database(stack: ExitStack) -> tuple[str, str]:
@@ -241,7 +244,18 @@ def tuned_database(stack: ExitStack) -> tuple[str, str]:
     url = server.url(create_database(server, prefix="pdm_bench_scale"))
     with psycopg.connect(url, autocommit=True) as conn:
         db.migrate(conn)
+        prefer_lz4(conn)
     return url, f"a PostgreSQL of its own on 127.0.0.1 with `deploy/postgresql/pdm-central.conf` ({binaries})"
+
+
+def prefer_lz4(conn: psycopg.Connection) -> None:
+    """`wal_compression = lz4` where the server's build has it, as pdm-central.conf advises (the file says `on`,
+    pglz, which every build has)."""
+    try:
+        conn.execute("ALTER SYSTEM SET wal_compression = 'lz4'")
+    except psycopg.errors.InvalidParameterValue:
+        return
+    conn.execute("SELECT pg_reload_conf()")
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -318,8 +332,8 @@ def run_phase(args: argparse.Namespace, phase: Phase) -> tuple[list[tuple[str, s
             url, where = bench_database(stack, prefix="pdm_bench_scale")
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         with psycopg.connect(url) as conn:
-            version, fsync, buffers, wal = (conn.execute(f"SHOW {name}").fetchone()[0] for name in (
-                "server_version", "fsync", "shared_buffers", "max_wal_size"))
+            version, fsync, buffers, wal, compression = (conn.execute(f"SHOW {name}").fetchone()[0] for name in (
+                "server_version", "fsync", "shared_buffers", "max_wal_size", "wal_compression"))
         postmaster = postmaster_pid(url)  # PostgreSQL on this machine: its CPU is part of the profile
         print(f"{phase.name}: registering {args.gateways:,} gateways...", file=sys.stderr, flush=True)
         gateways = add_gateways(url, args.gateways, "scale")
@@ -414,7 +428,8 @@ def run_phase(args: argparse.Namespace, phase: Phase) -> tuple[list[tuple[str, s
     how = (f"**{phase.name}**: {args.gateways:,} gateways of {args.machines} machines, each one gzipped batch of "
            f"{phase.per_batch} one-minute summaries every {args.gateways * phase.per_batch / phase.rate:.1f} s "
            f"({phase.rate:,.0f} summaries/s); PostgreSQL {version} (fsync {fsync}, shared_buffers {buffers}, "
-           f"max_wal_size {wal}) on {where}; `pdm-central maintain` at half time: {drop_report}.")
+           f"max_wal_size {wal}, wal_compression {compression}) on {where}; `pdm-central maintain` at half time: "
+           f"{drop_report}.")
     return rows, how, f"{phase.name} {cpu_split}, cores busy {busy}"
 
 
