@@ -55,7 +55,7 @@ import psycopg
 import requests
 
 from bench.bench_central import bench_database
-from bench.report import busy_cpu_seconds, proc_stat, table, tree_cpu_seconds, write_section
+from bench.report import busy_cpu_seconds, cpu_seconds, proc_stat, table, tree_cpu_seconds, write_section
 from central import auth, db
 from model.package import load
 from sync.onchange import OnChange, OnChangeConfig
@@ -265,31 +265,53 @@ def pct(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def client_backends_cpu_seconds(postmaster: int) -> float:
+    """CPU time used so far by the postmaster's client backends alive now (`postgres: USER DB HOST(PORT) ...`):
+    the pools' connections, which live through the run; the rest of PostgreSQL is autovacuum, the WAL writer, the
+    checkpointer."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit() or int(proc_stat(int(entry.name))[1]) != postmaster:
+                continue
+            if b"(" in (entry / "cmdline").read_bytes():  # the client's address and port
+                total += cpu_seconds(int(entry.name))
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+    return total
+
+
 class CpuSplit:
     """CPU time by part over the steady middle of the run (10 % to 90 %): PostgreSQL (the postmaster and its
-    backends), the API (gunicorn and its workers), the load generator, and the machine's busy time."""
+    backends), the API (gunicorn and its workers), the load generator, and the machine's busy time; and of
+    PostgreSQL's, its client backends' share."""
 
     def __init__(self, postmaster: int, api: int, senders: list[int]) -> None:
+        self.postmaster = postmaster
         self.roots = {"PostgreSQL": [postmaster], "API workers": [api], "load generator": senders}
         self.marks: list[tuple[float, dict[str, float], float]] = []
 
     def mark(self) -> None:
-        self.marks.append((time.time(), {part: sum(tree_cpu_seconds(pid) for pid in pids)
-                                         for part, pids in self.roots.items()}, busy_cpu_seconds()))
+        cpu = {part: sum(tree_cpu_seconds(pid) for pid in pids) for part, pids in self.roots.items()}
+        cpu["client backends"] = client_backends_cpu_seconds(self.postmaster)
+        self.marks.append((time.time(), cpu, busy_cpu_seconds()))
 
     def run(self, start: float, seconds: float) -> None:
         for at in (start + 0.1 * seconds, start + 0.9 * seconds):
             time.sleep(max(0.0, at - time.time()))
             self.mark()
 
-    def report(self, samples: list[tuple]) -> tuple[str, str]:
-        """µs of CPU per summary accepted meanwhile, by part, and the cores busy meanwhile."""
+    def report(self, samples: list[tuple]) -> tuple[str, str, str]:
+        """µs of CPU per summary accepted meanwhile, by part; PostgreSQL's client backends / the rest of it; and the
+        cores busy meanwhile."""
         if len(self.marks) != 2:
-            return "not measured", "not measured"
+            return "not measured", "not measured", "not measured"
         (t0, cpu0, busy0), (t1, cpu1, busy1) = self.marks
         accepted = sum(s[4] for s in samples if s[3] == 200 and t0 <= s[2] < t1) or 1
-        split = " / ".join(f"{(cpu1[part] - cpu0[part]) / accepted * 1e6:,.0f}" for part in self.roots)
-        return f"{split} µs", f"{(busy1 - busy0) / (t1 - t0):.2f} of {os.cpu_count()}"
+        used = {part: (cpu1[part] - cpu0[part]) / accepted * 1e6 for part in cpu1}
+        split = " / ".join(f"{used[part]:,.0f}" for part in self.roots)
+        backends = f"{used['client backends']:,.0f} / {used['PostgreSQL'] - used['client backends']:,.0f} µs"
+        return f"{split} µs", backends, f"{(busy1 - busy0) / (t1 - t0):.2f} of {os.cpu_count()}"
 
 
 def postmaster_pid(url: str) -> int:
@@ -399,7 +421,7 @@ def run_phase(args: argparse.Namespace, phase: Phase) -> tuple[list[tuple[str, s
     # The same length of time just before the drop: what ingest looked like without it.
     length = drop_end - drop_start
     before = [s[2] - s[1] for s in ok if s[1] < drop_start - 1.0 and s[2] > drop_start - 1.0 - length]
-    cpu_split, busy = split.report(ok)
+    cpu_split, backends, busy = split.report(ok)
     bytes_per_row = (size_after - size_before) / max(1, rows_after - rows_before)
     print(f"{phase.name}: accepted {accepted:,} summaries ({accepted / args.seconds:,.0f}/s of {offered:,.0f}/s "
           f"offered); failed {failed}; ingest p50 {pct(latency, 0.5) * 1000:.0f} ms p99 "
@@ -421,6 +443,7 @@ def run_phase(args: argparse.Namespace, phase: Phase) -> tuple[list[tuple[str, s
         (f"slowest ingest request in as long just before the drop ({len(before)} requests)",
          ms(max(before, default=0.0)), ""),
         (f"CPU per summary accepted, {' / '.join(split.roots)} (10–90 % of the run)", cpu_split, ""),
+        ("of PostgreSQL's: its client backends / the rest (autovacuum, WAL writer, short connections)", backends, ""),
         ("cores busy meanwhile (the whole machine)", busy, ""),
         ("disk per summary (partitions' heap + indexes)", f"{bytes_per_row:,.0f} bytes", ""),
         ("disk per machine-hour of the roll-up (live row + its key, estimated)", f"{hourly_row:,.0f} bytes", ""),
