@@ -11,7 +11,7 @@
 -- 50 within one run's noise; 50 is chosen for its HOT share, which holds whatever the batch size.
 --
 -- The cost is disk: a page of the roll-up keeps about half its space free after its hour, so a machine-hour takes
--- about 460 bytes instead of 260 (DEPLOYMENT.md's sizing counts it so). The raw summaries, 1,100 bytes a minute,
+-- about 450 bytes instead of 257 (DEPLOYMENT.md's sizing counts it so). The raw summaries, 1,100 bytes a minute,
 -- are still most of the disk.
 --
 -- pdm_partitioned gains the fillfactor its partitions are created with (a partitioned table has no storage
