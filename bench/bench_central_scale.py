@@ -55,7 +55,7 @@ import psycopg
 import requests
 
 from bench.bench_central import bench_database
-from bench.report import busy_cpu_seconds, cpu_seconds, proc_stat, table, tree_cpu_seconds, write_section
+from bench.report import busy_cpu_seconds, live_processes, proc_stat, table, tree_cpu_seconds, write_section
 from central import auth, db
 from model.package import load
 from sync.onchange import OnChange, OnChangeConfig
@@ -269,16 +269,16 @@ def client_backends_cpu_seconds(postmaster: int) -> float:
     """CPU time used so far by the postmaster's client backends alive now (`postgres: USER DB HOST(PORT) ...`):
     the pools' connections, which live through the run; the rest of PostgreSQL is autovacuum, the WAL writer, the
     checkpointer."""
-    total = 0.0
-    for entry in Path("/proc").iterdir():
-        try:
-            if not entry.name.isdigit() or int(proc_stat(int(entry.name))[1]) != postmaster:
-                continue
-            if b"(" in (entry / "cmdline").read_bytes():  # the client's address and port
-                total += cpu_seconds(int(entry.name))
-        except (OSError, IndexError, ValueError):  # gone meanwhile
+    ticks = 0
+    for pid, stat in live_processes().items():
+        if int(stat[1]) != postmaster:
             continue
-    return total
+        try:
+            if b"(" in Path(f"/proc/{pid}/cmdline").read_bytes():  # the client's address and port
+                ticks += int(stat[11]) + int(stat[12])
+        except OSError:  # gone meanwhile
+            continue
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class CpuSplit:

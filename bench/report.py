@@ -177,11 +177,16 @@ def _stat(pid: int) -> list[str] | None:
         return None  # exited meanwhile: its time is in its parent's children's time once reaped
 
 
+def live_processes() -> dict[int, list[str]]:
+    """Every process alive now, by pid: its proc_stat fields."""
+    return {int(p.name): stat for p in Path("/proc").iterdir() if p.name.isdigit()
+            if (stat := _stat(int(p.name))) is not None}
+
+
 def tree_cpu_seconds(root: int) -> float:
     """CPU time used so far by a process and all its descendants, live or exited and reaped (a server's workers and
     backends). Over an interval, a child alive at the start and reaped before the end counts whole."""
-    parents = {int(p.name): stat for p in Path("/proc").iterdir() if p.name.isdigit()
-               if (stat := _stat(int(p.name))) is not None}
+    parents = live_processes()
     tree, frontier = {root}, [root]
     while frontier:
         parent = frontier.pop()
